@@ -1,0 +1,388 @@
+"""Configuration profiles: TOML → attrs classes, validated in one pass [sans-IO].
+
+A profile is a TOML file in ``configs/`` (``--profile NAME``) or anywhere
+(``--config PATH``). Several profiles merge in order, later tables overriding
+earlier keys; ``[[upstreams]]`` merge by ``id``. Every problem is reported at
+once, one line each, naming the file, the key path and what was expected.
+
+Secrets never live in a profile: an upstream names the environment variable
+that holds its key (``api_key_env``) and the key is read at start-up.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import attrs
+import cattrs
+from attrs import field, frozen
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.v import transform_error
+
+from .errors import ConfigError
+
+UpstreamKind = Literal["ollama", "vllm", "openai", "llamacpp"]
+MockKind = Literal["openai", "ollama", "both"]
+
+#: Default health-check path per upstream kind: the cheapest probe each server offers.
+DEFAULT_HEALTH_PATH: dict[str, str] = {
+    "ollama": "/api/version",
+    "vllm": "/health",
+    "llamacpp": "/health",
+    "openai": "/v1/models",
+}
+
+
+@frozen
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Bodies above this are answered 413 without being read further.
+    max_body_bytes: int = 8 * 1024 * 1024
+    #: How long in-flight requests may run on after SIGINT/SIGTERM.
+    shutdown_grace_s: float = 10.0
+    #: Hypercorn's keep-alive idle timeout for client connections.
+    keep_alive_timeout_s: float = 75.0
+    backlog: int = 1024
+    #: Hypercorn access log (off: the usage log is the access log).
+    access_log: bool = False
+    workers: int = 1
+
+
+@frozen
+class Timeouts:
+    connect_ms: int = 2_000
+    #: From request sent to the response head (and, streamed, the first body byte).
+    first_byte_ms: int = 60_000
+    #: Longest silence allowed between two body reads once the response started.
+    idle_ms: int = 60_000
+    #: Whole request, every attempt included.
+    total_ms: int = 600_000
+
+
+@frozen
+class HealthCheck:
+    enabled: bool = True
+    #: ``None``: the kind's default (``DEFAULT_HEALTH_PATH``).
+    path: str | None = None
+    interval_ms: int = 5_000
+    timeout_ms: int = 2_000
+    rise: int = 1
+    fall: int = 2
+
+
+@frozen
+class MockConfig:
+    """An upstream the gateway starts itself, in its own nursery (the demo profile)."""
+
+    kind: MockKind = "both"
+    models: tuple[str, ...] = ("mock-llama",)
+    tokens: int = 16
+    token_delay_ms: float = 20.0
+    ttft_ms: float = 50.0
+
+
+@frozen
+class Upstream:
+    id: str
+    kind: UpstreamKind = "openai"
+    #: Empty only when ``mock`` is set: the embedded mock's address is filled in at start.
+    base_url: str = ""
+    #: Exact names or globs (``llama3*``); ``["*"]`` serves any model.
+    models: tuple[str, ...] = ("*",)
+    #: Lower is tried first.
+    priority: int = 0
+    weight: int = 1
+    #: 0: no limit.
+    max_concurrent: int = 0
+    #: Name of the environment variable holding the upstream's API key.
+    api_key_env: str | None = None
+    #: Idle keep-alive connections kept per upstream.
+    pool_max_idle: int = 256
+    timeouts: Timeouts = Timeouts()
+    health: HealthCheck = HealthCheck()
+    mock: MockConfig | None = None
+
+    def serves(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    @property
+    def health_path(self) -> str:
+        return self.health.path or DEFAULT_HEALTH_PATH[self.kind]
+
+    @property
+    def speaks_ollama(self) -> bool:
+        """True when the native ``/api/*`` routes can be relayed to it."""
+        return self.kind == "ollama" or (self.mock is not None and self.mock.kind in ("ollama", "both"))
+
+
+@frozen
+class Routing:
+    #: 0: no hedging; otherwise start the next candidate when the first is this slow.
+    hedge_after_ms: int = 0
+    max_attempts: int = 3
+    #: Statuses after which the next candidate is tried (when no byte reached the client).
+    failover_statuses: tuple[int, ...] = (408, 429, 500, 502, 503, 504)
+    #: Public model name → the name sent upstream.
+    aliases: dict[str, str] = field(factory=dict)
+
+
+@frozen
+class Telemetry:
+    enabled: bool = True
+    #: Directory of the usage log (``usage-YYYYMMDD[-PID][.N].jsonl``).
+    dir: str = "logs"
+    #: Records waiting for the writer; beyond it a record is dropped and counted.
+    queue_capacity: int = 16_384
+    batch_max: int = 1_024
+    flush_ms: int = 200
+    #: Rotate when a file grows past this (0: never by size).
+    rotate_bytes: int = 256 * 1024 * 1024
+    rotate_daily: bool = True
+    #: Ask streamed OpenAI-style requests for usage and hide the extra event from the client.
+    request_usage: bool = True
+    #: Opt-in: put prompts and completions in the usage log.
+    log_payloads: bool = False
+
+
+@frozen
+class Config:
+    upstreams: tuple[Upstream, ...]
+    server: ServerConfig = ServerConfig()
+    routing: Routing = Routing()
+    telemetry: Telemetry = Telemetry()
+    #: Where it came from, for messages (not a TOML key).
+    source: str = "<config>"
+
+    def upstream(self, upstream_id: str) -> Upstream:
+        for u in self.upstreams:
+            if u.id == upstream_id:
+                return u
+        raise KeyError(upstream_id)
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+
+    # tomllib gives ints where a float is fine; bools are ints in Python but not in a profile.
+    def structure_float(value: Any, _: type) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {value!r}")
+        return float(value)
+
+    def structure_int(value: Any, _: type) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
+    def structure_str(value: Any, _: type) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        return value
+
+    def structure_bool(value: Any, _: type) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+
+    converter.register_structure_hook(float, structure_float)
+    converter.register_structure_hook(int, structure_int)
+    converter.register_structure_hook(str, structure_str)
+    converter.register_structure_hook(bool, structure_bool)
+    return converter
+
+
+_CONVERTER = _make_converter()
+
+
+def merge_tables(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge two parsed profiles: tables recursively, ``upstreams`` by ``id``, the rest replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if key == "upstreams" and isinstance(value, list) and isinstance(base.get(key), list):
+            by_id = {u.get("id"): dict(u) for u in base[key] if isinstance(u, dict)}
+            order = list(by_id)
+            for u in value:
+                uid = u.get("id") if isinstance(u, dict) else None
+                if uid in by_id and isinstance(u, dict):
+                    by_id[uid] = merge_tables(by_id[uid], u)
+                else:
+                    order.append(uid)
+                    by_id[uid] = u
+            merged[key] = [by_id[uid] for uid in order]
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = merge_tables(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_toml(text: str, *, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], source=source) from None
+
+
+def load_config(text: str | dict[str, Any], *, source: str = "<config>") -> Config:
+    """Structure and validate one profile (TOML text or an already merged table).
+
+    Raises:
+        ConfigError: with every problem found, one line each (``$.upstreams[0].port: ...``).
+    """
+    raw = parse_toml(text, source=source) if isinstance(text, str) else text
+    if "upstreams" not in raw:
+        raise ConfigError(["$.upstreams: required: at least one [[upstreams]] table"], source=source)
+    try:
+        config = _CONVERTER.structure({**raw, "source": source}, Config)
+    except ClassValidationError as exc:
+        raise ConfigError(_describe(exc), source=source) from None
+    except ForbiddenExtraKeysError as exc:  # raised bare at the top level
+        raise ConfigError([f"$: unknown key(s) {sorted(exc.extra_fields)}"], source=source) from None
+    problems = validate(config)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return config
+
+
+def _describe(exc: ClassValidationError) -> list[str]:
+    lines = []
+    for message in transform_error(exc, path="$"):
+        # "extra fields found (x) @ $.server" → "$.server: unknown key(s) x"
+        text, _, path = message.rpartition(" @ ")
+        if text.startswith("extra fields found"):
+            text = "unknown key(s) " + text.removeprefix("extra fields found ").strip("()")
+        elif text.startswith("required field missing"):
+            text = "required key missing"
+        lines.append(f"{path}: {text}")
+    return lines
+
+
+def validate(config: Config) -> list[str]:
+    """Cross-field checks that types alone cannot express."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    if config.server.port < 0 or config.server.port > 65535:
+        problems.append(f"$.server.port: expected 0..65535, got {config.server.port}")
+    if config.server.max_body_bytes <= 0:
+        problems.append("$.server.max_body_bytes: expected a positive number of bytes")
+    if config.server.workers < 1:
+        problems.append("$.server.workers: expected 1 or more")
+    if not config.upstreams:
+        problems.append("$.upstreams: expected at least one upstream")
+    for i, u in enumerate(config.upstreams):
+        where = f"$.upstreams[{i}]"
+        if not u.id or not all(c.isalnum() or c in "-_." for c in u.id):
+            problems.append(f"{where}.id: expected letters, digits, '-', '_' or '.', got {u.id!r}")
+        if u.id in seen:
+            problems.append(f"{where}.id: duplicate upstream id {u.id!r}")
+        seen.add(u.id)
+        if u.mock is None:
+            problems.extend(f"{where}.base_url: {p}" for p in check_base_url(u.base_url))
+        elif u.base_url:
+            problems.append(f"{where}.base_url: must be empty for an embedded mock (its address is chosen at start)")
+        if not u.models:
+            problems.append(f"{where}.models: expected at least one model name or glob")
+        if u.weight < 1:
+            problems.append(f"{where}.weight: expected 1 or more, got {u.weight}")
+        if u.max_concurrent < 0:
+            problems.append(f"{where}.max_concurrent: expected 0 (no limit) or more")
+        if u.api_key_env is not None and not u.api_key_env.replace("_", "").isalnum():
+            problems.append(f"{where}.api_key_env: expected an environment variable name, got {u.api_key_env!r}")
+        for name in attrs.fields_dict(Timeouts):
+            if getattr(u.timeouts, name) <= 0:
+                problems.append(f"{where}.timeouts.{name}: expected a positive number of milliseconds")
+        if u.health.path is not None and not u.health.path.startswith("/"):
+            problems.append(f"{where}.health.path: expected a path starting with '/'")
+        if u.health.rise < 1 or u.health.fall < 1:
+            problems.append(f"{where}.health: rise and fall must be 1 or more")
+    if config.routing.max_attempts < 1:
+        problems.append("$.routing.max_attempts: expected 1 or more")
+    if config.routing.hedge_after_ms < 0:
+        problems.append("$.routing.hedge_after_ms: expected 0 (off) or more")
+    for status in config.routing.failover_statuses:
+        if not 400 <= status <= 599:
+            problems.append(f"$.routing.failover_statuses: {status} is not an HTTP error status")
+    t = config.telemetry
+    if t.queue_capacity < 1 or t.batch_max < 1 or t.flush_ms < 1:
+        problems.append("$.telemetry: queue_capacity, batch_max and flush_ms must be 1 or more")
+    if t.rotate_bytes < 0:
+        problems.append("$.telemetry.rotate_bytes: expected 0 (off) or more")
+    return problems
+
+
+def check_base_url(url: str) -> list[str]:
+    if not url:
+        return ["required: an http:// or https:// URL"]
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return [f"not a valid URL ({exc}): {url!r}"]
+    problems = []
+    if parts.scheme not in ("http", "https"):
+        problems.append(f"expected an http:// or https:// URL, got {url!r}")
+    if not parts.hostname:
+        problems.append(f"expected a host in {url!r}")
+    if parts.username or parts.password:
+        problems.append("credentials do not belong in base_url: use api_key_env")
+    if parts.query or parts.fragment:
+        problems.append(f"expected no query or fragment in {url!r}")
+    del port
+    return problems
+
+
+# --- finding profiles on disk (thin I/O) -------------------------------------------------
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def profile_dirs() -> list[Path]:
+    """Where ``--profile NAME`` looks, in order: ./configs, the source checkout, the wheel."""
+    dirs = [Path.cwd() / "configs", _PACKAGE_DIR.parent / "configs", _PACKAGE_DIR / "configs"]
+    unique: list[Path] = []
+    for d in dirs:
+        if d not in unique:
+            unique.append(d)
+    return unique
+
+
+def resolve_profile(name: str) -> Path:
+    """A profile name (``demo``) or a path (``./my.toml``) → an existing file."""
+    if name.endswith(".toml") or os.sep in name:
+        path = Path(name)
+        if path.is_file():
+            return path
+        raise ConfigError([f"no such profile file: {name}"], source=name)
+    for d in profile_dirs():
+        candidate = d / f"{name}.toml"
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.toml")})
+    raise ConfigError([f"no profile named {name!r}; known profiles: {', '.join(known) or 'none'}"], source=name)
+
+
+def load_profiles(names: list[str]) -> Config:
+    """Read, merge in order and validate one or more profiles."""
+    merged: dict[str, Any] = {}
+    sources = []
+    for name in names:
+        path = resolve_profile(name)
+        merged = merge_tables(merged, parse_toml(path.read_text(encoding="utf-8"), source=str(path)))
+        sources.append(str(path))
+    return load_config(merged, source=" + ".join(sources))
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The resolved profile as plain data, secrets masked (for ``trioproxy check``)."""
+    data: dict[str, Any] = _CONVERTER.unstructure(config)
+    for u in data["upstreams"]:
+        env = u.get("api_key_env")
+        if env:
+            u["api_key"] = "***set***" if os.environ.get(env) else "***missing***"
+    return data
