@@ -1,2 +1,96 @@
-def main() -> int:
-    return 0
+"""The ``trioproxy`` command: serve, check, mock, tail, stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from . import __version__, log
+from .config import Config, load_profiles, masked
+from .errors import ConfigError
+
+DEFAULT_PROFILE = "demo"
+
+
+def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile",
+        "-p",
+        action="append",
+        metavar="NAME",
+        help="profile name in configs/ or a path to a .toml; repeat to merge in order (default: demo)",
+    )
+    parser.add_argument("--config", "-c", action="append", metavar="PATH", help="a profile file (same as --profile PATH)")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    names = list(args.profile or []) + list(args.config or [])
+    config = load_profiles(names or [DEFAULT_PROFILE])
+    server = config.server
+    if getattr(args, "host", None):
+        server = attrs.evolve(server, host=args.host)
+    if getattr(args, "port", None) is not None:
+        server = attrs.evolve(server, port=args.port)
+    return attrs.evolve(config, server=server)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import logview, mock
+
+    parser = argparse.ArgumentParser(prog="trioproxy", description="A local gateway for LLM traffic, on Trio.")
+    parser.add_argument("--version", action="version", version=f"trioproxy {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="operator log level (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    _add_profile_arguments(serve)
+    serve.add_argument("--host", help="listen address (overrides the profile)")
+    serve.add_argument("--port", type=int, help="listen port (overrides the profile; 0: any free port)")
+
+    check = commands.add_parser("check", help="validate a profile and print it resolved, secrets masked")
+    _add_profile_arguments(check)
+
+    mock.add_arguments(commands.add_parser("mock", help="run a mock upstream (OpenAI and/or Ollama API)"))
+    logview.add_tail_arguments(commands.add_parser("tail", help="show the usage log, one line a request"))
+    logview.add_stats_arguments(commands.add_parser("stats", help="summarize the usage log"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log.setup(args.log_level)
+    try:
+        if args.command == "serve":
+            from . import server
+
+            config = _load(args)
+            trio.run(server.main, config)
+            return 0
+        if args.command == "check":
+            config = _load(args)
+            json.dump(masked(config), sys.stdout, indent=2)
+            print(f"\nprofile OK: {config.source}")
+            return 0
+        if args.command == "mock":
+            from . import mock
+
+            return mock.run_from_args(args)
+        if args.command == "tail":
+            from . import logview
+
+            return logview.run_tail(args)
+        if args.command == "stats":
+            from . import logview
+
+            return logview.run_stats(args)
+    except ConfigError as exc:
+        print(f"trioproxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2

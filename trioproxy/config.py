@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -22,7 +23,7 @@ import attrs
 import cattrs
 from attrs import field, frozen
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
-from cattrs.v import transform_error
+from cattrs.v import format_exception, transform_error
 
 from .errors import ConfigError
 
@@ -44,6 +45,8 @@ class ServerConfig:
     port: int = 8080
     #: Bodies above this are answered 413 without being read further.
     max_body_bytes: int = 8 * 1024 * 1024
+    #: Non-streamed answers above this are cut off with 502 (they are held in memory whole).
+    max_response_bytes: int = 64 * 1024 * 1024
     #: How long in-flight requests may run on after SIGINT/SIGTERM.
     shutdown_grace_s: float = 10.0
     #: Hypercorn's keep-alive idle timeout for client connections.
@@ -250,9 +253,19 @@ def load_config(text: str | dict[str, Any], *, source: str = "<config>") -> Conf
     return config
 
 
+def _format_exception(exc: BaseException, type_: type | None) -> str:
+    if isinstance(exc, ValueError) and type_ is not None and typing.get_origin(type_) is Literal:
+        choices = ", ".join(repr(c) for c in typing.get_args(type_))
+        got = str(exc).split(" not in literal ")[0]
+        return f"expected one of {choices}, got {got!r}"
+    if type(exc) is ValueError and str(exc).startswith("expected"):
+        return str(exc)  # our own hooks' words already say what was expected and what came
+    return format_exception(exc, type_)
+
+
 def _describe(exc: ClassValidationError) -> list[str]:
     lines = []
-    for message in transform_error(exc, path="$"):
+    for message in transform_error(exc, path="$", format_exception=_format_exception):
         # "extra fields found (x) @ $.server" → "$.server: unknown key(s) x"
         text, _, path = message.rpartition(" @ ")
         if text.startswith("extra fields found"):
@@ -333,6 +346,11 @@ def check_base_url(url: str) -> list[str]:
         problems.append("credentials do not belong in base_url: use api_key_env")
     if parts.query or parts.fragment:
         problems.append(f"expected no query or fragment in {url!r}")
+    if parts.path.rstrip("/").endswith("/v1"):
+        problems.append(
+            f"drop the trailing /v1 from {url!r}: requests keep their own /v1/... path "
+            "(the base URL is what comes before it)"
+        )
     del port
     return problems
 

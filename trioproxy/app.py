@@ -1,0 +1,400 @@
+"""``ProxyApp``: the ASGI application Hypercorn serves.
+
+One call per request. Life of a relayed request:
+
+1. read the body, bounded by ``server.max_body_bytes`` (413 beyond it);
+2. decode it once to read ``model`` and ``stream`` (400 on bad JSON or types);
+3. ``plan_route`` → ``open_winning_response`` (failover/hedging, ``upstream.py``);
+4. relay (``relay.py``) inside the request nursery, where ``watch_disconnect``
+   cancels everything the moment the client goes away;
+5. ``finally``: exactly one telemetry record, handed off with ``submit`` (sync,
+   never blocks, works inside a cancelled scope).
+
+Errors are answered in the API's own format, in one place (``_send_error``):
+OpenAI-style ``{"error": {"message", "type", "param", "code"}}`` everywhere but
+the native Ollama routes, which get ``{"error": "..."}``. Once the response head
+is out, the status cannot change: the relay ends the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import trio
+from attrs import define, field
+from loguru import logger
+
+from .catalog import Route, lookup_route, serve_local
+from .errors import (
+    BodyTooLarge,
+    NoHealthyUpstream,
+    RequestError,
+    RoutingError,
+    TrioproxyError,
+    UpstreamError,
+    UpstreamStatusError,
+)
+from .headers import client_response_headers, header_value, upstream_request_headers
+from .relay import Send, facts_from_body, ndjson_error_line, relay_stream, relay_whole, sse_error_event
+from .routing import RoutePlan, Target, plan_any, plan_route
+from .services import Services
+from .telemetry import AttemptRecord, Record
+from .upstream import OutgoingRequest, open_winning_response
+from .usage import NDJSONScanner, SSEScanner, UsageEventFilter, estimate_tokens
+
+Receive = Any  # ASGI receive callable
+_WORKER = os.getpid()
+
+
+@define
+class Exchange:
+    """Everything one request's telemetry record will say, filled in as it goes."""
+
+    request_id: bytes
+    route: str
+    method: str
+    arrival: float  # trio clock
+    ts: float  # wall clock, for the record
+    model_requested: str | None = None
+    model_served: str | None = None
+    upstream: str | None = None
+    attempts: list[AttemptRecord] = field(factory=list)
+    hedged: bool = False
+    status: int = 0
+    outcome: str = "ok"
+    stream: bool = False
+    ttft_ms: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    token_source: str = "none"
+    finish_reason: str | None = None
+    error: str | None = None
+    response_started: bool = False
+    client_gone: bool = False
+    first_content_index: int | None = None
+
+    def to_record(self, now: float) -> Record:
+        return Record(
+            request_id=self.request_id.decode(),
+            ts=self.ts,
+            route=self.route,
+            method=self.method,
+            model_requested=self.model_requested,
+            model_served=self.model_served,
+            upstream=self.upstream,
+            attempts=tuple(self.attempts),
+            hedged=self.hedged,
+            status=self.status,
+            outcome=self.outcome,
+            stream=self.stream,
+            ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 3),
+            total_ms=round((now - self.arrival) * 1000, 3),
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            token_source=self.token_source,
+            finish_reason=self.finish_reason,
+            error=self.error,
+            worker=_WORKER,
+        )
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+class ProxyApp:
+    """The ASGI entry point. Holds no state of its own: everything lives in ``Services``."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1000})
+
+    async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        services = self.services
+        ex = Exchange(
+            request_id=os.urandom(12).hex().encode(),
+            route=scope["path"],
+            method=scope["method"],
+            arrival=trio.current_time(),
+            ts=time.time(),
+        )
+        route: Route | None = None
+        try:
+            route = lookup_route(scope["method"], scope["path"])
+            if route.local:
+                await serve_local(route, services, ex, send)
+                return
+            body = await _read_body(receive, ex, scope, services.config.server.max_body_bytes)
+            await self._relay(route, scope, receive, send, ex, body)
+        except ClientGone:
+            ex.outcome, ex.client_gone = "client_disconnect", True
+        except TrioproxyError as exc:
+            if not ex.response_started:
+                await _send_error(send, ex, route, exc)
+        except Exception as exc:  # the one broad boundary: log it, answer 500, keep serving
+            logger.exception("request {} failed: {}", ex.request_id.decode(), type(exc).__name__)
+            ex.outcome, ex.error = "upstream_error", f"internal error: {type(exc).__name__}"
+            if not ex.response_started:
+                await _send_error(send, ex, route, TrioproxyError("internal gateway error"))
+        finally:
+            if ex.outcome == "ok" and not ex.response_started and ex.status == 0:
+                ex.outcome = "cancelled"  # cut by shutdown before it could answer
+            services.sink.submit(ex.to_record(trio.current_time()))
+
+    async def _relay(
+        self, route: Route, scope: dict[str, Any], receive: Receive, send: Send, ex: Exchange, body: bytes
+    ) -> None:
+        services = self.services
+        config = services.config
+        doc = _decode_json(body) if route.needs_model or body else {}
+        model = _model(doc) if route.needs_model else None
+        ex.model_requested = model
+        stream = doc.get("stream", route.stream_default)
+        if not isinstance(stream, bool):
+            raise RequestError("'stream' must be true or false", param="stream")
+        ex.stream = stream and route.streams
+        services.rr += 1
+        plan = _plan(route, model, services)
+        inject_usage = (
+            ex.stream
+            and route.scanner == "sse"
+            and config.telemetry.request_usage
+            and not _asks_usage(doc.get("stream_options"))
+        )
+        bodies: dict[str, bytes] = {}
+
+        def body_for(target: Target) -> bytes:
+            if model is None or (target.model == model and not inject_usage):
+                return body
+            if target.model not in bodies:
+                edited = dict(doc, model=target.model)
+                if inject_usage:
+                    options = doc.get("stream_options")
+                    edited["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
+                bodies[target.model] = json.dumps(edited, separators=(",", ":"), ensure_ascii=False).encode()
+            return bodies[target.model]
+
+        outgoing = OutgoingRequest(
+            method=scope["method"].encode(),
+            target=scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b""),
+            headers=upstream_request_headers(scope["headers"], request_id=ex.request_id, extra=[]),
+            body_for=body_for,
+        )
+        total_s = config.upstream(plan.attempts[0].upstream).timeouts.total_ms / 1000
+        timed_out = False
+        with trio.move_on_after(total_s) as deadline:
+            async with trio.open_nursery() as request:
+                # Started only now that the body is read (the Hypercorn hazard, STYLE.md §2).
+                request.start_soon(_watch_disconnect, receive, request.cancel_scope, ex)
+                try:
+                    await self._answer(route, plan, outgoing, send, ex, inject_usage)
+                finally:
+                    request.cancel_scope.cancel()  # whoever finishes the work cancels the watcher
+        timed_out = deadline.cancelled_caught
+        if ex.client_gone:
+            ex.outcome = "client_disconnect"
+        elif timed_out:
+            ex.outcome, ex.error = "timeout", f"the request took longer than {total_s:g} s"
+            if ex.response_started:
+                end = route.error_line(ex.error)
+                await send({"type": "http.response.body", "body": end, "more_body": False})
+            else:
+                raise UpstreamError(ex.error, upstream=plan.attempts[0].upstream) from None
+
+    async def _answer(
+        self, route: Route, plan: RoutePlan, outgoing: OutgoingRequest, send: Send, ex: Exchange, inject_usage: bool
+    ) -> None:
+        services = self.services
+        config = services.config
+        try:
+            winner = await open_winning_response(
+                services.runtimes,
+                plan,
+                outgoing,
+                failover_statuses=frozenset(config.routing.failover_statuses),
+                attempts=ex.attempts,
+            )
+        except UpstreamStatusError as exc:
+            ex.upstream, ex.model_served = exc.upstream, _served(ex, exc.upstream)
+            await _pass_through(send, ex, exc)
+            return
+        ex.upstream, ex.model_served = winner.target.upstream, winner.target.model
+        try:
+            response = winner.response
+            if response.content_length is not None or not ex.stream:
+                whole = await relay_whole(ex, winner, send, max_bytes=config.server.max_response_bytes)
+                ex.prompt_tokens, ex.completion_tokens, ex.finish_reason = facts_from_body(whole)
+                if ex.prompt_tokens is not None or ex.completion_tokens is not None:
+                    ex.token_source = "upstream"
+            else:
+                scanner = _scanner_for(route) if response.status < 400 else None
+                await relay_stream(
+                    ex,
+                    winner,
+                    send,
+                    scanner=scanner,
+                    usage_filter=UsageEventFilter() if inject_usage else None,
+                    error_line=route.error_line,
+                )
+                if scanner is not None:
+                    _take_usage(ex, scanner)
+            if ex.outcome == "ok" and ex.status >= 500:
+                ex.outcome = "upstream_error"
+        finally:
+            winner.release()
+
+
+def _plan(route: Route, model: str | None, services: Services) -> RoutePlan:
+    states = {uid: rt.state() for uid, rt in services.runtimes.items()}
+    if model is not None:
+        return plan_route(model, route.family, services.config, states, rr=services.rr)
+    return plan_any(route.family, services.config, states)
+
+
+def _take_usage(ex: Exchange, scanner: SSEScanner | NDJSONScanner) -> None:
+    ex.finish_reason = scanner.finish_reason
+    usage = scanner.usage()
+    if usage is not None and (usage.prompt_tokens is not None or usage.completion_tokens is not None):
+        ex.prompt_tokens, ex.completion_tokens, ex.token_source = usage.prompt_tokens, usage.completion_tokens, "upstream"
+    elif scanner.content_chars:
+        ex.completion_tokens, ex.token_source = estimate_tokens(scanner.content_chars), "estimate"
+
+
+def _scanner_for(route: Route) -> SSEScanner | NDJSONScanner | None:
+    if route.scanner == "sse":
+        return SSEScanner()
+    if route.scanner == "ndjson":
+        return NDJSONScanner()
+    return None
+
+
+def _served(ex: Exchange, upstream: str) -> str | None:
+    for a in reversed(ex.attempts):
+        if a.upstream == upstream:
+            return a.model
+    return None
+
+
+def _asks_usage(options: object) -> bool:
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+async def _read_body(receive: Receive, ex: Exchange, scope: dict[str, Any], limit: int) -> bytes:
+    declared = header_value(scope["headers"], b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        ex.bytes_in += len(chunk)
+        if ex.bytes_in > limit:
+            raise BodyTooLarge(limit)
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _decode_json(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise RequestError(
+            "We could not parse the JSON body of your request: expected a JSON object (UTF-8)."
+        ) from None
+    if not isinstance(doc, dict):
+        raise RequestError(f"The request body must be a JSON object, not {type(doc).__name__}.")
+    return doc
+
+
+def _model(doc: dict[str, Any]) -> str:
+    model = doc.get("model")
+    if model is None or model == "":
+        raise RequestError("you must provide a model parameter", param="model")
+    if not isinstance(model, str):
+        raise RequestError("'model' must be a string", param="model")
+    return model
+
+
+async def _watch_disconnect(receive: Receive, request_scope: trio.CancelScope, ex: Exchange) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            ex.client_gone = True
+            request_scope.cancel()
+            return
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    # Resources belong to server.main, not to the lifespan protocol: answer at once.
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _pass_through(send: Send, ex: Exchange, exc: UpstreamStatusError) -> None:
+    """Relay an upstream's error answer (nothing left to fail over to) as it gave it."""
+    headers = client_response_headers(
+        exc.headers, request_id=ex.request_id, upstream_id=exc.upstream.encode(), streamed=False
+    )
+    headers.append((b"content-length", str(len(exc.body)).encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": exc.body, "more_body": False})
+    ex.status, ex.response_started, ex.bytes_out = exc.status, True, len(exc.body)
+    ex.outcome, ex.error = "upstream_error", exc.message
+
+
+async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: TrioproxyError) -> None:
+    status = exc.status_hint
+    family = route.family if route is not None else ("ollama" if ex.route.startswith("/api/") else "openai")
+    if family == "ollama":
+        payload: dict[str, Any] = {"error": exc.message}
+    else:
+        payload = {
+            "error": {
+                "message": exc.message,
+                "type": exc.error_type,
+                "param": getattr(exc, "param", None),
+                "code": exc.error_code,
+            }
+        }
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", ex.request_id),
+    ]
+    if isinstance(exc, NoHealthyUpstream):
+        headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    ex.status, ex.response_started, ex.bytes_out = status, True, len(body)
+    ex.error = exc.message
+    if ex.outcome == "ok":
+        ex.outcome = "rejected" if isinstance(exc, (RequestError, RoutingError)) and status < 500 else "upstream_error"
+        if isinstance(exc, UpstreamError) and exc.status_hint == 504:
+            ex.outcome = "timeout"
+
+
+__all__ = ["ProxyApp", "Exchange", "sse_error_event", "ndjson_error_line"]

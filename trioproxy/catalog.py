@@ -1,0 +1,188 @@
+"""The routes the gateway answers, and the answers it gives itself.
+
+Relayed routes carry what the app needs to know about them (API family, whether
+they name a model, whether they stream and how). Local routes are answered here:
+``/healthz`` and ``/readyz``, and the model listings (``/v1/models``,
+``/api/tags``), which are the union of what the upstreams serve, by public name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+import trio
+from attrs import frozen
+
+from .config import Upstream
+from .errors import RequestError, RoutingError
+from .relay import Send, ndjson_error_line, sse_error_event
+from .routing import ApiFamily, eligible
+
+if TYPE_CHECKING:
+    from .app import Exchange
+    from .services import Services
+
+#: How long a model listing fetched from an upstream is reused: listings change rarely, clients poll often.
+CATALOG_TTL_S = 5.0
+#: An upstream that does not list its models this fast is left out of the listing.
+CATALOG_FETCH_TIMEOUT_S = 2.0
+
+
+@frozen
+class Route:
+    path: str
+    method: str
+    family: ApiFamily
+    needs_model: bool = True
+    #: The route can stream (``"stream": true``).
+    streams: bool = False
+    stream_default: bool = False
+    scanner: Literal["sse", "ndjson"] | None = None
+    #: Answered by the gateway itself (name of the local handler).
+    local: str | None = None
+
+    def error_line(self, message: str) -> bytes:
+        """The in-band error that ends a stream of this route."""
+        return ndjson_error_line(message) if self.scanner == "ndjson" else sse_error_event(message)
+
+
+ROUTES: dict[str, Route] = {
+    r.path: r
+    for r in (
+        Route("/v1/chat/completions", "POST", "openai", streams=True, scanner="sse"),
+        Route("/v1/completions", "POST", "openai", streams=True, scanner="sse"),
+        Route("/v1/embeddings", "POST", "openai"),
+        Route("/v1/models", "GET", "openai", needs_model=False, local="models"),
+        Route("/api/chat", "POST", "ollama", streams=True, stream_default=True, scanner="ndjson"),
+        Route("/api/generate", "POST", "ollama", streams=True, stream_default=True, scanner="ndjson"),
+        Route("/api/embed", "POST", "ollama"),
+        Route("/api/embeddings", "POST", "ollama"),
+        Route("/api/show", "POST", "ollama"),
+        Route("/api/tags", "GET", "ollama", needs_model=False, local="tags"),
+        Route("/api/version", "GET", "ollama", needs_model=False),
+        Route("/api/ps", "GET", "ollama", needs_model=False),
+        Route("/healthz", "GET", "openai", needs_model=False, local="healthz"),
+        Route("/readyz", "GET", "openai", needs_model=False, local="readyz"),
+    )
+}
+
+
+def lookup_route(method: str, path: str) -> Route:
+    """The route for a request line.
+
+    Raises:
+        RoutingError: unknown path (404, as OpenAI words it).
+        RequestError: known path, wrong method (405).
+    """
+    route = ROUTES.get(path)
+    if route is None:
+        raise RoutingError(f"Invalid URL ({method} {path})", code=None, param=None)
+    if route.method != method and not (method == "HEAD" and route.method == "GET"):
+        raise RequestError(f"Method {method} is not allowed on {path}; use {route.method}", status_hint=405)
+    return route
+
+
+async def serve_local(route: Route, services: Services, ex: Exchange, send: Send) -> None:
+    if route.local == "healthz":
+        status, payload = 200, {"status": "ok"}
+    elif route.local == "readyz":
+        status, payload = readiness(services)
+    elif route.local == "models":
+        status, payload = 200, {"object": "list", "data": await list_openai_models(services)}
+    else:
+        status, payload = 200, {"models": await list_ollama_models(services)}
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", ex.request_id),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    ex.status, ex.response_started, ex.bytes_out = status, True, len(body)
+
+
+def readiness(services: Services) -> tuple[int, dict[str, Any]]:
+    upstreams = {}
+    for uid, rt in services.runtimes.items():
+        usable = rt.healthy and not (rt.cfg.max_concurrent and rt.in_flight >= rt.cfg.max_concurrent)
+        upstreams[uid] = {"usable": usable, "in_flight": rt.in_flight, **services.board.describe(uid)}
+    ready = any(u["usable"] for u in upstreams.values())
+    stats = services.sink.statistics()
+    telemetry = {"submitted": stats.submitted, "written": stats.written, "dropped": stats.dropped, "lost": stats.lost}
+    return (200 if ready else 503), {"ready": ready, "upstreams": upstreams, "telemetry": telemetry}
+
+
+async def list_openai_models(services: Services) -> list[dict[str, Any]]:
+    """``/v1/models`` entries: every public name, owned by the first upstream serving it."""
+    owners: dict[str, str] = {}
+    listings = await _listings(services, "openai")
+    for u in services.config.upstreams:
+        for name in _names(u, listings.get(u.id, [])):
+            owners.setdefault(name, u.id)
+    for alias, target in services.config.routing.aliases.items():
+        owners.setdefault(alias, owners.get(target, "trioproxy"))
+    return [{"id": n, "object": "model", "created": 0, "owned_by": owners[n]} for n in sorted(owners)]
+
+
+async def list_ollama_models(services: Services) -> list[dict[str, Any]]:
+    """``/api/tags`` entries: what the Ollama upstreams report, limited to the models routed to them."""
+    entries: dict[str, dict[str, Any]] = {}
+    listings = await _listings(services, "ollama")
+    for u in services.config.upstreams:
+        for entry in listings.get(u.id, []):
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str) and _serves_tag(u, entry["name"]):
+                entries.setdefault(entry["name"], entry)
+    return [entries[n] for n in sorted(entries)]
+
+
+def _serves_tag(u: Upstream, name: str) -> bool:
+    return u.serves(name) or (name.endswith(":latest") and u.serves(name.removesuffix(":latest")))
+
+
+def _names(u: Upstream, listing: Iterable[Any]) -> list[str]:
+    exact = [m for m in u.models if not any(c in m for c in "*?[")]
+    reported = [n for n in listing if isinstance(n, str) and u.serves(n)]
+    return exact + reported
+
+
+async def _listings(services: Services, family: ApiFamily) -> dict[str, list[Any]]:
+    """Each eligible upstream's own model listing, fetched concurrently and cached briefly."""
+    results: dict[str, list[Any]] = {}
+    now = trio.current_time()
+
+    async def fetch(u: Upstream) -> None:
+        key = f"{family}:{u.id}"
+        cached = services.catalog_cache.get(key)
+        if cached is not None and now - cached[0] < CATALOG_TTL_S:
+            results[u.id] = cached[1]
+            return
+        runtime = services.runtimes[u.id]
+        headers = {k.decode(): v.decode() for k, v in runtime.auth_headers}
+        base = runtime.cfg.base_url.rstrip("/")
+        ollama = family == "ollama" or u.kind == "ollama"
+        try:
+            response = await services.http.get(
+                base + ("/api/tags" if ollama else "/v1/models"), headers=headers, timeout=CATALOG_FETCH_TIMEOUT_S
+            )
+            doc = response.json() if response.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return
+        if family == "ollama":
+            listing = list(doc.get("models") or [])
+        elif ollama:
+            listing = [m.get("name") for m in doc.get("models") or [] if isinstance(m, dict)]
+            listing += [n.removesuffix(":latest") for n in listing if isinstance(n, str)]
+        else:
+            listing = [m.get("id") for m in doc.get("data") or [] if isinstance(m, dict)]
+        services.catalog_cache[key] = (now, listing)
+        results[u.id] = listing
+
+    async with trio.open_nursery() as fetches:
+        for u in services.config.upstreams:
+            if eligible(u, family) and (family == "ollama" or any(c in m for m in u.models for c in "*?[")):
+                fetches.start_soon(fetch, u)
+    return results

@@ -1,0 +1,93 @@
+"""Active health checks: a pure state board and the thin async prober around it.
+
+``HealthBoard.observe`` applies the ``rise``/``fall`` thresholds; time is passed
+in, never read inside, so the board is tested without sockets or clocks. The
+checker task (one per upstream, owned by the service nursery) probes the kind's
+cheapest endpoint (Ollama ``/api/version``, vLLM and llama.cpp ``/health``,
+OpenAI-compatible ``/v1/models``) and writes the verdict into the upstream's
+runtime, where routing reads it.
+"""
+
+from __future__ import annotations
+
+import httpx
+import trio
+from attrs import define, field, frozen
+from loguru import logger
+
+from .upstream import UpstreamRuntime
+
+
+@frozen
+class Transition:
+    upstream: str
+    healthy: bool
+    reason: str
+
+
+@define
+class _Track:
+    healthy: bool = True
+    streak: int = 0  # consecutive observations that disagree with ``healthy``
+    last_change: float = 0.0
+    last_reason: str = ""
+
+
+@define
+class HealthBoard:
+    """Up/down state per upstream with rise/fall hysteresis [sans-IO]."""
+
+    rise: dict[str, int]
+    fall: dict[str, int]
+    _tracks: dict[str, _Track] = field(factory=dict)
+
+    def observe(self, upstream: str, *, ok: bool, now: float, reason: str = "") -> Transition | None:
+        """Record one probe result; return the transition it caused, if any.
+
+        An upstream starts healthy (so traffic flows before the first probe ends);
+        ``fall`` consecutive failures take it down, ``rise`` consecutive successes
+        bring it back.
+        """
+        track = self._tracks.setdefault(upstream, _Track(last_change=now))
+        if ok == track.healthy:
+            track.streak = 0
+            return None
+        track.streak += 1
+        needed = self.rise[upstream] if ok else self.fall[upstream]
+        if track.streak < needed:
+            return None
+        track.healthy, track.streak, track.last_change, track.last_reason = ok, 0, now, reason
+        return Transition(upstream, ok, reason)
+
+    def healthy(self, upstream: str) -> bool:
+        track = self._tracks.get(upstream)
+        return track.healthy if track is not None else True
+
+    def describe(self, upstream: str) -> dict[str, object]:
+        track = self._tracks.get(upstream, _Track())
+        return {"healthy": track.healthy, "since": track.last_change, "reason": track.last_reason}
+
+
+def probe_url(runtime: UpstreamRuntime) -> str:
+    return runtime.cfg.base_url.rstrip("/") + runtime.cfg.health_path
+
+
+async def run_checker(runtime: UpstreamRuntime, board: HealthBoard, http: httpx.AsyncClient) -> None:
+    """Probe one upstream forever (until cancelled), updating ``runtime.healthy``."""
+    cfg = runtime.cfg.health
+    url = probe_url(runtime)
+    headers = {k.decode(): v.decode() for k, v in runtime.auth_headers}
+    while True:
+        reason = ""
+        try:
+            response = await http.get(url, headers=headers, timeout=cfg.timeout_ms / 1000)
+            ok = response.status_code < 400
+            reason = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            ok, reason = False, type(exc).__name__
+        transition = board.observe(runtime.cfg.id, ok=ok, now=trio.current_time(), reason=reason)
+        if transition is not None:
+            runtime.healthy = transition.healthy
+            state = "up" if transition.healthy else "down"
+            logger.info("upstream {} is {} ({})", runtime.cfg.id, state, reason)
+        await trio.sleep(cfg.interval_ms / 1000)

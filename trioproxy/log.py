@@ -1,0 +1,30 @@
+"""Operator log setup (loguru), and nothing else.
+
+Named ``log.py`` so it is not confused with the stdlib ``logging``. The sink is
+synchronous and cheap (stderr); the request path never logs per chunk.
+Hypercorn's own messages (stdlib logging) are routed here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from loguru import logger
+
+FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}"
+
+
+class _ToLoguru(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info).log(level, "{}: {}", record.name, record.getMessage())
+
+
+def setup(level: str = "INFO") -> None:
+    logger.remove()
+    logger.add(sys.stderr, level=level.upper(), format=FORMAT, backtrace=False, diagnose=False)
+    logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)

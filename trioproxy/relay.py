@@ -1,0 +1,184 @@
+"""Relaying an upstream response to the ASGI client.
+
+Streamed bodies (chunked or close-delimited upstream responses) go through two
+tasks in the request's relay nursery, joined by a zero-buffer memory channel so
+a slow client slows the upstream read instead of piling bytes up in memory::
+
+    pump:    upstream.receive_some() → scanner.feed() → [usage filter] → chunks_send
+    deliver: chunks_recv → ASGI send; stamps TTFT when the first content chunk is sent
+
+Bodies with a Content-Length are read whole and sent in one ASGI message with
+their length (no chunking, no task switch per piece).
+
+Policy on a mid-stream upstream failure (cut, reset, idle timeout, a stream that
+ends before its ``finish_reason``/``done``): the status line is long gone, so the
+stream ends with one error event in the stream's own format (an SSE ``data:
+{"error": ...}`` event, or an NDJSON ``{"error": ...}`` line) and then ends
+cleanly. The record says ``upstream_error`` and how many bytes were delivered.
+A stream that did finish (it carried its ``finish_reason``) but whose upstream
+closed without ``[DONE]`` is complete: it is ended at once, not waited on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+
+from .errors import UpstreamError
+from .headers import client_response_headers
+from .upstream import Winner
+from .usage import NDJSONScanner, SSEScanner, UsageEventFilter
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Exchange(Protocol):
+    """The per-request facts the relay fills in (``app.Exchange``)."""
+
+    request_id: bytes
+    arrival: float
+    status: int
+    outcome: str
+    error: str | None
+    response_started: bool
+    ttft_ms: float | None
+    bytes_out: int
+    first_content_index: int | None
+
+
+def sse_error_event(message: str) -> bytes:
+    error = {"error": {"message": message, "type": "upstream_error", "param": None, "code": None}}
+    return b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
+
+
+def ndjson_error_line(message: str) -> bytes:
+    return json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
+
+
+async def relay_stream(
+    ex: Exchange,
+    winner: Winner,
+    send: Send,
+    *,
+    scanner: SSEScanner | NDJSONScanner | None,
+    usage_filter: UsageEventFilter | None,
+    error_line: Callable[[str], bytes],
+) -> None:
+    """Send the head, then relay the body as it comes; end the body in every case but a lost client."""
+    response = winner.response
+    headers = client_response_headers(
+        response.headers, request_id=ex.request_id, upstream_id=winner.target.upstream.encode(), streamed=True
+    )
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    ex.status = response.status
+    ex.response_started = True
+    chunks_send, chunks_recv = trio.open_memory_channel[bytes](0)
+    async with trio.open_nursery() as relay:
+        relay.start_soon(pump, ex, winner, chunks_send, scanner, usage_filter, error_line)
+        await deliver(ex, chunks_recv, send)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def pump(
+    ex: Exchange,
+    winner: Winner,
+    chunks_send: trio.MemorySendChannel[bytes],
+    scanner: SSEScanner | NDJSONScanner | None,
+    usage_filter: UsageEventFilter | None,
+    error_line: Callable[[str], bytes],
+) -> None:
+    """Read the upstream body into the channel; closing ``chunks_send`` tells deliver it is over."""
+    response = winner.response
+    async with chunks_send:
+        sent = 0
+        try:
+            while True:
+                data = await response.receive_some()
+                if not data:
+                    break
+                if scanner is not None and scanner.feed(data) and ex.first_content_index is None:
+                    ex.first_content_index = sent
+                if usage_filter is not None:
+                    data = usage_filter.feed(data)
+                    if not data:
+                        continue
+                await chunks_send.send(data)
+                sent += 1
+        except UpstreamError as exc:
+            ex.outcome, ex.error = "upstream_error", exc.message
+            await chunks_send.send(error_line(f"{exc.message}; the answer is incomplete"))
+            return
+        if usage_filter is not None and (tail := usage_filter.flush()):
+            await chunks_send.send(tail)
+        if scanner is None:
+            return
+        if scanner.error is not None:
+            ex.outcome, ex.error = "upstream_error", f"upstream reported: {scanner.error}"
+        elif not scanner.done and scanner.finish_reason is None:
+            ex.outcome = "upstream_error"
+            ex.error = f"upstream {winner.target.upstream!r} ended the stream before it finished"
+            await chunks_send.send(error_line(f"{ex.error}; the answer is incomplete"))
+
+
+async def deliver(ex: Exchange, chunks_recv: trio.MemoryReceiveChannel[bytes], send: Send) -> None:
+    """Hand each chunk to the client; TTFT is stamped once the first content chunk is sent."""
+    async with chunks_recv:
+        index = 0
+        async for data in chunks_recv:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            ex.bytes_out += len(data)
+            if index == ex.first_content_index:
+                ex.ttft_ms = (trio.current_time() - ex.arrival) * 1000
+            index += 1
+
+
+async def relay_whole(ex: Exchange, winner: Winner, send: Send, *, max_bytes: int) -> bytes:
+    """Read a Content-Length body whole and send it in one message; returns the body."""
+    response = winner.response
+    body = await response.read_all(max_bytes=max_bytes)
+    headers = client_response_headers(
+        response.headers, request_id=ex.request_id, upstream_id=winner.target.upstream.encode(), streamed=False
+    )
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    ex.status = response.status
+    ex.response_started = True
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    ex.bytes_out = len(body)
+    return body
+
+
+def facts_from_body(body: bytes) -> tuple[int | None, int | None, str | None]:
+    """(prompt tokens, completion tokens, finish reason) of a non-streamed JSON answer.
+
+    OpenAI shape: ``usage`` and ``choices[0].finish_reason``; Ollama shape:
+    ``prompt_eval_count``, ``eval_count`` and ``done_reason``. One decode per
+    request, never per chunk; anything unexpected gives ``None``s.
+    """
+    if not body.startswith(b"{") or (b'"usage"' not in body and b"eval_count" not in body):
+        return None, None, None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None, None, None
+    if not isinstance(doc, dict):
+        return None, None, None
+    usage = doc.get("usage")
+    if isinstance(usage, dict):
+        finish = None
+        choices = doc.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            finish = choices[0].get("finish_reason")
+        return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), _str(finish)
+    return _int(doc.get("prompt_eval_count")), _int(doc.get("eval_count")), _str(doc.get("done_reason"))
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None

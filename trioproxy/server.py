@@ -1,0 +1,189 @@
+"""``main``: one gateway process — its task tree and its shutdown order.
+
+::
+
+    main(config)
+    └─ async with httpx.AsyncClient() as http           probes and model discovery; closes last
+       └─ root nursery
+          ├─ telemetry.run_writer(records_recv, ...)     drains until records_send is closed
+          └─ [body] async with records_send:            closing it is the writer's stop signal
+             └─ service nursery
+                ├─ mock.serve_mock(...) × embedded mock  (the demo profile's upstreams)
+                ├─ health.run_checker(upstream) × N      loop until cancelled
+                ├─ _watch_signals(shutdown)              SIGINT/SIGTERM → shutdown.set()
+                └─ _serve: hypercorn.trio.serve(app, shutdown_trigger=shutdown.wait)
+                           then service.cancel_scope.cancel()
+
+Shutdown, bottom-up: Hypercorn stops accepting and gives in-flight requests
+``server.shutdown_grace_s`` before cancelling them (each still sends its record
+from its ``finally``); ``serve`` returns; the service nursery is cancelled
+(checkers, mocks); ``records_send`` closes; the writer writes every queued record
+and returns; the pools and the httpx client close.
+
+Several worker processes (later): each runs this same ``main`` on a shared
+listening socket and writes its own usage file (``file_tag`` = its pid).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from functools import partial
+
+import attrs
+import httpx
+import trio
+from attrs import frozen
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hypercorn_serve
+from loguru import logger
+
+from .app import ProxyApp
+from .config import Config, Upstream
+from .errors import ConfigError
+from .health import HealthBoard, run_checker
+from .mock import MockSettings, serve_mock
+from .pool import ConnectionPool
+from .services import Services
+from .telemetry import Record, TelemetrySink, run_writer
+from .upstream import UpstreamRuntime
+
+#: Hypercorn closes keep-alive client connections after this many requests by default (1,000); a proxy should not.
+KEEP_ALIVE_MAX_REQUESTS = 2**31
+
+
+@frozen
+class RunningServer:
+    """What ``main`` reports once it listens (tests and the CLI use it)."""
+
+    binds: list[str]
+    shutdown: trio.Event
+    services: Services
+
+    @property
+    def url(self) -> str:
+        return self.binds[0]
+
+
+def hypercorn_config(config: Config) -> HyperConfig:
+    server = config.server
+    hcfg = HyperConfig()
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    hcfg.bind = [f"{host}:{server.port}"]
+    hcfg.accesslog = "-" if server.access_log else None
+    hcfg.errorlog = "-"
+    hcfg.loglevel = "WARNING"
+    hcfg.keep_alive_timeout = server.keep_alive_timeout_s
+    hcfg.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
+    hcfg.backlog = server.backlog
+    hcfg.graceful_timeout = server.shutdown_grace_s
+    hcfg.include_server_header = False
+    return hcfg
+
+
+def auth_headers(upstream: Upstream, environ: dict[str, str] | os._Environ[str]) -> list[tuple[bytes, bytes]]:
+    """The upstream's own ``authorization``, from the environment variable its profile names."""
+    if not upstream.api_key_env:
+        return []
+    key = environ.get(upstream.api_key_env)
+    if not key:
+        raise ConfigError(
+            [f"upstream {upstream.id!r}: environment variable {upstream.api_key_env} (api_key_env) is not set"]
+        )
+    return [(b"authorization", b"Bearer " + key.encode())]
+
+
+def build_runtimes(config: Config) -> dict[str, UpstreamRuntime]:
+    runtimes = {}
+    for u in config.upstreams:
+        pool = ConnectionPool(
+            u.base_url, upstream_id=u.id, max_idle=u.pool_max_idle, connect_timeout=u.timeouts.connect_ms / 1000
+        )
+        runtimes[u.id] = UpstreamRuntime(cfg=u, pool=pool, auth_headers=auth_headers(u, os.environ))
+    return runtimes
+
+
+async def start_embedded_mocks(config: Config, nursery: trio.Nursery) -> Config:
+    """Start the profile's embedded mock upstreams; return the config with their addresses filled in."""
+    upstreams = []
+    for u in config.upstreams:
+        if u.mock is not None:
+            mock = await nursery.start(partial(serve_mock, MockSettings.from_config(u.mock), host="127.0.0.1", port=0))
+            u = attrs.evolve(u, base_url=f"http://127.0.0.1:{mock.port}")
+            logger.info("embedded mock upstream {} ({}) on {}", u.id, u.mock.kind if u.mock else "", u.base_url)
+        upstreams.append(u)
+    return attrs.evolve(config, upstreams=tuple(upstreams))
+
+
+async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the gateway until SIGINT/SIGTERM (or ``RunningServer.shutdown`` is set)."""
+    shutdown = trio.Event()
+    records_send, records_recv = trio.open_memory_channel[Record](config.telemetry.queue_capacity)
+    sink = TelemetrySink(records_send)
+    runtimes: dict[str, UpstreamRuntime] = {}
+    try:
+        async with httpx.AsyncClient() as http:
+            async with trio.open_nursery() as root:
+                if config.telemetry.enabled:
+                    root.start_soon(partial(run_writer, records_recv, sink, config.telemetry, file_tag=_file_tag(config)))
+                else:
+                    root.start_soon(_discard, records_recv)
+                async with records_send:
+                    async with trio.open_nursery() as service:
+                        config = await start_embedded_mocks(config, service)
+                        runtimes = build_runtimes(config)
+                        board = HealthBoard(
+                            rise={u.id: u.health.rise for u in config.upstreams},
+                            fall={u.id: u.health.fall for u in config.upstreams},
+                        )
+                        for runtime in runtimes.values():
+                            if runtime.cfg.health.enabled:
+                                service.start_soon(run_checker, runtime, board, http)
+                        service.start_soon(_watch_signals, shutdown, service.cancel_scope)
+                        services = Services(config=config, runtimes=runtimes, sink=sink, http=http, board=board)
+                        app = ProxyApp(services)
+
+                        async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
+                            await hypercorn_serve(
+                                app,  # type: ignore[arg-type]
+                                hypercorn_config(config),
+                                shutdown_trigger=shutdown.wait,
+                                task_status=task_status,
+                            )
+                            service.cancel_scope.cancel()
+
+                        binds = await service.start(serve)
+                        logger.info("trioproxy listening on {} (profile {})", ", ".join(binds), config.source)
+                        task_status.started(RunningServer(binds=binds, shutdown=shutdown, services=services))
+                logger.info("stopped serving; writing the last usage records")
+    finally:
+        for runtime in runtimes.values():
+            await runtime.pool.aclose()
+    stats = sink.statistics()
+    logger.info(
+        "usage records: {} submitted, {} written, {} dropped, {} lost", stats.submitted, stats.written, stats.dropped, stats.lost
+    )
+
+
+def _file_tag(config: Config) -> str:
+    return str(os.getpid()) if config.server.workers > 1 else ""
+
+
+async def _discard(records_recv: trio.MemoryReceiveChannel[Record]) -> None:
+    """Telemetry disabled: the channel is still drained so the request path is unchanged."""
+    async with records_recv:
+        async for _ in records_recv:
+            pass
+
+
+async def _watch_signals(shutdown: trio.Event, service_scope: trio.CancelScope) -> None:
+    """First SIGINT/SIGTERM: graceful shutdown. A second one: stop now."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not shutdown.is_set():
+                logger.info("{}: shutting down gracefully", signal.Signals(signum).name)
+                shutdown.set()
+            else:
+                logger.warning("second signal: stopping now")
+                service_scope.cancel()
+                return

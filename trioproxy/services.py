@@ -1,0 +1,31 @@
+"""``Services``: the one object ``ProxyApp`` receives.
+
+``server.main`` builds every long-lived part (pools, the telemetry sink, the
+health board, the httpx client for probes and discovery) and hands them to the
+app here; nothing lives at module level.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from attrs import define, field
+
+from .config import Config
+from .health import HealthBoard
+from .telemetry import TelemetrySink
+from .upstream import UpstreamRuntime
+
+
+@define
+class Services:
+    config: Config
+    runtimes: dict[str, UpstreamRuntime]
+    sink: TelemetrySink
+    http: httpx.AsyncClient
+    board: HealthBoard
+    #: Round-robin counter for routing ties; bumped once per routed request.
+    rr: int = 0
+    #: Model listings fetched from upstreams: key → (fetched_at, names or entries).
+    catalog_cache: dict[str, tuple[float, Any]] = field(factory=dict)
