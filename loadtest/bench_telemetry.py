@@ -24,7 +24,8 @@ from pathlib import Path
 import trio
 
 from trioproxy.config import Telemetry
-from trioproxy.telemetry import AttemptRecord, Record, encode_record, open_telemetry, run_writer
+from trioproxy.telemetry import AttemptRecord, Record, encode_record, open_telemetry
+from trioproxy.usagelog import run_writer
 
 #: Submits between checkpoints: the reader drains meanwhile, so the channel never fills.
 CHUNK = 1_000

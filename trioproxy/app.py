@@ -38,7 +38,7 @@ from .errors import (
     UpstreamStatusError,
 )
 from .headers import client_response_headers, header_value, upstream_request_headers
-from .relay import Send, facts_from_body, ndjson_error_line, relay_stream, relay_whole, sse_error_event
+from .relay import Send, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
 from .telemetry import AttemptRecord, Record
@@ -75,6 +75,8 @@ class Exchange:
     finish_reason: str | None = None
     error: str | None = None
     response_started: bool = False
+    #: The last body message is being (or has been) sent.
+    finished: bool = False
     client_gone: bool = False
     first_content_index: int | None = None
 
@@ -198,21 +200,23 @@ class ProxyApp:
         total_s = config.upstream(plan.attempts[0].upstream).timeouts.total_ms / 1000
         timed_out = False
         with trio.move_on_after(total_s) as deadline:
-            async with trio.open_nursery() as request:
-                # Started only now that the body is read (the Hypercorn hazard, STYLE.md §2).
-                request.start_soon(_watch_disconnect, receive, request.cancel_scope, ex)
-                try:
-                    await self._answer(route, plan, outgoing, send, ex, inject_usage)
-                finally:
-                    request.cancel_scope.cancel()  # whoever finishes the work cancels the watcher
+            try:
+                async with trio.open_nursery() as request:
+                    # Started only now that the body is read (the Hypercorn hazard, STYLE.md §2).
+                    request.start_soon(_watch_disconnect, receive, request.cancel_scope, ex)
+                    try:
+                        await self._answer(route, plan, outgoing, send, ex, inject_usage)
+                    finally:
+                        request.cancel_scope.cancel()  # whoever finishes the work cancels the watcher
+            except BaseExceptionGroup as group:
+                raise single_error(group) from None
         timed_out = deadline.cancelled_caught
-        if ex.client_gone:
+        if ex.client_gone and ex.outcome == "ok":  # an upstream failure seen first stays the outcome
             ex.outcome = "client_disconnect"
         elif timed_out:
             ex.outcome, ex.error = "timeout", f"the request took longer than {total_s:g} s"
             if ex.response_started:
-                end = route.error_line(ex.error)
-                await send({"type": "http.response.body", "body": end, "more_body": False})
+                await finish(ex, send, route.error_line(ex.error))
             else:
                 raise UpstreamError(ex.error, upstream=plan.attempts[0].upstream) from None
 
@@ -264,6 +268,19 @@ def _plan(route: Route, model: str | None, services: Services) -> RoutePlan:
     if model is not None:
         return plan_route(model, route.family, services.config, states, rr=services.rr)
     return plan_any(route.family, services.config, states)
+
+
+def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real error inside a nursery's group (the watcher never raises), or the group itself."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else group
 
 
 def _take_usage(ex: Exchange, scanner: SSEScanner | NDJSONScanner) -> None:
@@ -337,8 +354,9 @@ async def _watch_disconnect(receive: Receive, request_scope: trio.CancelScope, e
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            ex.client_gone = True
-            request_scope.cancel()
+            if not ex.finished:  # after the last body message it only means the exchange is over
+                ex.client_gone = True
+                request_scope.cancel()
             return
 
 
@@ -359,10 +377,10 @@ async def _pass_through(send: Send, ex: Exchange, exc: UpstreamStatusError) -> N
         exc.headers, request_id=ex.request_id, upstream_id=exc.upstream.encode(), streamed=False
     )
     headers.append((b"content-length", str(len(exc.body)).encode()))
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": exc.body, "more_body": False})
-    ex.status, ex.response_started, ex.bytes_out = exc.status, True, len(exc.body)
     ex.outcome, ex.error = "upstream_error", exc.message
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    ex.status, ex.response_started = exc.status, True
+    await finish(ex, send, exc.body)
 
 
 async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: TrioproxyError) -> None:
@@ -387,10 +405,10 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
     ]
     if isinstance(exc, NoHealthyUpstream):
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-    ex.status, ex.response_started, ex.bytes_out = status, True, len(body)
     ex.error = exc.message
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    ex.status, ex.response_started = status, True
+    await finish(ex, send, body)
     if ex.outcome == "ok":
         ex.outcome = "rejected" if isinstance(exc, (RequestError, RoutingError)) and status < 500 else "upstream_error"
         if isinstance(exc, UpstreamError) and exc.status_hint == 504:

@@ -18,7 +18,7 @@ from attrs import frozen
 
 from .config import Upstream
 from .errors import RequestError, RoutingError
-from .relay import Send, ndjson_error_line, sse_error_event
+from .relay import Send, finish, ndjson_error_line, sse_error_event
 from .routing import ApiFamily, eligible
 
 if TYPE_CHECKING:
@@ -101,8 +101,8 @@ async def serve_local(route: Route, services: Services, ex: Exchange, send: Send
         (b"x-request-id", ex.request_id),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-    ex.status, ex.response_started, ex.bytes_out = status, True, len(body)
+    ex.status, ex.response_started = status, True
+    await finish(ex, send, body)
 
 
 def readiness(services: Services) -> tuple[int, dict[str, Any]]:

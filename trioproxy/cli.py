@@ -40,7 +40,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import logview, mock
+    from . import logstats, logview, mock
 
     parser = argparse.ArgumentParser(prog="trioproxy", description="A local gateway for LLM traffic, on Trio.")
     parser.add_argument("--version", action="version", version=f"trioproxy {__version__}")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mock.add_arguments(commands.add_parser("mock", help="run a mock upstream (OpenAI and/or Ollama API)"))
     logview.add_tail_arguments(commands.add_parser("tail", help="show the usage log, one line a request"))
-    logview.add_stats_arguments(commands.add_parser("stats", help="summarize the usage log"))
+    logstats.add_stats_arguments(commands.add_parser("stats", help="summarize the usage log"))
     return parser
 
 
@@ -85,9 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return logview.run_tail(args)
         if args.command == "stats":
-            from . import logview
+            from . import logstats
 
-            return logview.run_stats(args)
+            return logstats.run_stats(args)
     except ConfigError as exc:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2

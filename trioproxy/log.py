@@ -24,7 +24,12 @@ class _ToLoguru(logging.Handler):
         logger.opt(exception=record.exc_info).log(level, "{}: {}", record.name, record.getMessage())
 
 
+def _to_stderr(message: str) -> None:
+    sys.stderr.write(message)
+
+
 def setup(level: str = "INFO") -> None:
     logger.remove()
-    logger.add(sys.stderr, level=level.upper(), format=FORMAT, backtrace=False, diagnose=False)
+    # A function sink looks sys.stderr up at each write, so a replaced stderr (pytest) is followed.
+    logger.add(_to_stderr, level=level.upper(), format=FORMAT, backtrace=False, diagnose=False, colorize=sys.stderr.isatty())
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)

@@ -1,4 +1,4 @@
-"""``trioproxy tail`` and ``trioproxy stats``: read the usage log back.
+"""``trioproxy tail``, and reading the usage log back (``trioproxy stats`` is ``logstats``).
 
 The log is every ``usage-YYYYMMDD[-tag][.N].jsonl`` in one directory: one file per worker
 (``tag``) per UTC day, split by size into ``.1``, ``.2``... Reading order: each file in the
@@ -6,8 +6,8 @@ order it was written (the order requests *ended*), files merged by end time
 (``ts + total_ms``), one UTC day at a time so only that day's files are open at once.
 Malformed or partial lines (a crash mid-write, a line being written) are skipped.
 
-``summarize`` and the renderers are sans-IO; the rest is thin file reading. This is a
-plain synchronous CLI: ``--follow`` polls with ``time.sleep``.
+``render_tail_line`` and the small formatters are sans-IO; the rest is thin file reading.
+This is a plain synchronous CLI: ``--follow`` polls with ``time.sleep``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from typing import Any
 import attrs
 from attrs import frozen
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from .telemetry import decode_line
@@ -39,9 +38,6 @@ from .telemetry import decode_line
 DEFAULT_DIR = "logs"
 #: How often --follow looks for new lines: quick enough to feel live, ~free when idle.
 FOLLOW_INTERVAL_S = 0.5
-BY_CHOICES = ("model", "upstream", "outcome", "route", "key_id")
-#: Nearest-rank percentiles reported by stats.
-PERCENTILES = (50, 95, 99)
 
 _FILE_NAME = re.compile(r"usage-(\d{8})(?:-([A-Za-z0-9_-]+))?(?:\.(\d+))?\.jsonl")
 _SINCE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -91,6 +87,22 @@ def parse_ts(value: Any) -> float | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
+
+
+def parse_since(text: str, *, now: float) -> float:
+    """``30m``, ``1h``, ``2d``, ``90s`` ago, or an ISO time (naive = local time) → unix seconds.
+
+    Raises:
+        ValueError: neither form.
+    """
+    m = _SINCE.fullmatch(text.strip())
+    if m:
+        return now - float(m.group(1)) * _UNIT_S[m.group(2)]
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"expected 30m, 1h, 2d or an ISO time, got {text!r}") from None
+    return moment.timestamp()  # a naive time is taken as local, like the times tail prints
 
 
 def _read_file(path: Path, offsets: dict[Path, int], since: float | None) -> Iterator[_Entry]:
@@ -208,7 +220,7 @@ _OUTCOME_STYLE = {
 }
 
 
-def _fmt_ms(value: Any) -> str:
+def fmt_ms(value: Any) -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return "-"
     if value < 1000:
@@ -224,7 +236,7 @@ def _fmt_tokens(rec: dict[str, Any]) -> str:
     return f"{mark}{p if p is not None else '?'}→{c if c is not None else '?'}"
 
 
-def _is_failover(rec: dict[str, Any]) -> bool:
+def is_failover(rec: dict[str, Any]) -> bool:
     attempts = rec.get("attempts") or []
     if len(attempts) < 2 or not isinstance(attempts[0], dict):
         return False
@@ -248,7 +260,7 @@ def render_tail_line(rec: dict[str, Any], *, tz: tzinfo | None = None) -> Text:
     status = status if isinstance(status, int) and not isinstance(status, bool) else 0
     outcome = str(rec.get("outcome") or "?")
     attempts = rec.get("attempts") or []
-    marks = "".join(f" {m}" for m, on in (("hedged", rec.get("hedged") is True), ("failover", _is_failover(rec))) if on)
+    marks = "".join(f" {m}" for m, on in (("hedged", rec.get("hedged") is True), ("failover", is_failover(rec))) if on)
     line = Text()
     line.append(when, "dim")
     line.append(" " + str(rec.get("request_id") or "-")[:8].ljust(8), "cyan")  # short, like a git hash
@@ -256,7 +268,7 @@ def render_tail_line(rec: dict[str, Any], *, tz: tzinfo | None = None) -> Text:
     line.append(" " + _cut(rec.get("upstream"), 10), "blue")
     line.append(" " + outcome.ljust(17), _OUTCOME_STYLE.get(outcome, "bold"))
     line.append(f" {status:>3}" if status else "   -", "red" if status >= 500 else "yellow" if status >= 400 else "")
-    line.append(f" ttft {_fmt_ms(rec.get('ttft_ms')):>5} total {_fmt_ms(rec.get('total_ms')):>5}")
+    line.append(f" ttft {fmt_ms(rec.get('ttft_ms')):>5} total {fmt_ms(rec.get('total_ms')):>5}")
     line.append(f" {_fmt_tokens(rec):>9}")
     line.append(f" ×{len(attempts)}{marks}", "yellow" if marks else "")
     return line
@@ -339,184 +351,4 @@ def run_tail(
                     show(entry)
     except KeyboardInterrupt:  # Ctrl-C is how a follow ends
         pass
-    return 0
-
-
-# --- stats ---------------------------------------------------------------------------------
-
-
-@frozen
-class StatsRow:
-    key: str
-    requests: int
-    errors: int  # outcome != "ok"
-    ttft_p50: float | None
-    ttft_p95: float | None
-    ttft_p99: float | None
-    total_p50: float | None
-    total_p95: float | None
-    total_p99: float | None
-    prompt_tokens: int
-    completion_tokens: int
-    #: Streamed ok requests with tokens: sum(completion_tokens) / sum(total_ms - ttft_ms) s.
-    tokens_per_s: float | None
-    failovers: int
-    hedges: int
-
-
-def percentile(ordered: list[float], p: int) -> float | None:
-    """Nearest-rank percentile of sorted values: an observed value, exact, no interpolation."""
-    if not ordered:
-        return None
-    rank = -(-p * len(ordered) // 100)  # ceil(p/100 * n) in integers: no float rounding
-    return ordered[max(rank, 1) - 1]
-
-
-@attrs.define
-class _Group:
-    requests: int = 0
-    errors: int = 0
-    ttft: list[float] = attrs.field(factory=list)
-    total: list[float] = attrs.field(factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    decode_tokens: int = 0
-    decode_s: float = 0.0
-    failovers: int = 0
-    hedges: int = 0
-
-    def add(self, rec: dict[str, Any]) -> None:
-        self.requests += 1
-        ok = rec.get("outcome") == "ok"
-        self.errors += not ok
-        ttft, total = _number(rec.get("ttft_ms")), _number(rec.get("total_ms"))
-        prompt, completion = _number(rec.get("prompt_tokens")), _number(rec.get("completion_tokens"))
-        if ttft is not None:
-            self.ttft.append(ttft)
-        if total is not None:
-            self.total.append(total)
-        self.prompt_tokens += int(prompt or 0)
-        self.completion_tokens += int(completion or 0)
-        if ok and rec.get("stream") and ttft is not None and total is not None and completion is not None:
-            if total > ttft:
-                self.decode_tokens += int(completion)
-                self.decode_s += (total - ttft) / 1000
-        self.failovers += _is_failover(rec)
-        self.hedges += rec.get("hedged") is True
-
-    def row(self, key: str) -> StatsRow:
-        ttft, total = sorted(self.ttft), sorted(self.total)
-        t50, t95, t99 = (percentile(ttft, p) for p in PERCENTILES)
-        l50, l95, l99 = (percentile(total, p) for p in PERCENTILES)
-        return StatsRow(
-            key, self.requests, self.errors, t50, t95, t99, l50, l95, l99,
-            self.prompt_tokens, self.completion_tokens,
-            self.decode_tokens / self.decode_s if self.decode_s > 0 else None,
-            self.failovers, self.hedges,
-        )
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _group_key(rec: dict[str, Any], by: str) -> str:
-    value = rec.get(by) if by != "model" else rec.get("model_served") or rec.get("model_requested")
-    return "-" if value is None else str(value)
-
-
-def summarize(records: Iterable[dict[str, Any]], *, by: str, total: bool = False) -> list[StatsRow]:
-    """One row per group (most requests first), in one pass; ``total``: add an "(all)" row.
-
-    Latency percentiles are over every record of the group that has the value (errors
-    included: that is what clients waited); TTFT only exists for requests that got a token.
-    """
-    if by not in BY_CHOICES:
-        raise ValueError(f"by must be one of {BY_CHOICES}, got {by!r}")
-    groups: dict[str, _Group] = {}
-    everything = _Group()
-    for rec in records:
-        key = _group_key(rec, by)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = _Group()
-        group.add(rec)
-        if total:
-            everything.add(rec)
-    rows = sorted((g.row(k) for k, g in groups.items()), key=lambda r: (-r.requests, r.key))
-    if total:
-        rows.append(everything.row("(all)"))
-    return rows
-
-
-def _cells_ms(*values: float | None) -> str:
-    return "/".join(_fmt_ms(v) for v in values)
-
-
-def render_stats(rows: list[StatsRow], *, by: str = "model", title: str | None = None) -> Table:
-    """The stats table: one row per group; latencies as p50/p95/p99 (--json: exact ms)."""
-    table = Table(title=title, header_style="bold")
-    table.add_column(by, overflow="fold", min_width=12)
-    for name in ("req", "err", "TTFT\np50/p95/p99", "total\np50/p95/p99",
-                 "prompt\ntok", "compl\ntok", "compl\ntok/s", "fail\nover", "hedged"):
-        table.add_column(name, justify="right", no_wrap=True)
-    last_group = len(rows) - 2 if rows and rows[-1].key == "(all)" else -1
-    for i, r in enumerate(rows):
-        table.add_row(
-            Text(r.key, style="bold" if r.key == "(all)" else ""),
-            str(r.requests),
-            Text(str(r.errors), style="red" if r.errors else ""),
-            _cells_ms(r.ttft_p50, r.ttft_p95, r.ttft_p99),
-            _cells_ms(r.total_p50, r.total_p95, r.total_p99),
-            f"{r.prompt_tokens:,}",
-            f"{r.completion_tokens:,}",
-            "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.1f}",
-            str(r.failovers),
-            str(r.hedges),
-            end_section=i == last_group,  # a rule above the "(all)" row
-        )
-    return table
-
-
-def parse_since(text: str, *, now: float) -> float:
-    """``30m``, ``1h``, ``2d``, ``90s`` ago, or an ISO time (naive = local time) → unix seconds.
-
-    Raises:
-        ValueError: neither form.
-    """
-    m = _SINCE.fullmatch(text.strip())
-    if m:
-        return now - float(m.group(1)) * _UNIT_S[m.group(2)]
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(f"expected 30m, 1h, 2d or an ISO time, got {text!r}") from None
-    return moment.timestamp()  # a naive time is taken as local, like the times tail prints
-
-
-def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dir", default=DEFAULT_DIR, help="usage-log directory (default: %(default)s)")
-    parser.add_argument("--since", metavar="WHEN", help="30m, 1h, 2d, or an ISO time (default: everything)")
-    parser.add_argument("--by", choices=BY_CHOICES, default="model", help="group rows by (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-
-
-def run_stats(args: argparse.Namespace, *, console: Console | None = None, now: float | None = None) -> int:
-    """Print one table row per group of requests (and an "(all)" row)."""
-    console = console or Console(highlight=False)
-    directory = Path(args.dir)
-    if not directory.is_dir():
-        print(f"trioproxy stats: no usage log directory {directory}", file=sys.stderr)
-        return 1
-    try:
-        since = parse_since(args.since, now=time.time() if now is None else now) if args.since else None
-    except ValueError as exc:
-        print(f"trioproxy stats: --since: {exc}", file=sys.stderr)
-        return 2
-    rows = summarize(iter_records(directory, since=since), by=args.by, total=True)
-    if args.json:
-        console.print_json(json.dumps({"by": args.by, "rows": [attrs.asdict(r) for r in rows]}))
-    else:
-        when = f" since {args.since}" if args.since else ""
-        console.print(render_stats(rows, by=args.by, title=f"trioproxy usage by {args.by}{when} ({directory})"))
     return 0

@@ -44,6 +44,7 @@ class Exchange(Protocol):
     outcome: str
     error: str | None
     response_started: bool
+    finished: bool
     ttft_ms: float | None
     bytes_out: int
     first_content_index: int | None
@@ -79,7 +80,7 @@ async def relay_stream(
     async with trio.open_nursery() as relay:
         relay.start_soon(pump, ex, winner, chunks_send, scanner, usage_filter, error_line)
         await deliver(ex, chunks_recv, send)
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await finish(ex, send)
 
 
 async def pump(
@@ -146,9 +147,20 @@ async def relay_whole(ex: Exchange, winner: Winner, send: Send, *, max_bytes: in
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     ex.status = response.status
     ex.response_started = True
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-    ex.bytes_out = len(body)
+    await finish(ex, send, body)
     return body
+
+
+async def finish(ex: Exchange, send: Send, body: bytes = b"") -> None:
+    """Send the last body message.
+
+    Hypercorn reacts to it by queueing ``http.disconnect`` for the app at once,
+    while this very ``send`` is still running; ``ex.finished`` is set first so the
+    disconnect watcher knows that one means "done", not "client gone".
+    """
+    ex.finished = True
+    ex.bytes_out += len(body)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def facts_from_body(body: bytes) -> tuple[int | None, int | None, str | None]:

@@ -5,7 +5,7 @@
     main(config)
     └─ async with httpx.AsyncClient() as http           probes and model discovery; closes last
        └─ root nursery
-          ├─ telemetry.run_writer(records_recv, ...)     drains until records_send is closed
+          ├─ usagelog.run_writer(records_recv, ...)      drains until records_send is closed
           └─ [body] async with records_send:            closing it is the writer's stop signal
              └─ service nursery
                 ├─ mock.serve_mock(...) × embedded mock  (the demo profile's upstreams)
@@ -45,7 +45,8 @@ from .health import HealthBoard, run_checker
 from .mock import MockSettings, serve_mock
 from .pool import ConnectionPool
 from .services import Services
-from .telemetry import Record, TelemetrySink, run_writer
+from .telemetry import Record, TelemetrySink
+from .usagelog import run_writer
 from .upstream import UpstreamRuntime
 
 #: Hypercorn closes keep-alive client connections after this many requests by default (1,000); a proxy should not.
@@ -57,7 +58,10 @@ class RunningServer:
     """What ``main`` reports once it listens (tests and the CLI use it)."""
 
     binds: list[str]
+    #: Set it to shut down gracefully (what SIGINT/SIGTERM do).
     shutdown: trio.Event
+    #: Set once everything has stopped and every queued usage record is written.
+    stopped: trio.Event
     services: Services
 
     @property
@@ -117,7 +121,7 @@ async def start_embedded_mocks(config: Config, nursery: trio.Nursery) -> Config:
 
 async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the gateway until SIGINT/SIGTERM (or ``RunningServer.shutdown`` is set)."""
-    shutdown = trio.Event()
+    shutdown, stopped = trio.Event(), trio.Event()
     records_send, records_recv = trio.open_memory_channel[Record](config.telemetry.queue_capacity)
     sink = TelemetrySink(records_send)
     runtimes: dict[str, UpstreamRuntime] = {}
@@ -125,7 +129,8 @@ async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = 
         async with httpx.AsyncClient() as http:
             async with trio.open_nursery() as root:
                 if config.telemetry.enabled:
-                    root.start_soon(partial(run_writer, records_recv, sink, config.telemetry, file_tag=_file_tag(config)))
+                    writer = partial(run_writer, records_recv, sink, config.telemetry, file_tag=_file_tag(config))
+                    root.start_soon(writer)
                 else:
                     root.start_soon(_discard, records_recv)
                 async with records_send:
@@ -154,14 +159,22 @@ async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = 
 
                         binds = await service.start(serve)
                         logger.info("trioproxy listening on {} (profile {})", ", ".join(binds), config.source)
-                        task_status.started(RunningServer(binds=binds, shutdown=shutdown, services=services))
+                        task_status.started(
+                            RunningServer(binds=binds, shutdown=shutdown, stopped=stopped, services=services)
+                        )
                 logger.info("stopped serving; writing the last usage records")
     finally:
-        for runtime in runtimes.values():
-            await runtime.pool.aclose()
+        with trio.CancelScope(shield=True):
+            for runtime in runtimes.values():
+                await runtime.pool.aclose()
+        stopped.set()
     stats = sink.statistics()
     logger.info(
-        "usage records: {} submitted, {} written, {} dropped, {} lost", stats.submitted, stats.written, stats.dropped, stats.lost
+        "usage records: {} submitted, {} written, {} dropped, {} lost",
+        stats.submitted,
+        stats.written,
+        stats.dropped,
+        stats.lost,
     )
 
 

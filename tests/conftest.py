@@ -1,0 +1,72 @@
+"""Shared fixtures: the real mock upstream and the real gateway, on ephemeral loopback ports.
+
+End-to-end tests run with the real clock (real I/O makes the autojump clock
+jump falsely); they never wait on time, only on events, and every one is
+bounded with ``trio.fail_after`` so a deadlock fails instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from trioproxy import server
+from trioproxy.config import load_config
+from trioproxy.mock import MockSettings, MockUpstream, serve_mock
+from trioproxy.server import RunningServer
+
+StartMock = Callable[..., Awaitable[MockUpstream]]
+StartGateway = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+async def start_mock(nursery: trio.Nursery) -> StartMock:
+    """``await start_mock(tokens=3, ...)`` → a running ``MockUpstream`` (settings as keywords)."""
+
+    async def start(**settings: Any) -> MockUpstream:
+        mock: MockUpstream = await nursery.start(partial(serve_mock, MockSettings(**settings)))
+        return mock
+
+    return start
+
+
+def upstream_toml(uid: str, url: str, *, kind: str = "openai", models: str = '["*"]', extra: str = "") -> str:
+    return f'[[upstreams]]\nid = "{uid}"\nkind = "{kind}"\nbase_url = "{url}"\nmodels = {models}\n{extra}\n'
+
+
+@pytest.fixture
+async def start_gateway(nursery: trio.Nursery, tmp_path: Path) -> StartGateway:
+    """``await start_gateway(profile_toml)`` → a running gateway on 127.0.0.1:0, logging under tmp_path."""
+
+    async def start(profile: str) -> RunningServer:
+        config = load_config(profile, source="test-profile")
+        config = attrs.evolve(
+            config,
+            server=attrs.evolve(config.server, host="127.0.0.1", port=0),
+            telemetry=attrs.evolve(config.telemetry, dir=str(tmp_path / "logs")),
+        )
+        running: RunningServer = await nursery.start(server.main, config)
+        return running
+
+    return start
+
+
+async def stop(running: RunningServer) -> None:
+    """Graceful shutdown, as SIGTERM does it; returns once every record is written."""
+    running.shutdown.set()
+    await running.stopped.wait()
+
+
+def read_records(running: RunningServer) -> list[dict[str, Any]]:
+    directory = Path(running.services.config.telemetry.dir)
+    records = []
+    for path in sorted(directory.glob("usage-*.jsonl")):
+        records.extend(json.loads(line) for line in path.read_text().splitlines())
+    return records

@@ -1,0 +1,273 @@
+"""End to end: real Hypercorn, real sockets, real clients (openai SDK, ollama, httpx) against the mock."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import pytest
+import trio
+
+from .conftest import StartGateway, StartMock, read_records, stop, upstream_toml
+
+CHAT = {"model": "mock-llama", "messages": [{"role": "user", "content": "say hello to the gateway"}]}
+
+
+def strip_ids(stream: bytes) -> bytes:
+    """Ids and timestamps differ between two answers of the mock; the rest must not."""
+    stream = re.sub(rb'"id":"[^"]*"', b'"id":"X"', stream)
+    return re.sub(rb'"created":\d+', b'"created":0', stream)
+
+
+async def test_openai_sdk_streaming_and_not(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(tokens=5, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}"))
+        direct = openai.OpenAI(base_url=f"http://127.0.0.1:{mock.port}/v1", api_key="unused", max_retries=0)
+        through = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+
+        def chat(client: openai.OpenAI) -> tuple[str, Any]:
+            stream = client.chat.completions.create(**CHAT, stream=True)  # type: ignore[call-overload]
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            whole = client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+            return text, whole
+
+        direct_text, direct_whole = await trio.to_thread.run_sync(chat, direct)
+        text, whole = await trio.to_thread.run_sync(chat, through)
+        assert text and text == direct_text
+        assert whole.choices[0].message.content == direct_whole.choices[0].message.content == text
+        assert whole.usage is not None and whole.usage.completion_tokens == 5
+        assert whole.model == "mock-llama"
+        await stop(gw)
+    records = read_records(gw)
+    assert [r["stream"] for r in records] == [True, False]
+    assert all(r["outcome"] == "ok" and r["upstream"] == "m" for r in records)
+    assert records[0]["completion_tokens"] == 5 and records[0]["token_source"] == "upstream"
+    assert records[0]["ttft_ms"] is not None and records[0]["finish_reason"] == "stop"
+
+
+async def test_ollama_client_through_the_gateway(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(kind="ollama", models=("mock-llama",), tokens=4, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("o", f"http://127.0.0.1:{mock.port}", kind="ollama"))
+        client = ollama.Client(host=gw.url)
+
+        def use() -> dict[str, Any]:
+            streamed = "".join(
+                part["message"]["content"]
+                for part in client.chat(model="mock-llama", messages=[{"role": "user", "content": "hi"}], stream=True)
+            )
+            whole = client.chat(model="mock-llama", messages=[{"role": "user", "content": "hi"}])
+            generated = client.generate(model="mock-llama", prompt="hi")
+            embedded = client.embed(model="mock-llama", input=["a", "b"])
+            listed = client.list()
+            shown = client.show("mock-llama")
+            version = httpx.get(f"{gw.url}/api/version").json()
+            return {
+                "version": version,
+                "streamed": streamed,
+                "whole": whole.message.content,
+                "generated": generated.response,
+                "eval_count": whole.eval_count,
+                "embeddings": len(embedded.embeddings),
+                "models": [m.model for m in listed.models],
+                "shown": shown.details.family if shown.details else None,
+            }
+
+        result = await trio.to_thread.run_sync(use)
+    assert result["streamed"] and result["streamed"] == result["whole"] == result["generated"]
+    assert result["eval_count"] == 4
+    assert result["embeddings"] == 2
+    assert result["models"] == ["mock-llama:latest"]
+    assert result["shown"]
+    assert result["version"] == {"version": "0.12.6"}
+
+
+async def test_usage_injection_is_invisible_to_the_client(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    """A client that did not ask for usage gets exactly the upstream's stream without it; the record has tokens."""
+    with trio.fail_after(30):
+        mock = await start_mock(tokens=6, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}"))
+        body = {**CHAT, "stream": True}
+        async with httpx.AsyncClient() as client:
+            direct = await client.post(f"http://127.0.0.1:{mock.port}/v1/chat/completions", json=body)
+            through = await client.post(f"{gw.url}/v1/chat/completions", json=body)
+        forwarded = mock.requests[-1]
+        assert json.loads(forwarded.body)["stream_options"] == {"include_usage": True}
+        assert b'"usage"' not in through.content
+        assert strip_ids(through.content) == strip_ids(direct.content)
+        assert through.headers["content-type"].startswith("text/event-stream")
+        assert through.headers["cache-control"] == "no-cache" and through.headers["x-accel-buffering"] == "no"
+        await stop(gw)
+    (record,) = read_records(gw)
+    assert record["completion_tokens"] == 6 and record["token_source"] == "upstream"
+    assert record["request_id"] == through.headers["x-request-id"]
+
+
+async def test_client_disconnect_mid_stream_closes_the_upstream(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(tokens=10_000, token_delay_ms=5, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}"))
+        async with httpx.AsyncClient() as client:
+            async with client.stream("POST", f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                async for chunk in r.aiter_bytes():
+                    if b"content" in chunk:
+                        break
+        await mock.wait_disconnects(1)
+        await stop(gw)
+    (record,) = read_records(gw)
+    assert record["outcome"] == "client_disconnect"
+    assert 0 < record["bytes_out"]
+    assert mock.statistics().in_progress == 0
+
+
+ERROR_CASES = [
+    # (what, request kwargs, status, code)
+    ("malformed JSON", {"content": b"{not json"}, 400, None),
+    ("not an object", {"json": [1, 2]}, 400, None),
+    ("missing model", {"json": {"messages": []}}, 400, None),
+    ("model of wrong type", {"json": {"model": 7}}, 400, None),
+    ("stream of wrong type", {"json": {"model": "mock-llama", "stream": "yes"}}, 400, None),
+    ("unknown model", {"json": {"model": "gpt-9", "messages": []}}, 404, "model_not_found"),
+    ("invalid UTF-8", {"content": b'{"model": "\xff\xfe"}'}, 400, None),
+    ("deeply nested", {"content": b"[" * 100_000 + b"]" * 100_000}, 400, None),
+]
+
+
+@pytest.mark.parametrize(("what", "kwargs", "status", "code"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+async def test_bad_requests_get_openai_errors(
+    start_mock: StartMock, start_gateway: StartGateway, what: str, kwargs: dict[str, Any], status: int, code: str | None
+) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(models=("mock-llama",))
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}", models='["mock-llama"]')
+            + "[server]\nmax_body_bytes = 1000000\n"
+        )
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"{gw.url}/v1/chat/completions", **kwargs)
+        await stop(gw)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code and error["message"]
+    assert "Traceback" not in r.text
+    (record,) = read_records(gw)
+    assert record["outcome"] == "rejected" and record["status"] == status
+    assert mock.statistics().by_path.get("/v1/chat/completions", 0) == 0
+
+
+async def test_routes_and_limits(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(kind="ollama")
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}", kind="ollama") + "[server]\nmax_body_bytes = 100\n"
+        )
+        async with httpx.AsyncClient() as client:
+            unknown = await client.get(f"{gw.url}/v1/nothing")
+            wrong_method = await client.get(f"{gw.url}/v1/chat/completions")
+            too_big = await client.post(f"{gw.url}/v1/chat/completions", content=b"x" * 101)
+            too_big_chunked = await client.post(
+                f"{gw.url}/v1/chat/completions", content=_chunks(b"x" * 60, b"y" * 60)
+            )
+            ollama_missing = await client.post(f"{gw.url}/api/chat", json={"model": "nope"})
+            healthz = await client.get(f"{gw.url}/healthz")
+            readyz = await client.get(f"{gw.url}/readyz")
+        await stop(gw)
+    assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "Invalid URL (GET /v1/nothing)"
+    assert wrong_method.status_code == 405
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+    assert too_big_chunked.status_code == 413
+    # Native routes answer in Ollama's own error shape.
+    assert ollama_missing.status_code == 404 and isinstance(ollama_missing.json()["error"], str)
+    assert healthz.json() == {"status": "ok"}
+    assert readyz.status_code == 200 and readyz.json()["upstreams"]["m"]["usable"] is True
+    assert len(read_records(gw)) == 7
+
+
+async def _chunks(*parts: bytes) -> Any:
+    for part in parts:
+        yield part
+
+
+async def test_upstream_failures_map_to_clear_errors(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    """Down → 503 + Retry-After; silent → 504; an error status with nowhere to fail over → passed through."""
+    from trioproxy.mock import FaultPlan
+
+    with trio.fail_after(30):
+        refusing = await start_mock(refuse=True)
+        hanging = await start_mock(fault=FaultPlan(kind="hang"))
+        failing = await start_mock(fault=FaultPlan(kind="status", status=500))
+        fast_timeouts = "[upstreams.timeouts]\nfirst_byte_ms = 300\n"
+        gw = await start_gateway(
+            upstream_toml("down", f"http://127.0.0.1:{refusing.port}", models='["down-model"]')
+            + upstream_toml("silent", f"http://127.0.0.1:{hanging.port}", models='["slow-model"]', extra=fast_timeouts)
+            + upstream_toml("broken", f"http://127.0.0.1:{failing.port}", models='["broken-model"]')
+        )
+        async with httpx.AsyncClient() as client:
+            down = await client.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "model": "down-model"})
+            silent = await client.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "model": "slow-model"})
+            broken = await client.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "model": "broken-model"})
+        await hanging.wait_disconnects(1)
+        await stop(gw)
+    assert down.status_code == 503 and down.headers["retry-after"]
+    assert down.json()["error"]["code"] == "no_healthy_upstream"
+    assert silent.status_code == 504 and silent.json()["error"]["type"] == "timeout"
+    assert broken.status_code == 500 and broken.headers["x-trioproxy-upstream"] == "broken"
+    records = {r["model_requested"]: r for r in read_records(gw)}
+    assert records["down-model"]["attempts"][0]["outcome"] == "connect_error"
+    assert records["slow-model"]["outcome"] == "timeout"
+    assert records["broken-model"]["outcome"] == "upstream_error" and records["broken-model"]["status"] == 500
+
+
+async def test_failover_to_the_next_upstream(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    from trioproxy.mock import FaultPlan
+
+    with trio.fail_after(30):
+        primary = await start_mock(fault=FaultPlan(kind="status", status=503))
+        fallback = await start_mock(tokens=3, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(
+            upstream_toml("primary", f"http://127.0.0.1:{primary.port}", extra="priority = 0")
+            + upstream_toml("fallback", f"http://127.0.0.1:{fallback.port}", extra="priority = 1")
+        )
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": True})
+        await stop(gw)
+    assert r.status_code == 200 and r.headers["x-trioproxy-upstream"] == "fallback"
+    assert r.content.endswith(b"data: [DONE]\n\n")
+    (record,) = read_records(gw)
+    assert [(a["upstream"], a["outcome"], a["status"]) for a in record["attempts"]] == [
+        ("primary", "status", 503),
+        ("fallback", "ok", 200),
+    ]
+
+
+async def test_mid_stream_cut_ends_with_an_error_event(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    from trioproxy.mock import FaultPlan
+
+    with trio.fail_after(30):
+        mock = await start_mock(tokens=10, token_delay_ms=0, ttft_ms=0, fault=FaultPlan(kind="cut", cut_after_tokens=2))
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}"))
+
+        def consume() -> tuple[str, Exception | None]:
+            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+            text = ""
+            try:
+                for chunk in client.chat.completions.create(**CHAT, stream=True):  # type: ignore[call-overload]
+                    text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+            except openai.APIError as exc:
+                return text, exc
+            return text, None
+
+        text, error = await trio.to_thread.run_sync(consume)
+        await stop(gw)
+    assert text, "the tokens sent before the cut reach the client"
+    assert error is not None and "incomplete" in str(error)
+    (record,) = read_records(gw)
+    assert record["outcome"] == "upstream_error" and record["bytes_out"] > 0

@@ -1,0 +1,347 @@
+"""usagelog: the JSONL writer (batching, rotation, reopening, disk-error retries, shutdown)."""
+
+from __future__ import annotations
+
+import calendar
+import errno
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from loguru import logger
+
+from trioproxy import usagelog
+from trioproxy.config import Telemetry
+from trioproxy.telemetry import AttemptRecord, Record, TelemetrySink, encode_record, open_telemetry
+from trioproxy.usagelog import run_writer
+
+T0 = calendar.timegm((2026, 11, 24, 6, 0, 0)) + 0.123  # 2026-11-24T06:00:00.123Z
+DAY = 86_400.0
+
+
+def record(i: int = 0, **changes: Any) -> Record:
+    base = Record(
+        request_id=f"req-{i:06d}",
+        ts=T0 + i,
+        route="/v1/chat/completions",
+        method="POST",
+        model_requested="llama3",
+        model_served="llama3:8b",
+        upstream="ollama-a",
+        attempts=(AttemptRecord("ollama-a", "llama3:8b", "ok", 200, 12.3456),),
+        status=200,
+        stream=True,
+        ttft_ms=120.0,
+        total_ms=1520.5,
+        bytes_in=512,
+        bytes_out=20480,
+        prompt_tokens=12,
+        completion_tokens=345,
+        token_source="upstream",
+        finish_reason="stop",
+        worker=4242,
+    )
+    return attrs.evolve(base, **changes)
+
+
+# --- the writer ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def inline_io(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the writer's file work on the Trio thread: the MockClock cannot jump during a write."""
+
+    async def inline(fn: Callable[..., Any], *args: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(usagelog, "_offload", inline)
+
+
+def config(tmp_path: Path, **changes: Any) -> Telemetry:
+    return attrs.evolve(Telemetry(dir=str(tmp_path / "logs"), queue_capacity=10_000, batch_max=100, flush_ms=200), **changes)
+
+
+@asynccontextmanager
+async def writing(cfg: Telemetry, **kwargs: Any) -> AsyncIterator[TelemetrySink]:
+    """A running writer; leaving the block closes the sink and waits for the drain."""
+    sink, records_recv = open_telemetry(cfg)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: run_writer(records_recv, sink, cfg, task_status=task_status, **kwargs))
+        async with sink:
+            yield sink
+
+
+def lines_of(directory: Path) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for p in sorted(directory.iterdir()):
+        raw = p.read_bytes()
+        assert raw.endswith(b"\n")
+        out[p.name] = [json.loads(line) for line in raw.splitlines()]
+    return out
+
+
+def ids(rows: list[dict[str, Any]]) -> list[str]:
+    return [r["request_id"] for r in rows]
+
+
+def accounted(sink: TelemetrySink) -> bool:
+    s = sink.statistics()
+    return s.submitted == s.written + s.lost + s.dropped + s.queued + s.in_flight
+
+
+async def test_writer_writes_every_record_submitted_before_close(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(60):
+        async with writing(config(tmp_path)) as sink:
+            for i in range(2_500):
+                sink.submit(record(i))
+        stats = sink.statistics()
+    assert (stats.submitted, stats.written, stats.dropped, stats.lost, stats.batches) == (2_500, 2_500, 0, 0, 25)
+    files = lines_of(tmp_path / "logs")
+    assert list(files) == ["usage-20261124.jsonl"]
+    assert ids(files["usage-20261124.jsonl"]) == [f"req-{i:06d}" for i in range(2_500)]
+    assert stats.current_file == str(tmp_path / "logs" / "usage-20261124.jsonl")
+    assert trio.current_time() == 0  # closing the channel ends the flush wait: no delay
+
+
+async def test_batches_respect_batch_max_and_flush_ms(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(60):
+        async with writing(config(tmp_path, batch_max=3, flush_ms=200), now=lambda: T0) as sink:
+            for i in range(7):
+                sink.submit(record(i))
+            await trio.testing.wait_all_tasks_blocked()
+            # Two full batches go at once; the 7th waits for company until flush_ms.
+            assert (sink.statistics().batches, sink.statistics().written, sink.statistics().in_flight) == (2, 6, 1)
+            await trio.sleep(0.199)
+            assert sink.statistics().batches == 2
+            await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (sink.statistics().batches, sink.statistics().written) == (3, 7)
+            # A lone record that gets company within flush_ms shares its batch.
+            sink.submit(record(7))
+            await trio.sleep(0.1)
+            sink.submit(record(8))
+            await trio.testing.wait_all_tasks_blocked()
+            assert sink.statistics().batches == 3
+            await trio.sleep(0.1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (sink.statistics().batches, sink.statistics().written) == (4, 9)
+            assert trio.current_time() == pytest.approx(0.4)
+
+
+async def test_rotation_by_size_keeps_files_under_the_limit(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    size = len(encode_record(record(0)))
+    cfg = config(tmp_path, rotate_bytes=3 * size, batch_max=2)
+    with trio.fail_after(60):
+        async with writing(cfg, now=lambda: T0) as sink:
+            for i in range(10):
+                sink.submit(record(i))
+        # A restart on the same day continues the newest file.
+        async with writing(cfg, now=lambda: T0) as sink:
+            sink.submit(record(10))
+    files = lines_of(tmp_path / "logs")
+    # batches of 2 (10 and 11 are 2 each): [0,1] [2,3] [4,5] [6,7] [8,9] [10]
+    assert {name: ids(rows) for name, rows in files.items()} == {
+        "usage-20261124.jsonl": ["req-000000", "req-000001"],
+        "usage-20261124.1.jsonl": ["req-000002", "req-000003"],
+        "usage-20261124.2.jsonl": ["req-000004", "req-000005"],
+        "usage-20261124.3.jsonl": ["req-000006", "req-000007"],
+        "usage-20261124.4.jsonl": ["req-000008", "req-000009", "req-000010"],
+    }
+    assert all(p.stat().st_size <= 3 * size for p in (tmp_path / "logs").iterdir())
+
+
+async def test_rotation_by_utc_date_and_file_tag(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    clock = [T0]
+    with trio.fail_after(60):
+        async with writing(config(tmp_path, batch_max=1), file_tag="4242", now=lambda: clock[0]) as sink:
+            sink.submit(record(0))
+            await trio.testing.wait_all_tasks_blocked()
+            clock[0] = T0 + DAY
+            sink.submit(record(1))
+            await trio.testing.wait_all_tasks_blocked()
+            clock[0] = T0 + 2 * DAY
+            sink.submit(record(2))
+    assert {name: ids(rows) for name, rows in lines_of(tmp_path / "logs").items()} == {
+        "usage-20261124-4242.jsonl": ["req-000000"],
+        "usage-20261125-4242.jsonl": ["req-000001"],
+        "usage-20261126-4242.jsonl": ["req-000002"],
+    }
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    lines: list[str] = []
+    handler = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{level} {message}")
+    yield lines
+    logger.remove(handler)
+
+
+def failing_writes(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[float]:
+    """Make the next ``failures`` file writes raise ENOSPC; returns the times of every try."""
+    real = usagelog._write_all
+    tries: list[float] = []
+
+    def write_all(fd: int, data: bytes) -> None:
+        tries.append(trio.current_time())
+        if len(tries) <= failures:
+            os.write(fd, data[: len(data) // 2])  # a partial write, as a full disk does
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(usagelog, "_write_all", write_all)
+    return tries
+
+
+async def test_write_errors_are_retried_with_backoff_then_recover(
+    tmp_path: Path, inline_io: None, monkeypatch: pytest.MonkeyPatch, log_lines: list[str],
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tries = failing_writes(monkeypatch, failures=3)
+    with trio.fail_after(60):
+        async with writing(config(tmp_path), now=lambda: T0) as sink:
+            for i in range(10):
+                sink.submit(record(i))
+        stats = sink.statistics()
+    assert tries == pytest.approx([0.0, 0.1, 0.3, 0.7])
+    assert (stats.written, stats.lost, stats.write_errors, stats.batches) == (10, 0, 3, 1)
+    # The partial writes were cut back: exactly the 10 records, each once, no broken line.
+    assert ids(lines_of(tmp_path / "logs")["usage-20261124.jsonl"]) == [f"req-{i:06d}" for i in range(10)]
+    errors = [line for line in log_lines if "cannot write" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0]  # once per kind per minute
+    assert any("writing again" in line for line in log_lines)
+
+
+async def test_a_batch_is_given_up_after_write_tries_and_counted_lost(
+    tmp_path: Path, inline_io: None, monkeypatch: pytest.MonkeyPatch, log_lines: list[str],
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tries = failing_writes(monkeypatch, failures=usagelog.WRITE_TRIES)
+    with trio.fail_after(60):
+        async with writing(config(tmp_path, batch_max=4), now=lambda: T0) as sink:
+            for i in range(4):
+                sink.submit(record(i))
+            await trio.testing.wait_all_tasks_blocked()
+            assert sink.statistics().in_flight == 4 and accounted(sink)
+            await trio.sleep(1.5)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (sink.statistics().lost, sink.statistics().in_flight) == (4, 0)
+            sink.submit(record(4))
+        stats = sink.statistics()
+    assert tries == pytest.approx([0.0, 0.1, 0.3, 0.7, 1.5, 1.5])  # the next batch goes at once
+    assert (stats.submitted, stats.written, stats.lost, stats.write_errors) == (5, 1, 4, 5)
+    assert ids(lines_of(tmp_path / "logs")["usage-20261124.jsonl"]) == ["req-000004"]
+    assert sum("gave up" in line for line in log_lines) == 1
+
+
+async def test_a_stuck_write_never_blocks_submit_and_the_excess_is_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_lines: list[str], autojump_clock: trio.testing.MockClock
+) -> None:
+    release = trio.Event()
+
+    async def stuck_then_inline(fn: Callable[..., Any], *args: Any) -> Any:
+        await release.wait()  # a write that does not return until the test says so
+        return fn(*args)
+
+    monkeypatch.setattr(usagelog, "_offload", stuck_then_inline)
+    with trio.fail_after(60):
+        async with writing(config(tmp_path, queue_capacity=10, batch_max=4), now=lambda: T0) as sink:
+            sink.submit(record(0))
+            await trio.sleep(1)  # the writer has it and is stuck in the write
+            start = trio.current_time()
+            for i in range(1, 101):
+                sink.submit(record(i))  # sync, never a checkpoint: nothing else runs meanwhile
+            assert trio.current_time() == start
+            stats = sink.statistics()
+            assert (stats.submitted, stats.written, stats.in_flight, stats.queued, stats.dropped) == (101, 0, 1, 10, 90)
+            assert accounted(sink)
+            release.set()
+        stats = sink.statistics()
+    assert (stats.written, stats.dropped, stats.lost) == (11, 90, 0)
+    assert stats.submitted == stats.written + stats.dropped
+    assert ids(lines_of(tmp_path / "logs")["usage-20261124.jsonl"]) == [f"req-{i:06d}" for i in range(11)]
+    assert any("90 records dropped" in line for line in log_lines)
+
+
+async def test_the_directory_deleted_under_the_writer_is_recreated(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(60):
+        async with writing(config(tmp_path), now=lambda: T0) as sink:
+            sink.submit(record(0))
+            await trio.sleep(1)
+            assert sink.statistics().written == 1
+            shutil.rmtree(tmp_path / "logs")
+            sink.submit(record(1))
+        stats = sink.statistics()
+    assert (stats.written, stats.lost, stats.write_errors) == (2, 0, 0)
+    assert ids(lines_of(tmp_path / "logs")["usage-20261124.jsonl"]) == ["req-000001"]
+
+
+async def test_an_unwritable_directory_is_retried_until_it_can_be_created(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the directory should be")
+    with trio.fail_after(60):
+        async with writing(config(tmp_path, batch_max=1), now=lambda: T0) as sink:
+            sink.submit(record(0))
+            await trio.sleep(0.2)  # tries at 0 and 0.1 failed (FileExistsError/NotADirectoryError)
+            assert sink.statistics().write_errors == 2
+            blocker.unlink()
+        stats = sink.statistics()
+    assert (stats.written, stats.write_errors) == (1, 2)
+    assert trio.current_time() == pytest.approx(0.3)
+
+
+async def test_a_cancelled_writer_makes_one_last_write_of_what_is_queued(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    cfg = config(tmp_path, batch_max=2, flush_ms=10_000)
+    sink, records_recv = open_telemetry(cfg)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: run_writer(records_recv, sink, cfg, now=lambda: T0, task_status=task_status))
+            sink.submit(record(0))  # taken, the writer waits flush_ms for a second one
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+            for i in range(1, 4):
+                sink.submit(record(i))  # still queued when the cancellation lands
+    stats = sink.statistics()
+    assert (stats.written, stats.lost, stats.queued, stats.in_flight) == (4, 0, 0, 0)
+    sink.submit(record(9))  # after the writer is gone: dropped, not an error
+    assert sink.statistics().dropped == 1
+
+
+@pytest.fixture
+def real_io_clock() -> trio.testing.MockClock:
+    """Virtual time that only jumps after 1 s of real idleness: real threads cannot cause false jumps."""
+    return trio.testing.MockClock(autojump_threshold=1.0)
+
+
+async def test_the_writer_through_real_worker_threads(tmp_path: Path, real_io_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(60):
+        async with writing(config(tmp_path, batch_max=64), file_tag="w/1.x") as sink:
+            for i in range(1_000):
+                sink.submit(record(i))
+        stats = sink.statistics()
+    assert (stats.written, stats.batches) == (1_000, 16)
+    [(name, rows)] = lines_of(tmp_path / "logs").items()
+    assert name.endswith("-w_1_x.jsonl")  # the tag is made safe for a file name
+    assert ids(rows) == [f"req-{i:06d}" for i in range(1_000)]

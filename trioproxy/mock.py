@@ -1,0 +1,526 @@
+"""``trioproxy mock``: a stand-in for Ollama and vLLM, served straight from trio sockets.
+
+Operators and the benchmark use it in place of a real model server, and it is the
+upstream of every integration test, so it is exact on the wire (``mockwire.py``
+builds every byte), fast (no HTTP framework: a hand-written parser, byte templates,
+one socket write per event) and deterministic (fixed token text, counted faults,
+seeded fault rates; see ``mockwire``'s docstring for the token and prompt counts).
+
+Faults (``FaultPlan`` for the run, ``x-mock-fault`` per request):
+
+- ``status``: an error body in the route's format; ``Retry-After`` with 429 and 503.
+- ``reset``: read the request, then close with ``SO_LINGER`` 0: the client sees a RST.
+- ``hang``: read the request, answer nothing until the client goes away (a disconnect).
+- ``cut``: headers and ``cut_after_tokens`` content tokens (a non-streamed answer: half
+  its body), then close without ending the body.
+- ``garbage``: bytes that are not HTTP, then close.
+- ``refuse`` (``MockSettings.refuse``): the port is bound but never listened on.
+
+Task tree::
+
+    serve_mock
+    └─ connections nursery
+       └─ _serve_connection × N                   owns its socket; requests in order
+          └─ response nursery (waiting answers only: streams, ttft > 0, cut)
+             ├─ _wait_eof: EOF or reset → cancel the response, count a disconnect
+             └─ [body] _emit: events on schedule (absolute deadlines: no drift)
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import errno
+import math
+import random
+import signal
+import struct
+import sys
+import time
+from collections import deque
+from functools import partial
+from typing import Literal
+
+import attrs
+import trio
+from attrs import field, frozen
+from attrs.validators import ge, in_, le
+
+from .config import MockConfig, MockKind
+from .mockwire import (
+    CONTINUE,
+    Generation,
+    GenerationRenderer,
+    ParseError,
+    Request,
+    RequestParser,
+    Static,
+    Timings,
+    error_format,
+    error_reply,
+    parse_overrides,
+    plan_reply,
+    response_head,
+    rfc3339,
+)
+
+FaultKind = Literal["status", "reset", "hang", "cut", "garbage"]
+FAULT_KINDS: tuple[FaultKind, ...] = ("status", "reset", "hang", "cut", "garbage")
+
+#: Requests kept for tests to inspect; bounded so a benchmark run cannot grow memory.
+RECORDED_REQUESTS = 1000
+#: Distinct paths counted in ``by_path``; more land in "<other>" (a scanner cannot grow memory).
+MAX_PATHS = 256
+#: One recv reads a typical request whole; large bodies arrive in few reads.
+RECV_BYTES = 65536
+#: Benchmarks open hundreds of connections at once.
+BACKLOG = 1024
+#: Pipelined bytes read ahead while a response is written; past it we stop reading (backpressure).
+MAX_READ_AHEAD = 1024 * 1024
+#: After a malformed request: time for the client to stop sending, so our close is not a RST.
+ERROR_LINGER_S = 1.0
+#: Not HTTP: a NUL first, so every HTTP client's parser rejects it at once.
+GARBAGE = b"\x00\x17garbage\r\n\r\n"
+#: accept() errors that mean "out of resources": wait and retry, as trio.serve_listeners does.
+ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: How long to back off after such an error.
+ACCEPT_RETRY_S = 0.1
+
+
+def _finite_non_negative(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{attribute.name} must be a finite number >= 0, not {value!r}")
+
+
+@frozen
+class FaultPlan:
+    """Which requests of a run get a fault, and which fault.
+
+    ``every`` > 0: requests number ``every``, ``2*every``... (1-based, counted over
+    every request this mock serves). ``rate`` > 0: each request with that probability,
+    drawn from ``random.Random(seed)`` once per request in arrival order. Neither:
+    every request. ``every`` and ``rate`` are exclusive.
+    """
+
+    kind: FaultKind = field(validator=in_(FAULT_KINDS))
+    status: int = field(default=503, validator=[ge(400), le(599)])
+    retry_after_s: int = field(default=1, validator=ge(0))
+    every: int = field(default=0, validator=ge(0))
+    rate: float = field(default=0.0, validator=[ge(0.0), le(1.0)])
+    seed: int = 0
+    cut_after_tokens: int = field(default=2, validator=ge(0))
+
+    def __attrs_post_init__(self) -> None:
+        if self.every and self.rate:
+            raise ValueError("FaultPlan: give every or rate, not both")
+
+
+@frozen
+class MockSettings:
+    """Everything a mock run needs; ``"*"`` in ``models`` accepts any model name."""
+
+    kind: MockKind = field(default="both", validator=in_(("openai", "ollama", "both")))
+    models: tuple[str, ...] = ("mock-llama",)
+    tokens: int = field(default=16, validator=ge(0))
+    token_delay_ms: float = field(default=20.0, validator=_finite_non_negative)
+    ttft_ms: float = field(default=50.0, validator=_finite_non_negative)
+    fault: FaultPlan | None = None
+    #: Bind the port but never listen(): connects are refused, the port stays ours.
+    refuse: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: MockConfig) -> MockSettings:
+        """The settings of a mock declared in a profile (no faults)."""
+        return cls(kind=cfg.kind, models=tuple(cfg.models), tokens=cfg.tokens,
+                   token_delay_ms=cfg.token_delay_ms, ttft_ms=cfg.ttft_ms)
+
+
+@frozen
+class MockStatistics:
+    """Counters since start.
+
+    ``connections`` counts accepted connections; ``faults`` counts by fault kind;
+    ``disconnects`` counts clients gone mid-response or during a hang;
+    ``in_progress`` is the requests being answered now.
+    """
+
+    requests: int
+    by_path: dict[str, int]
+    connections: int
+    faults: dict[str, int]
+    disconnects: int
+    in_progress: int
+
+
+@frozen
+class RecordedRequest:
+    """A request as received; header names lower-cased, ``path`` without the query."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    query: str = ""
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    sent = await sock.send(data)
+    while sent < len(data):  # rare: a full socket buffer
+        sent += await sock.send(memoryview(data)[sent:])
+
+
+async def _wait_eof(sock: trio.socket.SocketType, parser: RequestParser) -> None:
+    """Return once the client closes (EOF or reset); what it pipelines meanwhile is kept."""
+    try:
+        while parser.buffered < MAX_READ_AHEAD:
+            data = await sock.recv(RECV_BYTES)
+            if not data:
+                return
+            parser.feed(data)
+    except OSError:
+        return
+    await trio.sleep_forever()  # read-ahead full: the client is alive, just eager
+
+
+class MockUpstream:
+    """A running mock: its port, settings, counters and recent requests (see :func:`serve_mock`)."""
+
+    def __init__(self, settings: MockSettings, port: int) -> None:
+        self.settings = settings
+        self.port = port
+        self._requests = 0
+        self._by_path: dict[str, int] = {}
+        self._connections = 0
+        self._faults: dict[str, int] = {}
+        self._disconnects = 0
+        self._in_progress = 0
+        self._recorded: deque[RecordedRequest] = deque(maxlen=RECORDED_REQUESTS)
+        self._disconnect_lot = trio.lowlevel.ParkingLot()
+        self._rng = random.Random(settings.fault.seed if settings.fault else 0)
+        self._date_second = -1
+        self._date = b""
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """The last ``RECORDED_REQUESTS`` requests, oldest first."""
+        return list(self._recorded)
+
+    def statistics(self) -> MockStatistics:
+        """A snapshot of the counters."""
+        return MockStatistics(self._requests, dict(self._by_path), self._connections, dict(self._faults),
+                              self._disconnects, self._in_progress)
+
+    async def wait_disconnects(self, n: int) -> None:
+        """Wait until ``statistics().disconnects >= n`` (woken by each disconnect, no polling)."""
+        await trio.lowlevel.checkpoint()
+        while self._disconnects < n:
+            await self._disconnect_lot.park()
+
+    def _count_disconnect(self) -> None:
+        self._disconnects += 1
+        self._disconnect_lot.unpark_all()
+
+    def _http_date(self) -> bytes:
+        now = int(time.time())
+        if now != self._date_second:
+            self._date_second, self._date = now, email.utils.formatdate(now, usegmt=True).encode()
+        return self._date
+
+    def _record(self, request: Request) -> int:
+        self._requests += 1
+        path = request.path if request.path in self._by_path or len(self._by_path) < MAX_PATHS else "<other>"
+        self._by_path[path] = self._by_path.get(path, 0) + 1
+        self._recorded.append(RecordedRequest(request.method, request.path, request.headers, request.body,
+                                              request.query))
+        return self._requests
+
+    def _pick_fault(self, number: int, override: tuple[str, int | None] | None) -> FaultPlan | None:
+        plan = self.settings.fault
+        hit = False
+        if plan is not None:  # drawn for every request, so overrides do not shift the sequence
+            if plan.every > 0:
+                hit = number % plan.every == 0
+            elif plan.rate > 0:
+                hit = self._rng.random() < plan.rate
+            else:
+                hit = True
+        if override is None:
+            return plan if hit else None
+        name, arg = override
+        kind = next((k for k in FAULT_KINDS if k == name), None)
+        if kind is None:  # "none"
+            return None
+        chosen = attrs.evolve(plan or FaultPlan(kind), kind=kind, every=0, rate=0.0)
+        if arg is not None and kind == "status":
+            return attrs.evolve(chosen, status=arg)
+        if arg is not None:
+            return attrs.evolve(chosen, cut_after_tokens=arg)
+        return chosen
+
+    async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
+        parser = RequestParser()
+        with sock:
+            try:
+                while True:
+                    try:
+                        request = parser.next_request()
+                    except ParseError as exc:
+                        await self._reject(sock, exc)
+                        return
+                    if request is None:
+                        if parser.take_continue():
+                            await _send_all(sock, CONTINUE)
+                        data = await sock.recv(RECV_BYTES)
+                        if not data:
+                            return
+                        parser.feed(data)
+                    elif not await self._serve_request(sock, parser, request):
+                        return
+            except OSError:
+                pass  # gone between responses: nothing was in progress, nothing to count
+
+    async def _reject(self, sock: trio.socket.SocketType, exc: ParseError) -> None:
+        reply = error_reply("openai", exc.status, exc.message)
+        await _send_all(sock, reply.render(date=self._http_date(), keep_alive=False, http10=False))
+        sock.shutdown(trio.socket.SHUT_WR)
+        with trio.move_on_after(ERROR_LINGER_S):
+            while await sock.recv(RECV_BYTES):
+                pass
+
+    async def _serve_request(self, sock: trio.socket.SocketType, parser: RequestParser, request: Request) -> bool:
+        """Answer one request. Returns whether the connection stays open."""
+        start = trio.current_time()
+        number = self._record(request)
+        self._in_progress += 1
+        try:
+            return await self._answer(sock, parser, request, number, start)
+        except OSError:  # EPIPE/ECONNRESET while writing: the client left mid-response
+            self._count_disconnect()
+            return False
+        finally:
+            self._in_progress -= 1
+
+    async def _send_static(self, sock: trio.socket.SocketType, request: Request, reply: Static) -> bool:
+        data = reply.render(date=self._http_date(), keep_alive=request.keep_alive, http10=request.http10,
+                            head_only=request.method == "HEAD")
+        await _send_all(sock, data)
+        return request.keep_alive
+
+    async def _answer(
+        self, sock: trio.socket.SocketType, parser: RequestParser, request: Request, number: int, start: float
+    ) -> bool:
+        settings = self.settings
+        overrides = parse_overrides(request)
+        fault = self._pick_fault(number, None if isinstance(overrides, Static) else overrides.fault)
+        if isinstance(overrides, Static):  # a malformed x-mock-* header: 400, no fault
+            return await self._send_static(sock, request, overrides)
+        if fault is not None:
+            self._faults[fault.kind] = self._faults.get(fault.kind, 0) + 1
+            if fault.kind != "cut":
+                return await self._fail(sock, parser, request, fault)
+        cut = fault.cut_after_tokens if fault is not None else None
+        tokens = settings.tokens if overrides.tokens is None else overrides.tokens
+        reply = plan_reply(request, kind=settings.kind, models=settings.models, tokens=tokens)
+        if isinstance(reply, Static):
+            if cut is None:
+                return await self._send_static(sock, request, reply)
+            head = reply.render(date=self._http_date(), keep_alive=False, http10=request.http10, head_only=True)
+            await _send_all(sock, head + reply.body[: len(reply.body) // 2])
+            return False
+        ttft = (settings.ttft_ms if overrides.ttft_ms is None else overrides.ttft_ms) / 1000
+        delay = (settings.token_delay_ms if overrides.token_delay_ms is None else overrides.token_delay_ms) / 1000
+        render = GenerationRenderer(reply, number=number, created=int(time.time()), chunked=not request.http10)
+        if not reply.stream and ttft == 0 and cut is None:  # the hot path: nothing to wait for, no watcher
+            return await self._emit(sock, request, render, start=start, ttft=0.0, delay=0.0, cut=None)
+        gone = False
+        keep_alive = False
+        async with trio.open_nursery() as response:
+
+            async def watch() -> None:
+                nonlocal gone
+                await _wait_eof(sock, parser)
+                gone = True
+                response.cancel_scope.cancel(reason="client disconnected")
+
+            response.start_soon(watch)
+            try:
+                keep_alive = await self._emit(sock, request, render, start=start, ttft=ttft, delay=delay, cut=cut)
+            except OSError:
+                gone = True
+            response.cancel_scope.cancel(reason="response done")
+        if gone:
+            self._count_disconnect()
+            return False
+        return keep_alive
+
+    async def _fail(self, sock: trio.socket.SocketType, parser: RequestParser, request: Request,
+                    fault: FaultPlan) -> bool:
+        """Answer with a fault that replaces the response (all but ``cut``)."""
+        if fault.kind == "status":
+            failure = error_reply(error_format(request.path), fault.status, f"mock fault: HTTP {fault.status}",
+                                  retry_after_s=fault.retry_after_s)
+            return await self._send_static(sock, request, failure)
+        if fault.kind == "reset":  # linger 0: close() sends a RST and drops anything unsent
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        elif fault.kind == "garbage":
+            await _send_all(sock, GARBAGE)
+        else:  # hang: nothing goes out; the client giving up is the disconnect tests wait for
+            await _wait_eof(sock, parser)
+            self._count_disconnect()
+        return False
+
+    async def _emit(
+        self, sock: trio.socket.SocketType, request: Request, render: GenerationRenderer, *,
+        start: float, ttft: float, delay: float, cut: int | None,
+    ) -> bool:
+        """Write one generation on schedule; returns keep-alive (False after a cut)."""
+        gen: Generation = render.gen
+        ollama = gen.api.startswith("ollama")
+        keep_alive = request.keep_alive and not (gen.stream and request.http10)
+        if not gen.stream:
+            if ttft:  # the hot path (ttft 0) skips a cancel scope and a scheduler round
+                await trio.sleep_until(start + ttft)
+            elapsed = int((trio.current_time() - start) * 1e9)
+            body = render.whole(Timings(elapsed, elapsed, 0), created_at=rfc3339(time.time()) if ollama else "")
+            head = response_head(200, gen.content_type, date=self._http_date(), content_length=len(body),
+                                 keep_alive=keep_alive and cut is None, http10=request.http10)
+            await _send_all(sock, head + (body if cut is None else body[: len(body) // 2]))
+            return keep_alive and cut is None
+        head = response_head(200, gen.content_type, date=self._http_date(), content_length=None,
+                             keep_alive=keep_alive, http10=request.http10)
+        await _send_all(sock, head + render.opening())
+        due = start + ttft
+        first: float | None = None  # when the first token actually left: Ollama's prompt/eval split
+        for i in range(gen.tokens if cut is None else min(cut, gen.tokens)):
+            await trio.sleep_until(due + i * delay)
+            first = trio.current_time() if first is None else first
+            await _send_all(sock, render.token(i, created_at=rfc3339(time.time()) if ollama else ""))
+        if cut is not None:
+            return False  # the caller closes: no finish event, no terminating chunk
+        await trio.sleep_until(due)  # zero tokens: the prompt still "takes" ttft
+        end = trio.current_time()
+        first = end if first is None else first
+        timings = Timings(int((end - start) * 1e9), int((first - start) * 1e9), int((end - first) * 1e9))
+        for piece in render.closing(timings, created_at=rfc3339(time.time()) if ollama else ""):
+            await _send_all(sock, piece)
+        return keep_alive
+
+    async def _accept(self, listener: trio.socket.SocketType, connections: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_RETRY_ERRNOS and exc.errno != errno.ECONNABORTED:
+                    raise
+                await trio.sleep(ACCEPT_RETRY_S if exc.errno in ACCEPT_RETRY_ERRNOS else 0)
+                continue
+            try:  # a small event per write must leave at once (Nagle would hold it)
+                sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # already reset by the peer: the handler will notice
+            self._connections += 1
+            connections.start_soon(self._serve_connection, sock)
+
+
+async def serve_mock(
+    settings: MockSettings, *, host: str = "127.0.0.1", port: int = 0,
+    task_status: trio.TaskStatus[MockUpstream] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve a mock upstream until cancelled.
+
+    Binds first, then reports the running :class:`MockUpstream` (with the real port)
+    through ``task_status``; every connection handler runs in a nursery owned here, so
+    cancelling this task ends them all.
+
+    Args:
+      settings: what to serve and which faults to inject.
+      host, port: where to bind; port 0 picks a free port.
+
+    Raises:
+      OSError: the address cannot be bound.
+    """
+    family, type_, proto, _, address = (await trio.socket.getaddrinfo(
+        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE))[0]
+    with trio.socket.socket(family, type_, proto) as listener:
+        if not settings.refuse:  # refuse: no SO_REUSEADDR, so no other socket can share the port
+            listener.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        await listener.bind(address)
+        mock = MockUpstream(settings, listener.getsockname()[1])
+        if settings.refuse:
+            task_status.started(mock)
+            await trio.sleep_forever()
+        listener.listen(BACKLOG)
+        async with trio.open_nursery() as connections:
+            task_status.started(mock)
+            await mock._accept(listener, connections)
+
+
+# --- command line --------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``trioproxy mock`` options to ``parser``."""
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    add("--port", type=int, default=8081, help="port to bind; 0 picks a free one (default 8081)")
+    add("--kind", choices=("openai", "ollama", "both"), default="both", help="API family to imitate")
+    add("--models", default="mock-llama", help="comma-separated model names; * accepts any")
+    add("--tokens", type=int, default=16, help="content tokens per answer")
+    add("--token-delay-ms", type=float, default=20.0, help="delay between streamed tokens")
+    add("--ttft-ms", type=float, default=50.0, help="delay before the first token (or the answer)")
+    add("--fail", choices=(*FAULT_KINDS, "refuse"), help="inject this fault")
+    add("--fail-status", type=int, default=503, help="status of --fail status")
+    add("--retry-after", type=int, default=1, help="Retry-After seconds sent with 429 and 503")
+    add("--fail-every", type=int, default=0, help="fault requests N, 2N, ... only")
+    add("--fail-rate", type=float, default=0.0, help="fault each request with this probability")
+    add("--seed", type=int, default=0, help="seed of --fail-rate")
+    add("--cut-after", type=int, default=2, help="tokens sent before --fail cut")
+
+
+def settings_from_args(args: argparse.Namespace) -> MockSettings:
+    """The :class:`MockSettings` that parsed options describe.
+
+    Raises:
+      ValueError: an option is out of range.
+    """
+    fault = None
+    if args.fail not in (None, "refuse"):
+        fault = FaultPlan(args.fail, status=args.fail_status, retry_after_s=args.retry_after,
+                          every=args.fail_every, rate=args.fail_rate, seed=args.seed,
+                          cut_after_tokens=args.cut_after)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if not models:
+        raise ValueError("--models: give at least one model name")
+    return MockSettings(kind=args.kind, models=models, tokens=args.tokens, token_delay_ms=args.token_delay_ms,
+                        ttft_ms=args.ttft_ms, fault=fault, refuse=args.fail == "refuse")
+
+
+async def _run(settings: MockSettings, host: str, port: int) -> int:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as root:
+            try:
+                mock = await root.start(partial(serve_mock, settings, host=host, port=port))
+            except OSError as exc:
+                print(f"trioproxy mock: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+                return 1
+            shown = f"[{host}]" if ":" in host else host
+            print(f"trioproxy mock ({settings.kind}) listening on http://{shown}:{mock.port}",
+                  file=sys.stderr, flush=True)
+            async for _ in signals:
+                root.cancel_scope.cancel(reason="signal")
+                break
+    return 0
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the mock in the foreground until SIGINT/SIGTERM; returns the exit code (0 on Ctrl-C)."""
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"trioproxy mock: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return trio.run(_run, settings, args.host, args.port)
+    except KeyboardInterrupt:  # Ctrl-C before the signal receiver was installed
+        return 0

@@ -1,0 +1,671 @@
+"""Stream scanners: first token, usage, finish reason and errors from relayed bytes [sans-IO].
+
+The relay hands every piece of an upstream body, as the socket gave it, to
+``scanner.feed(piece)``; these classes never do I/O and never raise on bad input.
+``feed`` is on the hot path (one call per relayed chunk), so lines are searched
+as bytes and only those that can change a result are JSON-decoded: a non-null
+``"usage"``/``"timings"`` object, a non-null ``"finish_reason"`` while none is known,
+an ``"error"`` (SSE); a ``"done": true`` or an ``"error"`` (NDJSON).
+
+Interface::
+
+    Usage(prompt_tokens: int | None, completion_tokens: int | None)          @frozen
+    ScannerStatistics(lines, decoded, malformed, oversize)                   @frozen
+    SSEScanner(*, max_line_bytes=1 << 20)     # OpenAI-style SSE: /v1/chat/completions and
+                                              # /v1/completions (OpenAI, vLLM, llama.cpp, Ollama /v1)
+    NDJSONScanner(*, max_line_bytes=1 << 20)  # Ollama /api/chat and /api/generate
+        .feed(chunk: bytes) -> bool    # True exactly once: for the chunk holding the b"\\n"
+                                       # of the line that completes the first event with content
+        .first_content: bool           .finish_reason: str | None    .error: str | None
+        .done: bool                    .content_chars: int           .content_events: int
+        .usage() -> Usage | None       .statistics() -> ScannerStatistics
+    estimate_tokens(content_chars: int) -> int
+    UsageEventFilter(*, max_line_bytes=1 << 20)
+        .feed(chunk: bytes) -> bytes   # what to forward now (holds back an incomplete line only)
+        .flush() -> bytes              # at the end of the stream
+
+Policies (each also noted where it is implemented):
+
+- Lines split on ``b"\\n"`` only; a trailing ``\\r`` is dropped. A line is handled
+  when its ``\\n`` arrives, so every result, and the chunk ``feed`` says True for, is
+  the same however the stream is split. A last line without ``\\n`` is never seen.
+- A line longer than ``max_line_bytes`` (counted without its ``\\n``) is dropped and
+  counted in ``oversize``; it is never half-processed.
+- Content is text the model produced: ``content``, ``text``, ``reasoning_content``,
+  ``reasoning``, ``refusal``, tool-call ``arguments`` (SSE); ``content``,
+  ``response``, ``thinking`` (NDJSON); or a non-empty ``tool_calls`` array. An empty
+  string or ``null`` is not content, so a role-only first delta is not the first token.
+- ``content_chars`` counts the bytes between the quotes of those JSON strings (the
+  raw JSON text, escapes and UTF-8 included), never decoded characters: the search
+  is byte-level so that content lines need no decoding.
+- Events are handled line by line: an SSE ``data:`` line is taken as soon as it is
+  complete, not at the blank line that ends its event, so a stream whose last blank
+  line never comes loses nothing. An event with several ``data:`` lines is joined
+  with ``\\n`` as the SSE spec says (see ``SSEScanner``).
+- ``finish_reason`` and ``error``: the first one wins. Usage: the last one wins.
+
+Known limits: a bare ``\\r`` line ending (allowed by the SSE spec, sent by no LLM
+server) and a leading BOM are not handled; ``data: [DONE]`` must end its line; a key
+ending in an escaped quote followed by a known key name (``"x\\"content": "y"``) would
+fool the byte search; an in-band error must use an ``"error"`` key (vLLM's old flat
+``{"object": "error"}`` form is only used for HTTP error bodies).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+from attrs import frozen
+
+#: Longest line kept while waiting for its end: bounds memory per stream; 1 MiB
+#: holds any real event, even Ollama's /api/generate done line with ``context``.
+DEFAULT_MAX_LINE_BYTES: Final = 1 << 20
+#: Rough characters per token for English text with BPE tokenizers.
+CHARS_PER_TOKEN: Final = 4
+
+_WS: Final = b" \t\r\n"
+#: ``"key" : value`` for the keys that matter, found in one C-level pass (``findall``
+#: is ~3x cheaper than ``finditer`` or a ``find`` per key; prefixes are factored because
+#: the alternation is tried at every quote). Groups: the key; the body of a string
+#: value; else the value's first byte (for an array: "[" and its next one). A key
+#: pattern cannot start inside a JSON string, where quotes are escaped.
+_VALUE: Final = rb'"[ \t\r\n]*:[ \t\r\n]*(?:"([^"\\]*(?:\\.[^"\\]*)*)"|(\[[ \t\r\n]*.|.))'
+_SSE_KEYS: Final = re.compile(
+    rb'"(c(?:ontent)|t(?:ext|ool_calls|imings)|r(?:easoning(?:_content)?|efusal)|arguments'
+    rb'|error|finish_reason|usage)' + _VALUE, re.S)
+_NDJSON_KEYS: Final = re.compile(
+    rb'"(content|response|t(?:hinking|ool_calls)|done|error)' + _VALUE, re.S)
+#: Keys whose non-empty string value is model output.
+_TEXT_KEYS: Final = frozenset((b"content", b"text", b"reasoning_content", b"reasoning",
+                               b"refusal", b"arguments", b"response", b"thinking"))
+#: A JSON string; used only on the rare multi-line SSE path to measure bracket depth.
+_JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+@frozen
+class Usage:
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+@frozen
+class ScannerStatistics:
+    #: Complete lines handled (blank ones included, oversize ones not).
+    lines: int
+    #: JSON decode attempts (the expensive step this module avoids).
+    decoded: int
+    #: Lines or events that had to be decoded and failed, or were otherwise invalid.
+    malformed: int
+    #: Lines dropped for being longer than ``max_line_bytes``.
+    oversize: int
+
+
+def estimate_tokens(content_chars: int) -> int:
+    """Guess completion tokens from ``content_chars`` when the upstream sent no usage.
+
+    The rule is ``ceil(content_chars / 4)``: about four bytes of English per token,
+    and at least 1 as soon as there is any content. It undercounts CJK text, where a
+    character is three UTF-8 bytes and about one token; good enough for a log.
+
+    Args:
+      content_chars: ``scanner.content_chars``.
+
+    Returns:
+      0 for no content, else at least 1.
+    """
+    return max(0, content_chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
+# -- byte-level helpers ---------------------------------------------------------------
+
+def _value_at(data: bytes, i: int) -> int:
+    """Index of the value after a key ending at ``i`` (skipping ``ws : ws``), or -1."""
+    n = len(data)
+    while i < n and data[i] in _WS:
+        i += 1
+    if i >= n or data[i] != 0x3A:  # ':' -- else the match was a value, not a key
+        return -1
+    i += 1
+    while i < n and data[i] in _WS:
+        i += 1
+    return i if i < n else -1
+
+
+def _has_value(data: bytes, key: bytes, first: int) -> bool:
+    """Whether some ``key`` in ``data`` is followed by a value starting with byte ``first``."""
+    i = data.find(key)
+    while i >= 0:
+        j = _value_at(data, i + len(key))
+        if j >= 0 and data[j] == first:
+            return True
+        i = data.find(key, i + len(key))
+    return False
+
+
+def _nonempty_array(data: bytes, key: bytes) -> bool:
+    """Whether some ``key`` in ``data`` holds an array with at least one element."""
+    i = data.find(key)
+    while i >= 0:
+        j = _value_at(data, i + len(key))
+        if j >= 0 and data[j] == 0x5B:  # '['
+            j += 1
+            while j < len(data) and data[j] in _WS:
+                j += 1
+            if j < len(data) and data[j] != 0x5D:  # ']'
+                return True
+        i = data.find(key, i + len(key))
+    return False
+
+
+def _json_depth(data: bytes) -> int:
+    """Open brackets minus closed ones outside strings (multi-line SSE events only)."""
+    bare = _JSON_STRING.sub(b"", data)
+    return bare.count(b"{") + bare.count(b"[") - bare.count(b"}") - bare.count(b"]")
+
+
+def _data_value(line: bytes) -> bytes:
+    """The value of a ``data:`` line: one optional space after the colon is not part of it."""
+    return line[6:] if line[5:6] == b" " else line[5:]
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _error_message(err: object) -> str:
+    if isinstance(err, str):
+        return err
+    if isinstance(err, dict):
+        message = err.get("message")
+        if isinstance(message, str):
+            return message
+    return json.dumps(err)
+
+
+class _LineScanner:
+    """Shared state and line splitting; subclasses handle complete lines."""
+
+    def __init__(self, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        self._max_line_bytes = max_line_bytes
+        self._held: list[bytes] = []  # pieces of the incomplete last line, joined once
+        self._held_bytes = 0
+        self._skipping = False  # inside an oversize line: drop up to its b"\n"
+        self.first_content = False
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.done = False
+        self.content_chars = 0
+        self.content_events = 0
+        self._usage: Usage | None = None
+        self._lines = 0
+        self._decoded = 0
+        self._malformed = 0
+        self._oversize = 0
+
+    def statistics(self) -> ScannerStatistics:
+        """Counters for telemetry: cost (``decoded``) and bad input, which is never raised."""
+        return ScannerStatistics(lines=self._lines, decoded=self._decoded,
+                                 malformed=self._malformed, oversize=self._oversize)
+
+    def usage(self) -> Usage | None:
+        """Token counts reported by the upstream so far, or None if it sent none."""
+        return self._usage
+
+    def _split(self, chunk: bytes) -> list[bytes]:
+        """The complete lines ``chunk`` finishes (``\\n`` removed); holds the rest."""
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        if lines:
+            held = self._held_bytes
+            if self._skipping:
+                self._skipping = False
+                del lines[0]  # the end of an oversize line, counted when it overflowed
+            elif self._held:
+                self._held.append(lines[0])
+                lines[0] = b"".join(self._held)
+                self._held = []
+                self._held_bytes = 0
+            if len(chunk) + held > self._max_line_bytes:  # only then can a line be too long
+                kept = [line for line in lines if len(line) <= self._max_line_bytes]
+                self._oversize += len(lines) - len(kept)
+                lines = kept
+            self._lines += len(lines)
+        if tail:
+            self._hold(tail)
+        return lines
+
+    def _hold(self, tail: bytes) -> None:
+        if self._skipping:
+            return
+        self._held_bytes += len(tail)
+        if self._held_bytes > self._max_line_bytes:
+            self._oversize += 1  # the whole line will be longer: drop it now, once
+            self._held = []
+            self._held_bytes = 0
+            self._skipping = True
+        else:
+            self._held.append(tail)
+
+    def _decode(self, data: bytes) -> dict[str, Any] | None:
+        self._decoded += 1
+        try:
+            obj = json.loads(data)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def _count_content(self, nbytes: int, *, new_event: bool) -> None:
+        self.content_chars += nbytes
+        if new_event:
+            self.content_events += 1
+            self.first_content = True
+
+
+# SSE event status
+_OPEN: Final = 0
+_FAILED: Final = 1  # its first line needed decoding and failed: malformed unless completed
+_SETTLED: Final = 2  # nothing more to learn from it
+
+
+class SSEScanner(_LineScanner):
+    """Scans an OpenAI-style ``text/event-stream`` (OpenAI, vLLM, llama.cpp, Ollama /v1).
+
+    Fields other than ``data`` (``event:``, ``id:``, ``retry:``) and ``:`` comments are
+    ignored; ``data:`` may or may not be followed by a space. ``data: [DONE]`` sets
+    ``done``.
+
+    Multi-line events: the first ``data:`` line of an event is scanned on its own as
+    soon as it is complete (the fast path; every known server writes one line per
+    event). If a second ``data:`` line arrives before the blank line, the event's
+    data is joined with ``\\n`` and handled again once its JSON brackets balance (or at
+    the blank line): content found in the first line counts once, and a decode that
+    failed on the first line alone is retried on the joined text instead of counting
+    as malformed. A non-blank ``data:`` line after a first line that was already a
+    whole JSON value makes the event invalid JSON (as a client would see it): it is
+    counted as malformed and ignored, while what the first line gave stands.
+
+    Usage: the last non-null ``usage`` object (the ``include_usage`` tail event, or
+    vLLM's ``continuous_usage_stats`` on every chunk); failing that, llama.cpp's
+    ``timings`` (``prompt_n``, ``predicted_n``), last one wins too.
+    """
+
+    def __init__(self, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        super().__init__(max_line_bytes=max_line_bytes)
+        self._timings: Usage | None = None
+        # The current event, reset at each blank line:
+        self._ev_lines = 0  # data lines so far
+        self._ev_first = b""  # its first data line, kept (by reference) in case more follow
+        self._ev_content_bytes = -1  # content bytes counted for it; -1: none yet
+        self._ev_status = _OPEN
+        # Only for events with several data lines (see _scan_more):
+        self._ev_parts: list[bytes] | None = None
+        self._ev_bytes = 0
+        self._ev_depth = 0
+
+    def usage(self) -> Usage | None:
+        """Token counts: the last ``usage`` object, else llama.cpp ``timings``, else None."""
+        return self._usage if self._usage is not None else self._timings
+
+    def feed(self, chunk: bytes) -> bool:
+        """Scan the next piece of the body.
+
+        Args:
+          chunk: any number of bytes, split anywhere.
+
+        Returns:
+          True for the one call that completed the first line carrying content.
+        """
+        if b"\n" not in chunk:  # no line ends here: just hold the bytes
+            if chunk:
+                self._hold(chunk)
+            return False
+        seen = self.first_content
+        for line in self._split(chunk):
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:  # the end of an event
+                if self._ev_lines:
+                    if self._ev_status == _FAILED or self._ev_parts is not None:
+                        self._end_event()
+                    else:  # inlined: the common case is worth ~0.3 µs here
+                        self._ev_lines = 0
+                        self._ev_content_bytes = -1
+                        self._ev_status = _OPEN
+            elif line.startswith(b"data:"):
+                self._ev_lines += 1
+                if self._ev_lines == 1:
+                    self._ev_first = line
+                    self._scan_first(line)
+                else:
+                    self._scan_more(_data_value(line))
+            elif line == b"data":  # a field name without colon: an empty data line
+                self._ev_lines += 1
+                if self._ev_lines == 1:
+                    self._ev_first = b"data:"
+                else:
+                    self._scan_more(b"")
+            # ":" comments and event:/id:/retry: fields carry nothing we need
+        return self.first_content and not seen
+
+    def _scan_first(self, line: bytes) -> None:
+        """The fast path: the first data line of an event, most often the whole event."""
+        if line.endswith(b"[DONE]") and _data_value(line).strip() == b"[DONE]":
+            self.done = True
+            self._ev_status = _SETTLED
+            return
+        has, nbytes, decode = self._scan(line)  # the "data:" prefix cannot match a key
+        if has:
+            self._count_content(nbytes, new_event=True)
+            self._ev_content_bytes = nbytes
+        if decode:
+            obj = self._decode(line[5:])  # JSON allows the leading space
+            if obj is None:
+                # Policy: not malformed yet, the next data line may complete it.
+                self._ev_status = _FAILED
+            else:
+                self._apply(obj)
+                self._ev_status = _SETTLED
+
+    def _scan(self, data: bytes) -> tuple[bool, int, bool]:
+        """(has content, content bytes, worth decoding) of an event's data, from bytes."""
+        has = False
+        nbytes = 0
+        decode = False
+        for key, text, other in _SSE_KEYS.findall(data):
+            if not other:  # a string value
+                if text and key in _TEXT_KEYS:
+                    has = True
+                    nbytes += len(text)
+                elif key == b"finish_reason":
+                    decode = decode or self.finish_reason is None
+                elif key == b"error":  # a bare error string
+                    decode = True
+            elif key == b"tool_calls":  # "[" and then not "]"
+                has = has or (len(other) > 1 and other[0] == 0x5B and other[-1] != 0x5D)
+            elif key == b"usage":
+                decode = decode or other == b"{"
+            elif key == b"error":
+                decode = decode or other != b"n"  # an error object; null is no error
+            elif key == b"timings":  # llama.cpp: only a fallback, skip once usage is known
+                decode = decode or (other == b"{" and self._usage is None)
+        return has, nbytes, decode
+
+    def _apply(self, obj: dict[str, Any]) -> None:
+        err = obj.get("error")
+        if err is not None and self.error is None:
+            self.error = _error_message(err)
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self._usage = Usage(prompt_tokens=_int(usage.get("prompt_tokens")),
+                                completion_tokens=_int(usage.get("completion_tokens")))
+        timings = obj.get("timings")
+        if isinstance(timings, dict):
+            self._timings = Usage(prompt_tokens=_int(timings.get("prompt_n")),
+                                  completion_tokens=_int(timings.get("predicted_n")))
+        choices = obj.get("choices")
+        if self.finish_reason is None and isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                    reason = choice.get("finish_reason")
+                    if isinstance(reason, str):
+                        self.finish_reason = reason
+                        break
+
+    def _scan_more(self, value: bytes) -> None:
+        """A second or later data line of the same event (rare: see the class docstring)."""
+        blank = not value.strip()
+        if self._ev_status == _SETTLED:
+            if not blank:
+                self._malformed += 1
+            return
+        if self._ev_parts is None:
+            first = _data_value(self._ev_first)
+            self._ev_depth = _json_depth(first)
+            if self._ev_depth <= 0 and first.strip() and not blank:
+                self._malformed += 1  # the first line was a whole value; this one is extra
+                self._ev_status = _SETTLED
+                return
+            self._ev_parts = [first]
+            self._ev_bytes = len(first)
+        self._ev_parts.append(value)
+        self._ev_bytes += 1 + len(value)
+        if self._ev_bytes > self._max_line_bytes:
+            self._oversize += 1  # the same cap as for one line
+            self._ev_parts = None
+            self._ev_status = _SETTLED
+            return
+        self._ev_depth += _json_depth(value)
+        if self._ev_depth <= 0 and not blank:
+            self._settle_joined()
+
+    def _settle_joined(self) -> None:
+        assert self._ev_parts is not None
+        data = b"\n".join(self._ev_parts)
+        self._ev_parts = None
+        self._ev_status = _SETTLED
+        if data.strip() == b"[DONE]":
+            self.done = True
+            return
+        has, nbytes, decode = self._scan(data)
+        if has:
+            # Matches in the first line are matches in the joined text too: add the rest.
+            counted = self._ev_content_bytes  # -1: none yet
+            self._count_content(nbytes - max(counted, 0), new_event=counted < 0)
+            self._ev_content_bytes = nbytes
+        if decode:
+            obj = self._decode(data)
+            if obj is None:
+                self._malformed += 1
+            else:
+                self._apply(obj)
+
+    def _end_event(self) -> None:
+        if self._ev_status != _SETTLED:
+            if self._ev_parts is not None:
+                self._settle_joined()
+            elif self._ev_status == _FAILED:
+                self._malformed += 1
+        self._ev_lines = 0
+        self._ev_content_bytes = -1
+        self._ev_status = _OPEN
+        self._ev_parts = None
+
+
+class NDJSONScanner(_LineScanner):
+    """Scans Ollama's ``application/x-ndjson`` streams (/api/chat and /api/generate).
+
+    One JSON object per line; blank lines are skipped. The ``"done": true`` line sets
+    ``done``, ``finish_reason`` (its ``done_reason``) and usage (``prompt_eval_count``,
+    ``eval_count``; Ollama omits a zero count, so a missing one reads as 0). A bare
+    ``{"error": "..."}`` line sets ``error`` even though the status stayed 200.
+    """
+
+    def feed(self, chunk: bytes) -> bool:
+        """Scan the next piece of the body.
+
+        Args:
+          chunk: any number of bytes, split anywhere.
+
+        Returns:
+          True for the one call that completed the first line carrying content.
+        """
+        if b"\n" not in chunk:
+            if chunk:
+                self._hold(chunk)
+            return False
+        seen = self.first_content
+        for line in self._split(chunk):
+            has = False
+            nbytes = 0
+            decode = False
+            for key, text, other in _NDJSON_KEYS.findall(line):
+                if not other:  # a string value
+                    if text and key in _TEXT_KEYS:
+                        has = True
+                        nbytes += len(text)
+                    elif key == b"error":
+                        decode = True
+                elif key == b"done":
+                    decode = decode or other == b"t"  # true
+                elif key == b"tool_calls":
+                    has = has or (len(other) > 1 and other[0] == 0x5B and other[-1] != 0x5D)
+                elif key == b"error":
+                    decode = decode or other != b"n"
+            if has:
+                self._count_content(nbytes, new_event=True)
+            if decode:
+                obj = self._decode(line)
+                if obj is None:
+                    self._malformed += 1
+                else:
+                    self._apply(obj)
+        return self.first_content and not seen
+
+    def _apply(self, obj: dict[str, Any]) -> None:
+        err = obj.get("error")
+        if err is not None and self.error is None:
+            self.error = _error_message(err)
+        if obj.get("done") is True:
+            self.done = True
+            reason = obj.get("done_reason")
+            if self.finish_reason is None and isinstance(reason, str):
+                self.finish_reason = reason
+            self._usage = Usage(prompt_tokens=_int(obj.get("prompt_eval_count", 0)),
+                                completion_tokens=_int(obj.get("eval_count", 0)))
+
+
+#: ``"usage": null`` as a later member; the lookahead proves the value is exactly null.
+_USAGE_NULL_MEMBER: Final = re.compile(rb',[ \t]*"usage"[ \t]*:[ \t]*null(?=[ \t]*[,}])')
+#: ``"usage": null`` as the first member, followed by others (keeps the space after "{").
+_USAGE_NULL_FIRST: Final = re.compile(rb'(?<=\{)([ \t]*)"usage"[ \t]*:[ \t]*null[ \t]*,[ \t]*')
+#: ``"usage": null`` as the only member.
+_USAGE_NULL_ONLY: Final = re.compile(rb'(?<=\{)[ \t]*"usage"[ \t]*:[ \t]*null[ \t]*(?=\})')
+
+
+class UsageEventFilter:
+    """Removes, from an OpenAI SSE stream, what the gateway added by injecting
+    ``stream_options.include_usage`` into a request whose client did not ask for usage:
+    the usage-only tail event (``choices`` empty, null or absent, plus a ``usage``
+    object; the whole event, its blank line included) and the ``,"usage":null``
+    member that servers then put on every other chunk, so the client receives exactly
+    the bytes it would have without the injection.
+
+    Only complete ``data:`` lines are rewritten; every other byte is forwarded as is,
+    in order. ``"usage":null`` cannot occur inside a JSON string (its quotes would be
+    escaped there), so removing it by pattern is safe; the compact form, a first
+    member (``{"usage":null,``), the only member, and spaces around the colon are all
+    handled. A line longer than ``max_line_bytes`` is passed on untouched as it comes
+    (policy: never hold back much client data for the sake of usage hiding), or
+    dropped if it is inside the dropped event; whole or in pieces, the same.
+
+    Limits: only a one-line usage event is recognised (every known server writes
+    one); field lines (``id:``, ``event:``) before its ``data:`` line were already
+    forwarded and stay. Servers that send ``"usage":null`` even without the injection
+    (vLLM's /v1/completions) lose it too; a client reads null and absent alike.
+    """
+
+    def __init__(self, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        self._max_line_bytes = max_line_bytes
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._overflow = False  # inside an oversize line: passing it raw up to its b"\n"
+        self._dropping = False  # inside the usage-only event: dropping up to its blank line
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the next piece of the upstream body; return the bytes to send on now.
+
+        Holds back at most an incomplete last line, never a complete one.
+        """
+        nl = chunk.rfind(b"\n")
+        if nl < 0:
+            return self._hold(chunk)
+        head = chunk[: nl + 1]
+        out = b""
+        if self._overflow:  # the end of an oversize line: as is, unless in a dropped event
+            end = head.find(b"\n") + 1
+            out = b"" if self._dropping else head[:end]
+            head = head[end:]
+            self._overflow = False
+        elif self._held:
+            self._held.append(head)
+            head = b"".join(self._held)
+            self._held = []
+            self._held_bytes = 0
+        return out + self._filter(head) + self._hold(chunk[nl + 1 :])
+
+    def flush(self) -> bytes:
+        """At the end of the stream: the held-back last line, rewritten like any other."""
+        line = b"".join(self._held)
+        self._held = []
+        self._held_bytes = 0
+        if self._dropping or not line:
+            return b""
+        return self._rewrite(line) or b""
+
+    def _hold(self, tail: bytes) -> bytes:
+        if not tail:
+            return b""
+        if self._overflow:
+            return b"" if self._dropping else tail
+        self._held_bytes += len(tail)
+        if self._held_bytes <= self._max_line_bytes:
+            self._held.append(tail)
+            return b""
+        self._held.append(tail)
+        out = b"" if self._dropping else b"".join(self._held)
+        self._held = []
+        self._held_bytes = 0
+        self._overflow = True
+        return out
+
+    def _filter(self, block: bytes) -> bytes:
+        """Rewrite a run of complete lines (``block`` ends with ``\\n``)."""
+        if not self._dropping and b'"usage"' not in block:
+            return block  # the common case costs one search
+        out = []
+        for line in block[:-1].split(b"\n"):
+            if self._dropping:
+                if not line or line == b"\r":
+                    self._dropping = False  # the blank line ends the dropped event
+                continue
+            kept = self._rewrite(line)
+            if kept is not None:
+                out.append(kept + b"\n")
+        return b"".join(out)
+
+    def _rewrite(self, line: bytes) -> bytes | None:
+        """One complete line (without ``\\n``): None to drop it, else its bytes to send."""
+        if not line.startswith(b"data:") or len(line) > self._max_line_bytes:
+            return line  # an oversize line is passed on as is, however it arrived
+        if b',"usage":null' in line:  # compact JSON, the common case: one C-level pass
+            line = line.replace(b',"usage":null', b"")
+        if b'"usage"' not in line:
+            return line
+        # Candidates for the usage-only event: a usage object and no choice in the array;
+        # decode to be sure (once per stream). vLLM's continuous usage stats come with
+        # choices: the client asked for those, so they stay.
+        if (_has_value(line, b'"usage"', 0x7B) and not _nonempty_array(line, b'"choices"')
+                and self._is_usage_only(line)):
+            self._dropping = True
+            return None
+        line = _USAGE_NULL_MEMBER.sub(b"", line)
+        line = _USAGE_NULL_FIRST.sub(rb"\1", line)
+        return _USAGE_NULL_ONLY.sub(b"", line)
+
+    @staticmethod
+    def _is_usage_only(line: bytes) -> bool:
+        value = line[5:].strip()
+        try:
+            obj = json.loads(value)
+        except ValueError:
+            return False  # not ours to judge: forward it
+        return (isinstance(obj, dict) and isinstance(obj.get("usage"), dict)
+                and obj.get("choices") in (None, []) and "error" not in obj)
