@@ -86,6 +86,7 @@ def lookup_route(method: str, path: str) -> Route:
 
 
 async def serve_local(route: Route, services: Services, ex: Exchange, send: Send) -> None:
+    payload: dict[str, Any]
     if route.local == "healthz":
         status, payload = 200, {"status": "ok"}
     elif route.local == "readyz":

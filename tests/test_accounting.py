@@ -1,0 +1,131 @@
+"""Every request that reached the gateway is accounted for exactly once, and accounting never slows one down."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from trioproxy import usagelog
+from trioproxy.mock import FaultPlan
+
+from .conftest import StartGateway, StartMock, read_records, stop, upstream_toml
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "count me"}], "stream": True}
+
+
+@pytest.mark.load
+async def test_blocked_writer_never_slows_requests_and_drops_are_counted(
+    start_mock: StartMock, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """500 streamed requests complete in full while the writer cannot write; the excess is counted, not lost."""
+    gate = trio.Event()
+    original = usagelog._offload
+
+    async def blocked(fn: Callable[..., Any], *args: Any) -> Any:
+        await gate.wait()  # a disk that does not answer until the test says so
+        return await original(fn, *args)
+
+    monkeypatch.setattr(usagelog, "_offload", blocked)
+    requests, concurrency, capacity = 500, 50, 64
+    with trio.fail_after(120):
+        mock = await start_mock(models=("*",), tokens=8, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}")
+            + f"[telemetry]\nqueue_capacity = {capacity}\nbatch_max = 16\n"
+        )
+        complete = 0
+        limiter = trio.Semaphore(concurrency)
+
+        async def one(client: httpx.AsyncClient) -> None:
+            nonlocal complete
+            async with limiter:
+                r = await client.post(f"{gw.url}/v1/chat/completions", json=CHAT)
+            if r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"stop"' in r.content:
+                complete += 1
+
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as client, trio.open_nursery() as nursery:
+            for _ in range(requests):
+                nursery.start_soon(one, client)
+        assert complete == requests, "every client got its full answer while the writer was stuck"
+        stats = gw.services.sink.statistics()
+        assert stats.submitted == requests
+        assert stats.written == 0
+        assert stats.dropped == requests - stats.queued - stats.in_flight
+        assert stats.dropped >= requests - capacity - 16
+        gate.set()
+        await stop(gw)
+    stats = gw.services.sink.statistics()
+    records = read_records(gw)
+    assert stats.written == len(records) == requests - stats.dropped
+    assert stats.lost == 0 and stats.queued == 0 and stats.in_flight == 0
+    assert len({r["request_id"] for r in records}) == len(records)
+
+
+async def test_one_record_per_request_of_every_outcome(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    """N requests of each kind of end, then a graceful shutdown: exactly N records each, with the right outcome."""
+    n = 4
+    with trio.fail_after(60):
+        good = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
+        slow = await start_mock(models=("*",), tokens=10_000, token_delay_ms=5, ttft_ms=0)
+        unavailable = await start_mock(models=("*",), fault=FaultPlan(kind="status", status=503))
+        hanging = await start_mock(models=("*",), fault=FaultPlan(kind="hang"))
+        gw = await start_gateway(
+            upstream_toml("good", f"http://127.0.0.1:{good.port}", models='["ok-model"]')
+            + upstream_toml("slow", f"http://127.0.0.1:{slow.port}", models='["slow-model"]')
+            + upstream_toml("unavailable", f"http://127.0.0.1:{unavailable.port}", models='["down-model"]')
+            + upstream_toml(
+                "hanging",
+                f"http://127.0.0.1:{hanging.port}",
+                models='["hang-model"]',
+                extra="[upstreams.timeouts]\nfirst_byte_ms = 200\n",
+            )
+        )
+        url = f"{gw.url}/v1/chat/completions"
+        statuses: Counter[tuple[str, int]] = Counter()
+        async with httpx.AsyncClient(timeout=30) as client:
+            for i in range(n):
+                r = await client.post(url, json={**CHAT, "model": "ok-model"})
+                statuses["ok", r.status_code] += 1
+                r = await client.post(url, json={**CHAT, "model": "down-model"})
+                statuses["upstream_error", r.status_code] += 1
+                r = await client.post(url, content=b'{"model": "ok-model", "stream": tru')
+                statuses["rejected", r.status_code] += 1
+                r = await client.post(url, json={**CHAT, "model": "hang-model"})
+                statuses["timeout", r.status_code] += 1
+                async with client.stream("POST", url, json={**CHAT, "model": "slow-model"}) as streaming:
+                    async for chunk in streaming.aiter_bytes():
+                        if b'"content":"' in chunk and b'"content":""' not in chunk:
+                            break
+                await slow.wait_disconnects(i + 1)
+        await stop(gw)
+    assert statuses == Counter({("ok", 200): n, ("upstream_error", 503): n, ("rejected", 400): n, ("timeout", 504): n})
+    outcomes = Counter(r["outcome"] for r in read_records(gw))
+    assert outcomes == Counter(
+        {"ok": n, "upstream_error": n, "rejected": n, "timeout": n, "client_disconnect": n}
+    )
+
+
+async def test_requests_cut_by_the_shutdown_grace_still_get_their_record(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    with trio.fail_after(60):
+        mock = await start_mock(models=("*",), tokens=100_000, token_delay_ms=5, ttft_ms=0)
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}") + "[server]\nshutdown_grace_s = 0.2\n"
+        )
+        async with httpx.AsyncClient(timeout=30) as client:
+            async with client.stream("POST", f"{gw.url}/v1/chat/completions", json=CHAT) as streaming:
+                async for chunk in streaming.aiter_bytes():
+                    if b"content" in chunk:
+                        break
+                await stop(gw)  # the stream is still open: the grace period runs out and cuts it
+        await mock.wait_disconnects(1)
+    (record,) = read_records(gw)
+    assert record["bytes_out"] > 0
+    assert record["outcome"] in {"cancelled", "client_disconnect"}
