@@ -108,9 +108,17 @@ async def serve_local(route: Route, services: Services, ex: Exchange, send: Send
 
 def readiness(services: Services) -> tuple[int, dict[str, Any]]:
     upstreams = {}
+    now = trio.current_time()
     for uid, rt in services.runtimes.items():
         usable = rt.healthy and not (rt.cfg.max_concurrent and rt.in_flight >= rt.cfg.max_concurrent)
-        upstreams[uid] = {"usable": usable, "in_flight": rt.in_flight, **services.board.describe(uid)}
+        state = services.board.describe(uid)
+        upstreams[uid] = {
+            "usable": usable,
+            "healthy": state["healthy"],
+            "in_flight": rt.in_flight,
+            "state_for_s": round(now - float(state["since"]), 1),  # seconds since its last up/down change
+            "reason": state["reason"],
+        }
     ready = any(u["usable"] for u in upstreams.values())
     stats = services.sink.statistics()
     telemetry = {"submitted": stats.submitted, "written": stats.written, "dropped": stats.dropped, "lost": stats.lost}

@@ -26,6 +26,9 @@ BY_CHOICES = ("model", "upstream", "outcome", "route", "key_id")
 #: Nearest-rank percentiles reported by stats.
 PERCENTILES = (50, 95, 99)
 
+#: Columns for tables written to a pipe or file (no terminal to fit).
+PIPE_WIDTH = 160
+
 
 @frozen
 class StatsRow:
@@ -169,7 +172,8 @@ def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_stats(args: argparse.Namespace, *, console: Console | None = None, now: float | None = None) -> int:
     """Print one table row per group of requests (and an "(all)" row)."""
-    console = console or Console(highlight=False)
+    # Piped output has no width to fit: give tables room instead of squeezing columns away.
+    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else PIPE_WIDTH)
     directory = Path(args.dir)
     if not directory.is_dir():
         print(f"trioproxy stats: no usage log directory {directory}", file=sys.stderr)

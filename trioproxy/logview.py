@@ -43,6 +43,9 @@ _FILE_NAME = re.compile(r"usage-(\d{8})(?:-([A-Za-z0-9_-]+))?(?:\.(\d+))?\.jsonl
 _SINCE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
+#: Columns for tables written to a pipe or file (no terminal to fit).
+PIPE_WIDTH = 160
+
 
 # --- reading files -------------------------------------------------------------------------
 
@@ -321,7 +324,8 @@ def run_tail(
         sleep, max_polls: the follow loop's clock and bound; tests pass a fake sleep
             (which may write new lines) and a finite bound. ``None``: until Ctrl-C.
     """
-    console = console or Console(highlight=False)
+    # Piped output has no width to fit: give tables room instead of squeezing columns away.
+    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else PIPE_WIDTH)
     directory = Path(args.dir)
     if not args.follow and not directory.is_dir():
         print(f"trioproxy tail: no usage log directory {directory}", file=sys.stderr)
