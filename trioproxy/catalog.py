@@ -116,7 +116,8 @@ def readiness(services: Services) -> tuple[int, dict[str, Any]]:
             "usable": usable,
             "healthy": state["healthy"],
             "in_flight": rt.in_flight,
-            "state_for_s": round(now - float(state["since"]), 1),  # seconds since its last up/down change
+            # seconds since its last up/down change (None before the first probe)
+            "state_for_s": round(now - float(state["since"]), 1) if state["since"] else None,
             "reason": state["reason"],
         }
     ready = any(u["usable"] for u in upstreams.values())
