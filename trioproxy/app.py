@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -29,6 +30,7 @@ from loguru import logger
 
 from .catalog import Route, lookup_route, serve_local
 from .errors import (
+    AllSaturated,
     BodyTooLarge,
     NoHealthyUpstream,
     RequestError,
@@ -36,6 +38,7 @@ from .errors import (
     TrioproxyError,
     UpstreamError,
     UpstreamStatusError,
+    UpstreamTimeout,
 )
 from .headers import client_response_headers, header_value, upstream_request_headers
 from .relay import Send, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
@@ -43,7 +46,8 @@ from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
 from .telemetry import AttemptRecord, Record
 from .upstream import OutgoingRequest, open_winning_response
-from .usage import NDJSONScanner, SSEScanner, UsageEventFilter, estimate_tokens
+from .usage import NDJSONScanner, SSEScanner, estimate_tokens
+from .usagefilter import UsageEventFilter
 
 Receive = Any  # ASGI receive callable
 _WORKER = os.getpid()
@@ -63,6 +67,7 @@ class Exchange:
     upstream: str | None = None
     attempts: list[AttemptRecord] = field(factory=list)
     hedged: bool = False
+    queue_ms: float = 0.0
     status: int = 0
     outcome: str = "ok"
     stream: bool = False
@@ -96,6 +101,7 @@ class Exchange:
             stream=self.stream,
             ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 3),
             total_ms=round((now - self.arrival) * 1000, 3),
+            queue_ms=self.queue_ms,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
             prompt_tokens=self.prompt_tokens,
@@ -196,67 +202,68 @@ class ProxyApp:
             target=scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b""),
             headers=upstream_request_headers(scope["headers"], request_id=ex.request_id, extra=[]),
             body_for=body_for,
+            stream=ex.stream,
+            new_scanner=_scanner_factory(route),
+            max_response_bytes=config.server.max_response_bytes,
         )
-        total_s = config.upstream(plan.attempts[0].upstream).timeouts.total_ms / 1000
-        timed_out = False
+        total_s = config.routing.total_timeout_ms / 1000
         with trio.move_on_after(total_s) as deadline:
             try:
                 async with trio.open_nursery() as request:
                     # Started only now that the body is read (the Hypercorn hazard, STYLE.md §2).
                     request.start_soon(_watch_disconnect, receive, request.cancel_scope, ex)
                     try:
-                        await self._answer(route, plan, outgoing, send, ex, inject_usage)
+                        await self._answer(plan, outgoing, send, ex, route, inject_usage)
                     finally:
                         request.cancel_scope.cancel()  # whoever finishes the work cancels the watcher
             except BaseExceptionGroup as group:
                 raise single_error(group) from None
-        timed_out = deadline.cancelled_caught
         if ex.client_gone and ex.outcome == "ok":  # an upstream failure seen first stays the outcome
             ex.outcome = "client_disconnect"
-        elif timed_out:
+        elif deadline.cancelled_caught:
             ex.outcome, ex.error = "timeout", f"the request took longer than {total_s:g} s"
             if ex.response_started:
                 await finish(ex, send, route.error_line(ex.error))
             else:
-                raise UpstreamError(ex.error, upstream=plan.attempts[0].upstream) from None
+                raise UpstreamTimeout(ex.error, upstream=plan.attempts[0].upstream, phase="total") from None
 
     async def _answer(
-        self, route: Route, plan: RoutePlan, outgoing: OutgoingRequest, send: Send, ex: Exchange, inject_usage: bool
+        self, plan: RoutePlan, outgoing: OutgoingRequest, send: Send, ex: Exchange, route: Route, inject_usage: bool
     ) -> None:
         services = self.services
-        config = services.config
         try:
-            winner = await open_winning_response(
+            winner, race = await open_winning_response(
                 services.runtimes,
                 plan,
                 outgoing,
-                failover_statuses=frozenset(config.routing.failover_statuses),
+                routing=services.config.routing,
+                budget=services.hedge_budget,
                 attempts=ex.attempts,
+                rng=services.rng,
             )
         except UpstreamStatusError as exc:
             ex.upstream, ex.model_served = exc.upstream, _served(ex, exc.upstream)
             await _pass_through(send, ex, exc)
             return
+        ex.hedged = race.hedged
         ex.upstream, ex.model_served = winner.target.upstream, winner.target.model
+        ex.queue_ms = round(winner.queue_s * 1000, 3)
         try:
-            response = winner.response
-            if response.content_length is not None or not ex.stream:
-                whole = await relay_whole(ex, winner, send, max_bytes=config.server.max_response_bytes)
-                ex.prompt_tokens, ex.completion_tokens, ex.finish_reason = facts_from_body(whole)
+            if winner.body is not None:
+                await relay_whole(ex, winner, send, winner.body)
+                ex.prompt_tokens, ex.completion_tokens, ex.finish_reason = facts_from_body(winner.body)
                 if ex.prompt_tokens is not None or ex.completion_tokens is not None:
                     ex.token_source = "upstream"
             else:
-                scanner = _scanner_for(route) if response.status < 400 else None
                 await relay_stream(
                     ex,
                     winner,
                     send,
-                    scanner=scanner,
                     usage_filter=UsageEventFilter() if inject_usage else None,
                     error_line=route.error_line,
                 )
-                if scanner is not None:
-                    _take_usage(ex, scanner)
+                if winner.scanner is not None:
+                    _take_usage(ex, winner.scanner)
             if ex.outcome == "ok" and ex.status >= 500:
                 ex.outcome = "upstream_error"
         finally:
@@ -264,7 +271,8 @@ class ProxyApp:
 
 
 def _plan(route: Route, model: str | None, services: Services) -> RoutePlan:
-    states = {uid: rt.state() for uid, rt in services.runtimes.items()}
+    now = trio.current_time()
+    states = {uid: rt.state(now) for uid, rt in services.runtimes.items()}
     if model is not None:
         return plan_route(model, route.family, services.config, states, rr=services.rr)
     return plan_any(route.family, services.config, states)
@@ -292,12 +300,12 @@ def _take_usage(ex: Exchange, scanner: SSEScanner | NDJSONScanner) -> None:
         ex.completion_tokens, ex.token_source = estimate_tokens(scanner.content_chars), "estimate"
 
 
-def _scanner_for(route: Route) -> SSEScanner | NDJSONScanner | None:
+def _scanner_factory(route: Route) -> Callable[[], SSEScanner | NDJSONScanner | None]:
     if route.scanner == "sse":
-        return SSEScanner()
+        return SSEScanner
     if route.scanner == "ndjson":
-        return NDJSONScanner()
-    return None
+        return NDJSONScanner
+    return lambda: None
 
 
 def _served(ex: Exchange, upstream: str) -> str | None:
@@ -403,14 +411,15 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", ex.request_id),
     ]
-    if isinstance(exc, NoHealthyUpstream):
+    if isinstance(exc, (NoHealthyUpstream, AllSaturated)):
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
     ex.error = exc.message
     await send({"type": "http.response.start", "status": status, "headers": headers})
     ex.status, ex.response_started = status, True
     await finish(ex, send, body)
     if ex.outcome == "ok":
-        ex.outcome = "rejected" if isinstance(exc, (RequestError, RoutingError)) and status < 500 else "upstream_error"
+        rejected = isinstance(exc, (RequestError, RoutingError, AllSaturated)) and status < 500
+        ex.outcome = "rejected" if rejected else "upstream_error"
         if isinstance(exc, UpstreamError) and exc.status_hint == 504:
             ex.outcome = "timeout"
 

@@ -110,14 +110,17 @@ def readiness(services: Services) -> tuple[int, dict[str, Any]]:
     upstreams = {}
     now = trio.current_time()
     for uid, rt in services.runtimes.items():
-        usable = rt.healthy and not (rt.cfg.max_concurrent and rt.in_flight >= rt.cfg.max_concurrent)
+        snapshot = rt.state(now)
+        breaker = rt.breaker.snapshot(now)
+        usable = snapshot.usable
         state = services.board.describe(uid)
         upstreams[uid] = {
             "usable": usable,
             "healthy": state["healthy"],
             "in_flight": rt.in_flight,
+            "circuit": breaker.state,
             # seconds since its last up/down change (None before the first probe)
-            "state_for_s": round(now - float(state["since"]), 1) if state["since"] else None,
+            "state_for_s": round(now - since, 1) if isinstance(since := state["since"], float) and since else None,
             "reason": state["reason"],
         }
     ready = any(u["usable"] for u in upstreams.values())
@@ -131,8 +134,12 @@ async def list_openai_models(services: Services) -> list[dict[str, Any]]:
     owners: dict[str, str] = {}
     listings = await _listings(services, "openai")
     for u in services.config.upstreams:
-        for name in _names(u, listings.get(u.id, [])):
+        discovered = services.runtimes[u.id].discovered
+        for name in _names(u, listings.get(u.id, []), discovered):
             owners.setdefault(name, u.id)
+    for route in services.config.routes:
+        if not any(c in route.model for c in "*?["):
+            owners.setdefault(route.model, route.targets[0].upstream)
     for alias, target in services.config.routing.aliases.items():
         owners.setdefault(alias, owners.get(target, "trioproxy"))
     return [{"id": n, "object": "model", "created": 0, "owned_by": owners[n]} for n in sorted(owners)]
@@ -144,19 +151,20 @@ async def list_ollama_models(services: Services) -> list[dict[str, Any]]:
     listings = await _listings(services, "ollama")
     for u in services.config.upstreams:
         for entry in listings.get(u.id, []):
-            if isinstance(entry, dict) and isinstance(entry.get("name"), str) and _serves_tag(u, entry["name"]):
+            discovered = services.runtimes[u.id].discovered
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str) and _serves_tag(u, entry["name"], discovered):
                 entries.setdefault(entry["name"], entry)
     return [entries[n] for n in sorted(entries)]
 
 
-def _serves_tag(u: Upstream, name: str) -> bool:
-    return u.serves(name) or (name.endswith(":latest") and u.serves(name.removesuffix(":latest")))
+def _serves_tag(u: Upstream, name: str, discovered: frozenset[str] | None) -> bool:
+    bare = name.removesuffix(":latest")
+    return u.serves(name, discovered) or (name.endswith(":latest") and u.serves(bare, discovered))
 
 
-def _names(u: Upstream, listing: Iterable[Any]) -> list[str]:
-    exact = [m for m in u.models if not any(c in m for c in "*?[")]
+def _names(u: Upstream, listing: Iterable[Any], discovered: frozenset[str] | None) -> list[str]:
     reported = [n for n in listing if isinstance(n, str) and u.serves(n)]
-    return exact + reported
+    return list(u.exact_models) + reported + sorted(discovered or ())
 
 
 async def _listings(services: Services, family: ApiFamily) -> dict[str, list[Any]]:
@@ -193,6 +201,7 @@ async def _listings(services: Services, family: ApiFamily) -> dict[str, list[Any
 
     async with trio.open_nursery() as fetches:
         for u in services.config.upstreams:
-            if eligible(u, family) and (family == "ollama" or any(c in m for m in u.models for c in "*?[")):
+            globs = not u.discovers and any(c in m for m in u.models for c in "*?[")
+            if eligible(u, family) and (family == "ollama" or globs):
                 fetches.start_soon(fetch, u)
     return results

@@ -64,8 +64,6 @@ class Timeouts:
     first_byte_ms: int = 60_000
     #: Longest silence allowed between two body reads once the response started.
     idle_ms: int = 60_000
-    #: Whole request, every attempt included.
-    total_ms: int = 600_000
 
 
 @frozen
@@ -96,13 +94,17 @@ class Upstream:
     kind: UpstreamKind = "openai"
     #: Empty only when ``mock`` is set: the embedded mock's address is filled in at start.
     base_url: str = ""
-    #: Exact names or globs (``llama3*``); ``["*"]`` serves any model.
-    models: tuple[str, ...] = ("*",)
+    #: Exact names or globs (``llama3*``); ``["*"]`` serves any model; ``"discover"``: what the
+    #: upstream itself lists (``/api/tags`` or ``/v1/models``), refreshed by the health checker.
+    models: tuple[str, ...] | Literal["discover"] = ("*",)
     #: Lower is tried first.
     priority: int = 0
     weight: int = 1
-    #: 0: no limit.
+    #: Requests in flight to it at once (0: no limit). Over it, the next candidate is tried.
     max_concurrent: int = 0
+    #: When every candidate is at its limit, this many may wait for a slot, for at most queue_timeout_ms.
+    max_queue: int = 0
+    queue_timeout_ms: int = 1_000
     #: Name of the environment variable holding the upstream's API key.
     api_key_env: str | None = None
     #: Idle keep-alive connections kept per upstream.
@@ -111,8 +113,21 @@ class Upstream:
     health: HealthCheck = HealthCheck()
     mock: MockConfig | None = None
 
-    def serves(self, model: str) -> bool:
+    @property
+    def discovers(self) -> bool:
+        return self.models == "discover"
+
+    def serves(self, model: str, discovered: frozenset[str] | None = None) -> bool:
+        """Whether this upstream serves ``model`` (for ``"discover"``: per its last listing)."""
+        if self.models == "discover":
+            return discovered is not None and model in discovered
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    @property
+    def exact_models(self) -> tuple[str, ...]:
+        if self.models == "discover":
+            return ()
+        return tuple(m for m in self.models if not any(c in m for c in "*?["))
 
     @property
     def health_path(self) -> str:
@@ -125,13 +140,46 @@ class Upstream:
 
 
 @frozen
+class RouteTarget:
+    upstream: str
+    #: The model name asked of that upstream; ``"{model}"`` keeps the requested name.
+    model: str = "{model}"
+
+
+@frozen
+class ModelRoute:
+    """A public model name (exact or glob) and the targets that serve it, in order."""
+
+    model: str
+    targets: tuple[RouteTarget, ...]
+
+
+@frozen
 class Routing:
-    #: 0: no hedging; otherwise start the next candidate when the first is this slow.
+    #: 0: no hedging; otherwise start the next candidate when the running one has not
+    #: produced its first content this long after it started.
     hedge_after_ms: int = 0
+    #: Extra attempts a hedge may run alongside the first.
+    max_hedges: int = 1
+    #: Hedges add at most this share of extra upstream requests (sliding 10 s window).
+    hedge_budget_percent: float = 10.0
+    #: Attempts per request, retries and hedges included.
     max_attempts: int = 3
-    #: Statuses after which the next candidate is tried (when no byte reached the client).
+    #: Retries of a retryable failure on the same target before moving on.
+    retries_per_target: int = 0
+    retry_backoff_ms: int = 100
+    retry_backoff_max_ms: int = 2_000
+    #: A Retry-After up to this is waited out (with retries on); a longer one moves on.
+    max_retry_after_s: float = 2.0
+    #: The whole request, every attempt included.
+    total_timeout_ms: int = 600_000
+    #: Statuses that are retried / failed over (when no byte reached the client).
     failover_statuses: tuple[int, ...] = (408, 429, 500, 502, 503, 504)
-    #: Public model name → the name sent upstream.
+    #: Consecutive failed requests that open an upstream's circuit.
+    breaker_failures: int = 5
+    breaker_cooldown_ms: int = 1_000
+    breaker_max_cooldown_ms: int = 60_000
+    #: Public model name → the name sent upstream (shorthand for a one-target route per upstream).
     aliases: dict[str, str] = field(factory=dict)
 
 
@@ -157,6 +205,8 @@ class Telemetry:
 class Config:
     upstreams: tuple[Upstream, ...]
     server: ServerConfig = ServerConfig()
+    #: Explicit model routes, matched in order (exact names before globs).
+    routes: tuple[ModelRoute, ...] = ()
     routing: Routing = Routing()
     telemetry: Telemetry = Telemetry()
     #: Where it came from, for messages (not a TOML key).
@@ -193,6 +243,14 @@ def _make_converter() -> cattrs.Converter:
             raise ValueError(f"expected true or false, got {value!r}")
         return value
 
+    def structure_models(value: Any, _: type) -> tuple[str, ...] | str:
+        if value == "discover":
+            return "discover"
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError(f'expected a list of model names or globs, or "discover", got {value!r}')
+
+    converter.register_structure_hook(tuple[str, ...] | Literal["discover"], structure_models)
     converter.register_structure_hook(float, structure_float)
     converter.register_structure_hook(int, structure_int)
     converter.register_structure_hook(str, structure_str)
@@ -300,7 +358,9 @@ def validate(config: Config) -> list[str]:
         elif u.base_url:
             problems.append(f"{where}.base_url: must be empty for an embedded mock (its address is chosen at start)")
         if not u.models:
-            problems.append(f"{where}.models: expected at least one model name or glob")
+            problems.append(f"{where}.models: expected at least one model name or glob, or \"discover\"")
+        if u.max_queue < 0 or u.queue_timeout_ms < 0:
+            problems.append(f"{where}: max_queue and queue_timeout_ms must be 0 or more")
         if u.weight < 1:
             problems.append(f"{where}.weight: expected 1 or more, got {u.weight}")
         if u.max_concurrent < 0:
@@ -314,8 +374,22 @@ def validate(config: Config) -> list[str]:
             problems.append(f"{where}.health.path: expected a path starting with '/'")
         if u.health.rise < 1 or u.health.fall < 1:
             problems.append(f"{where}.health: rise and fall must be 1 or more")
-    if config.routing.max_attempts < 1:
+    r = config.routing
+    if r.max_attempts < 1:
         problems.append("$.routing.max_attempts: expected 1 or more")
+    if r.max_hedges < 0 or r.retries_per_target < 0:
+        problems.append("$.routing: max_hedges and retries_per_target must be 0 or more")
+    if not 0 <= r.hedge_budget_percent <= 100:
+        problems.append("$.routing.hedge_budget_percent: expected 0..100")
+    if r.total_timeout_ms <= 0 or r.breaker_failures < 1 or r.breaker_cooldown_ms <= 0:
+        problems.append("$.routing: total_timeout_ms, breaker_failures and breaker_cooldown_ms must be positive")
+    for i, route in enumerate(config.routes):
+        if not route.targets:
+            problems.append(f"$.routes[{i}].targets: expected at least one target")
+        for j, target in enumerate(route.targets):
+            if target.upstream not in seen:
+                known = ", ".join(sorted(seen))
+                problems.append(f"$.routes[{i}].targets[{j}].upstream: no upstream {target.upstream!r} (known: {known})")
     if config.routing.hedge_after_ms < 0:
         problems.append("$.routing.hedge_after_ms: expected 0 (off) or more")
     for status in config.routing.failover_statuses:

@@ -8,11 +8,12 @@
     │   └── BodyTooLarge       status_hint=413
     ├── RoutingError           status_hint=404     unknown model or route
     │   └── NoHealthyUpstream  status_hint=503
+    ├── AllSaturated           status_hint=429     every candidate at its concurrency limit
     └── UpstreamError          .upstream, status_hint=502
         ├── UpstreamConnectError                   refused, reset or closed before a response
         ├── UpstreamProtocolError                  bytes that are not HTTP/1.1
         ├── UpstreamStatusError                    a final error status (.status, .body, .headers)
-        └── UpstreamTimeout    status_hint=504
+        └── UpstreamTimeout    status_hint=504     .phase: connect | first_byte | idle
 
 ``status_hint`` follows h11's ``error_status_hint``: ``app.py`` maps any
 ``TrioproxyError`` to an error response in the API's own format, in one place.
@@ -93,6 +94,18 @@ class NoHealthyUpstream(RoutingError):
         self.retry_after_s = retry_after_s
 
 
+class AllSaturated(TrioproxyError):
+    """Every candidate upstream is at its concurrency limit and its wait queue is full."""
+
+    status_hint = 429
+    error_type = "requests"
+    error_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class UpstreamError(TrioproxyError):
     """An attempt on one upstream failed before its response could be relayed."""
 
@@ -118,6 +131,11 @@ class UpstreamTimeout(UpstreamError):
     status_hint = 504
     error_type = "timeout"
     kind = "timeout"
+
+    def __init__(self, message: str, *, upstream: str, phase: str = "other") -> None:
+        super().__init__(message, upstream=upstream)
+        #: "connect", "first_byte" (sent, no answer: never retried on the same target), "idle" or "other".
+        self.phase = phase
 
 
 class UpstreamStatusError(UpstreamError):

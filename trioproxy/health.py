@@ -1,5 +1,8 @@
 """Active health checks: a pure state board and the thin async prober around it.
 
+For ``models = "discover"`` upstreams the same task refreshes the upstream's
+model listing on every round.
+
 ``HealthBoard.observe`` applies the ``rise``/``fall`` thresholds; time is passed
 in, never read inside, so the board is tested without sockets or clocks. The
 checker task (one per upstream, owned by the service nursery) probes the kind's
@@ -72,12 +75,50 @@ def probe_url(runtime: UpstreamRuntime) -> str:
     return runtime.cfg.base_url.rstrip("/") + runtime.cfg.health_path
 
 
+def listing_url(runtime: UpstreamRuntime) -> str:
+    path = "/api/tags" if runtime.cfg.kind == "ollama" else "/v1/models"
+    return runtime.cfg.base_url.rstrip("/") + path
+
+
+def parse_listing(doc: object) -> frozenset[str]:
+    """Model names from an Ollama ``/api/tags`` or OpenAI ``/v1/models`` answer.
+
+    Ollama names carry a tag (``llama3.2:latest``); the bare name is added for
+    ``:latest`` so that a request for ``llama3.2`` matches, as Ollama itself does.
+    """
+    names: set[str] = set()
+    if isinstance(doc, dict):
+        for entry in doc.get("models") or doc.get("data") or []:
+            if isinstance(entry, dict):
+                name = entry.get("name") or entry.get("model") or entry.get("id")
+                if isinstance(name, str):
+                    names.add(name)
+                    if name.endswith(":latest"):
+                        names.add(name.removesuffix(":latest"))
+    return frozenset(names)
+
+
+async def refresh_models(runtime: UpstreamRuntime, http: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    """Update ``runtime.discovered`` from the upstream's own listing; keep the last one on failure."""
+    try:
+        response = await http.get(listing_url(runtime), headers=headers, timeout=runtime.cfg.health.timeout_ms / 1000)
+        if response.status_code == 200:
+            names = parse_listing(response.json())
+            if names != runtime.discovered:
+                logger.info("upstream {} serves {} model(s): {}", runtime.cfg.id, len(names), ", ".join(sorted(names)))
+            runtime.discovered = names
+    except (httpx.HTTPError, ValueError) as exc:
+        logger.debug("model listing of {} failed: {}", runtime.cfg.id, type(exc).__name__)
+
+
 async def run_checker(runtime: UpstreamRuntime, board: HealthBoard, http: httpx.AsyncClient) -> None:
-    """Probe one upstream forever (until cancelled), updating ``runtime.healthy``."""
+    """Probe one upstream forever (until cancelled), updating ``runtime.healthy`` (and its models)."""
     cfg = runtime.cfg.health
     url = probe_url(runtime)
     headers = {k.decode(): v.decode() for k, v in runtime.auth_headers}
     while True:
+        if runtime.cfg.discovers:
+            await refresh_models(runtime, http, headers)
         reason = ""
         try:
             response = await http.get(url, headers=headers, timeout=cfg.timeout_ms / 1000)

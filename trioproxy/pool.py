@@ -149,7 +149,7 @@ class UpstreamResponse:
             except OSError as exc:
                 raise UpstreamConnectError(f"connection closed mid-body ({_reason(exc)})", upstream=upstream) from exc
             if data is None:
-                raise UpstreamTimeout(f"no body data for {self._idle_timeout:g}s", upstream=upstream)
+                raise UpstreamTimeout(f"no body data for {self._idle_timeout:g}s", upstream=upstream, phase="idle")
             if data:
                 parser.feed(data)
             else:
@@ -362,7 +362,9 @@ class ConnectionPool:
                 message = f"reset while sending the request ({_reason(exc)})"
                 raise UpstreamConnectError(message, upstream=upstream) from exc
             if not sent:
-                raise UpstreamTimeout(f"request not accepted within {first_byte_timeout:g}s", upstream=upstream)
+                raise UpstreamTimeout(
+                    f"request not accepted within {first_byte_timeout:g}s", upstream=upstream, phase="first_byte"
+                )
             deadline = trio.current_time() + first_byte_timeout
             # Let other tasks run while the upstream works: under load the head has usually
             # arrived when we resume, and the recv below succeeds without parking in epoll
@@ -378,7 +380,9 @@ class ConnectionPool:
                     message = f"reset before response headers ({_reason(exc)})"
                     raise UpstreamConnectError(message, upstream=upstream) from exc
                 if data is None:
-                    raise UpstreamTimeout(f"no response headers within {first_byte_timeout:g}s", upstream=upstream)
+                    raise UpstreamTimeout(
+                        f"no response headers within {first_byte_timeout:g}s", upstream=upstream, phase="first_byte"
+                    )
                 if data:
                     got_bytes = True
                     parser.feed(data)
@@ -408,7 +412,9 @@ class ConnectionPool:
         with trio.move_on_after(self._connect_timeout):
             conn = await self._open_connection()
         if conn is None:
-            raise UpstreamTimeout(f"connect timed out after {self._connect_timeout:g}s", upstream=self.upstream_id)
+            raise UpstreamTimeout(
+                f"connect timed out after {self._connect_timeout:g}s", upstream=self.upstream_id, phase="connect"
+            )
         self._connects += 1
         return conn
 

@@ -1,14 +1,17 @@
 """Relaying an upstream response to the ASGI client.
 
-Streamed bodies (chunked or close-delimited upstream responses) go through two
-tasks in the request's relay nursery, joined by a zero-buffer memory channel so
-a slow client slows the upstream read instead of piling bytes up in memory::
+Streamed bodies (chunked or close-delimited upstream responses to a streaming
+request) go through two tasks in the request's relay nursery, joined by a
+zero-buffer memory channel so a slow client slows the upstream read instead of
+piling bytes up in memory::
 
-    pump:    upstream.receive_some() → scanner.feed() → [usage filter] → chunks_send
+    pump:    [prefetched chunks] + upstream.receive_some() → scanner.feed() → [usage filter] → chunks_send
     deliver: chunks_recv → ASGI send; stamps TTFT when the first content chunk is sent
 
-Bodies with a Content-Length are read whole and sent in one ASGI message with
-their length (no chunking, no task switch per piece).
+(the attempt that won already read up to the first content: that is how a hedge
+race is decided, see ``upstream.py``; those chunks go first). Bodies read whole by
+the attempt (non-streamed answers, error answers) are sent in one ASGI message
+with their length (no chunking, no task switch per piece).
 
 Policy on a mid-stream upstream failure (cut, reset, idle timeout, a stream that
 ends before its ``finish_reason``/``done``): the status line is long gone, so the
@@ -30,7 +33,8 @@ import trio
 from .errors import UpstreamError
 from .headers import client_response_headers
 from .upstream import Winner
-from .usage import NDJSONScanner, SSEScanner, UsageEventFilter
+from .usage import NDJSONScanner, SSEScanner
+from .usagefilter import UsageEventFilter
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -64,7 +68,6 @@ async def relay_stream(
     winner: Winner,
     send: Send,
     *,
-    scanner: SSEScanner | NDJSONScanner | None,
     usage_filter: UsageEventFilter | None,
     error_line: Callable[[str], bytes],
 ) -> None:
@@ -78,7 +81,7 @@ async def relay_stream(
     ex.response_started = True
     chunks_send, chunks_recv = trio.open_memory_channel[bytes](0)
     async with trio.open_nursery() as relay:
-        relay.start_soon(pump, ex, winner, chunks_send, scanner, usage_filter, error_line)
+        relay.start_soon(pump, ex, winner, chunks_send, usage_filter, error_line)
         await deliver(ex, chunks_recv, send)
     await finish(ex, send)
 
@@ -87,14 +90,25 @@ async def pump(
     ex: Exchange,
     winner: Winner,
     chunks_send: trio.MemorySendChannel[bytes],
-    scanner: SSEScanner | NDJSONScanner | None,
     usage_filter: UsageEventFilter | None,
     error_line: Callable[[str], bytes],
 ) -> None:
-    """Read the upstream body into the channel; closing ``chunks_send`` tells deliver it is over."""
-    response = winner.response
+    """Relay what the attempt already read, then the rest of the upstream body, into the channel.
+
+    Closing ``chunks_send`` tells ``deliver`` it is over.
+    """
+    response, scanner = winner.response, winner.scanner
     async with chunks_send:
         sent = 0
+        for index, data in enumerate(winner.prefetched):
+            if index == winner.first_content_index:
+                ex.first_content_index = sent
+            if usage_filter is not None:
+                data = usage_filter.feed(data)
+                if not data:
+                    continue
+            await chunks_send.send(data)
+            sent += 1
         try:
             while True:
                 data = await response.receive_some()
@@ -136,10 +150,9 @@ async def deliver(ex: Exchange, chunks_recv: trio.MemoryReceiveChannel[bytes], s
             index += 1
 
 
-async def relay_whole(ex: Exchange, winner: Winner, send: Send, *, max_bytes: int) -> bytes:
-    """Read a Content-Length body whole and send it in one message; returns the body."""
+async def relay_whole(ex: Exchange, winner: Winner, send: Send, body: bytes) -> None:
+    """Send a body that was read whole, in one message, with its length."""
     response = winner.response
-    body = await response.read_all(max_bytes=max_bytes)
     headers = client_response_headers(
         response.headers, request_id=ex.request_id, upstream_id=winner.target.upstream.encode(), streamed=False
     )
@@ -148,7 +161,6 @@ async def relay_whole(ex: Exchange, winner: Winner, send: Send, *, max_bytes: in
     ex.status = response.status
     ex.response_started = True
     await finish(ex, send, body)
-    return body
 
 
 async def finish(ex: Exchange, send: Send, body: bytes = b"") -> None:

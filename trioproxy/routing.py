@@ -4,8 +4,14 @@
 configured upstreams and an immutable snapshot of their state. The I/O layer
 (``upstream.py``) walks the plan; nothing here awaits, reads a clock or keeps state.
 
-Order, most preferred first:
-1. usable upstreams before unusable ones (down, or at their concurrency limit);
+Where a ``[[routes]]`` entry matches the model (exact names first, then globs in
+order), its targets are the candidates, in the route's order. Otherwise every
+upstream that serves the name (by its ``models`` globs, or by its last listing
+with ``models = "discover"``) is a candidate, ordered as below.
+
+Order, most preferred first (a route keeps its own order but for rule 1):
+1. usable upstreams before unusable ones (down by health check, circuit open or
+   cooling down after a 429, or at their concurrency limit);
 2. lower ``priority`` first;
 3. within a priority, fewest outstanding requests per unit of ``weight``;
 4. ties rotated by the caller's counter, each upstream leading in proportion to its
@@ -14,13 +20,14 @@ Order, most preferred first:
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from attrs import frozen
 
-from .config import Config, Upstream
+from .config import Config, ModelRoute, Upstream
 from .errors import RoutingError
 
 #: "openai": the /v1/* routes every kind serves; "ollama": the native /api/* routes.
@@ -32,7 +39,16 @@ class UpstreamState:
     """What routing needs to know about one upstream right now."""
 
     healthy: bool = True
+    #: Its circuit breaker lets a request through (closed, or a half-open trial is free).
+    available: bool = True
     in_flight: int = 0
+    saturated: bool = False
+    #: The model names it last listed (``models = "discover"``), or None.
+    discovered: frozenset[str] | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.healthy and self.available and not self.saturated
 
 
 @frozen
@@ -79,22 +95,49 @@ def plan_route(
         RoutingError: no configured upstream serves ``model`` (404 ``model_not_found``).
     """
     served_name = config.routing.aliases.get(model, model)
-    candidates = [u for u in config.upstreams if eligible(u, family) and u.serves(served_name)]
-    if not candidates:
-        raise RoutingError(_not_found_message(model, family, config))
     default = UpstreamState()
+    route = match_route(served_name, config.routes)
+    if route is not None:
+        targets = [
+            Target(t.upstream, served_name if t.model == "{model}" else t.model)
+            for t in route.targets
+            if eligible(config.upstream(t.upstream), family)
+        ]
+        if not targets:
+            raise RoutingError(_not_found_message(model, family, config))
+        # Stable: the route's order, usable targets first.
+        targets.sort(key=lambda t: not states.get(t.upstream, default).usable)
+        attempts = tuple(targets[: config.routing.max_attempts])
+    else:
+        candidates = [
+            u
+            for u in config.upstreams
+            if eligible(u, family) and u.serves(served_name, states.get(u.id, default).discovered)
+        ]
+        if not candidates:
+            raise RoutingError(_not_found_message(model, family, config))
 
-    def key(u: Upstream) -> tuple[bool, int, float]:
-        state = states.get(u.id, default)
-        saturated = u.max_concurrent > 0 and state.in_flight >= u.max_concurrent
-        return (not state.healthy or saturated, u.priority, state.in_flight / u.weight)
+        def key(u: Upstream) -> tuple[bool, int, float]:
+            state = states.get(u.id, default)
+            return (not state.usable, u.priority, state.in_flight / u.weight)
 
-    ordered: list[Upstream] = []
-    for _, group in itertools.groupby(sorted(candidates, key=key), key=key):
-        ordered.extend(_rotate_weighted(list(group), rr))
-    attempts = tuple(Target(u.id, served_name) for u in ordered[: config.routing.max_attempts])
+        ordered: list[Upstream] = []
+        for _, group in itertools.groupby(sorted(candidates, key=key), key=key):
+            ordered.extend(_rotate_weighted(list(group), rr))
+        attempts = tuple(Target(u.id, served_name) for u in ordered[: config.routing.max_attempts])
     hedge = config.routing.hedge_after_ms
     return RoutePlan(attempts=attempts, stagger=hedge / 1000 if hedge > 0 else float("inf"))
+
+
+def match_route(model: str, routes: Sequence[ModelRoute]) -> ModelRoute | None:
+    """The route for a model name: an exact match first, then the first glob that matches."""
+    for route in routes:
+        if route.model == model:
+            return route
+    for route in routes:
+        if any(c in route.model for c in "*?[") and fnmatch.fnmatchcase(model, route.model):
+            return route
+    return None
 
 
 def _rotate_weighted(group: list[Upstream], rr: int) -> list[Upstream]:
@@ -118,7 +161,7 @@ def plan_any(family: ApiFamily, config: Config, states: Mapping[str, UpstreamSta
     default = UpstreamState()
     ordered = sorted(
         (u for u in config.upstreams if eligible(u, family)),
-        key=lambda u: (not states.get(u.id, default).healthy, u.priority),
+        key=lambda u: (not states.get(u.id, default).usable, u.priority),
     )
     if not ordered:
         raise RoutingError(f"no upstream here serves the {family} API", code="not_found", param=None)
@@ -127,15 +170,26 @@ def plan_any(family: ApiFamily, config: Config, states: Mapping[str, UpstreamSta
 
 
 def _not_found_message(model: str, family: ApiFamily, config: Config) -> str:
-    names = public_models(config.upstreams, family, aliases=config.routing.aliases)
+    names = public_models(config.upstreams, family, aliases=config.routing.aliases, routes=config.routes)
     listing = ", ".join(names) if names else "none configured by name"
     return f"The model `{model}` does not exist or is not served here. Available: {listing}."
 
 
-def public_models(upstreams: Sequence[Upstream], family: ApiFamily, *, aliases: Mapping[str, str]) -> list[str]:
-    """Exact (non-glob) model names the profile serves for a family, aliases included."""
+def public_models(
+    upstreams: Sequence[Upstream],
+    family: ApiFamily,
+    *,
+    aliases: Mapping[str, str],
+    routes: Sequence[ModelRoute] = (),
+    discovered: Mapping[str, frozenset[str] | None] | None = None,
+) -> list[str]:
+    """Exact (non-glob) model names the profile serves for a family: aliases, routes and listings included."""
     names: set[str] = set(aliases)
+    names.update(r.model for r in routes if not any(c in r.model for c in "*?["))
     for u in upstreams:
         if eligible(u, family):
-            names.update(m for m in u.models if not any(c in m for c in "*?["))
+            names.update(u.exact_models)
+            listed = (discovered or {}).get(u.id)
+            if listed:
+                names.update(n for n in listed if u.serves(n, listed))
     return sorted(names)

@@ -39,6 +39,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from loguru import logger
 
 from .app import ProxyApp
+from .breaker import HedgeBudget
 from .config import Config, Upstream
 from .errors import ConfigError
 from .health import HealthBoard, run_checker
@@ -103,7 +104,7 @@ def build_runtimes(config: Config) -> dict[str, UpstreamRuntime]:
         pool = ConnectionPool(
             u.base_url, upstream_id=u.id, max_idle=u.pool_max_idle, connect_timeout=u.timeouts.connect_ms / 1000
         )
-        runtimes[u.id] = UpstreamRuntime(cfg=u, pool=pool, auth_headers=auth_headers(u, os.environ))
+        runtimes[u.id] = UpstreamRuntime.create(u, pool, auth_headers(u, os.environ), config.routing)
     return runtimes
 
 
@@ -142,10 +143,13 @@ async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = 
                             fall={u.id: u.health.fall for u in config.upstreams},
                         )
                         for runtime in runtimes.values():
-                            if runtime.cfg.health.enabled:
+                            if runtime.cfg.health.enabled or runtime.cfg.discovers:
                                 service.start_soon(run_checker, runtime, board, http)
                         service.start_soon(_watch_signals, shutdown, service.cancel_scope)
-                        services = Services(config=config, runtimes=runtimes, sink=sink, http=http, board=board)
+                        budget = HedgeBudget(percent=config.routing.hedge_budget_percent)
+                        services = Services(
+                            config=config, runtimes=runtimes, sink=sink, http=http, board=board, hedge_budget=budget
+                        )
                         app = ProxyApp(services)
 
                         async def serve(task_status: trio.TaskStatus[list[str]]) -> None:

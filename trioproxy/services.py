@@ -7,11 +7,13 @@ app here; nothing lives at module level.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import httpx
 from attrs import define, field
 
+from .breaker import HedgeBudget
 from .config import Config
 from .health import HealthBoard
 from .telemetry import TelemetrySink
@@ -25,6 +27,9 @@ class Services:
     sink: TelemetrySink
     http: httpx.AsyncClient
     board: HealthBoard
+    hedge_budget: HedgeBudget
+    #: Jitter for retry backoff (one generator, no global state).
+    rng: random.Random = field(factory=random.Random)
     #: Round-robin counter for routing ties; bumped once per routed request.
     rr: int = 0
     #: Model listings fetched from upstreams: key → (fetched_at, names or entries).
