@@ -21,17 +21,10 @@ import trio
 import trio.testing
 
 from trioproxy.config import MockConfig
-from trioproxy.mock import (
-    GARBAGE,
-    FaultPlan,
-    MockSettings,
-    MockUpstream,
-    add_arguments,
-    run_from_args,
-    serve_mock,
-    settings_from_args,
-)
-from trioproxy.mockwire import TOKENS, content_text, embedding
+from trioproxy.mock import GARBAGE, FaultPlan, MockSettings, MockUpstream, serve_mock
+from trioproxy.mockcli import add_arguments, run_from_args, settings_from_args
+from trioproxy.mockpayloads import embedding
+from trioproxy.mockreply import TOKENS, content_text
 
 #: No waiting anywhere unless a test asks for it.
 FAST = MockSettings(ttft_ms=0, token_delay_ms=0, tokens=4)
@@ -660,7 +653,7 @@ def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
 
 async def test_cli_runs_until_sigint() -> None:
     with trio.fail_after(60):
-        code = ("import argparse, sys; from trioproxy.mock import add_arguments, run_from_args; "
+        code = ("import argparse, sys; from trioproxy.mockcli import add_arguments, run_from_args; "
                 "p = argparse.ArgumentParser(); add_arguments(p); sys.exit(run_from_args(p.parse_args()))")
         proc = await trio.lowlevel.open_process([sys.executable, "-c", code, "--port", "0", "--kind", "ollama"],
                                                 stderr=subprocess.PIPE)

@@ -1,4 +1,5 @@
-"""Tests for trioproxy.usage: stream scanners and the usage-event filter (sans-IO, sync).
+"""Tests for trioproxy.usage: stream scanners (sans-IO, sync); the usage-event filter is
+tested in ``test_usagefilter``, on the fixtures defined here, and below on garbage.
 
 Fixtures follow the servers' recorded formats (OpenAI, vLLM, llama.cpp, Ollama). Every
 result must not depend on how the body is split: each fixture is checked at every
@@ -21,9 +22,9 @@ from trioproxy.usage import (
     ScannerStatistics,
     SSEScanner,
     Usage,
-    UsageEventFilter,
     estimate_tokens,
 )
+from trioproxy.usagefilter import UsageEventFilter
 
 Scanner = SSEScanner | NDJSONScanner
 Event = dict[str, Any] | str  # a decoded SSE event, or "[DONE]"
@@ -796,140 +797,3 @@ def test_garbage_never_raises_and_lines_are_counted_exactly(body: bytes, limit: 
     usage_filter = UsageEventFilter(max_line_bytes=limit)
     forwarded = b"".join(usage_filter.feed(piece) for piece in pieces) + usage_filter.flush()
     assert len(forwarded) <= len(body)
-
-
-# -- UsageEventFilter ---------------------------------------------------------------------------
-
-FILTER_PAIRS = {
-    "openai_chat": (OPENAI_CHAT, OPENAI_CHAT_PLAIN),
-    "openai_chat_crlf": (crlf(OPENAI_CHAT), crlf(OPENAI_CHAT_PLAIN)),
-    "openai_completions": (OPENAI_COMPLETIONS, OPENAI_COMPLETIONS_PLAIN),
-    "vllm_choices_absent": (VLLM_CHOICES_ABSENT, VLLM_CHOICES_ABSENT_PLAIN),
-    "ollama_v1": (OLLAMA_V1_INJECTED, OLLAMA_V1),
-    # Usage on chunks that carry choices stays (continuous stats); only the tail goes.
-    "vllm_continuous": (VLLM_CONTINUOUS, sse(*VLLM_CONTINUOUS_EVENTS[:3], "[DONE]")),
-    "spaced_first_member": (
-        sse('{"usage": null, "choices": [{"index": 0, "delta": {"content": "a"}}]}',
-            '{ "usage": null, "choices": [] }',
-            '{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}', "[DONE]"),
-        sse('{"choices": [{"index": 0, "delta": {"content": "a"}}]}', '{ "choices": [] }', "[DONE]")),
-}
-# Streams the gateway did not touch: forwarded byte for byte.
-UNTOUCHED = {
-    "plain_chat": OPENAI_CHAT_PLAIN,
-    "llamacpp": LLAMACPP,
-    "quirks": QUIRKS,
-    "usage_null_in_content": chunk('{"content":",\\"usage\\":null"}'),
-    "ndjson": OLLAMA_CHAT,
-}
-
-
-def filtered(pieces: list[bytes], **kwargs: Any) -> tuple[bytes, list[bytes]]:
-    usage_filter = UsageEventFilter(**kwargs)
-    outs = [usage_filter.feed(piece) for piece in pieces]
-    return b"".join(outs) + usage_filter.flush(), outs
-
-
-FILTER_CASES = [(name, stream, plain) for name, (stream, plain) in FILTER_PAIRS.items()] + [
-    (name, stream, stream) for name, stream in UNTOUCHED.items()]
-
-
-@pytest.mark.parametrize("cut", range(max(len(stream) for _, stream, _ in FILTER_CASES) + 1))
-def test_filter_every_single_split_point(cut: int) -> None:
-    for name, stream, plain in FILTER_CASES:
-        if cut <= len(stream):
-            assert filtered([stream[:cut], stream[cut:]])[0] == plain, f"{name} split at {cut}"
-
-
-@pytest.mark.parametrize("name", list(FILTER_PAIRS) + list(UNTOUCHED))
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.data())
-def test_filter_arbitrary_multiway_splits(name: str, data: st.DataObject) -> None:
-    stream, plain = FILTER_PAIRS.get(name) or (UNTOUCHED[name], UNTOUCHED[name])
-    out, _ = filtered(data.draw(pieces_of(stream)))
-    assert out == plain
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.data())
-def test_filter_never_holds_back_a_complete_line(data: st.DataObject) -> None:
-    stream = data.draw(st.sampled_from([OPENAI_CHAT_PLAIN, QUIRKS, LLAMACPP]))
-    pieces = data.draw(pieces_of(stream))
-    _, outs = filtered(pieces)
-    fed = b""
-    forwarded = b""
-    for piece, out in zip(pieces, outs):
-        fed += piece
-        forwarded += out
-        assert forwarded == fed[: fed.rfind(b"\n") + 1]
-
-
-@st.composite
-def injected_streams(draw: st.DrawFn) -> tuple[bytes, bytes]:
-    """(injected, plain): chunks with a usage-null member somewhere, and the usage tail."""
-    separators = draw(st.sampled_from([(",", ":"), (", ", ": ")]))
-    eol = draw(st.sampled_from(["\n", "\r\n"]))
-    injected = plain = ""
-    for _ in range(draw(st.integers(0, 6))):
-        if draw(st.booleans()):
-            comment = ": ping" + eol + eol
-            injected += comment
-            plain += comment
-        members: list[tuple[str, Any]] = [("id", "chatcmpl-1"), ("object", "chat.completion.chunk"),
-                   ("choices", [{"index": 0, "delta": {"content": draw(texts)}, "finish_reason": None}])]
-        at = draw(st.integers(0, len(members)))
-        prefix = draw(st.sampled_from(["data: ", "data:"]))
-        plain += prefix + json.dumps(dict(members), separators=separators) + eol + eol
-        members.insert(at, ("usage", None))
-        injected += prefix + json.dumps(dict(members), separators=separators) + eol + eol
-    tail: dict[str, Any] = {"id": "chatcmpl-1"}
-    choices = draw(st.sampled_from(["empty", "null", "absent"]))
-    if choices != "absent":
-        tail["choices"] = [] if choices == "empty" else None
-    tail["usage"] = {"prompt_tokens": draw(counts), "completion_tokens": draw(counts)}
-    injected += "data: " + json.dumps(tail, separators=separators) + eol + eol
-    done = "data: [DONE]" + eol + eol
-    return (injected + done).encode(), (plain + done).encode()
-
-
-@settings(max_examples=300, deadline=None)
-@given(injected_streams(), st.data())
-def test_filter_removes_exactly_the_injection(streams: tuple[bytes, bytes], data: st.DataObject) -> None:
-    injected, plain = streams
-    assert filtered(data.draw(pieces_of(injected)))[0] == plain
-    assert filtered(data.draw(pieces_of(plain)))[0] == plain
-
-
-@pytest.mark.parametrize(("line", "kept"), [
-    (b'data: {"usage":null}\n', b"data: {}\n"),
-    (b'data: {"a":1,"usage":null,"b":2}\n', b'data: {"a":1,"b":2}\n'),
-    (b'data: {"a": 1, "usage" : null }\n', b'data: {"a": 1 }\n'),
-    (b'data: {"usage":nullx,"a":1}\n', b'data: {"usage":nullx,"a":1}\n'),  # not JSON null: kept
-    (b': {"a":1,"usage":null}\n', b': {"a":1,"usage":null}\n'),  # a comment, not data
-    (b'data: {"choices":[],"usage":{"prompt_tokens":1},"error":{"message":"x"}}\n',
-     b'data: {"choices":[],"usage":{"prompt_tokens":1},"error":{"message":"x"}}\n'),
-    (b'data: {"choices":[],"usage":{"prompt_tokens":1}\n', b'data: {"choices":[],"usage":{"prompt_tokens":1}\n'),
-])
-def test_filter_lines(line: bytes, kept: bytes) -> None:
-    assert filtered([line])[0] == kept
-
-
-def test_filter_drops_the_whole_usage_event_up_to_its_blank_line() -> None:
-    stream = (b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n'
-              b"id: 9\n\n"
-              b"data: [DONE]\n\n")
-    assert filtered([stream])[0] == b"data: [DONE]\n\n"
-
-
-def test_filter_flush_rewrites_a_last_line_without_newline() -> None:
-    assert filtered([b'data: {"a":1,"usage":null}'])[0] == b'data: {"a":1}'
-    assert filtered([b'data: {"choices":[],"usage":{"prompt_tokens":1}}'])[0] == b""
-
-
-def test_filter_passes_oversize_lines_untouched_however_they_arrive() -> None:
-    line = b'data: {"a":"' + b"x" * 100 + b'","usage":null}\n\n'
-    for cut in range(len(line) + 1):
-        out, outs = filtered([line[:cut], line[cut:]], max_line_bytes=50)
-        assert out == line
-        if cut > 50:
-            assert outs[0] == line[:cut]  # past the cap nothing is held back

@@ -40,7 +40,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import logstats, logview, mock
+    from . import logstats, logview, mockcli
 
     parser = argparse.ArgumentParser(prog="trioproxy", description="A local gateway for LLM traffic, on Trio.")
     parser.add_argument("--version", action="version", version=f"trioproxy {__version__}")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a profile and print it resolved, secrets masked")
     _add_profile_arguments(check)
 
-    mock.add_arguments(commands.add_parser("mock", help="run a mock upstream (OpenAI and/or Ollama API)"))
+    mockcli.add_arguments(commands.add_parser("mock", help="run a mock upstream (OpenAI and/or Ollama API)"))
     logview.add_tail_arguments(commands.add_parser("tail", help="show the usage log, one line a request"))
     logstats.add_stats_arguments(commands.add_parser("stats", help="summarize the usage log"))
     return parser
@@ -77,9 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nprofile OK: {config.source}")
             return 0
         if args.command == "mock":
-            from . import mock
+            from . import mockcli
 
-            return mock.run_from_args(args)
+            return mockcli.run_from_args(args)
         if args.command == "tail":
             from . import logview
 

@@ -1,10 +1,12 @@
 """``trioproxy mock``: a stand-in for Ollama and vLLM, served straight from trio sockets.
 
 Operators and the benchmark use it in place of a real model server, and it is the
-upstream of every integration test, so it is exact on the wire (``mockwire.py``
-builds every byte), fast (no HTTP framework: a hand-written parser, byte templates,
-one socket write per event) and deterministic (fixed token text, counted faults,
-seeded fault rates; see ``mockwire``'s docstring for the token and prompt counts).
+upstream of every integration test, so it is exact on the wire (the sans-IO
+modules ``mockhttp``, ``mockreply``, ``mockpayloads`` and ``mockwire`` build every
+byte), fast (no HTTP framework: a hand-written parser, byte templates, one socket
+write per event) and deterministic (fixed token text, counted faults, seeded fault
+rates; see ``mockreply``'s and ``mockpayloads``' docstrings for the token and prompt
+counts). The command line (``trioproxy mock``) is in ``mockcli``.
 
 Faults (``FaultPlan`` for the run, ``x-mock-fault`` per request):
 
@@ -28,17 +30,13 @@ Task tree::
 
 from __future__ import annotations
 
-import argparse
 import email.utils
 import errno
 import math
 import random
-import signal
 import struct
-import sys
 import time
 from collections import deque
-from functools import partial
 from typing import Literal
 
 import attrs
@@ -47,22 +45,10 @@ from attrs import field, frozen
 from attrs.validators import ge, in_, le
 
 from .config import MockConfig, MockKind
-from .mockwire import (
-    CONTINUE,
-    Generation,
-    GenerationRenderer,
-    ParseError,
-    Request,
-    RequestParser,
-    Static,
-    Timings,
-    error_format,
-    error_reply,
-    parse_overrides,
-    plan_reply,
-    response_head,
-    rfc3339,
-)
+from .mockhttp import CONTINUE, ParseError, Request, RequestParser, response_head
+from .mockpayloads import error_format, error_reply
+from .mockreply import Generation, GenerationRenderer, Static, Timings, rfc3339
+from .mockwire import parse_overrides, plan_reply
 
 FaultKind = Literal["status", "reset", "hang", "cut", "garbage"]
 FAULT_KINDS: tuple[FaultKind, ...] = ("status", "reset", "hang", "cut", "garbage")
@@ -454,73 +440,3 @@ async def serve_mock(
         async with trio.open_nursery() as connections:
             task_status.started(mock)
             await mock._accept(listener, connections)
-
-
-# --- command line --------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``trioproxy mock`` options to ``parser``."""
-    add = parser.add_argument
-    add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    add("--port", type=int, default=8081, help="port to bind; 0 picks a free one (default 8081)")
-    add("--kind", choices=("openai", "ollama", "both"), default="both", help="API family to imitate")
-    add("--models", default="mock-llama", help="comma-separated model names; * accepts any")
-    add("--tokens", type=int, default=16, help="content tokens per answer")
-    add("--token-delay-ms", type=float, default=20.0, help="delay between streamed tokens")
-    add("--ttft-ms", type=float, default=50.0, help="delay before the first token (or the answer)")
-    add("--fail", choices=(*FAULT_KINDS, "refuse"), help="inject this fault")
-    add("--fail-status", type=int, default=503, help="status of --fail status")
-    add("--retry-after", type=int, default=1, help="Retry-After seconds sent with 429 and 503")
-    add("--fail-every", type=int, default=0, help="fault requests N, 2N, ... only")
-    add("--fail-rate", type=float, default=0.0, help="fault each request with this probability")
-    add("--seed", type=int, default=0, help="seed of --fail-rate")
-    add("--cut-after", type=int, default=2, help="tokens sent before --fail cut")
-
-
-def settings_from_args(args: argparse.Namespace) -> MockSettings:
-    """The :class:`MockSettings` that parsed options describe.
-
-    Raises:
-      ValueError: an option is out of range.
-    """
-    fault = None
-    if args.fail not in (None, "refuse"):
-        fault = FaultPlan(args.fail, status=args.fail_status, retry_after_s=args.retry_after,
-                          every=args.fail_every, rate=args.fail_rate, seed=args.seed,
-                          cut_after_tokens=args.cut_after)
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    if not models:
-        raise ValueError("--models: give at least one model name")
-    return MockSettings(kind=args.kind, models=models, tokens=args.tokens, token_delay_ms=args.token_delay_ms,
-                        ttft_ms=args.ttft_ms, fault=fault, refuse=args.fail == "refuse")
-
-
-async def _run(settings: MockSettings, host: str, port: int) -> int:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as root:
-            try:
-                mock = await root.start(partial(serve_mock, settings, host=host, port=port))
-            except OSError as exc:
-                print(f"trioproxy mock: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
-                return 1
-            shown = f"[{host}]" if ":" in host else host
-            print(f"trioproxy mock ({settings.kind}) listening on http://{shown}:{mock.port}",
-                  file=sys.stderr, flush=True)
-            async for _ in signals:
-                root.cancel_scope.cancel(reason="signal")
-                break
-    return 0
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run the mock in the foreground until SIGINT/SIGTERM; returns the exit code (0 on Ctrl-C)."""
-    try:
-        settings = settings_from_args(args)
-    except ValueError as exc:
-        print(f"trioproxy mock: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return trio.run(_run, settings, args.host, args.port)
-    except KeyboardInterrupt:  # Ctrl-C before the signal receiver was installed
-        return 0

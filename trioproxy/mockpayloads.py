@@ -1,0 +1,353 @@
+"""The mock upstream's per-API payloads: request bodies in, replies out [sans-IO].
+
+One handler per route reads the OpenAI or Ollama request body and returns a
+``mockreply`` reply: a :class:`Generation` to stream, or a :class:`Static` whose
+JSON payload is built here (embeddings, model lists, ``/api/show``...).
+:func:`error_reply` builds an error body in each API's shape. ``_ROUTES`` maps
+each path to its handler; ``mockwire.plan_reply`` looks requests up in it.
+
+Kept apart from ``mockwire`` (the entry points ``mock.py`` calls) because this is
+the bulk of the API knowledge and grows with every route the mock imitates.
+
+Determinism (tests rely on it):
+
+- ``prompt_tokens`` (Ollama: ``prompt_eval_count``) is the number of
+  whitespace-separated words in the request's text (every message ``content``,
+  text parts included; ``prompt``; the ``system`` of ``/api/generate``), at least
+  1; a token array counts its length. Embeddings count each input so, at least 1 each.
+- An embedding is ``EMBEDDING_DIM`` floats from BLAKE2b of the text, L2-normalised,
+  rounded to 6 places.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, Literal
+
+from .mockhttp import Request
+from .mockreply import LOAD_DURATION_NS, Api, Generation, Reply, Static
+
+#: Small on purpose: the mock proves the shape of embeddings, not their meaning.
+EMBEDDING_DIM = 8
+#: Fixed so /v1/models and /api/tags answers are byte-identical across runs.
+MODEL_CREATED = 1_730_000_000
+#: Fixed for the same reason as MODEL_CREATED (RFC 3339, as Ollama's Go encoder writes).
+MODIFIED_AT = "2024-10-27T03:33:20Z"
+#: What each prompt word "costs" in /api/embed timings: small, positive, deterministic.
+PROMPT_EVAL_NS_PER_TOKEN = 50_000
+#: The Ollama release whose API this mock follows (GET /api/version).
+OLLAMA_VERSION = "0.12.6"
+#: Realistic numbers for a llama 3.2 3B Q4_K_M, so clients that display them look normal.
+MODEL_SIZE = 2_019_393_189
+#: Same model's parameter count (model_info); keeps /api/show self-consistent with details.
+PARAMETER_COUNT = 3_212_749_888
+
+ErrorFormat = Literal["openai", "ollama"]
+
+_OPENAI_ERROR_TYPES = {
+    400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+    404: "NotFoundError", 405: "MethodNotAllowedError", 409: "ConflictError",
+    413: "RequestTooLargeError", 422: "UnprocessableEntityError", 429: "RateLimitError",
+    500: "InternalServerError", 502: "BadGatewayError", 503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
+}
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def error_format(path: str) -> ErrorFormat:
+    """Which API's error shape answers ``path``: Ollama's for ``/api/*`` and ``/``."""
+    return "ollama" if path.startswith("/api/") or path == "/" else "openai"
+
+
+def error_reply(fmt: ErrorFormat, status: int, message: str, *, retry_after_s: int | None = None) -> Static:
+    """An error in the route's format: vLLM's ``{"error":{...}}`` or Ollama's ``{"error":"..."}``.
+
+    ``retry_after_s`` is sent as ``Retry-After`` only with 429 and 503, as servers do.
+    """
+    if fmt == "ollama":
+        body = _dumps({"error": message})
+    else:
+        kind = _OPENAI_ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+        body = _dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
+    headers = (("retry-after", str(retry_after_s)),) if retry_after_s is not None and status in (429, 503) else ()
+    return Static(status, "application/json", body, headers)
+
+
+# --- routing and request bodies ---------------------------------------------------
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _Reject(400, f"invalid JSON body: {exc}") from None
+    if not isinstance(value, dict):
+        raise _Reject(400, "the JSON body must be an object")
+    return value
+
+
+def _with_tag(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+@lru_cache(maxsize=64)
+def _known_names(models: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(models) | {_with_tag(m) for m in models}
+
+
+def _model(body: dict[str, Any], models: tuple[str, ...], fmt: ErrorFormat, *, key: str = "model") -> str:
+    model = body.get(key)
+    if not isinstance(model, str) or not model:
+        raise _Reject(400, "model is required" if fmt == "ollama" else "you must provide a model parameter")
+    if "*" in models or model in _known_names(models) or _with_tag(model) in _known_names(models):
+        return model
+    if fmt == "ollama":
+        raise _Reject(404, f"model '{model}' not found")
+    raise _Reject(404, f"The model `{model}` does not exist.")
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _Reject(400, f"'{key}' must be a boolean")
+    return value
+
+
+def _cap(values: list[object], tokens: int) -> tuple[int, Literal["stop", "length"]]:
+    """Tokens to send and why they end: the first integer limit given caps ``tokens``."""
+    for value in values:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _Reject(400, "max_tokens must be a non-negative integer")
+        if value < tokens:
+            return value, "length"
+        break
+    return tokens, "stop"
+
+
+def _words(value: object) -> int:
+    """Words in a string; in a list: of its strings and text parts; a token array counts its length.
+
+    Not recursive on purpose: a deeply nested body must not raise RecursionError.
+    """
+    if isinstance(value, str):
+        return len(value.split())
+    if not isinstance(value, list):
+        return 0
+    if value and all(isinstance(v, int) for v in value):
+        return len(value)
+    total = 0
+    for item in value:
+        if isinstance(item, dict):
+            item = item.get("text")
+        if isinstance(item, str):
+            total += len(item.split())
+        elif isinstance(item, list):  # one token array of a batch
+            total += len(item)
+    return total
+
+
+def _messages_words(body: dict[str, Any]) -> int:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    return sum(_words(m.get("content")) for m in messages if isinstance(m, dict))
+
+
+def _inputs(body: dict[str, Any]) -> list[str]:
+    value = body.get("input")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, int) for v in value):
+            return [" ".join(map(str, value))]  # one token array
+        if all(isinstance(v, str) or isinstance(v, list) for v in value):
+            return [v if isinstance(v, str) else " ".join(map(str, v)) for v in value]
+    raise _Reject(400, "'input' must be a string or a list of strings")
+
+
+@lru_cache(maxsize=1024)
+def embedding(text: str) -> tuple[float, ...]:
+    """The deterministic unit vector the mock returns for ``text``."""
+    digest = hashlib.blake2b(text.encode(), digest_size=EMBEDDING_DIM).digest()
+    raw = [(b - 127.5) / 127.5 for b in digest]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return tuple(round(x / norm, 6) for x in raw)
+
+
+Handler = Callable[[Request, tuple[str, ...], int], Reply]
+
+
+def _chat(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+    body = _json_object(request.body)
+    model = _model(body, models, "openai")
+    stream = _flag(body, "stream", False)
+    n, reason = _cap([body.get("max_completion_tokens"), body.get("max_tokens")], tokens)
+    options = body.get("stream_options")
+    usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    return Generation("chat", model, stream, n, reason, max(1, _messages_words(body)), usage)
+
+
+def _completion(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+    body = _json_object(request.body)
+    model = _model(body, models, "openai")
+    stream = _flag(body, "stream", False)
+    n, reason = _cap([body.get("max_tokens")], tokens)
+    options = body.get("stream_options")
+    usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    return Generation("completion", model, stream, n, reason, max(1, _words(body.get("prompt"))), usage)
+
+
+def _ollama(api: Api) -> Handler:
+    def handler(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+        body = _json_object(request.body)
+        model = _model(body, models, "ollama")
+        stream = _flag(body, "stream", True)
+        options = body.get("options")
+        limit = options.get("num_predict") if isinstance(options, dict) else None
+        n, reason = _cap([limit if isinstance(limit, int) and limit > 0 else None], tokens)
+        if api == "ollama_chat":
+            words = _messages_words(body)
+        else:
+            words = _words(body.get("prompt")) + _words(body.get("system"))
+        return Generation(api, model, stream, n, reason, max(1, words))
+
+    return handler
+
+
+def _embeddings(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+    body = _json_object(request.body)
+    model = _model(body, models, "openai")
+    texts = _inputs(body)
+    as_base64 = body.get("encoding_format") == "base64"  # the openai SDK's default
+    data = []
+    for i, text in enumerate(texts):
+        vector = embedding(text)
+        value: object = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    used = sum(max(1, _words(t)) for t in texts)
+    payload = {"object": "list", "data": data, "model": model,
+               "usage": {"prompt_tokens": used, "total_tokens": used}}
+    return Static(200, "application/json", _dumps(payload))
+
+
+def _ollama_embed(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+    body = _json_object(request.body)
+    model = _model(body, models, "ollama")
+    texts = _inputs(body)
+    used = sum(max(1, _words(t)) for t in texts)
+    payload = {"model": model, "embeddings": [embedding(t) for t in texts],
+               "total_duration": LOAD_DURATION_NS + used * PROMPT_EVAL_NS_PER_TOKEN,
+               "load_duration": LOAD_DURATION_NS, "prompt_eval_count": used}
+    return Static(200, "application/json", _dumps(payload))
+
+
+def _listed(models: tuple[str, ...]) -> list[str]:
+    return [m for m in models if m != "*"]
+
+
+def _model_object(name: str) -> dict[str, object]:
+    return {"id": name, "object": "model", "created": MODEL_CREATED, "owned_by": "trioproxy-mock"}
+
+
+def _models(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+    payload = {"object": "list", "data": [_model_object(m) for m in _listed(models)]}
+    return Static(200, "application/json", _dumps(payload))
+
+
+def _model_by_id(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+    model = _model({"model": request.path.removeprefix("/v1/models/")}, models, "openai")
+    return Static(200, "application/json", _dumps(_model_object(model)))
+
+
+_DETAILS = {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
+            "parameter_size": "3.2B", "quantization_level": "Q4_K_M"}
+
+
+def _tag_entry(name: str) -> dict[str, object]:
+    full = _with_tag(name)
+    return {"name": full, "model": full, "modified_at": MODIFIED_AT, "size": MODEL_SIZE,
+            "digest": hashlib.sha256(full.encode()).hexdigest(), "details": _DETAILS}
+
+
+def _tags(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+    return Static(200, "application/json", _dumps({"models": [_tag_entry(m) for m in _listed(models)]}))
+
+
+def _ps(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+    running = [{**_tag_entry(m), "expires_at": "2099-01-01T00:00:00Z", "size_vram": MODEL_SIZE,
+                "context_length": 4096} for m in _listed(models)]
+    for entry in running:
+        del entry["modified_at"]
+    return Static(200, "application/json", _dumps({"models": running}))
+
+
+_TEMPLATE = (
+    "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+    "{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>"
+)
+
+
+def _show(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+    body = _json_object(request.body)
+    model = _model(body, models, "ollama", key="model" if "model" in body else "name")
+    payload = {
+        "modelfile": f'# Modelfile generated by "ollama show"\nFROM {_with_tag(model)}\n'
+                     f'TEMPLATE """{_TEMPLATE}"""\nPARAMETER stop <|eot_id|>\n',
+        "parameters": 'stop                           "<|eot_id|>"',
+        "template": _TEMPLATE,
+        "details": _DETAILS,
+        "model_info": {"general.architecture": "llama", "general.file_type": 15,
+                       "general.parameter_count": PARAMETER_COUNT, "general.quantization_version": 2,
+                       "llama.context_length": 131072, "llama.embedding_length": 3072, "llama.block_count": 28},
+        "capabilities": ["completion"],
+        "modified_at": MODIFIED_AT,
+    }
+    return Static(200, "application/json", _dumps(payload))
+
+
+def _fixed(status: int, content_type: str, body: bytes) -> Handler:
+    reply = Static(status, content_type, body)
+    return lambda request, models, tokens: reply
+
+
+_OPENAI_KINDS = frozenset({"openai", "ollama", "both"})
+_OLLAMA_KINDS = frozenset({"ollama", "both"})
+_VLLM_KINDS = frozenset({"openai", "both"})
+#: path → (method, handler, the mock kinds that serve it)
+_ROUTES: dict[str, tuple[str, Handler, frozenset[str]]] = {
+    "/v1/chat/completions": ("POST", _chat, _OPENAI_KINDS),
+    "/v1/completions": ("POST", _completion, _OPENAI_KINDS),
+    "/v1/embeddings": ("POST", _embeddings, _OPENAI_KINDS),
+    "/v1/models": ("GET", _models, _OPENAI_KINDS),
+    "/health": ("GET", _fixed(200, "", b""), _VLLM_KINDS),  # vLLM: 200, no body, no content-type
+    "/": ("GET", _fixed(200, "text/plain; charset=utf-8", b"Ollama is running"), _OLLAMA_KINDS),
+    "/api/chat": ("POST", _ollama("ollama_chat"), _OLLAMA_KINDS),
+    "/api/generate": ("POST", _ollama("ollama_generate"), _OLLAMA_KINDS),
+    "/api/embed": ("POST", _ollama_embed, _OLLAMA_KINDS),
+    "/api/tags": ("GET", _tags, _OLLAMA_KINDS),
+    "/api/show": ("POST", _show, _OLLAMA_KINDS),
+    "/api/ps": ("GET", _ps, _OLLAMA_KINDS),
+    "/api/version": ("GET", _fixed(200, "application/json", _dumps({"version": OLLAMA_VERSION})), _OLLAMA_KINDS),
+}
+_MODEL_BY_ID = ("GET", _model_by_id, _OPENAI_KINDS)
