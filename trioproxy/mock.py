@@ -185,6 +185,23 @@ class MockUpstream:
         self._rng = random.Random(settings.fault.seed if settings.fault else 0)
         self._date_second = -1
         self._date = b""
+        # Graceful stop (drain): the accept loop's scope, and the scopes of connections idle between requests.
+        self._draining = False
+        self._accept_scope: trio.CancelScope | None = None
+        self._idle_scopes: set[trio.CancelScope] = set()
+
+    def drain(self) -> None:
+        """Stop gracefully, as a server being shut down does.
+
+        New connections are refused from now on, idle keep-alive connections are
+        closed, and responses in progress finish; then ``serve_mock`` returns and the
+        port is free to be served again (a restart).
+        """
+        self._draining = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        for scope in self._idle_scopes:
+            scope.cancel()
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -256,11 +273,20 @@ class MockUpstream:
                     if request is None:
                         if parser.take_continue():
                             await _send_all(sock, CONTINUE)
-                        data = await sock.recv(RECV_BYTES)
+                        if self._draining and not parser.buffered:
+                            return
+                        with trio.CancelScope() as idle:
+                            self._idle_scopes.add(idle)
+                            try:
+                                data = await sock.recv(RECV_BYTES)
+                            finally:
+                                self._idle_scopes.discard(idle)
+                        if idle.cancelled_caught:  # drained while idle
+                            return
                         if not data:
                             return
                         parser.feed(data)
-                    elif not await self._serve_request(sock, parser, request):
+                    elif not await self._serve_request(sock, parser, request) or self._draining:
                         return
             except OSError:
                 pass  # gone between responses: nothing was in progress, nothing to count
@@ -393,6 +419,13 @@ class MockUpstream:
         return keep_alive
 
     async def _accept(self, listener: trio.socket.SocketType, connections: trio.Nursery) -> None:
+        with trio.CancelScope() as self._accept_scope:
+            if self._draining:
+                return
+            await self._accept_loop(listener, connections)
+        listener.close()  # drained: refuse new connections while the last responses finish
+
+    async def _accept_loop(self, listener: trio.socket.SocketType, connections: trio.Nursery) -> None:
         while True:
             try:
                 sock, _ = await listener.accept()
@@ -413,7 +446,7 @@ async def serve_mock(
     settings: MockSettings, *, host: str = "127.0.0.1", port: int = 0,
     task_status: trio.TaskStatus[MockUpstream] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve a mock upstream until cancelled.
+    """Serve a mock upstream until cancelled (or drained: ``MockUpstream.drain``).
 
     Binds first, then reports the running :class:`MockUpstream` (with the real port)
     through ``task_status``; every connection handler runs in a nursery owned here, so
