@@ -147,3 +147,23 @@ async def test_primary_stopped_and_restarted_under_load(
     assert restarted[0].statistics().by_path.get("/v1/chat/completions", 0) > 0, "the primary got traffic back"
     records = read_records(gw)
     assert len(records) == done and all(r["outcome"] == "ok" for r in records)
+
+
+async def test_a_hedge_wins_and_the_slow_attempt_is_closed(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    """The primary's first token is slow: after hedge_after_ms the fallback races it and wins; the primary sees its
+    connection closed (so a real server would stop generating)."""
+    with trio.fail_after(30):
+        slow = await start_mock(models=("*",), tokens=4, token_delay_ms=0, ttft_ms=60_000)
+        fast = await start_mock(models=("*",), tokens=4, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(two_upstreams(slow.port, fast.port) + "[routing]\nhedge_after_ms = 50\n")
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.post(f"{gw.url}/v1/chat/completions", json=CHAT)
+        await slow.wait_disconnects(1)
+        await stop(gw)
+    assert r.status_code == 200 and r.headers["x-trioproxy-upstream"] == "fallback"
+    (record,) = read_records(gw)
+    assert record["hedged"] is True and record["upstream"] == "fallback"
+    assert sorted((a["upstream"], a["outcome"]) for a in record["attempts"]) == [
+        ("fallback", "ok"),
+        ("primary", "cancelled"),
+    ]
