@@ -3,13 +3,13 @@
 Nothing here awaits or reads a clock: every call takes ``now`` (``trio.current_time()``
 in the caller), so the state machines are tested with plain numbers.
 
-``CircuitBreaker`` states, per upstream::
+``CircuitBreaker`` transitions, per upstream::
 
-    closed ──(failure_threshold consecutive failures)──▶ open
-      ▲                                                   │ now >= open_until, try_acquire()
-      │ trial succeeded                                   ▼
-      └──────────────────────────────────────────────  half_open ──(trial failed)──▶ open, cooldown × 2 (capped)
-                                                          │ trial released (cancelled): slot free again
+    closed    ── failure_threshold consecutive failures ──▶ open for cooldown_s
+    open      ── try_acquire() once now >= open_until ────▶ half_open, that attempt its one trial
+    half_open ── trial succeeded ─────────────────────────▶ closed, cooldown back to base_cooldown_s
+    half_open ── trial failed ────────────────────────────▶ open, cooldown × 2 (up to max_cooldown_s)
+    half_open ── trial released (cancelled: no verdict) ──▶ half_open, the trial slot free again
 
 A 429 ``Retry-After`` is not a failure: ``cool_down`` makes the upstream unavailable
 for that long, in any state, without touching the circuit.

@@ -277,7 +277,9 @@ class _Race:
             except UpstreamStatusError as exc:
                 if exc.status == 429:
                     retry_after = parse_retry_after(header_value(exc.headers, b"retry-after"), now_wall=time.time())
-                    breaker.cool_down(trio.current_time(), retry_after if retry_after is not None else 1.0)
+                    # Capped: a Retry-After of days (or a hostile one) must not remove an upstream for that long.
+                    cap = self.routing.breaker_max_cooldown_ms / 1000
+                    breaker.cool_down(trio.current_time(), min(cap, retry_after if retry_after is not None else 1.0))
                 else:
                     verdict = False
                 raise
