@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## start the gateway on the embedded demo profile (mock upstreams)
 	$(BIN)/trioproxy serve --profile demo $(ARGS)
 
-test: $(STAMP)  ## the whole suite
+test: $(STAMP)  ## the whole suite: lint, types, then every test
+	$(BIN)/ruff check trioproxy tests loadtest
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
+	$(BIN)/ruff check trioproxy tests loadtest
 	$(BIN)/python -m mypy
 
 clean:

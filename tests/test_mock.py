@@ -24,7 +24,7 @@ from trioproxy.config import MockConfig
 from trioproxy.mock import GARBAGE, FaultPlan, MockSettings, MockUpstream, serve_mock
 from trioproxy.mockcli import add_arguments, run_from_args, settings_from_args
 from trioproxy.mockpayloads import embedding
-from trioproxy.mockreply import TOKENS, content_text
+from trioproxy.mockreply import content_text
 
 #: No waiting anywhere unless a test asks for it.
 FAST = MockSettings(ttft_ms=0, token_delay_ms=0, tokens=4)

@@ -17,9 +17,7 @@ import tomllib
 import typing
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-import attrs
 import cattrs
 from attrs import field, frozen
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
@@ -305,6 +303,8 @@ def load_config(text: str | dict[str, Any], *, source: str = "<config>") -> Conf
         raise ConfigError(_describe(exc), source=source) from None
     except ForbiddenExtraKeysError as exc:  # raised bare at the top level
         raise ConfigError([f"$: unknown key(s) {sorted(exc.extra_fields)}"], source=source) from None
+    from .checks import validate  # the cross-field rules live beside, not inside, the schema
+
     problems = validate(config)
     if problems:
         raise ConfigError(problems, source=source)
@@ -332,101 +332,6 @@ def _describe(exc: ClassValidationError) -> list[str]:
             text = "required key missing"
         lines.append(f"{path}: {text}")
     return lines
-
-
-def validate(config: Config) -> list[str]:
-    """Cross-field checks that types alone cannot express."""
-    problems: list[str] = []
-    seen: set[str] = set()
-    if config.server.port < 0 or config.server.port > 65535:
-        problems.append(f"$.server.port: expected 0..65535, got {config.server.port}")
-    if config.server.max_body_bytes <= 0:
-        problems.append("$.server.max_body_bytes: expected a positive number of bytes")
-    if config.server.workers < 1:
-        problems.append("$.server.workers: expected 1 or more")
-    if not config.upstreams:
-        problems.append("$.upstreams: expected at least one upstream")
-    for i, u in enumerate(config.upstreams):
-        where = f"$.upstreams[{i}]"
-        if not u.id or not all(c.isalnum() or c in "-_." for c in u.id):
-            problems.append(f"{where}.id: expected letters, digits, '-', '_' or '.', got {u.id!r}")
-        if u.id in seen:
-            problems.append(f"{where}.id: duplicate upstream id {u.id!r}")
-        seen.add(u.id)
-        if u.mock is None:
-            problems.extend(f"{where}.base_url: {p}" for p in check_base_url(u.base_url))
-        elif u.base_url:
-            problems.append(f"{where}.base_url: must be empty for an embedded mock (its address is chosen at start)")
-        if not u.models:
-            problems.append(f"{where}.models: expected at least one model name or glob, or \"discover\"")
-        if u.max_queue < 0 or u.queue_timeout_ms < 0:
-            problems.append(f"{where}: max_queue and queue_timeout_ms must be 0 or more")
-        if u.weight < 1:
-            problems.append(f"{where}.weight: expected 1 or more, got {u.weight}")
-        if u.max_concurrent < 0:
-            problems.append(f"{where}.max_concurrent: expected 0 (no limit) or more")
-        if u.api_key_env is not None and not u.api_key_env.replace("_", "").isalnum():
-            problems.append(f"{where}.api_key_env: expected an environment variable name, got {u.api_key_env!r}")
-        for name in attrs.fields_dict(Timeouts):
-            if getattr(u.timeouts, name) <= 0:
-                problems.append(f"{where}.timeouts.{name}: expected a positive number of milliseconds")
-        if u.health.path is not None and not u.health.path.startswith("/"):
-            problems.append(f"{where}.health.path: expected a path starting with '/'")
-        if u.health.rise < 1 or u.health.fall < 1:
-            problems.append(f"{where}.health: rise and fall must be 1 or more")
-    r = config.routing
-    if r.max_attempts < 1:
-        problems.append("$.routing.max_attempts: expected 1 or more")
-    if r.max_hedges < 0 or r.retries_per_target < 0:
-        problems.append("$.routing: max_hedges and retries_per_target must be 0 or more")
-    if not 0 <= r.hedge_budget_percent <= 100:
-        problems.append("$.routing.hedge_budget_percent: expected 0..100")
-    if r.total_timeout_ms <= 0 or r.breaker_failures < 1 or r.breaker_cooldown_ms <= 0:
-        problems.append("$.routing: total_timeout_ms, breaker_failures and breaker_cooldown_ms must be positive")
-    for i, route in enumerate(config.routes):
-        if not route.targets:
-            problems.append(f"$.routes[{i}].targets: expected at least one target")
-        for j, target in enumerate(route.targets):
-            if target.upstream not in seen:
-                known = ", ".join(sorted(seen))
-                problems.append(f"$.routes[{i}].targets[{j}].upstream: no upstream {target.upstream!r} (known: {known})")
-    if config.routing.hedge_after_ms < 0:
-        problems.append("$.routing.hedge_after_ms: expected 0 (off) or more")
-    for status in config.routing.failover_statuses:
-        if not 400 <= status <= 599:
-            problems.append(f"$.routing.failover_statuses: {status} is not an HTTP error status")
-    t = config.telemetry
-    if t.queue_capacity < 1 or t.batch_max < 1 or t.flush_ms < 1:
-        problems.append("$.telemetry: queue_capacity, batch_max and flush_ms must be 1 or more")
-    if t.rotate_bytes < 0:
-        problems.append("$.telemetry.rotate_bytes: expected 0 (off) or more")
-    return problems
-
-
-def check_base_url(url: str) -> list[str]:
-    if not url:
-        return ["required: an http:// or https:// URL"]
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        return [f"not a valid URL ({exc}): {url!r}"]
-    problems = []
-    if parts.scheme not in ("http", "https"):
-        problems.append(f"expected an http:// or https:// URL, got {url!r}")
-    if not parts.hostname:
-        problems.append(f"expected a host in {url!r}")
-    if parts.username or parts.password:
-        problems.append("credentials do not belong in base_url: use api_key_env")
-    if parts.query or parts.fragment:
-        problems.append(f"expected no query or fragment in {url!r}")
-    if parts.path.rstrip("/").endswith("/v1"):
-        problems.append(
-            f"drop the trailing /v1 from {url!r}: requests keep their own /v1/... path "
-            "(the base URL is what comes before it)"
-        )
-    del port
-    return problems
 
 
 # --- finding profiles on disk (thin I/O) -------------------------------------------------

@@ -33,7 +33,6 @@ import trio
 from .errors import UpstreamError
 from .headers import client_response_headers
 from .upstream import Winner
-from .usage import NDJSONScanner, SSEScanner
 from .usagefilter import UsageEventFilter
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
