@@ -271,3 +271,21 @@ async def test_mid_stream_cut_ends_with_an_error_event(start_mock: StartMock, st
     assert error is not None and "incomplete" in str(error)
     (record,) = read_records(gw)
     assert record["outcome"] == "upstream_error" and record["bytes_out"] > 0
+
+
+async def test_tokens_are_estimated_when_the_upstream_gives_no_usage(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(tokens=12, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}") + "[telemetry]\nrequest_usage = false\n"
+        )
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": True})
+        assert "stream_options" not in json.loads(mock.requests[-1].body)  # the body went through untouched
+        await stop(gw)
+    assert r.status_code == 200 and b'"usage"' not in r.content
+    (record,) = read_records(gw)
+    assert record["token_source"] == "estimate"
+    assert record["prompt_tokens"] is None and 1 <= record["completion_tokens"] <= 60
