@@ -199,7 +199,8 @@ class ProxyApp:
 
         outgoing = OutgoingRequest(
             method=scope["method"].encode(),
-            target=scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b""),
+            # The route's own path, never the client's raw bytes: only configured base URL + known path go out.
+            target=route.path.encode() + (b"?" + scope["query_string"] if scope["query_string"] else b""),
             headers=upstream_request_headers(scope["headers"], request_id=ex.request_id, extra=[]),
             body_for=body_for,
             stream=ex.stream,
