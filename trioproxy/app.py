@@ -28,11 +28,13 @@ import trio
 from attrs import define, field
 from loguru import logger
 
-from .catalog import Route, lookup_route, serve_local
+from .config import AuthKey
+from .catalog import OPEN_ROUTES, Route, lookup_route, serve_local
 from .errors import (
-    AllSaturated,
+    AuthError,
     BodyTooLarge,
     NoHealthyUpstream,
+    RateLimited,
     RequestError,
     RoutingError,
     TrioproxyError,
@@ -41,7 +43,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .headers import client_response_headers, header_value, upstream_request_headers
-from .relay import Send, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
+from .relay import ClientStalled, Send, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
 from .telemetry import AttemptRecord, Record
@@ -79,6 +81,7 @@ class Exchange:
     token_source: str = "none"
     finish_reason: str | None = None
     error: str | None = None
+    key_id: str | None = None
     response_started: bool = False
     #: The last body message is being (or has been) sent.
     finished: bool = False
@@ -109,6 +112,7 @@ class Exchange:
             token_source=self.token_source,
             finish_reason=self.finish_reason,
             error=self.error,
+            key_id=self.key_id,
             worker=_WORKER,
         )
 
@@ -142,8 +146,17 @@ class ProxyApp:
             ts=time.time(),
         )
         route: Route | None = None
+        admitted: AuthKey | None = None
+        services.active += 1
         try:
             route = lookup_route(scope["method"], scope["path"])
+            if services.active > services.config.server.max_concurrent_requests:
+                raise RateLimited("the gateway is serving as many requests as it is configured to; retry shortly")
+            if services.keys.enabled and route.local not in OPEN_ROUTES:
+                key = services.keys.identify(header_value(scope["headers"], b"authorization"))
+                ex.key_id = key.id
+                services.key_limiter.admit(key, trio.current_time())
+                admitted = key
             if route.local:
                 await serve_local(route, services, ex, send)
                 return
@@ -151,6 +164,8 @@ class ProxyApp:
             await self._relay(route, scope, receive, send, ex, body)
         except ClientGone:
             ex.outcome, ex.client_gone = "client_disconnect", True
+        except ClientStalled as exc:
+            ex.outcome, ex.client_gone, ex.error = "client_disconnect", True, str(exc)
         except TrioproxyError as exc:
             if not ex.response_started:
                 await _send_error(send, ex, route, exc)
@@ -160,6 +175,9 @@ class ProxyApp:
             if not ex.response_started:
                 await _send_error(send, ex, route, TrioproxyError("internal gateway error"))
         finally:
+            services.active -= 1
+            if admitted is not None:
+                services.key_limiter.release(admitted)
             if ex.outcome == "ok" and not ex.response_started and ex.status == 0:
                 ex.outcome = "cancelled"  # cut by shutdown before it could answer
             services.sink.submit(ex.to_record(trio.current_time()))
@@ -262,6 +280,8 @@ class ProxyApp:
                     send,
                     usage_filter=UsageEventFilter() if inject_usage else None,
                     error_line=route.error_line,
+                    max_bytes=services.config.server.max_response_bytes,
+                    write_timeout=services.config.server.client_write_timeout_s,
                 )
                 if winner.scanner is not None:
                     _take_usage(ex, winner.scanner)
@@ -412,14 +432,14 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", ex.request_id),
     ]
-    if isinstance(exc, (NoHealthyUpstream, AllSaturated)):
+    if isinstance(exc, (NoHealthyUpstream, RateLimited)):
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
     ex.error = exc.message
     await send({"type": "http.response.start", "status": status, "headers": headers})
     ex.status, ex.response_started = status, True
     await finish(ex, send, body)
     if ex.outcome == "ok":
-        rejected = isinstance(exc, (RequestError, RoutingError, AllSaturated)) and status < 500
+        rejected = isinstance(exc, (RequestError, RoutingError, RateLimited, AuthError)) and status < 500
         ex.outcome = "rejected" if rejected else "upstream_error"
         if isinstance(exc, UpstreamError) and exc.status_hint == 504:
             ex.outcome = "timeout"

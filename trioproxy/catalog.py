@@ -70,6 +70,10 @@ ROUTES: dict[str, Route] = {
 }
 
 
+#: Answered without a client key even when auth is on: probes must work without secrets.
+OPEN_ROUTES = frozenset({"healthz", "readyz"})
+
+
 def lookup_route(method: str, path: str) -> Route:
     """The route for a request line.
 

@@ -75,6 +75,24 @@ def validate(config: Config) -> list[str]:
     for status in config.routing.failover_statuses:
         if not 400 <= status <= 599:
             problems.append(f"$.routing.failover_statuses: {status} is not an HTTP error status")
+    key_ids: set[str] = set()
+    for i, key in enumerate(config.auth.keys):
+        where = f"$.auth.keys[{i}]"
+        if key.id in key_ids:
+            problems.append(f"{where}.id: duplicate key id {key.id!r}")
+        key_ids.add(key.id)
+        if (key.key_env is None) == (key.key_sha256 is None):
+            problems.append(f"{where}: expected exactly one of key_env or key_sha256")
+        digest = key.key_sha256
+        if digest is not None and (len(digest) != 64 or not all(c in "0123456789abcdefABCDEF" for c in digest)):
+            problems.append(f"{where}.key_sha256: expected 64 hex digits (the SHA-256 of the key)")
+        if key.requests_per_minute < 0 or key.max_concurrent < 0:
+            problems.append(f"{where}: requests_per_minute and max_concurrent must be 0 (no limit) or more")
+    server = config.server
+    if server.max_concurrent_requests < 1 or server.client_write_timeout_s <= 0 or server.max_header_bytes < 1024:
+        problems.append(
+            "$.server: max_concurrent_requests >= 1, client_write_timeout_s > 0 and max_header_bytes >= 1024 expected"
+        )
     t = config.telemetry
     if t.queue_capacity < 1 or t.batch_max < 1 or t.flush_ms < 1:
         problems.append("$.telemetry: queue_capacity, batch_max and flush_ms must be 1 or more")

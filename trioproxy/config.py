@@ -43,8 +43,14 @@ class ServerConfig:
     port: int = 8080
     #: Bodies above this are answered 413 without being read further.
     max_body_bytes: int = 8 * 1024 * 1024
-    #: Non-streamed answers above this are cut off with 502 (they are held in memory whole).
+    #: Non-streamed answers above this are refused (502); streams past it are cut with an error event.
     max_response_bytes: int = 64 * 1024 * 1024
+    #: Requests being served at once, over every route; beyond it, 429 at once.
+    max_concurrent_requests: int = 4096
+    #: A client that does not take a chunk for this long is cut off (its upstream released).
+    client_write_timeout_s: float = 30.0
+    #: Largest request head (request line and headers) Hypercorn accepts.
+    max_header_bytes: int = 16 * 1024
     #: How long in-flight requests may run on after SIGINT/SIGTERM.
     shutdown_grace_s: float = 10.0
     #: Hypercorn's keep-alive idle timeout for client connections.
@@ -200,6 +206,26 @@ class Telemetry:
 
 
 @frozen
+class AuthKey:
+    """One client key. The key itself is never in a profile: its environment variable, or its SHA-256."""
+
+    id: str
+    key_env: str | None = None
+    #: Hex SHA-256 of the key (``printf %s "$KEY" | sha256sum``).
+    key_sha256: str | None = None
+    #: 0: no limit.
+    requests_per_minute: int = 0
+    max_concurrent: int = 0
+
+
+@frozen
+class Auth:
+    """Client authentication: with no keys, the gateway is open (a local service)."""
+
+    keys: tuple[AuthKey, ...] = ()
+
+
+@frozen
 class Config:
     upstreams: tuple[Upstream, ...]
     server: ServerConfig = ServerConfig()
@@ -207,6 +233,7 @@ class Config:
     routes: tuple[ModelRoute, ...] = ()
     routing: Routing = Routing()
     telemetry: Telemetry = Telemetry()
+    auth: Auth = Auth()
     #: Where it came from, for messages (not a TOML key).
     source: str = "<config>"
 

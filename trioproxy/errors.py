@@ -8,7 +8,9 @@
     │   └── BodyTooLarge       status_hint=413
     ├── RoutingError           status_hint=404     unknown model or route
     │   └── NoHealthyUpstream  status_hint=503
-    ├── AllSaturated           status_hint=429     every candidate at its concurrency limit
+    ├── AuthError              status_hint=401     missing or unknown client key
+    ├── RateLimited            status_hint=429     a key's limits, the gateway's capacity (.retry_after_s)
+    │   └── AllSaturated                           every candidate upstream at its concurrency limit
     └── UpstreamError          .upstream, status_hint=502
         ├── UpstreamConnectError                   refused, reset or closed before a response
         ├── UpstreamProtocolError                  bytes that are not HTTP/1.1
@@ -94,8 +96,16 @@ class NoHealthyUpstream(RoutingError):
         self.retry_after_s = retry_after_s
 
 
-class AllSaturated(TrioproxyError):
-    """Every candidate upstream is at its concurrency limit and its wait queue is full."""
+class AuthError(TrioproxyError):
+    """No key, or a key the gateway does not know (the message never repeats the key)."""
+
+    status_hint = 401
+    error_type = "invalid_request_error"
+    error_code = "invalid_api_key"
+
+
+class RateLimited(TrioproxyError):
+    """Over a limit (a key's rate or concurrency, the gateway's capacity): retry after ``retry_after_s``."""
 
     status_hint = 429
     error_type = "requests"
@@ -103,7 +113,11 @@ class AllSaturated(TrioproxyError):
 
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = max(1, retry_after_s)
+
+
+class AllSaturated(RateLimited):
+    """Every candidate upstream is at its concurrency limit and its wait queue is full."""
 
 
 class UpstreamError(TrioproxyError):

@@ -62,6 +62,10 @@ def ndjson_error_line(message: str) -> bytes:
     return json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
 
 
+class ClientStalled(Exception):
+    """The client stopped taking the stream for longer than ``server.client_write_timeout_s``."""
+
+
 async def relay_stream(
     ex: Exchange,
     winner: Winner,
@@ -69,6 +73,8 @@ async def relay_stream(
     *,
     usage_filter: UsageEventFilter | None,
     error_line: Callable[[str], bytes],
+    max_bytes: int,
+    write_timeout: float,
 ) -> None:
     """Send the head, then relay the body as it comes; end the body in every case but a lost client."""
     response = winner.response
@@ -80,8 +86,8 @@ async def relay_stream(
     ex.response_started = True
     chunks_send, chunks_recv = trio.open_memory_channel[bytes](0)
     async with trio.open_nursery() as relay:
-        relay.start_soon(pump, ex, winner, chunks_send, usage_filter, error_line)
-        await deliver(ex, chunks_recv, send)
+        relay.start_soon(pump, ex, winner, chunks_send, usage_filter, error_line, max_bytes)
+        await deliver(ex, chunks_recv, send, write_timeout)
     await finish(ex, send)
 
 
@@ -91,6 +97,7 @@ async def pump(
     chunks_send: trio.MemorySendChannel[bytes],
     usage_filter: UsageEventFilter | None,
     error_line: Callable[[str], bytes],
+    max_bytes: int,
 ) -> None:
     """Relay what the attempt already read, then the rest of the upstream body, into the channel.
 
@@ -108,11 +115,18 @@ async def pump(
                     continue
             await chunks_send.send(data)
             sent += 1
+        received = sum(len(d) for d in winner.prefetched)
         try:
             while True:
                 data = await response.receive_some()
                 if not data:
                     break
+                received += len(data)
+                if received > max_bytes:  # an endless stream: cut it, say so
+                    ex.outcome = "upstream_error"
+                    ex.error = f"upstream {winner.target.upstream!r} sent more than max_response_bytes ({max_bytes})"
+                    await chunks_send.send(error_line(f"{ex.error}; the answer is incomplete"))
+                    return
                 if scanner is not None and scanner.feed(data) and ex.first_content_index is None:
                     ex.first_content_index = sent
                 if usage_filter is not None:
@@ -137,12 +151,21 @@ async def pump(
             await chunks_send.send(error_line(f"{ex.error}; the answer is incomplete"))
 
 
-async def deliver(ex: Exchange, chunks_recv: trio.MemoryReceiveChannel[bytes], send: Send) -> None:
-    """Hand each chunk to the client; TTFT is stamped once the first content chunk is sent."""
+async def deliver(
+    ex: Exchange, chunks_recv: trio.MemoryReceiveChannel[bytes], send: Send, write_timeout: float
+) -> None:
+    """Hand each chunk to the client; TTFT is stamped once the first content chunk is sent.
+
+    Raises:
+        ClientStalled: the client took no data for ``write_timeout`` seconds.
+    """
     async with chunks_recv:
         index = 0
         async for data in chunks_recv:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+            with trio.move_on_after(write_timeout) as stalled:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            if stalled.cancelled_caught:
+                raise ClientStalled(f"the client took no data for {write_timeout:g} s")
             ex.bytes_out += len(data)
             if index == ex.first_content_index:
                 ex.ttft_ms = (trio.current_time() - ex.arrival) * 1000

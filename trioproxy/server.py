@@ -39,6 +39,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from loguru import logger
 
 from .app import ProxyApp
+from .auth import KeyTable
 from .breaker import HedgeBudget
 from .config import Config, Upstream
 from .errors import ConfigError
@@ -83,6 +84,7 @@ def hypercorn_config(config: Config) -> HyperConfig:
     hcfg.backlog = server.backlog
     hcfg.graceful_timeout = server.shutdown_grace_s
     hcfg.include_server_header = False
+    hcfg.h11_max_incomplete_size = server.max_header_bytes
     return hcfg
 
 
@@ -148,7 +150,13 @@ async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = 
                         service.start_soon(_watch_signals, shutdown, service.cancel_scope)
                         budget = HedgeBudget(percent=config.routing.hedge_budget_percent)
                         services = Services(
-                            config=config, runtimes=runtimes, sink=sink, http=http, board=board, hedge_budget=budget
+                            config=config,
+                            runtimes=runtimes,
+                            sink=sink,
+                            http=http,
+                            board=board,
+                            hedge_budget=budget,
+                            keys=KeyTable.from_config(config.auth),
                         )
                         app = ProxyApp(services)
 

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 from attrs import define, field
 
+from .auth import KeyLimiter, KeyTable
 from .breaker import HedgeBudget
 from .config import Config
 from .health import HealthBoard
@@ -28,6 +29,10 @@ class Services:
     http: httpx.AsyncClient
     board: HealthBoard
     hedge_budget: HedgeBudget
+    keys: KeyTable = KeyTable(by_digest={})
+    key_limiter: KeyLimiter = field(factory=KeyLimiter)
+    #: Requests being served now (for server.max_concurrent_requests).
+    active: int = 0
     #: Jitter for retry backoff (one generator, no global state).
     rng: random.Random = field(factory=random.Random)
     #: Round-robin counter for routing ties; bumped once per routed request.

@@ -1,0 +1,515 @@
+"""The load generator: closed-loop keep-alive clients on raw trio sockets.
+
+Cheap enough not to be what is measured: every connection is opened before the
+round starts, a request is one pre-built ``bytes`` object sent with one
+``send``, the answer is parsed by ``trioproxy.http1``'s response parser, and a
+streamed body is watched by :class:`StreamWatcher` with a handful of C-level
+scans per received piece (no JSON decoding, no per-request client object).
+
+One round::
+
+    run_load
+    ├─ connect × connections (all before the clock starts; a failure is an error)
+    └─ round nursery (hard deadline: window end + request timeout + grace)
+       ├─ on_window(window_start, window_end)   the caller's probes: /proc samples, a kill
+       ├─ client_cpu                              this process's CPU over the window
+       └─ workers nursery
+          └─ run_worker × connections             request, answer, repeat until the window ends
+
+A request counts if it *started* inside the measured window ``[start + warmup,
+start + warmup + duration)``; requests started during the warm-up or the drain
+are sent and answered like the others, but only counted in ``sent_total``.
+Every loop is bounded: by the window's end (no request starts after it), by
+``max_requests``, and by a per-request timeout under the round's hard deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import re
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import trio
+from attrs import define, field, frozen
+
+from ..http1 import IncompleteMessage, ProtocolError, ResponseParser, serialize_request
+from .scenarios import Load
+
+__all__ = [
+    "Address",
+    "LoadPlan",
+    "Recorder",
+    "RoundResult",
+    "StreamWatcher",
+    "build_request",
+    "parse_target",
+    "run_load",
+]
+
+#: One recv reads many SSE events or a whole small answer (trio's default receive size).
+RECV_SIZE = 65536
+#: After a failed connect, wait this long before the next try (bounded retry loop, no busy spin).
+CONNECT_BACKOFF_S = 0.05
+#: Connecting every client connection before the round must not take longer than this.
+CONNECT_ALL_TIMEOUT_S = 20.0
+#: Margin past the last request's timeout before the round is cut off regardless.
+HARD_DEADLINE_GRACE_S = 2.0
+#: A streamed line longer than this without a newline is not an event we can judge; it is dropped.
+MAX_PENDING_LINE = 1024 * 1024
+
+# A content delta with at least one character: OpenAI chat ("content"), completions
+# ("text"), Ollama generate ("response"); an optional space after the colon for
+# servers that pretty-print. JSON escapes every '"' inside a string, so the key
+# pattern cannot match inside a value.
+_CONTENT = re.compile(rb'"(?:content|text|response)": ?"(?!")')
+
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+_now = trio.current_time
+
+
+class StreamWatcher:
+    """Watches a streamed body for content deltas, its end marker and error events [sans-IO].
+
+    Feed de-chunked body bytes in any split; :meth:`feed` returns how many *complete*
+    events with non-empty content the bytes finished. SSE (``data: {...}`` lines, ending
+    ``data: [DONE]``) and NDJSON (``{...}`` lines, ending ``"done":true``) are both
+    understood, which covers the OpenAI API, vLLM, llama.cpp and Ollama.
+    """
+
+    __slots__ = ("_pending", "content_events", "done", "error")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        #: Events with non-empty content seen so far.
+        self.content_events = 0
+        #: The end marker was seen (``data: [DONE]`` or an NDJSON ``"done":true``).
+        self.done = False
+        #: An error event was seen (``data: {"error"...`` or an NDJSON ``{"error"...``).
+        self.error = False
+
+    def feed(self, data: bytes) -> int:
+        """Take the next body bytes; return the content events they completed."""
+        block = self._pending + data if self._pending else data
+        end = block.rfind(b"\n")
+        if end < 0:
+            self._pending = block if len(block) <= MAX_PENDING_LINE else b""
+            return 0
+        self._pending = block[end + 1 :]
+        lines = block[: end + 1]
+        # A few C-level scans of the whole block instead of a Python loop per line:
+        # each event is one line, and each line holds at most one content key.
+        n = len(_CONTENT.findall(lines))
+        if b"data: [DONE]" in lines or b"data:[DONE]" in lines or b'"done":true' in lines:
+            self.done = True
+        if (
+            b'data: {"error"' in lines
+            or b'data:{"error"' in lines
+            or lines.startswith(b'{"error"')
+            or b'\n{"error"' in lines
+        ):
+            self.error = True
+        self.content_events += n
+        return n
+
+
+@frozen
+class Address:
+    """Where a target listens: what ``connect`` takes, and the Host header to send."""
+
+    family: int
+    sockaddr: tuple[object, ...]
+    host_header: bytes
+    url: str
+
+
+def parse_target(url: str) -> Address:
+    """An ``http://host:port`` URL → its address (IP literals and ``localhost`` only).
+
+    The benchmark only ever talks to this machine, so no resolver round trip is made.
+
+    Raises:
+      ValueError: not ``http://``, no port, or a host that is not a literal address.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ValueError(f"expected an http:// URL, got {url!r}")
+    host, port = parts.hostname, parts.port
+    if not host or port is None:
+        raise ValueError(f"expected http://HOST:PORT, got {url!r}")
+    if host == "localhost":
+        host = "127.0.0.1"
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        sockaddr: tuple[object, ...] = (host, port) if family == socket.AF_INET else (host, port, 0, 0)
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        return Address(family, sockaddr, f"{shown}:{port}".encode(), f"http://{shown}:{port}")
+    raise ValueError(f"expected an IP address or localhost in {url!r}, got {host!r}")
+
+
+def build_request(load: Load, host_header: bytes, *, model: str | None = None) -> bytes:
+    """The one request a scenario sends, as bytes (built once per target, sent every time).
+
+    The ``x-mock-*`` headers pace the project's mock (a real server ignores them);
+    the gateway passes them through, so both paths get the same answer.
+    """
+    doc: dict[str, object] = {"model": model or load.model}
+    if load.path in ("/v1/completions", "/api/generate"):
+        doc["prompt"] = load.prompt
+    else:
+        doc["messages"] = [{"role": "user", "content": load.prompt}]
+    doc["stream"] = load.stream
+    doc["max_tokens"] = load.tokens
+    if load.stream and load.include_usage:
+        doc["stream_options"] = {"include_usage": True}
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"accept", b"text/event-stream" if load.stream else b"application/json"),
+        (b"user-agent", b"trioproxy-bench"),
+        (b"x-mock-tokens", b"%d" % load.tokens),
+        (b"x-mock-ttft-ms", f"{load.ttft_ms:g}".encode()),
+        (b"x-mock-token-delay-ms", f"{load.token_delay_ms:g}".encode()),
+    ]
+    return serialize_request(b"POST", load.path.encode(), host_header, headers, body)
+
+
+@frozen
+class LoadPlan:
+    """How one round runs (from a scenario's ``[load]`` and ``[run]``)."""
+
+    connections: int
+    stream: bool
+    duration_s: float
+    warmup_s: float = 0.0
+    ramp_s: float = 0.0
+    request_timeout_s: float = 30.0
+    max_requests: int = 0
+
+    @classmethod
+    def from_scenario(cls, load: Load, *, duration_s: float, warmup_s: float) -> LoadPlan:
+        return cls(
+            connections=load.connections,
+            stream=load.stream,
+            duration_s=duration_s,
+            warmup_s=warmup_s,
+            ramp_s=load.ramp_s,
+            request_timeout_s=load.request_timeout_s,
+            max_requests=load.max_requests,
+        )
+
+
+@define
+class Recorder:
+    """Per-request facts of the requests started inside the window (parallel lists).
+
+    Times are milliseconds, except ``starts``/``ends``: seconds since the window opened.
+    ``ttft_ms`` is NaN for a request with no content event (every non-streamed one).
+    """
+
+    starts: list[float] = field(factory=list)
+    ends: list[float] = field(factory=list)
+    headers_ms: list[float] = field(factory=list)
+    ttft_ms: list[float] = field(factory=list)
+    total_ms: list[float] = field(factory=list)
+    errors: list[str | None] = field(factory=list)
+    #: Gaps between consecutive content events of a stream; 0 for events that came in one read.
+    gaps_ms: list[float] = field(factory=list)
+    statuses: Counter[int] = field(factory=Counter)
+
+    def add(
+        self,
+        start: float,
+        end: float,
+        headers_ms: float,
+        ttft_ms: float,
+        total_ms: float,
+        error: str | None,
+        status: int,
+    ) -> None:
+        self.starts.append(start)
+        self.ends.append(end)
+        self.headers_ms.append(headers_ms)
+        self.ttft_ms.append(ttft_ms)
+        self.total_ms.append(total_ms)
+        self.errors.append(error)
+        if status:
+            self.statuses[status] += 1
+
+    @property
+    def count(self) -> int:
+        return len(self.starts)
+
+    def error_counts(self) -> dict[str, int]:
+        """Errors by kind (``timeout``, ``reset``, ``http_503``, ``stream_error_event``...)."""
+        return dict(Counter(e for e in self.errors if e is not None))
+
+
+@define
+class RoundResult:
+    """One round against one target."""
+
+    recorder: Recorder
+    #: Seconds the window really lasted (shorter when ``max_requests`` stopped it).
+    window_s: float
+    #: Every request sent, warm-up and drain included (compare with the usage log).
+    sent_total: int
+    #: CPU seconds the load generator itself used during the window.
+    client_cpu_s: float
+    #: trio clock times of the window, for probes that ran beside it.
+    window_start: float
+    window_end: float
+
+
+async def _connect(address: Address) -> socket.socket:
+    """A connected non-blocking TCP socket with TCP_NODELAY. Raises OSError."""
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    ok = False
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(address.sockaddr)
+        if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            await _wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        else:
+            await trio.lowlevel.checkpoint()
+        if err:
+            raise OSError(err, f"connect to {address.url}: {errno.errorcode.get(err, err)}")
+        ok = True
+        return sock
+    finally:
+        if not ok:
+            sock.close()
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    try:
+        sent = sock.send(data)  # a request is small: this one call is all, almost always
+    except BlockingIOError:
+        sent = 0
+    view = memoryview(data)
+    while sent < len(data):  # bounded by the request's timeout scope
+        await _wait_writable(sock)
+        try:
+            sent += sock.send(view[sent:])
+        except BlockingIOError:
+            pass
+
+
+async def _receive(sock: socket.socket) -> bytes:
+    while True:  # bounded by the request's timeout scope
+        try:
+            return sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            await _wait_readable(sock)
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None and sock.fileno() != -1:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+
+class _Round:
+    """The shared state of one round: the window, the counters, the recorder."""
+
+    def __init__(self, address: Address, request: bytes, plan: LoadPlan, start: float) -> None:
+        self.address = address
+        self.request = request
+        self.plan = plan
+        self.start = start
+        self.window_start = start + plan.warmup_s
+        self.window_end = self.window_start + plan.duration_s
+        self.stopped_at: float | None = None  # max_requests reached
+        self.recorder = Recorder()
+        self.sent_total = 0
+        self.in_window = 0
+
+    async def run_worker(self, index: int, sock: socket.socket | None) -> None:
+        plan = self.plan
+        try:
+            if plan.ramp_s:
+                await trio.sleep_until(self.start + plan.ramp_s * index / plan.connections)
+            while True:  # bounded: no request starts after the window's end or past max_requests
+                t0 = _now()
+                if t0 >= self.window_end or self.stopped_at is not None:
+                    return
+                counted = t0 >= self.window_start
+                if counted:
+                    self.in_window += 1
+                    if plan.max_requests and self.in_window >= plan.max_requests:
+                        self.stopped_at = t0
+                if sock is None:
+                    try:
+                        sock = await _connect(self.address)
+                    except OSError:
+                        self.sent_total += 1
+                        if counted:
+                            self.recorder.add(t0 - self.window_start, _now() - self.window_start,
+                                              math.nan, math.nan, math.nan, "connect", 0)
+                        await trio.sleep(CONNECT_BACKOFF_S)
+                        continue
+                if not await self._exchange(sock, t0, counted):
+                    _close(sock)
+                    sock = None
+        finally:
+            _close(sock)
+
+    async def _exchange(self, sock: socket.socket, t0: float, counted: bool) -> bool:
+        """One request and its whole answer; records it; returns whether the connection is reusable."""
+        self.sent_total += 1
+        stream = self.plan.stream
+        watcher = StreamWatcher() if stream else None
+        parser = ResponseParser()
+        t_head = ttft = math.nan
+        last_token = math.nan
+        gaps: list[float] = []
+        status = 0
+        error: str | None = None
+        with trio.move_on_at(t0 + self.plan.request_timeout_s) as scope:
+            try:
+                await _send_all(sock, self.request)
+                await _wait_readable(sock)  # one real checkpoint per request, always
+                while True:
+                    data = await _receive(sock)
+                    if data:
+                        parser.feed(data)
+                    else:
+                        parser.feed_eof()
+                    head = parser.next_head()
+                    if head is not None:
+                        break
+                t_head = _now()
+                status = head.status
+                while True:
+                    piece = parser.next_body_piece()
+                    if piece is None:
+                        data = await _receive(sock)
+                        if data:
+                            parser.feed(data)
+                        else:
+                            parser.feed_eof()
+                        continue
+                    if not piece:
+                        break
+                    if watcher is not None and (n := watcher.feed(piece)):
+                        t = _now()
+                        if ttft != ttft:  # NaN: this is the first content
+                            ttft = (t - t0) * 1000
+                        else:
+                            gaps.append((t - last_token) * 1000)
+                        if n > 1:  # arrived in one read: the client sees them at the same instant
+                            gaps.extend([0.0] * (n - 1))
+                        last_token = t
+            except IncompleteMessage:
+                error = "incomplete" if status else "eof_before_response"
+            except ProtocolError:
+                error = "protocol"
+            except OSError as exc:
+                error = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else f"os_{exc.errno}"
+        t_end = _now()
+        if scope.cancelled_caught:
+            error = "timeout"
+        elif error is None:
+            if not 200 <= status < 300:
+                error = f"http_{status}"
+            elif watcher is not None and watcher.error:
+                error = "stream_error_event"
+            elif watcher is not None and not watcher.done:
+                error = "stream_incomplete"
+        if counted:
+            ws = self.window_start
+            self.recorder.add(t0 - ws, t_end - ws, (t_head - t0) * 1000, ttft, (t_end - t0) * 1000, error, status)
+            if gaps:
+                self.recorder.gaps_ms.extend(gaps)
+        # An error status or a stream that ended badly still ended cleanly at the HTTP level.
+        return parser.reusable and (error is None or error.startswith(("http_", "stream_")))
+
+    async def client_cpu(self, out: list[float]) -> None:
+        await trio.sleep_until(self.window_start)
+        before = time.process_time()
+        await trio.sleep_until(self.window_end)
+        out.append(time.process_time() - before)
+
+
+async def _connect_all(address: Address, n: int) -> list[socket.socket | None]:
+    """Open ``n`` connections at once; a slot whose connect failed is None (its worker retries)."""
+    socks: list[socket.socket | None] = [None] * n
+
+    async def one(i: int) -> None:
+        try:
+            socks[i] = await _connect(address)
+        except OSError:
+            pass
+
+    try:
+        with trio.move_on_after(CONNECT_ALL_TIMEOUT_S):
+            async with trio.open_nursery() as connecting:
+                for i in range(n):
+                    connecting.start_soon(one, i)
+    except BaseException:
+        for s in socks:
+            _close(s)
+        raise
+    return socks
+
+
+async def run_load(
+    address: Address,
+    request: bytes,
+    plan: LoadPlan,
+    *,
+    on_window: Callable[[float, float], Awaitable[None]] | None = None,
+) -> RoundResult:
+    """Run one round of closed-loop load against ``address`` and return what was measured.
+
+    Args:
+      address: the target (see :func:`parse_target`).
+      request: the bytes of the request every connection sends, again and again.
+      plan: connections, window, warm-up, ramp, timeouts.
+      on_window: started beside the workers with the window's (start, end) trio
+        times; it must return by itself soon after the end (probes, a failover kill).
+
+    Returns:
+      The recorder of the requests started in the window, and the round's counters.
+    """
+    socks = await _connect_all(address, plan.connections)
+    rnd = _Round(address, request, plan, _now())
+    cpu: list[float] = []
+    hard_deadline = rnd.window_end + plan.request_timeout_s + HARD_DEADLINE_GRACE_S
+    try:
+        with trio.move_on_at(hard_deadline):
+            async with trio.open_nursery() as round_:
+                round_.start_soon(rnd.client_cpu, cpu)
+                if on_window is not None:
+                    round_.start_soon(on_window, rnd.window_start, rnd.window_end)
+                async with trio.open_nursery() as workers:
+                    for i, sock in enumerate(socks):
+                        socks[i] = None  # the worker owns (and closes) it from here on
+                        workers.start_soon(rnd.run_worker, i, sock)
+                if rnd.stopped_at is not None:
+                    # max_requests ended the window early: the probes waiting for its
+                    # planned end have nothing left to measure.
+                    round_.cancel_scope.cancel(reason="max_requests reached")
+    finally:
+        for s in socks:
+            _close(s)
+    end = rnd.stopped_at if rnd.stopped_at is not None else rnd.window_end
+    return RoundResult(
+        recorder=rnd.recorder,
+        window_s=max(end - rnd.window_start, 1e-9),
+        sent_total=rnd.sent_total,
+        client_cpu_s=cpu[0] if cpu else math.nan,
+        window_start=rnd.window_start,
+        window_end=rnd.window_end,
+    )

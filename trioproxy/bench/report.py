@@ -1,0 +1,479 @@
+"""From what a scenario measured to numbers: JSON, a markdown table, a PNG chart.
+
+``analyze(run)`` is the one place where rounds are pooled and compared, so the
+three outputs cannot disagree:
+
+- per target, pooled over its rounds: requests/s (requests started in the
+  windows ÷ the windows' length), errors by kind, time to headers, TTFT, gaps
+  between tokens and total latency (p50/p90/p99/max), server CPU per request
+  (user+sys over the windows ÷ requests), peak RSS and, for streams, memory per
+  open stream (RSS rise from just before a round to its peak ÷ connections);
+- per gateway: what it adds over ``direct`` (or over the first variant, in mode
+  ``compare``), percentile by percentile;
+- the issue's targets, where the scenario has one, as met / not met;
+- failover: errors and TTFT before the kill, in flight at the kill, after it,
+  and TTFT over time in buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from . import hotspots
+from .runner import ScenarioRun, TargetRound
+from .stats import Summary, added, percentile, summarize
+
+__all__ = ["TARGETS", "analyze", "machine_info", "markdown", "write_outputs"]
+
+#: The issue's targets, by scenario name: (metric key, comparison, limit, label).
+TARGETS: dict[str, list[tuple[str, str, float, str]]] = {
+    "sequential": [
+        ("added_total_p50_ms", "<=", 0.45, "added latency p50 ≤ 0.45 ms"),
+        ("added_total_p99_ms", "<=", 1.2, "added latency p99 ≤ 1.2 ms"),
+    ],
+    "throughput": [
+        ("gateway_rps", ">=", 3000, "≥ 3,000 requests/s"),
+        ("gateway_cpu_us", "<=", 350, "gateway CPU ≤ 350 µs/request"),
+    ],
+    "stream-64": [
+        ("added_ttft_p50_ms", "<=", 2.0, "added TTFT p50 ≤ 2 ms"),
+        ("added_ttft_p99_ms", "<=", 8.0, "added TTFT p99 ≤ 8 ms"),
+        ("gateway_cpu_us", "<=", 2500, "gateway CPU ≤ 2,500 µs/stream"),
+    ],
+    "stream-512": [
+        ("gateway_errors", "<=", 0, "zero errors"),
+        ("added_ttft_p99_ms", "<=", 10.0, "added TTFT p99 ≤ 10 ms"),
+        ("gateway_mem_per_stream_kb", "<=", 40, "gateway memory ≤ 40 KB per open stream"),
+    ],
+    "failover": [
+        ("errors_after_kill", "<=", 0, "zero errors for requests started after the kill"),
+    ],
+}
+#: Points of the saved distribution curves (enough to redraw the chart from the JSON).
+CDF_QUANTILES = [i / 100 for i in range(100)] + [0.995, 0.999, 1.0]
+#: Zero-length gaps (tokens that arrived in one read) are drawn here on the log axis.
+LOG_AXIS_FLOOR_MS = 0.01
+#: Components of a py-spy profile, matched on the leaf frame's file (first match wins).
+PROFILE_GROUPS = {
+    "trioproxy": ("trioproxy/",),
+    "hypercorn": ("hypercorn/",),
+    "h11": ("h11/",),
+    "trio": ("trio/", "outcome/"),
+    "loguru": ("loguru/",),
+    "attrs": ("attr/", "attrs/"),
+    "json": ("json/",),
+}
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine the numbers come from: cores, CPU model, kernel, Python and key libraries."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for name in ("trio", "hypercorn", "h11", "httpx"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+        except Exception:  # noqa: BLE001 - a missing library is just not reported
+            versions[name] = "?"
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "libraries": versions,
+    }
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def _cdf(values: list[float]) -> list[float]:
+    ordered = sorted(v for v in values if v == v)
+    return [percentile(ordered, q) for q in CDF_QUANTILES] if ordered else []
+
+
+def _pooled(rounds: list[TargetRound]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"headers": [], "ttft": [], "gaps": [], "total": []}
+    for r in rounds:
+        rec = r.result.recorder
+        out["headers"] += rec.headers_ms
+        out["ttft"] += rec.ttft_ms
+        out["gaps"] += rec.gaps_ms
+        out["total"] += rec.total_ms
+    return out
+
+
+def _sum_known(values: list[float | None]) -> float | None:
+    return None if not values or any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
+def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
+    rounds = [r for r in run.rounds if r.target == label]
+    requests = sum(r.result.recorder.count for r in rounds)
+    window = sum(r.result.window_s for r in rounds)
+    errors: Counter[str] = Counter()
+    for r in rounds:
+        errors.update(r.result.recorder.error_counts())
+    pooled = _pooled(rounds)
+    server_cpu = _sum_known([r.server_cpu_s for r in rounds])
+    client_cpu = sum(r.result.client_cpu_s for r in rounds)
+    upstream_cpu = _sum_known([r.upstream_cpu_s for r in rounds])
+    # What ran on the client's core: the load generator, plus the mock (the server itself when direct).
+    client_core = client_cpu + ((server_cpu or 0.0) if label == "direct" else (upstream_cpu or 0.0))
+    peaks = [r.rss_peak for r in rounds if r.rss_peak is not None]
+    per_stream = [
+        (r.rss_peak - r.rss_baseline) / run.scenario.load.connections
+        for r in rounds
+        if r.rss_peak is not None and r.rss_baseline is not None
+    ]
+    per_round = []
+    for r in rounds:
+        rec = r.result.recorder
+        n = rec.count
+        per_round.append({
+            "round": r.index,
+            "requests": n,
+            "rps": n / r.result.window_s,
+            "errors": sum(rec.error_counts().values()),
+            "total_p50_ms": summarize(rec.total_ms).p50,
+            "ttft_p50_ms": summarize(rec.ttft_ms).p50,
+            "ttft_p99_ms": summarize(rec.ttft_ms).p99,
+            "server_cpu_us": (r.server_cpu_s / n * 1e6) if r.server_cpu_s is not None and n else None,
+            "rss_peak_mb": r.rss_peak / 2**20 if r.rss_peak is not None else None,
+        })
+    return {
+        "requests": requests,
+        "window_s": window,
+        "rps": requests / window if window else math.nan,
+        "errors": dict(errors),
+        "error_count": sum(errors.values()),
+        "error_rate": sum(errors.values()) / requests if requests else math.nan,
+        "statuses": dict(sum((r.result.recorder.statuses for r in rounds), Counter())),
+        "headers_ms": summarize(pooled["headers"]).as_dict(),
+        "ttft_ms": summarize(pooled["ttft"]).as_dict(),
+        "gap_ms": summarize(pooled["gaps"]).as_dict(),
+        "total_ms": summarize(pooled["total"]).as_dict(),
+        "server_cpu_us_per_request": server_cpu / requests * 1e6 if server_cpu is not None and requests else None,
+        "server_core_utilisation": server_cpu / window if server_cpu is not None and window else None,
+        "client_core_utilisation": client_core / window if window else None,
+        "peak_rss_mb": max(peaks) / 2**20 if peaks else None,
+        "mem_per_stream_kb": max(per_stream) / 1024 if per_stream and run.scenario.load.stream else None,
+        "rounds": per_round,
+        "cdf": {k: _cdf(v) for k, v in pooled.items()},
+    }
+
+
+def _failover(run: ScenarioRun) -> dict[str, Any]:
+    assert run.scenario.failover is not None
+    bucket = run.scenario.failover.bucket_s
+    phases: dict[str, dict[str, list[Any]]] = {p: {"ttft": [], "errors": []} for p in ("before", "in_flight", "after")}
+    series: dict[int, dict[str, Any]] = {}
+    kills = []
+    for r in run.rounds:
+        rec, k = r.result.recorder, r.killed_at_s
+        kills.append(k)
+        for start, end, ttft, err in zip(rec.starts, rec.ends, rec.ttft_ms, rec.errors):
+            phase = "before" if k is None or end < k else ("in_flight" if start < k else "after")
+            phases[phase]["ttft"].append(ttft)
+            phases[phase]["errors"].append(err)
+            b = series.setdefault(int(start // bucket), {"ttft": [], "errors": 0})
+            b["ttft"].append(ttft)
+            b["errors"] += err is not None
+    out: dict[str, Any] = {"kill_at_s": kills, "bucket_s": bucket, "phases": {}, "series": []}
+    for name, data in phases.items():
+        errs = Counter(e for e in data["errors"] if e is not None)
+        out["phases"][name] = {"requests": len(data["errors"]), "errors": dict(errs),
+                               "ttft_ms": summarize(data["ttft"]).as_dict()}
+    for i in sorted(series):
+        s = summarize(series[i]["ttft"])
+        out["series"].append({"t_s": i * bucket, "requests": len(series[i]["ttft"]), "errors": series[i]["errors"],
+                              "ttft_p50_ms": s.p50, "ttft_max_ms": s.max})
+    return out
+
+
+def _verdicts(name: str, metrics: dict[str, float]) -> list[dict[str, Any]]:
+    out = []
+    for key, op, limit, label in TARGETS.get(name, []):
+        value = metrics.get(key)
+        ok = None if value is None or value != value else (value <= limit if op == "<=" else value >= limit)
+        out.append({"target": label, "metric": key, "value": value, "limit": limit, "op": op, "met": ok})
+    return out
+
+
+def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the outputs show, as plain data (the JSON file's content)."""
+    s = run.scenario
+    targets = {label: _target_stats(run, label) for label in run.targets}
+    reference = "direct" if "direct" in targets else (run.targets[0] if s.mode == "compare" else None)
+    comparisons: dict[str, dict[str, Any]] = {}
+    if reference is not None:
+        ref = targets[reference]
+        for label, st in targets.items():
+            if label == reference:
+                continue
+            comparisons[label] = {
+                "versus": reference,
+                "added_headers_ms": added(Summary(**st["headers_ms"]), Summary(**ref["headers_ms"])),
+                "added_ttft_ms": added(Summary(**st["ttft_ms"]), Summary(**ref["ttft_ms"])),
+                "added_total_ms": added(Summary(**st["total_ms"]), Summary(**ref["total_ms"])),
+                "rps_ratio": st["rps"] / ref["rps"] if ref["rps"] else math.nan,
+            }
+    gateway = next((label for label in run.targets if label not in ("direct", "floor")), None)
+    metrics: dict[str, float] = {}
+    if gateway is not None:
+        g = targets[gateway]
+        metrics.update(gateway_rps=g["rps"], gateway_errors=g["error_count"])
+        if g["server_cpu_us_per_request"] is not None:
+            metrics["gateway_cpu_us"] = g["server_cpu_us_per_request"]
+        if g["mem_per_stream_kb"] is not None:
+            metrics["gateway_mem_per_stream_kb"] = g["mem_per_stream_kb"]
+        if gateway in comparisons:
+            c = comparisons[gateway]
+            metrics.update(
+                added_total_p50_ms=c["added_total_ms"]["p50"], added_total_p99_ms=c["added_total_ms"]["p99"],
+                added_ttft_p50_ms=c["added_ttft_ms"]["p50"], added_ttft_p99_ms=c["added_ttft_ms"]["p99"],
+            )
+    result: dict[str, Any] = {
+        "scenario": {"name": s.name, "description": s.description, "mode": s.mode, "source": s.source,
+                     "load": _attrs(s.load)},
+        "run": {"rounds": run.rounds_n, "duration_s": run.duration_s, "warmup_s": run.warmup_s,
+                "order": run.targets},
+        "machine": machine or machine_info(),
+        "commands": run.commands,
+        "targets": targets,
+        "comparisons": comparisons,
+        "usage_log": run.usage,
+        "notes": run.notes,
+    }
+    if s.mode == "failover":
+        result["failover"] = _failover(run)
+        metrics["errors_after_kill"] = sum(result["failover"]["phases"]["after"]["errors"].values())
+    result["verdicts"] = _verdicts(s.name, metrics)
+    if run.profiles:
+        result["hotspots"] = {}
+        for label, path in run.profiles.items():
+            stacks = hotspots.parse_collapsed(Path(path).read_text(encoding="utf-8", errors="replace"))
+            result["hotspots"][label] = {
+                "file": path,
+                "samples": sum(n for _, n in stacks),
+                "by_component": hotspots.group_shares(stacks, PROFILE_GROUPS),
+                "top_self": [_attrs(h) for h in hotspots.top_functions(stacks, limit=25)],
+                "top_inclusive": [_attrs(h) for h in hotspots.top_functions(stacks, limit=25, by="inclusive")],
+            }
+    clean: dict[str, Any] = _nan_to_none(result)
+    return clean
+
+
+def _attrs(obj: Any) -> dict[str, Any]:
+    data: dict[str, Any] = attrs.asdict(obj)
+    return data
+
+
+# --- markdown --------------------------------------------------------------------------------
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _quad(d: dict[str, Any], keys: tuple[str, ...] = ("p50", "p90", "p99", "max")) -> str:
+    if not d.get("count"):
+        return "—"
+    return " / ".join(_f(d[k]) for k in keys)
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+def _signed(d: dict[str, Any], keys: tuple[str, ...] = ("p50", "p90", "p99")) -> str:
+    if any(d[k] is None for k in keys):
+        return "—"
+    return " / ".join(("+" if d[k] >= 0 else "") + _f(d[k], 2) for k in keys)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The scenario's results table(s), the gateway's added cost and the targets, in markdown."""
+    s, run, m = result["scenario"], result["run"], result["machine"]
+    stream = s["load"]["stream"]
+    lines = [
+        f"### {s['name']}: {s['description']}",
+        "",
+        f"{run['rounds']} rounds × {run['duration_s']:g} s measured (after {run['warmup_s']:g} s warm-up), "
+        f"order {' → '.join(run['order'])} each round; {m['cores']} cores ({m['cpu_model']}), "
+        f"Python {m['python']}.",
+        "",
+    ]
+    head = "| target | req/s | errors | headers p50/p99 ms |"
+    rule = "|---|---:|---:|---|"
+    if stream:
+        head += " TTFT p50/p90/p99/max ms | gap p50/p99 ms |"
+        rule += "---|---|"
+    head += " total p50/p90/p99/max ms | server CPU µs/req | server core | client core | peak RSS MB |"
+    rule += "---|---:|---:|---:|---:|"
+    if stream:
+        head += " KB/stream |"
+        rule += "---:|"
+    lines += [head, rule]
+    for label, t in result["targets"].items():
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(t["errors"].items())) or "0"
+        row = (f"| {label} | {_f(t['rps'], 0)} | {errors} | "
+               f"{_quad(t['headers_ms'], ('p50', 'p99'))} |")
+        if stream:
+            row += f" {_quad(t['ttft_ms'])} | {_quad(t['gap_ms'], ('p50', 'p99'))} |"
+        row += (f" {_quad(t['total_ms'])} | {_f(t['server_cpu_us_per_request'], 0)} | "
+                f"{_share(t['server_core_utilisation'])} | {_share(t['client_core_utilisation'])} | "
+                f"{_f(t['peak_rss_mb'], 1)} |")
+        if stream:
+            row += f" {_f(t['mem_per_stream_kb'], 1)} |"
+        lines.append(row)
+    if result["comparisons"]:
+        lines += ["", "Added by going through it (percentile minus percentile, ms):", "",
+                  "| target | vs | headers p50/p99 | " + ("TTFT p50/p90/p99 | " if stream else "")
+                  + "total p50/p90/p99 | req/s ratio |",
+                  "|---|---|---|" + ("---|" if stream else "") + "---|---:|"]
+        for label, c in result["comparisons"].items():
+            row = f"| {label} | {c['versus']} | {_signed(c['added_headers_ms'], ('p50', 'p99'))} | "
+            if stream:
+                row += f"{_signed(c['added_ttft_ms'])} | "
+            row += f"{_signed(c['added_total_ms'])} | {_f(c['rps_ratio'], 2)} |"
+            lines.append(row)
+    if "failover" in result:
+        f = result["failover"]
+        lines += ["", f"Primary killed at {', '.join(_f(k, 2) + ' s' for k in f['kill_at_s'])} into the window:", "",
+                  "| phase | requests | errors | TTFT p50/p90/p99/max ms |", "|---|---:|---|---|"]
+        for name, p in f["phases"].items():
+            errors = ", ".join(f"{k} {v}" for k, v in sorted(p["errors"].items())) or "0"
+            lines.append(f"| {name.replace('_', ' ')} | {p['requests']} | {errors} | {_quad(p['ttft_ms'])} |")
+    usage = result.get("usage_log") or {}
+    if usage:
+        lines += ["", "Usage log: " + "; ".join(
+            f"{label}: {u['usage_records']} records for {u['requests_sent']} requests sent" for label, u in usage.items())]
+    if result["verdicts"]:
+        lines += ["", "| issue target | measured | met? |", "|---|---:|---|"]
+        for v in result["verdicts"]:
+            met = {True: "yes", False: "**no**", None: "n/a"}[v["met"]]
+            lines.append(f"| {v['target']} | {_f(v['value'], 2)} | {met} |")
+    for note in result["notes"]:
+        lines += ["", f"Note: {note}"]
+    hot = result.get("hotspots") or {}
+    for label, h in hot.items():
+        lines += ["", f"Profile of {label} ({h['samples']} samples, py-spy): by component "
+                  + ", ".join(f"{k} {v:.0%}" for k, v in h["by_component"].items()), "",
+                  "| function (self time) | self | inclusive |", "|---|---:|---:|"]
+        for spot in h["top_self"][:12]:
+            lines.append(f"| `{spot['function']}` | {spot['self_share']:.1%} | {spot['inclusive_share']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- chart -----------------------------------------------------------------------------------
+
+
+def write_chart(result: dict[str, Any], path: Path) -> bool:
+    """Latency distributions per target (and TTFT over time for failover) as a PNG.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
+    except ImportError:
+        return False
+    s = result["scenario"]
+    stream = s["load"]["stream"]
+    main_key, main_label = ("ttft", "TTFT (ms)") if stream else ("total", "total latency (ms)")
+    side_key, side_label = ("gaps", "gap between tokens (ms)") if stream else ("headers", "time to headers (ms)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, xlabel in ((axes[0], main_key, main_label), (axes[1], side_key, side_label)):
+        for label, t in result["targets"].items():
+            points = t["cdf"].get(key) or []
+            if points:
+                xs = [max(p, LOG_AXIS_FLOOR_MS) for p in points]
+                ax.plot(xs, [q * 100 for q in CDF_QUANTILES[: len(points)]], label=label, linewidth=1.6)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=True))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(xlabel + (" (0 drawn at 0.01)" if key == "gaps" else ""))
+        ax.set_ylabel("percentile")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right")
+    if "failover" in result:
+        f = result["failover"]
+        ax = axes[1]
+        ax.clear()
+        xs = [b["t_s"] for b in f["series"]]
+        ax.plot(xs, [b["ttft_p50_ms"] for b in f["series"]], label="TTFT p50", marker=".")
+        ax.plot(xs, [b["ttft_max_ms"] for b in f["series"]], label="TTFT max", marker=".", alpha=0.6)
+        errs = [(b["t_s"], b["errors"]) for b in f["series"] if b["errors"]]
+        if errs:
+            ax2 = ax.twinx()
+            ax2.bar([e[0] for e in errs], [e[1] for e in errs], width=f["bucket_s"] * 0.8, color="red", alpha=0.4,
+                    align="edge", label="errors")
+            ax2.set_ylabel("errors per bucket", color="red")
+        for k in f["kill_at_s"]:
+            if k is not None:
+                ax.axvline(k, color="red", linestyle="--", linewidth=1)
+        ax.set_xlabel("request start, s into the window (dashed: primary killed)")
+        ax.set_ylabel("TTFT (ms)")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left")
+    m = result["machine"]
+    fig.suptitle(f"{s['name']}: {s['description']}\n{m['cores']} cores, {m['cpu_model']}, Python {m['python']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path, stamp: str) -> dict[str, Path]:
+    """``<stamp>-<scenario>.json``, ``.md`` and ``.png`` in ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / f"{stamp}-{result['scenario']['name']}"
+    paths = {"json": base.with_suffix(".json"), "md": base.with_suffix(".md")}
+    paths["json"].write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths["md"].write_text(markdown(result), encoding="utf-8")
+    if write_chart(result, base.with_suffix(".png")):
+        paths["png"] = base.with_suffix(".png")
+    return paths
+
+
+def timestamp() -> str:
+    """Local time to the second, the prefix of a run's result files."""
+    return time.strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,369 @@
+"""Running one scenario: start its processes, interleave its rounds, collect the facts.
+
+::
+
+    run_scenario(scenario, options, fleet)
+    ├─ fleet.start: mock upstream(s) on the client's core, gateway(s) and the floor on core 0
+    ├─ rounds × targets, interleaved (A B [C] A B [C] …):
+    │  └─ loadgen.run_load(target, on_window=_Probe)
+    │     └─ _Probe: server CPU at the window's edges, RSS every SAMPLE_S, the failover kill
+    ├─ [--profile-dir] one more gateway round under py-spy (not counted)
+    └─ stop the gateways (their usage logs are complete then) and count the records
+
+The numbers themselves are derived in ``report.py``; this module only gathers
+them (``ScenarioRun``), so what is measured and how it is shown stay apart.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+from attrs import define, field, frozen
+
+from ..config import load_profiles
+from . import procstat
+from .loadgen import Address, LoadPlan, RoundResult, build_request, parse_target, run_load
+from .processes import BenchError, Child, Fleet, override_profile, python_argv
+from .scenarios import Load, Scenario, resolve_bench_profile
+
+__all__ = ["BenchOptions", "ScenarioRun", "TargetRound", "run_scenario"]
+
+#: RSS is sampled this often during a round: peaks of a few hundred ms are not missed.
+SAMPLE_S = 0.05
+#: The floor app lives beside the scenarios, in the source checkout.
+FLOOR_APP = Path(__file__).resolve().parents[2] / "loadtest" / "floor_app.py"
+#: py-spy's sampling rate: 250 Hz over a few seconds is thousands of samples at a few % overhead.
+PY_SPY_RATE = 250
+
+
+@frozen
+class BenchOptions:
+    """The command line's choices that apply to every scenario."""
+
+    rounds: int | None = None
+    duration_s: float | None = None
+    warmup_s: float | None = None
+    #: Measure this gateway instead of starting ours (CPU and RSS only with gateway_pid).
+    target_gateway: str | None = None
+    gateway_pid: int | None = None
+    #: Use this upstream instead of starting the mock (a real Ollama, vLLM...).
+    target_upstream: str | None = None
+    #: The profile's upstream ``kind`` for target_upstream (its health-check path).
+    upstream_kind: str | None = None
+    model: str | None = None
+    pin: bool = True
+    gateway_cpu: int = 0
+    client_cpu: int = 1
+    #: Where py-spy writes one profile per scenario (None: no profiling round).
+    profile_dir: Path | None = None
+
+
+@define
+class Target:
+    label: str
+    address: Address
+    #: The process whose CPU and RSS are the target's (None: not ours to read).
+    server: Child | None
+    server_pid: int | None
+    #: Processes on the client's core, read for the "is core 1 saturated?" check.
+    upstream_pids: list[int] = field(factory=list)
+    #: Gateway only: the directory of its usage log.
+    telemetry_dir: Path | None = None
+    sent_total: int = 0
+
+
+@define
+class TargetRound:
+    """One round against one target, with what the probes read beside it."""
+
+    target: str
+    index: int
+    result: RoundResult
+    server_cpu_s: float | None
+    upstream_cpu_s: float | None
+    rss_baseline: int | None
+    rss_peak: int | None
+    #: Seconds into the window at which the failover kill happened (failover mode).
+    killed_at_s: float | None = None
+
+
+@define
+class ScenarioRun:
+    """Everything one scenario measured, for ``report.py``."""
+
+    scenario: Scenario
+    targets: list[str]
+    rounds: list[TargetRound]
+    rounds_n: int
+    duration_s: float
+    warmup_s: float
+    commands: dict[str, list[str]] = field(factory=dict)
+    #: Per gateway label: requests it was sent and usage records it wrote.
+    usage: dict[str, dict[str, int]] = field(factory=dict)
+    notes: list[str] = field(factory=list)
+    #: Collapsed py-spy stacks file per gateway label, when profiled.
+    profiles: dict[str, str] = field(factory=dict)
+
+
+def _cpu(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        return procstat.cpu_times(pid).total
+    except (OSError, ValueError):
+        return None
+
+
+def _rss(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        return procstat.memory(pid).rss
+    except (OSError, ValueError):
+        return None
+
+
+class _Probe:
+    """Runs beside a round: CPU at the window's edges, RSS samples, an optional kill."""
+
+    def __init__(self, target: Target, *, kill: tuple[float, Any] | None = None) -> None:
+        self.target = target
+        self.kill = kill
+        self.rss_peak: int | None = None
+        self.server_cpu: float | None = None
+        self.upstream_cpu: float | None = None
+        self.killed_at: float | None = None
+
+    async def __call__(self, window_start: float, window_end: float) -> None:
+        async with trio.open_nursery() as probes:
+            if self.kill is not None:
+                probes.start_soon(self._kill, window_start)
+            await self._sample(window_start, window_end)
+
+    async def _kill(self, window_start: float) -> None:
+        assert self.kill is not None
+        at, kill_now = self.kill
+        await trio.sleep_until(window_start + at)
+        kill_now()
+        self.killed_at = trio.current_time() - window_start
+
+    async def _sample(self, window_start: float, window_end: float) -> None:
+        pid = self.target.server_pid
+        cpu0 = up0 = None
+        while True:  # bounded: ends at window_end
+            now = trio.current_time()
+            if cpu0 is None and now >= window_start:
+                cpu0 = _cpu(pid)
+                up0 = [_cpu(p) for p in self.target.upstream_pids]
+            if now >= window_end:
+                break
+            rss = _rss(pid)
+            if rss is not None and (self.rss_peak is None or rss > self.rss_peak):
+                self.rss_peak = rss
+            wake = now + SAMPLE_S
+            if cpu0 is None:
+                wake = min(wake, window_start)
+            await trio.sleep_until(min(wake, window_end))
+        cpu1 = _cpu(pid)
+        if cpu0 is not None and cpu1 is not None:
+            self.server_cpu = cpu1 - cpu0
+        up1 = [_cpu(p) for p in self.target.upstream_pids]
+        pairs = [(a, b) for a, b in zip(up0 or [], up1) if a is not None and b is not None]
+        if pairs:
+            self.upstream_cpu = sum(b - a for a, b in pairs)
+
+
+def mock_argv(load: Load, *, port: int = 0) -> list[str]:
+    return python_argv(
+        "-m", "trioproxy", "mock", "--host", "127.0.0.1", "--port", str(port), "--kind", "openai",
+        "--models", "*", "--tokens", str(load.tokens), "--token-delay-ms", f"{load.token_delay_ms:g}",
+        "--ttft-ms", f"{load.ttft_ms:g}",
+    )
+
+
+def _profile_paths(names: tuple[str, ...]) -> list[Path]:
+    return [resolve_bench_profile(n) for n in names]
+
+
+def _upstream_ids_by_priority(paths: list[Path]) -> list[str]:
+    config = load_profiles([str(p) for p in paths])
+    return [u.id for u in sorted(config.upstreams, key=lambda u: u.priority)]
+
+
+async def _start_gateway(
+    fleet: Fleet, label: str, paths: list[Path], base_urls: dict[str, str], options: BenchOptions, run_dir: Path
+) -> tuple[Child, Path]:
+    telemetry_dir = run_dir / f"usage-{label}"
+    override = override_profile(
+        run_dir / f"override-{label}.toml", base_urls=base_urls, telemetry_dir=telemetry_dir,
+        upstream_kind=options.upstream_kind,
+    )
+    argv = python_argv("-m", "trioproxy", "--log-level", "INFO", "serve")
+    for p in [*paths, override]:
+        argv += ["--config", str(p)]
+    argv += ["--port", "0"]
+    child = await fleet.start(label, argv, cpu=options.gateway_cpu)
+    return child, telemetry_dir
+
+
+def count_usage_records(directory: Path) -> int:
+    """Lines in every usage-*.jsonl file of a gateway's usage-log directory."""
+    if not directory.is_dir():
+        return 0
+    total = 0
+    for path in directory.glob("usage-*.jsonl"):
+        with open(path, "rb") as f:
+            total += sum(1 for _ in f)
+    return total
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+async def run_scenario(
+    scenario: Scenario,
+    options: BenchOptions,
+    fleet: Fleet,
+    run_dir: Path,
+    *,
+    progress: Callable[[str], None] = _quiet,
+) -> ScenarioRun:
+    """Run every round of ``scenario`` and return what was measured.
+
+    ``run_dir`` receives the override profiles and the gateways' usage logs;
+    ``progress`` is told what is being measured as it starts.
+
+    Raises:
+      BenchError: a process would not start, or the scenario cannot run with these options.
+    """
+    s = scenario
+    rounds_n = options.rounds or s.run.rounds
+    duration = options.duration_s or s.run.duration_s
+    warmup = s.run.warmup_s if options.warmup_s is None else options.warmup_s
+    run = ScenarioRun(scenario=s, targets=[], rounds=[], rounds_n=rounds_n, duration_s=duration, warmup_s=warmup)
+    load = s.load
+    if s.mode in ("failover", "compare") and (options.target_upstream or options.target_gateway):
+        raise BenchError(f"scenario {s.name!r} (mode {s.mode}) needs the bench's own mocks and gateways: "
+                         "drop --target-upstream / --target-gateway for it")
+
+    # Upstream(s): the mock on the client's core, or the user's server.
+    mocks: list[Child] = []
+    if options.target_upstream:
+        upstream_url = options.target_upstream
+        parse_target(upstream_url)  # fail early on a bad URL
+    else:
+        names = ["mock-primary", "mock-fallback"] if s.mode == "failover" else ["mock"]
+        for name in names:
+            mocks.append(await fleet.start(name, mock_argv(load), cpu=options.client_cpu))
+        upstream_url = mocks[0].url
+    for m in mocks:
+        run.commands[m.name] = m.argv
+    mock_pids = [m.pid for m in mocks]
+
+    targets: list[Target] = []
+    if s.direct and s.mode == "ab":
+        targets.append(Target("direct", parse_target(upstream_url), mocks[0] if mocks else None,
+                              mock_pids[0] if mocks else None))
+    for variant in s.gateways:
+        paths = _profile_paths(variant.profiles)
+        if options.target_gateway:
+            targets.append(Target(variant.label, parse_target(options.target_gateway), None, options.gateway_pid,
+                                  mock_pids))
+            run.notes.append(f"{variant.label}: the gateway at {options.target_gateway} (not started by the bench)")
+            break
+        ids = _upstream_ids_by_priority(paths)
+        if s.mode == "failover":
+            base_urls = {uid: (mocks[0].url if i == 0 else mocks[1].url) for i, uid in enumerate(ids)}
+        else:
+            base_urls = {uid: upstream_url for uid in ids}
+        child, telemetry_dir = await _start_gateway(fleet, variant.label, paths, base_urls, options, run_dir)
+        run.commands[variant.label] = child.argv
+        targets.append(Target(variant.label, parse_target(child.url), child, child.pid, mock_pids, telemetry_dir))
+    if s.floor and s.mode == "ab":
+        if FLOOR_APP.is_file():
+            paths = _profile_paths(s.gateways[0].profiles)
+            argv = python_argv(str(FLOOR_APP), *[a for p in paths for a in ("--config", str(p))], "--port", "0")
+            floor = await fleet.start("floor", argv, cpu=options.gateway_cpu)
+            run.commands["floor"] = floor.argv
+            targets.append(Target("floor", parse_target(floor.url), floor, floor.pid))
+        else:
+            run.notes.append(f"floor skipped: {FLOOR_APP} not found (run from a source checkout)")
+    run.targets = [t.label for t in targets]
+
+    plan = LoadPlan.from_scenario(load, duration_s=duration, warmup_s=warmup)
+    requests = {t.label: build_request(load, t.address.host_header, model=options.model) for t in targets}
+    primary_port = int(mocks[0].url.rsplit(":", 1)[1]) if mocks else 0
+    for index in range(rounds_n):
+        for target in targets:
+            kill = None
+            if s.mode == "failover":
+                assert s.failover is not None
+                if not mocks[0].running:  # killed last round: back on the same port, then let health see it
+                    await fleet.stop(mocks[0])
+                    mocks[0] = await fleet.start("mock-primary", mock_argv(load, port=primary_port),
+                                                 cpu=options.client_cpu)
+                    target.upstream_pids = [mocks[0].pid, mocks[1].pid]
+                    await trio.sleep(s.failover.recover_s)
+                primary = mocks[0]
+                kill = (s.failover.kill_at_s, lambda primary=primary: fleet.kill_now(primary))
+            progress(f"{s.name}: round {index + 1}/{rounds_n}, {target.label}")
+            probe = _Probe(target, kill=kill)
+            baseline = _rss(target.server_pid)
+            result = await run_load(target.address, requests[target.label], plan, on_window=probe)
+            target.sent_total += result.sent_total
+            run.rounds.append(TargetRound(
+                target=target.label, index=index, result=result, server_cpu_s=probe.server_cpu,
+                upstream_cpu_s=probe.upstream_cpu, rss_baseline=baseline, rss_peak=probe.rss_peak,
+                killed_at_s=probe.killed_at,
+            ))
+
+    if options.profile_dir is not None and s.mode != "failover":
+        progress(f"{s.name}: one more round per gateway under py-spy (not counted)")
+        await _profile_round(run, targets, requests, plan, options.profile_dir)
+
+    # Stop our gateways first: a gateway's usage log is complete once it has exited.
+    for target in targets:
+        if target.telemetry_dir is not None and target.server is not None:
+            await fleet.stop(target.server)
+            run.usage[target.label] = {
+                "requests_sent": target.sent_total,
+                "usage_records": count_usage_records(target.telemetry_dir),
+            }
+    return run
+
+
+async def _profile_round(
+    run: ScenarioRun, targets: list[Target], requests: dict[str, bytes], plan: LoadPlan, profile_dir: Path
+) -> None:
+    """One more round per gateway under ``py-spy record`` (not counted in the results)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).is_file():
+        run.notes.append("profiling skipped: py-spy not found (pip install py-spy)")
+        return
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    for target in targets:
+        if target.server is None or target.label in ("direct", "floor"):
+            continue
+        out = profile_dir / f"{run.scenario.name}-{target.label}.txt"
+        seconds = max(1, math.ceil(plan.duration_s))
+
+        async def record(window_start: float, window_end: float, target: Target = target, out: Path = out,
+                         seconds: int = seconds) -> None:
+            await trio.sleep_until(window_start)
+            argv = [py_spy, "record", "--pid", str(target.server_pid), "--rate", str(PY_SPY_RATE),
+                    "--duration", str(seconds), "--format", "raw", "--nonblocking", "--output", str(out)]
+            await trio.run_process(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+        await run_load(target.address, requests[target.label], plan, on_window=record)
+        if out.is_file():
+            run.profiles[target.label] = str(out)
+        else:
+            run.notes.append(f"profiling {target.label}: py-spy wrote nothing (ptrace not permitted?)")
