@@ -43,7 +43,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .headers import client_response_headers, header_value, upstream_request_headers
-from .relay import ClientStalled, Send, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
+from .relay import Send, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
 from .telemetry import AttemptRecord, Record
@@ -164,8 +164,6 @@ class ProxyApp:
             await self._relay(route, scope, receive, send, ex, body)
         except ClientGone:
             ex.outcome, ex.client_gone = "client_disconnect", True
-        except ClientStalled as exc:
-            ex.outcome, ex.client_gone, ex.error = "client_disconnect", True, str(exc)
         except TrioproxyError as exc:
             if not ex.response_started:
                 await _send_error(send, ex, route, exc)

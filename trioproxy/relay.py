@@ -48,6 +48,7 @@ class Exchange(Protocol):
     error: str | None
     response_started: bool
     finished: bool
+    client_gone: bool
     ttft_ms: float | None
     bytes_out: int
     first_content_index: int | None
@@ -60,10 +61,6 @@ def sse_error_event(message: str) -> bytes:
 
 def ndjson_error_line(message: str) -> bytes:
     return json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
-
-
-class ClientStalled(Exception):
-    """The client stopped taking the stream for longer than ``server.client_write_timeout_s``."""
 
 
 async def relay_stream(
@@ -85,10 +82,43 @@ async def relay_stream(
     ex.status = response.status
     ex.response_started = True
     chunks_send, chunks_recv = trio.open_memory_channel[bytes](0)
+    clock = _SendClock()
     async with trio.open_nursery() as relay:
         relay.start_soon(pump, ex, winner, chunks_send, usage_filter, error_line, max_bytes)
-        await deliver(ex, chunks_recv, send, write_timeout)
-    await finish(ex, send)
+        relay.start_soon(_watch_stall, ex, winner, clock, write_timeout)
+        await deliver(ex, chunks_recv, send, clock)
+        relay.cancel_scope.cancel()  # the watchdog's work is over
+    if not ex.client_gone:
+        await finish(ex, send)
+
+
+class _SendClock:
+    """When the send in progress started (None between sends): what the stall watchdog reads."""
+
+    __slots__ = ("since",)
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+
+async def _watch_stall(ex: Exchange, winner: Winner, clock: _SendClock, timeout: float) -> None:
+    """Release the upstream when the client takes no data for ``timeout`` seconds.
+
+    Hypercorn shields its socket writes, so a send to a client that stopped reading
+    cannot be cancelled, and the client's connection stays until the client goes away.
+    What the gateway can do is stop the upstream at once (closing its connection
+    makes vLLM or Ollama stop generating) and record the stall. One timer per
+    stream per ``timeout``: no cost per chunk beyond two assignments in ``deliver``.
+    """
+    while True:
+        since = clock.since
+        now = trio.current_time()
+        if since is not None and now - since >= timeout:
+            ex.client_gone = True
+            ex.outcome, ex.error = "client_disconnect", f"the client took no data for {timeout:g} s"
+            winner.release()  # the pump's next read fails; the upstream sees its connection closed
+            return
+        await trio.sleep(timeout if since is None else since + timeout - now)
 
 
 async def pump(
@@ -139,6 +169,8 @@ async def pump(
             ex.outcome, ex.error = "upstream_error", exc.message
             await chunks_send.send(error_line(f"{exc.message}; the answer is incomplete"))
             return
+        except trio.ClosedResourceError:
+            return  # released by the stall watchdog: the client is gone, the outcome is already said
         if usage_filter is not None and (tail := usage_filter.flush()):
             await chunks_send.send(tail)
         if scanner is None:
@@ -151,21 +183,16 @@ async def pump(
             await chunks_send.send(error_line(f"{ex.error}; the answer is incomplete"))
 
 
-async def deliver(
-    ex: Exchange, chunks_recv: trio.MemoryReceiveChannel[bytes], send: Send, write_timeout: float
-) -> None:
-    """Hand each chunk to the client; TTFT is stamped once the first content chunk is sent.
-
-    Raises:
-        ClientStalled: the client took no data for ``write_timeout`` seconds.
-    """
+async def deliver(ex: Exchange, chunks_recv: trio.MemoryReceiveChannel[bytes], send: Send, clock: _SendClock) -> None:
+    """Hand each chunk to the client; TTFT is stamped once the first content chunk is sent."""
     async with chunks_recv:
         index = 0
         async for data in chunks_recv:
-            with trio.move_on_after(write_timeout) as stalled:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            if stalled.cancelled_caught:
-                raise ClientStalled(f"the client took no data for {write_timeout:g} s")
+            clock.since = trio.current_time()
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            clock.since = None
+            if ex.client_gone:
+                return
             ex.bytes_out += len(data)
             if index == ex.first_content_index:
                 ex.ttft_ms = (trio.current_time() - ex.arrival) * 1000

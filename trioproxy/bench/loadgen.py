@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import random
 import re
 import socket
 import time
@@ -60,6 +61,8 @@ CONNECT_BACKOFF_S = 0.05
 CONNECT_ALL_TIMEOUT_S = 20.0
 #: Margin past the last request's timeout before the round is cut off regardless.
 HARD_DEADLINE_GRACE_S = 2.0
+#: Seed of the retry jitter after a failed request: runs are repeatable.
+RETRY_JITTER_SEED = 5
 #: A streamed line longer than this without a newline is not an event we can judge; it is dropped.
 MAX_PENDING_LINE = 1024 * 1024
 
@@ -307,11 +310,18 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
 
 
 async def _receive(sock: socket.socket) -> bytes:
+    """The next bytes (b"" at EOF), waiting for readiness *first*.
+
+    Called only when the parser needs more, and then the bytes are almost never
+    there yet (the answer is being computed, the next token is milliseconds away):
+    trying ``recv`` first would cost a failed syscall and an exception per event.
+    """
     while True:  # bounded by the request's timeout scope
+        await _wait_readable(sock)
         try:
             return sock.recv(RECV_SIZE)
         except BlockingIOError:
-            await _wait_readable(sock)
+            pass  # a spurious wake-up: wait again
 
 
 def _close(sock: socket.socket | None) -> None:
@@ -334,6 +344,7 @@ class _Round:
         self.recorder = Recorder()
         self.sent_total = 0
         self.in_window = 0
+        self.rng = random.Random(RETRY_JITTER_SEED)
 
     async def run_worker(self, index: int, sock: socket.socket | None) -> None:
         plan = self.plan
@@ -359,14 +370,19 @@ class _Round:
                                               math.nan, math.nan, math.nan, "connect", 0)
                         await trio.sleep(CONNECT_BACKOFF_S)
                         continue
-                if not await self._exchange(sock, t0, counted):
+                reusable, failed = await self._exchange(sock, t0, counted)
+                if not reusable:
                     _close(sock)
                     sock = None
+                if failed and plan.ramp_s:
+                    # Clients that failed together would otherwise all retry in the same
+                    # millisecond, forever in phase: retry after a random part of the ramp.
+                    await trio.sleep(self.rng.random() * plan.ramp_s)
         finally:
             _close(sock)
 
-    async def _exchange(self, sock: socket.socket, t0: float, counted: bool) -> bool:
-        """One request and its whole answer; records it; returns whether the connection is reusable."""
+    async def _exchange(self, sock: socket.socket, t0: float, counted: bool) -> tuple[bool, bool]:
+        """One request and its whole answer; records it; returns (connection reusable, request failed)."""
         self.sent_total += 1
         stream = self.plan.stream
         watcher = StreamWatcher() if stream else None
@@ -379,8 +395,7 @@ class _Round:
         with trio.move_on_at(t0 + self.plan.request_timeout_s) as scope:
             try:
                 await _send_all(sock, self.request)
-                await _wait_readable(sock)  # one real checkpoint per request, always
-                while True:
+                while True:  # _receive waits first: at least one real checkpoint per request
                     data = await _receive(sock)
                     if data:
                         parser.feed(data)
@@ -433,7 +448,7 @@ class _Round:
             if gaps:
                 self.recorder.gaps_ms.extend(gaps)
         # An error status or a stream that ended badly still ended cleanly at the HTTP level.
-        return parser.reusable and (error is None or error.startswith(("http_", "stream_")))
+        return parser.reusable and (error is None or error.startswith(("http_", "stream_"))), error is not None
 
     async def client_cpu(self, out: list[float]) -> None:
         await trio.sleep_until(self.window_start)

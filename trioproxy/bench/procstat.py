@@ -18,6 +18,8 @@ __all__ = [
     "Memory",
     "cpu_times",
     "memory",
+    "core_ticks",
+    "parse_proc_stat",
     "parse_stat",
     "parse_status",
 ]
@@ -103,3 +105,33 @@ def memory(pid: int) -> Memory:
     """
     with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
         return parse_status(f.read())
+
+
+def parse_proc_stat(text: str) -> dict[int, tuple[int, int]]:
+    """Per core, (busy ticks, all ticks) since boot, from the text of ``/proc/stat``.
+
+    Busy is everything but idle and iowait (user, nice, system, irq, softirq, steal);
+    guest time is already inside user. Comparing two readings tells how busy each
+    core was in between, whoever kept it busy: the bench's noise check.
+    """
+    cores: dict[int, tuple[int, int]] = {}
+    for line in text.splitlines():
+        if not line.startswith("cpu") or line.startswith("cpu "):
+            continue
+        name, *fields = line.split()
+        if not name[3:].isdigit():
+            continue
+        values = [int(v) for v in fields[:8]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        total = sum(values)
+        cores[int(name[3:])] = (total - idle, total)
+    return cores
+
+
+def core_ticks() -> dict[int, tuple[int, int]]:
+    """:func:`parse_proc_stat` of this machine's ``/proc/stat`` ({} where there is none)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return parse_proc_stat(f.read())
+    except OSError:
+        return {}

@@ -60,6 +60,8 @@ TARGETS: dict[str, list[tuple[str, str, float, str]]] = {
 }
 #: Points of the saved distribution curves (enough to redraw the chart from the JSON).
 CDF_QUANTILES = [i / 100 for i in range(100)] + [0.995, 0.999, 1.0]
+#: A server core busier than this beyond its own process's share means other load ran there.
+NOISE_LIMIT = 0.05
 #: Zero-length gaps (tokens that arrived in one read) are drawn here on the log axis.
 LOG_AXIS_FLOOR_MS = 0.01
 #: Components of a py-spy profile, matched on the leaf frame's file (first match wins).
@@ -152,7 +154,16 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
         for r in rounds
         if r.rss_peak is not None and r.rss_baseline is not None
     ]
-    per_round = []
+    # Noise: how busy the server's core was beyond what the target's own process used
+    # (for direct, whose server is on the client's core, all of the server core's load).
+    noise = []
+    for r in rounds:
+        if run.server_core is None or run.server_core not in r.core_busy or r.server_cpu_s is None:
+            continue
+        own = 0.0 if label == "direct" else r.server_cpu_s / r.result.window_s
+        noise.append(max(0.0, r.core_busy[run.server_core] - own))
+    per_round: list[dict[str, Any]] = []
+    round_rps = [r.result.recorder.count / r.result.window_s for r in rounds]
     for r in rounds:
         rec = r.result.recorder
         n = rec.count
@@ -166,6 +177,7 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
             "ttft_p99_ms": summarize(rec.ttft_ms).p99,
             "server_cpu_us": (r.server_cpu_s / n * 1e6) if r.server_cpu_s is not None and n else None,
             "rss_peak_mb": r.rss_peak / 2**20 if r.rss_peak is not None else None,
+            "core_busy": {str(k): v for k, v in sorted(r.core_busy.items())},
         })
     return {
         "requests": requests,
@@ -183,6 +195,12 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
         "server_core_utilisation": server_cpu / window if server_cpu is not None and window else None,
         "client_core_utilisation": client_core / window if window else None,
         "peak_rss_mb": max(peaks) / 2**20 if peaks else None,
+        "server_core_foreign_load": max(noise) if noise else None,
+        "cores_busy": {
+            str(core): sum(r.core_busy.get(core, 0.0) for r in rounds) / len(rounds)
+            for core in sorted({c for r in rounds for c in r.core_busy})
+        } if rounds else {},
+        "rps_range": [min(round_rps), max(round_rps)] if round_rps else None,
         "mem_per_stream_kb": max(per_stream) / 1024 if per_stream and run.scenario.load.stream else None,
         "rounds": per_round,
         "cdf": {k: _cdf(v) for k, v in pooled.items()},
@@ -271,6 +289,13 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
         "usage_log": run.usage,
         "notes": run.notes,
     }
+    for label, t in targets.items():
+        foreign = t["server_core_foreign_load"]
+        if foreign is not None and foreign > NOISE_LIMIT:
+            result["notes"] = [*result["notes"], (
+                f"{label}: in one round core {run.server_core} was {foreign:.0%} busy with work other than "
+                f"{'the bench' if label == 'direct' else label + ' itself'} (other load on the machine): "
+                "treat its numbers with care, or run again")]
     if s.mode == "failover":
         result["failover"] = _failover(run)
         metrics["errors_after_kill"] = sum(result["failover"]["phases"]["after"]["errors"].values())
@@ -336,25 +361,27 @@ def markdown(result: dict[str, Any]) -> str:
         f"Python {m['python']}.",
         "",
     ]
-    head = "| target | req/s | errors | headers p50/p99 ms |"
+    head = "| target | req/s (rounds) | errors | headers p50/p99 ms |"
     rule = "|---|---:|---:|---|"
     if stream:
         head += " TTFT p50/p90/p99/max ms | gap p50/p99 ms |"
         rule += "---|---|"
-    head += " total p50/p90/p99/max ms | server CPU µs/req | server core | client core | peak RSS MB |"
-    rule += "---|---:|---:|---:|---:|"
+    head += " total p50/p90/p99/max ms | server CPU µs/req | server core | client core | cores busy | peak RSS MB |"
+    rule += "---|---:|---:|---:|---|---:|"
     if stream:
         head += " KB/stream |"
         rule += "---:|"
     lines += [head, rule]
     for label, t in result["targets"].items():
         errors = ", ".join(f"{k} {v}" for k, v in sorted(t["errors"].items())) or "0"
-        row = (f"| {label} | {_f(t['rps'], 0)} | {errors} | "
+        spread = f" ({_f(t['rps_range'][0], 0)}–{_f(t['rps_range'][1], 0)})" if t["rps_range"] and len(t["rounds"]) > 1 else ""
+        row = (f"| {label} | {_f(t['rps'], 0)}{spread} | {errors} | "
                f"{_quad(t['headers_ms'], ('p50', 'p99'))} |")
         if stream:
             row += f" {_quad(t['ttft_ms'])} | {_quad(t['gap_ms'], ('p50', 'p99'))} |"
         row += (f" {_quad(t['total_ms'])} | {_f(t['server_cpu_us_per_request'], 0)} | "
                 f"{_share(t['server_core_utilisation'])} | {_share(t['client_core_utilisation'])} | "
+                f"{' / '.join(_share(v) for v in t['cores_busy'].values()) or '—'} | "
                 f"{_f(t['peak_rss_mb'], 1)} |")
         if stream:
             row += f" {_f(t['mem_per_stream_kb'], 1)} |"

@@ -92,6 +92,8 @@ class TargetRound:
     rss_peak: int | None
     #: Seconds into the window at which the failover kill happened (failover mode).
     killed_at_s: float | None = None
+    #: Per core, the share of the window it was busy (any process): noise shows up here.
+    core_busy: dict[int, float] = field(factory=dict)
 
 
 @define
@@ -110,6 +112,9 @@ class ScenarioRun:
     notes: list[str] = field(factory=list)
     #: Collapsed py-spy stacks file per gateway label, when profiled.
     profiles: dict[str, str] = field(factory=dict)
+    #: The cores the servers and the client were pinned to (None: not pinned).
+    server_core: int | None = None
+    client_core: int | None = None
 
 
 def _cpu(pid: int | None) -> float | None:
@@ -140,6 +145,8 @@ class _Probe:
         self.server_cpu: float | None = None
         self.upstream_cpu: float | None = None
         self.killed_at: float | None = None
+        #: Per core, the share of the window it was busy, by any process (the noise check).
+        self.core_busy: dict[int, float] = {}
 
     async def __call__(self, window_start: float, window_end: float) -> None:
         async with trio.open_nursery() as probes:
@@ -157,11 +164,13 @@ class _Probe:
     async def _sample(self, window_start: float, window_end: float) -> None:
         pid = self.target.server_pid
         cpu0 = up0 = None
+        cores0: dict[int, tuple[int, int]] = {}
         while True:  # bounded: ends at window_end
             now = trio.current_time()
             if cpu0 is None and now >= window_start:
                 cpu0 = _cpu(pid)
                 up0 = [_cpu(p) for p in self.target.upstream_pids]
+                cores0 = procstat.core_ticks()
             if now >= window_end:
                 break
             rss = _rss(pid)
@@ -172,6 +181,12 @@ class _Probe:
                 wake = min(wake, window_start)
             await trio.sleep_until(min(wake, window_end))
         cpu1 = _cpu(pid)
+        cores1 = procstat.core_ticks()
+        if cpu0 is not None:
+            for core, (busy1, total1) in cores1.items():
+                busy0, total0 = cores0.get(core, (busy1, total1))
+                if total1 > total0:
+                    self.core_busy[core] = (busy1 - busy0) / (total1 - total0)
         if cpu0 is not None and cpu1 is not None:
             self.server_cpu = cpu1 - cpu0
         up1 = [_cpu(p) for p in self.target.upstream_pids]
@@ -248,7 +263,9 @@ async def run_scenario(
     rounds_n = options.rounds or s.run.rounds
     duration = options.duration_s or s.run.duration_s
     warmup = s.run.warmup_s if options.warmup_s is None else options.warmup_s
-    run = ScenarioRun(scenario=s, targets=[], rounds=[], rounds_n=rounds_n, duration_s=duration, warmup_s=warmup)
+    run = ScenarioRun(scenario=s, targets=[], rounds=[], rounds_n=rounds_n, duration_s=duration, warmup_s=warmup,
+                      server_core=options.gateway_cpu if options.pin else None,
+                      client_core=options.client_cpu if options.pin else None)
     load = s.load
     if s.mode in ("failover", "compare") and (options.target_upstream or options.target_gateway):
         raise BenchError(f"scenario {s.name!r} (mode {s.mode}) needs the bench's own mocks and gateways: "
@@ -322,7 +339,7 @@ async def run_scenario(
             run.rounds.append(TargetRound(
                 target=target.label, index=index, result=result, server_cpu_s=probe.server_cpu,
                 upstream_cpu_s=probe.upstream_cpu, rss_baseline=baseline, rss_peak=probe.rss_peak,
-                killed_at_s=probe.killed_at,
+                killed_at_s=probe.killed_at, core_busy=probe.core_busy,
             ))
 
     if options.profile_dir is not None and s.mode != "failover":
