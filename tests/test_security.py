@@ -257,3 +257,24 @@ async def test_no_secret_or_prompt_is_ever_written(
     assert len(read_records(gw)) == 8 and log_lines
     for secret in (CLIENT_KEY, HASHED_KEY, UPSTREAM_KEY, PROMPT):
         assert secret not in written
+
+
+async def test_payloads_are_logged_only_when_opted_in_and_keys_stay_redacted(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES) + "[telemetry]\nlog_payloads = true\n"
+        )
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": PROMPT}], "api_key": UPSTREAM_KEY}
+        async with httpx.AsyncClient() as client:
+            streamed = await client.post(f"{gw.url}/v1/chat/completions", json=body)
+            whole = await client.post(f"{gw.url}/v1/chat/completions", json={**body, "stream": False})
+        await stop(gw)
+    records = read_records(gw)
+    for record, response in zip(records, (streamed, whole), strict=True):
+        payload = record["payload"]
+        assert payload["request"]["messages"][0]["content"] == PROMPT
+        assert payload["request"]["api_key"] == "***" and UPSTREAM_KEY not in str(record)
+        assert payload["response"] == response.text

@@ -82,6 +82,10 @@ class Exchange:
     finish_reason: str | None = None
     error: str | None = None
     key_id: str | None = None
+    #: Only with telemetry.log_payloads: the request (keys redacted) and the answer, capped.
+    payload: dict[str, Any] | None = None
+    #: The relayed bytes kept for the payload (None: not kept).
+    captured: bytearray | None = None
     response_started: bool = False
     #: The last body message is being (or has been) sent.
     finished: bool = False
@@ -114,7 +118,30 @@ class Exchange:
             error=self.error,
             key_id=self.key_id,
             worker=_WORKER,
+            payload=self._payload(),
         )
+
+
+    def _payload(self) -> dict[str, Any] | None:
+        if self.payload is None:
+            return None
+        if self.captured is not None:
+            self.payload["response"] = bytes(self.captured[:PAYLOAD_CAP]).decode("utf-8", errors="replace")
+        return self.payload
+
+
+#: Bytes of an answer kept in a record when payloads are logged: enough to read, not a second copy of the traffic.
+PAYLOAD_CAP = 64 * 1024
+#: Request fields never logged even with log_payloads on (any depth, case-insensitive).
+REDACTED_FIELDS = frozenset({"api_key", "apikey", "authorization", "password", "secret", "access_token", "key"})
+
+
+def redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "***" if str(k).lower() in REDACTED_FIELDS else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
 
 
 class ClientGone(Exception):
@@ -188,6 +215,8 @@ class ProxyApp:
         doc = _decode_json(body) if route.needs_model or body else {}
         model = _model(doc) if route.needs_model else None
         ex.model_requested = model
+        if config.telemetry.log_payloads:  # the operator opted in: keep the prompt, never a key
+            ex.payload, ex.captured = {"request": redact(doc)}, bytearray()
         stream = doc.get("stream", route.stream_default)
         if not isinstance(stream, bool):
             raise RequestError("'stream' must be true or false", param="stream")

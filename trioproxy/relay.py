@@ -37,6 +37,9 @@ from .usagefilter import UsageEventFilter
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+#: With telemetry.log_payloads on, at most this much of an answer is kept for its record.
+CAPTURE_LIMIT = 64 * 1024
+
 
 class Exchange(Protocol):
     """The per-request facts the relay fills in (``app.Exchange``)."""
@@ -49,6 +52,7 @@ class Exchange(Protocol):
     response_started: bool
     finished: bool
     client_gone: bool
+    captured: bytearray | None
     ttft_ms: float | None
     bytes_out: int
     first_content_index: int | None
@@ -191,6 +195,8 @@ async def deliver(ex: Exchange, chunks_recv: trio.MemoryReceiveChannel[bytes], s
             clock.since = trio.current_time()
             await send({"type": "http.response.body", "body": data, "more_body": True})
             clock.since = None
+            if ex.captured is not None and len(ex.captured) < CAPTURE_LIMIT:
+                ex.captured += data
             if ex.client_gone:
                 return
             ex.bytes_out += len(data)
@@ -221,6 +227,8 @@ async def finish(ex: Exchange, send: Send, body: bytes = b"") -> None:
     """
     ex.finished = True
     ex.bytes_out += len(body)
+    if ex.captured is not None:
+        ex.captured += body[:CAPTURE_LIMIT]
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
