@@ -37,6 +37,7 @@ attempt (retries and hedges too), and the whole request is bounded by the app's
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -220,8 +221,8 @@ class _Race:
                     return
                 if self.winner is None:  # no checkpoint since the attempt returned: deciding is atomic
                     self.winner = winner
-                    assert self.scope is not None
-                    self.scope.cancel()
+                    if self.scope is not None:  # racing: the others lose
+                        self.scope.cancel()
                 else:  # finished in the same tick as the winner
                     winner.release()
                     self.attempts[-1] = _with_outcome(self.attempts[-1], "lost_race")
@@ -394,6 +395,15 @@ async def open_winning_response(
     result = RaceResult()
     budget.record_request(trio.current_time())
     targets = plan.attempts
+    if math.isinf(plan.stagger):
+        # No hedging: attempts never overlap, so no race nursery (and no task) is needed.
+        for index, target in enumerate(targets):
+            if race.started >= routing.max_attempts or race.winner is not None:
+                break
+            await race.run_target(target, last=index == len(targets) - 1)
+        if race.winner is None:
+            raise _final_error(race)
+        return race.winner, result
     running_hedges = 0
     try:
         async with trio.open_nursery() as nursery:

@@ -29,7 +29,7 @@ from typing import Any
 import attrs
 
 from . import hotspots
-from .runner import ScenarioRun, TargetRound
+from .runner import NOISE_LIMIT, ScenarioRun, TargetRound, foreign_load
 from .stats import Summary, added, percentile, summarize
 
 __all__ = ["TARGETS", "analyze", "machine_info", "markdown", "write_outputs"]
@@ -60,8 +60,6 @@ TARGETS: dict[str, list[tuple[str, str, float, str]]] = {
 }
 #: Points of the saved distribution curves (enough to redraw the chart from the JSON).
 CDF_QUANTILES = [i / 100 for i in range(100)] + [0.995, 0.999, 1.0]
-#: A server core busier than this beyond its own process's share means other load ran there.
-NOISE_LIMIT = 0.05
 #: Zero-length gaps (tokens that arrived in one read) are drawn here on the log axis.
 LOG_AXIS_FLOOR_MS = 0.01
 #: Components of a py-spy profile, matched on the leaf frame's file (first match wins).
@@ -154,14 +152,8 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
         for r in rounds
         if r.rss_peak is not None and r.rss_baseline is not None
     ]
-    # Noise: how busy the server's core was beyond what the target's own process used
-    # (for direct, whose server is on the client's core, all of the server core's load).
-    noise = []
-    for r in rounds:
-        if run.server_core is None or run.server_core not in r.core_busy or r.server_cpu_s is None:
-            continue
-        own = 0.0 if label == "direct" else r.server_cpu_s / r.result.window_s
-        noise.append(max(0.0, r.core_busy[run.server_core] - own))
+    noise = [n for r in rounds
+             if (n := foreign_load(r, server_core=run.server_core, client_core=run.client_core)) is not None]
     per_round: list[dict[str, Any]] = []
     round_rps = [r.result.recorder.count / r.result.window_s for r in rounds]
     for r in rounds:
@@ -195,7 +187,7 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
         "server_core_utilisation": server_cpu / window if server_cpu is not None and window else None,
         "client_core_utilisation": client_core / window if window else None,
         "peak_rss_mb": max(peaks) / 2**20 if peaks else None,
-        "server_core_foreign_load": max(noise) if noise else None,
+        "foreign_load_max": max(noise) if noise else None,
         "cores_busy": {
             str(core): sum(r.core_busy.get(core, 0.0) for r in rounds) / len(rounds)
             for core in sorted({c for r in rounds for c in r.core_busy})
@@ -290,12 +282,11 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
         "notes": run.notes,
     }
     for label, t in targets.items():
-        foreign = t["server_core_foreign_load"]
+        foreign = t["foreign_load_max"]
         if foreign is not None and foreign > NOISE_LIMIT:
             result["notes"] = [*result["notes"], (
-                f"{label}: in one round core {run.server_core} was {foreign:.0%} busy with work other than "
-                f"{'the bench' if label == 'direct' else label + ' itself'} (other load on the machine): "
-                "treat its numbers with care, or run again")]
+                f"{label}: a kept round still had {foreign:.0%} of a core busy with other load on the "
+                "machine: treat its numbers with care, or run again")]
     if s.mode == "failover":
         result["failover"] = _failover(run)
         metrics["errors_after_kill"] = sum(result["failover"]["phases"]["after"]["errors"].values())
