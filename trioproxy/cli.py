@@ -41,6 +41,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import logstats, logview, mockcli
+    from .bench import cli as bench_cli
 
     parser = argparse.ArgumentParser(prog="trioproxy", description="A local gateway for LLM traffic, on Trio.")
     parser.add_argument("--version", action="version", version=f"trioproxy {__version__}")
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mockcli.add_arguments(commands.add_parser("mock", help="run a mock upstream (OpenAI and/or Ollama API)"))
     logview.add_tail_arguments(commands.add_parser("tail", help="show the usage log, one line a request"))
+    bench_cli.add_arguments(commands.add_parser("bench", help="direct-vs-gateway benchmarks (docs/benchmarks.md)"))
     logstats.add_stats_arguments(commands.add_parser("stats", help="summarize the usage log"))
     return parser
 
@@ -84,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import logview
 
             return logview.run_tail(args)
+        if args.command == "bench":
+            from .bench import cli as bench_cli
+
+            return bench_cli.run_from_args(args)
         if args.command == "stats":
             from . import logstats
 

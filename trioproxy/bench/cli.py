@@ -119,6 +119,13 @@ async def _main(scenarios: list[Scenario], options: BenchOptions, out: Path, run
     return results
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups, or ``[exc]``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed options describe; returns the exit code.
 
@@ -154,15 +161,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         trio.run(_main, scenarios, _options(args, pin), args.out, run_dir, received)
         failed = bool(received)
-    except KeyboardInterrupt:
-        _progress("interrupted: every process the bench started has been stopped")
-        return 130
-    except BenchError as exc:
-        print(f"trioproxy bench: {exc}", file=sys.stderr)
-        return 1
-    except ConfigError as exc:
-        print(f"trioproxy bench: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:  # the command's edge: nurseries wrap what they raise in groups
+        leaves = _leaves(exc)
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            _progress("interrupted: every process the bench started has been stopped")
+            return 130
+        if leaves and all(isinstance(e, (BenchError, ConfigError)) for e in leaves):
+            for e in leaves:
+                print(f"trioproxy bench: {e}", file=sys.stderr)
+            return 2 if all(isinstance(e, ConfigError) for e in leaves) else 1
+        raise
     finally:
         if args.keep_logs or failed:
             _progress(f"logs kept in {run_dir}")

@@ -1,0 +1,296 @@
+"""``trioproxy bench``: the sans-IO parts, exactly; one small end-to-end round, for correctness only.
+
+Nothing here asserts a speed: the numbers belong in ``docs/benchmarks.md``, measured
+by ``trioproxy bench`` on a quiet machine, never in a timed test.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import h11
+import pytest
+import trio
+
+from trioproxy.bench import hotspots, procstat
+from trioproxy.bench.loadgen import LoadPlan, Recorder, RoundResult, run_load
+from trioproxy.bench.report import analyze, markdown
+from trioproxy.bench.runner import ScenarioRun, TargetRound, count_usage_records
+from trioproxy.bench.scenarios import Load, known_scenarios, load_scenario, parse_scenario, resolve_bench_profile
+from trioproxy.bench.stats import Summary, added, percentile, summarize
+from trioproxy.bench.wire import StreamWatcher, build_request, parse_target
+from trioproxy.config import load_profiles
+from trioproxy.errors import ConfigError
+
+from .conftest import StartMock
+
+REPO = Path(__file__).resolve().parents[1]
+
+# --- stats ------------------------------------------------------------------------------
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(values, 0.0) == 1.0
+    assert percentile(values, 0.5) == 2.5
+    assert percentile(values, 0.9) == pytest.approx(3.7)
+    assert percentile(values, 1.0) == 4.0
+    assert percentile([7.0], 0.99) == 7.0
+    assert math.isnan(percentile([], 0.5))
+
+
+def test_percentile_rejects_a_quantile_outside_0_1() -> None:
+    with pytest.raises(ValueError):
+        percentile([1.0], 1.5)
+
+
+def test_summarize_sorts_skips_nan_and_reports_the_tail() -> None:
+    s = summarize([5.0, math.nan, 1.0, 3.0, 2.0, 4.0] + [100.0])
+    assert s.count == 6
+    assert (s.min, s.p50, s.max) == (1.0, 3.5, 100.0)
+    assert s.mean == pytest.approx(115 / 6)
+    assert s.p99 == pytest.approx(100.0 - 0.05 * (100.0 - 5.0))
+
+
+def test_summary_of_nothing_is_nan_not_zero() -> None:
+    s = summarize([])
+    assert s.count == 0 and math.isnan(s.p50) and math.isnan(s.max)
+
+
+def test_added_is_percentile_minus_percentile() -> None:
+    direct = Summary(count=3, mean=1, p50=1.0, p90=2.0, p99=3.0, max=4.0, min=0.5)
+    through = Summary(count=3, mean=2, p50=1.5, p90=2.25, p99=5.0, max=4.0, min=1.0)
+    assert added(through, direct) == {"p50": 0.5, "p90": 0.25, "p99": 2.0, "max": 0.0}
+
+
+# --- the stream watcher (TTFT detection) --------------------------------------------------
+
+ROLE = b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+TOKEN = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+FINISH = b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":3}}\n\n'
+SSE = ROLE + TOKEN * 3 + FINISH + USAGE + b"data: [DONE]\n\n"
+NDJSON = (
+    b'{"model":"m","message":{"role":"assistant","content":"Hi"},"done":false}\n' * 2
+    + b'{"model":"m","message":{"role":"assistant","content":""},"done_reason":"stop","done":true}\n'
+)
+
+
+@pytest.mark.parametrize("cut", range(len(SSE) + 1))
+def test_sse_content_events_are_counted_whatever_the_split(cut: int) -> None:
+    watcher = StreamWatcher()
+    first = watcher.feed(SSE[:cut])
+    second = watcher.feed(SSE[cut:])
+    assert first + second == 3 == watcher.content_events
+    assert watcher.done and not watcher.error
+
+
+def test_the_first_content_is_seen_only_when_its_line_is_complete() -> None:
+    watcher = StreamWatcher()
+    assert watcher.feed(ROLE) == 0  # the role chunk's content is empty: not a token
+    assert watcher.feed(TOKEN[:-3]) == 0  # mid-line: not yet
+    assert watcher.feed(TOKEN[-3:]) == 1
+    assert not watcher.done
+
+
+@pytest.mark.parametrize("cut", range(0, len(NDJSON) + 1, 7))
+def test_ndjson_streams_count_content_and_see_done(cut: int) -> None:
+    watcher = StreamWatcher()
+    assert watcher.feed(NDJSON[:cut]) + watcher.feed(NDJSON[cut:]) == 2
+    assert watcher.done
+
+
+def test_error_events_and_cut_streams_are_told_apart() -> None:
+    errored = StreamWatcher()
+    errored.feed(TOKEN + b'data: {"error":{"message":"upstream died","type":"upstream_error"}}\n\n')
+    assert errored.error and not errored.done
+    cut = StreamWatcher()
+    cut.feed(ROLE + TOKEN)
+    assert not cut.error and not cut.done
+
+
+def test_completions_and_spaced_json_count_as_content() -> None:
+    watcher = StreamWatcher()
+    assert watcher.feed(b'data: {"choices":[{"text":"Hi"}]}\n\ndata: {"choices":[{"delta":{"content": "x"}}]}\n\n') == 2
+    assert watcher.feed(b'data: {"choices":[{"text":""}]}\n\n') == 0
+
+
+# --- requests, targets ---------------------------------------------------------------------
+
+
+def test_build_request_is_one_valid_http_request_with_the_mock_pacing() -> None:
+    load = Load(connections=1, stream=True, tokens=64, token_delay_ms=5.0)
+    raw = build_request(load, b"127.0.0.1:9", model="m")
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(raw)
+    request = server.next_event()
+    assert isinstance(request, h11.Request)
+    assert (request.method, request.target) == (b"POST", b"/v1/chat/completions")
+    headers = dict(request.headers)
+    assert headers[b"x-mock-tokens"] == b"64" and headers[b"x-mock-token-delay-ms"] == b"5"
+    body = server.next_event()
+    assert isinstance(body, h11.Data)
+    assert b'"stream":true' in body.data and b'"model":"m"' in body.data
+    assert isinstance(server.next_event(), h11.EndOfMessage)
+
+
+def test_parse_target_takes_literal_addresses_only() -> None:
+    assert parse_target("http://localhost:8080").sockaddr == ("127.0.0.1", 8080)
+    assert parse_target("http://[::1]:9").host_header == b"[::1]:9"
+    for bad in ("https://127.0.0.1:1", "http://127.0.0.1", "http://example.com:80"):
+        with pytest.raises(ValueError):
+            parse_target(bad)
+
+
+# --- scenarios and bench profiles ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sequential", "throughput", "stream-64", "stream-512", "failover", "telemetry-on-off"])
+def test_every_scenario_the_issue_asks_for_loads(name: str) -> None:
+    assert name in known_scenarios()
+    scenario = load_scenario(str(REPO / "loadtest" / "scenarios" / f"{name}.toml"))
+    assert scenario.name == name
+
+
+def test_stream_scenarios_match_the_issue() -> None:
+    s64 = load_scenario(str(REPO / "loadtest/scenarios/stream-64.toml"))
+    s512 = load_scenario(str(REPO / "loadtest/scenarios/stream-512.toml"))
+    assert (s64.load.connections, s64.load.tokens, s64.load.token_delay_ms) == (64, 64, 5.0)
+    assert (s512.load.connections, s512.load.tokens, s512.load.token_delay_ms) == (512, 64, 20.0)
+
+
+def test_scenario_problems_are_all_reported_with_their_key_paths() -> None:
+    text = 'name = "x"\nmode = "failover"\nbogus = 1\n[load]\nconnections = "many"\nstream = false\n'
+    with pytest.raises(ConfigError) as info:
+        parse_scenario(text, source="t.toml")
+    joined = "\n".join(info.value.errors)
+    assert "bogus" in joined and "$.load.connections" in joined
+
+
+def test_scenario_cross_checks() -> None:
+    base = 'name = "x"\n[load]\nconnections = 4\nstream = true\n'
+    with pytest.raises(ConfigError, match="failover"):
+        parse_scenario('mode = "failover"\n' + base)
+    with pytest.raises(ConfigError, match="two or more"):
+        parse_scenario('mode = "compare"\n' + base)
+    with pytest.raises(ConfigError, match="connections"):
+        parse_scenario(base.replace("connections = 4", "connections = 0"))
+    assert parse_scenario(base).gateways[0].profiles == ("bench",)
+
+
+@pytest.mark.parametrize("profiles", [["bench"], ["bench", "bench-telemetry-off"], ["bench-failover"]])
+def test_bench_profiles_are_valid_and_keep_the_features_on(profiles: list[str]) -> None:
+    config = load_profiles([str(resolve_bench_profile(p)) for p in profiles])
+    assert len(config.upstreams) == 2 and all(u.health.enabled for u in config.upstreams)
+    assert config.routing.max_attempts >= 2
+    assert config.telemetry.enabled == ("bench-telemetry-off" not in profiles)
+
+
+# --- procstat ----------------------------------------------------------------------------------
+
+# A real line, its command name holding a space and parentheses: fields are counted from the last ')'.
+STAT = (
+    "4242 (python (x) y) S 1 4242 4242 0 -1 4194560 18716 0 0 0 1234 567 0 0 20 0 3 0 "
+    "303398 262705152 11360 18446744073709551615 1 1 0 0 0 0 0 16781312 16386 0 0 0 17 0 0 0 0 0 0"
+)
+STATUS = "Name:\tpython\nVmPeak:\t  300000 kB\nVmHWM:\t   51200 kB\nVmRSS:\t   40960 kB\nThreads:\t3\n"
+
+
+def test_parse_stat_reads_utime_and_stime_in_ticks() -> None:
+    times = procstat.parse_stat(STAT, ticks_per_second=100)
+    assert (times.user, times.system) == (12.34, 5.67)
+    assert times.total == pytest.approx(18.01)
+
+
+def test_parse_stat_rejects_garbage() -> None:
+    with pytest.raises(ValueError):
+        procstat.parse_stat("not a stat line")
+
+
+def test_parse_status_reads_rss_and_peak_in_bytes() -> None:
+    assert procstat.parse_status(STATUS) == procstat.Memory(rss=40960 * 1024, peak_rss=51200 * 1024)
+    with pytest.raises(ValueError):
+        procstat.parse_status("Name:\tzombie\n")
+
+
+# --- hotspots and the report ----------------------------------------------------------------
+
+
+def test_hotspots_aggregate_lines_into_functions() -> None:
+    raw = (
+        "main (/v/site-packages/trio/_core/_run.py:10);send (/work/main/trioproxy/relay.py:5) 30\n"
+        "main (/v/site-packages/trio/_core/_run.py:10);send (/work/main/trioproxy/relay.py:9) 10\n"
+        "main (/v/site-packages/trio/_core/_run.py:12) 60\n"
+        "garbage line\n"
+    )
+    stacks = hotspots.parse_collapsed(raw)
+    top = hotspots.top_functions(stacks)
+    assert [(h.function, h.self_share) for h in top] == [
+        ("main (trio/_core/_run.py)", 0.6),
+        ("send (trioproxy/relay.py)", 0.4),
+    ]
+    assert top[0].inclusive_share == 1.0
+    assert hotspots.group_shares(stacks, {"trioproxy": ("trioproxy/",), "trio": ("trio/",)}) == {
+        "trio": 0.6, "trioproxy": 0.4,
+    }
+
+
+def _round(target: str, index: int, totals: list[float], ttfts: list[float], cpu: float) -> TargetRound:
+    rec = Recorder()
+    for i, (total, ttft) in enumerate(zip(totals, ttfts)):
+        rec.add(i * 0.1, i * 0.1 + total / 1000, 0.1, ttft, total, None, 200)
+    result = RoundResult(recorder=rec, window_s=1.0, sent_total=len(totals), client_cpu_s=0.1,
+                         window_start=0.0, window_end=1.0)
+    return TargetRound(target=target, index=index, result=result, server_cpu_s=cpu, upstream_cpu_s=0.05,
+                       rss_baseline=10 * 2**20, rss_peak=10 * 2**20 + 64 * 1024)
+
+
+def test_analyze_pools_rounds_compares_and_judges_targets() -> None:
+    scenario = load_scenario(str(REPO / "loadtest/scenarios/stream-64.toml"))
+    run = ScenarioRun(scenario=scenario, targets=["direct", "gateway"], rounds=[], rounds_n=2, duration_s=1.0,
+                      warmup_s=0.0)
+    for i in range(2):
+        run.rounds.append(_round("direct", i, [300.0] * 10, [1.0] * 10, 0.2))
+        run.rounds.append(_round("gateway", i, [301.0] * 10, [2.5] * 10, 0.03))
+    result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
+    gateway = result["targets"]["gateway"]
+    assert gateway["requests"] == 20 and gateway["rps"] == 10.0
+    assert gateway["server_cpu_us_per_request"] == pytest.approx(3000.0)
+    assert gateway["mem_per_stream_kb"] == pytest.approx(1.0)  # 64 KiB over 64 connections
+    assert result["comparisons"]["gateway"]["added_ttft_ms"]["p50"] == pytest.approx(1.5)
+    verdicts = {v["metric"]: v["met"] for v in result["verdicts"]}
+    assert verdicts == {"added_ttft_p50_ms": True, "added_ttft_p99_ms": True, "gateway_cpu_us": False}
+    table = markdown(result)
+    assert "| gateway |" in table and "**no**" in table
+
+
+def test_count_usage_records_counts_lines_of_every_usage_file(tmp_path: Path) -> None:
+    (tmp_path / "usage-20260101.jsonl").write_bytes(b"{}\n{}\n")
+    (tmp_path / "usage-20260102.1.jsonl").write_bytes(b"{}\n")
+    (tmp_path / "other.txt").write_bytes(b"x\n")
+    assert count_usage_records(tmp_path) == 3
+    assert count_usage_records(tmp_path / "missing") == 0
+
+
+# --- end to end: a tiny round against the real mock (correctness only) ------------------------
+
+
+async def test_a_small_round_against_the_mock_is_counted_exactly(start_mock: StartMock) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(kind="openai", models=("*",), ttft_ms=0.0)
+        address = parse_target(f"http://127.0.0.1:{mock.port}")
+        for stream in (True, False):
+            load = Load(connections=4, stream=stream, tokens=8, token_delay_ms=1.0, max_requests=20)
+            plan = LoadPlan.from_scenario(load, duration_s=20.0, warmup_s=0.0)
+            result = await run_load(address, build_request(load, address.host_header), plan)
+            rec = result.recorder
+            assert rec.count == 20 == result.sent_total
+            assert rec.error_counts() == {} and rec.statuses == {200: 20}
+            assert all(t > 0 for t in rec.total_ms)
+            if stream:
+                assert all(0 < t <= total for t, total in zip(rec.ttft_ms, rec.total_ms))
+                assert len(rec.gaps_ms) == 20 * 7  # every token after the first of each stream
+            else:
+                assert all(math.isnan(t) for t in rec.ttft_ms) and rec.gaps_ms == []
+        assert mock.statistics().connections == 8  # opened up front, kept alive, never reopened

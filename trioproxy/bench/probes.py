@@ -1,0 +1,120 @@
+"""What runs beside a round: the server's CPU and RSS, the cores' load, the failover kill.
+
+All readings come from ``/proc`` (``procstat``); the noise check compares how busy
+each core was with what the bench's own processes explain (:func:`foreign_load`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import procstat
+
+if TYPE_CHECKING:
+    from .runner import Target, TargetRound
+
+__all__ = ["Probe", "cpu", "foreign_load", "rss"]
+
+#: RSS is sampled this often during a round: peaks of a few hundred ms are not missed.
+SAMPLE_S = 0.05
+
+
+def cpu(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        return procstat.cpu_times(pid).total
+    except (OSError, ValueError):
+        return None
+
+
+def rss(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        return procstat.memory(pid).rss
+    except (OSError, ValueError):
+        return None
+
+
+class Probe:
+    """Runs beside a round: CPU at the window's edges, RSS samples, an optional kill."""
+
+    def __init__(self, target: Target, *, kill: tuple[float, Any] | None = None) -> None:
+        self.target = target
+        self.kill = kill
+        self.rss_peak: int | None = None
+        self.server_cpu: float | None = None
+        self.upstream_cpu: float | None = None
+        self.killed_at: float | None = None
+        #: Per core, the share of the window it was busy, by any process (the noise check).
+        self.core_busy: dict[int, float] = {}
+
+    async def __call__(self, window_start: float, window_end: float) -> None:
+        async with trio.open_nursery() as probes:
+            if self.kill is not None:
+                probes.start_soon(self._kill, window_start)
+            await self._sample(window_start, window_end)
+
+    async def _kill(self, window_start: float) -> None:
+        assert self.kill is not None
+        at, kill_now = self.kill
+        await trio.sleep_until(window_start + at)
+        kill_now()
+        self.killed_at = trio.current_time() - window_start
+
+    async def _sample(self, window_start: float, window_end: float) -> None:
+        pid = self.target.server_pid
+        cpu0 = up0 = None
+        cores0: dict[int, tuple[int, int]] = {}
+        while True:  # bounded: ends at window_end
+            now = trio.current_time()
+            if cpu0 is None and now >= window_start:
+                cpu0 = cpu(pid)
+                up0 = [cpu(p) for p in self.target.upstream_pids]
+                cores0 = procstat.core_ticks()
+            if now >= window_end:
+                break
+            now_rss = rss(pid)
+            if now_rss is not None and (self.rss_peak is None or now_rss > self.rss_peak):
+                self.rss_peak = now_rss
+            wake = now + SAMPLE_S
+            if cpu0 is None:
+                wake = min(wake, window_start)
+            await trio.sleep_until(min(wake, window_end))
+        cpu1 = cpu(pid)
+        cores1 = procstat.core_ticks()
+        if cpu0 is not None:
+            for core, (busy1, total1) in cores1.items():
+                busy0, total0 = cores0.get(core, (busy1, total1))
+                if total1 > total0:
+                    self.core_busy[core] = (busy1 - busy0) / (total1 - total0)
+        if cpu0 is not None and cpu1 is not None:
+            self.server_cpu = cpu1 - cpu0
+        up1 = [cpu(p) for p in self.target.upstream_pids]
+        pairs = [(a, b) for a, b in zip(up0 or [], up1) if a is not None and b is not None]
+        if pairs:
+            self.upstream_cpu = sum(b - a for a, b in pairs)
+
+
+def foreign_load(r: TargetRound, *, server_core: int | None, client_core: int | None) -> float | None:
+    """How busy the two cores were with work that is not the bench's own, as a share of the window.
+
+    Expected: the server core runs the target's server (nothing for ``direct``, whose
+    server is the mock on the client's core); the client core runs the load generator
+    and the mock. What /proc/stat shows beyond that is someone else's load (or a
+    little kernel work for our own packets). None when the cores are unknown.
+    """
+    if server_core is None or client_core is None or not r.core_busy or r.server_cpu_s is None:
+        return None
+    window = r.result.window_s
+    direct = r.target == "direct"
+    expect_server = 0.0 if direct else r.server_cpu_s / window
+    expect_client = (r.result.client_cpu_s + (r.server_cpu_s if direct else (r.upstream_cpu_s or 0.0))) / window
+    return max(
+        r.core_busy.get(server_core, 0.0) - expect_server,
+        r.core_busy.get(client_core, 0.0) - expect_client,
+        0.0,
+    )
