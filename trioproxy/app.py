@@ -22,6 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from urllib.parse import quote_from_bytes
 from typing import Any
 
 import trio
@@ -43,7 +44,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .headers import client_response_headers, header_value, upstream_request_headers
-from .relay import Send, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
+from .relay import Send, error_in_body, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
 from .telemetry import AttemptRecord, Record
@@ -187,7 +188,10 @@ class ProxyApp:
             if route.local:
                 await serve_local(route, services, ex, send)
                 return
-            body = await _read_body(receive, ex, scope, services.config.server.max_body_bytes)
+            with trio.move_on_after(services.config.server.body_timeout_s) as reading:
+                body = await _read_body(receive, ex, scope, services.config.server.max_body_bytes)
+            if reading.cancelled_caught:
+                raise RequestError("the request body did not arrive in time", code="request_timeout", status_hint=408)
             await self._relay(route, scope, receive, send, ex, body)
         except ClientGone:
             ex.outcome, ex.client_gone = "client_disconnect", True
@@ -216,8 +220,13 @@ class ProxyApp:
         model = _model(doc) if route.needs_model else None
         ex.model_requested = model
         if config.telemetry.log_payloads:  # the operator opted in: keep the prompt, never a key
-            ex.payload, ex.captured = {"request": redact(doc)}, bytearray()
-        stream = doc.get("stream", route.stream_default)
+            try:
+                ex.payload, ex.captured = {"request": redact(doc)}, bytearray()
+            except RecursionError:
+                ex.payload, ex.captured = {"request": "(not logged: nested too deeply)"}, bytearray()
+        stream = doc.get("stream")
+        if stream is None:  # absent or null: the route's default, as OpenAI, vLLM and Ollama take it
+            stream = route.stream_default
         if not isinstance(stream, bool):
             raise RequestError("'stream' must be true or false", param="stream")
         ex.stream = stream and route.streams
@@ -239,13 +248,13 @@ class ProxyApp:
                 if inject_usage:
                     options = doc.get("stream_options")
                     edited["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
-                bodies[target.model] = json.dumps(edited, separators=(",", ":"), ensure_ascii=False).encode()
+                bodies[target.model] = json.dumps(edited, separators=(",", ":")).encode()  # ASCII: a lone surrogate stays an escape
             return bodies[target.model]
 
         outgoing = OutgoingRequest(
             method=scope["method"].encode(),
             # The route's own path, never the client's raw bytes: only configured base URL + known path go out.
-            target=route.path.encode() + (b"?" + scope["query_string"] if scope["query_string"] else b""),
+            target=route.path.encode() + _query(scope["query_string"]),
             headers=upstream_request_headers(scope["headers"], request_id=ex.request_id, extra=[]),
             body_for=body_for,
             stream=ex.stream,
@@ -298,6 +307,8 @@ class ProxyApp:
             if winner.body is not None:
                 await relay_whole(ex, winner, send, winner.body)
                 ex.prompt_tokens, ex.completion_tokens, ex.finish_reason = facts_from_body(winner.body)
+                if ex.status < 400 and (message := error_in_body(winner.body)) is not None:
+                    ex.outcome, ex.error = "upstream_error", f"upstream answered {ex.status} with an error: {message}"
                 if ex.prompt_tokens is not None or ex.completion_tokens is not None:
                     ex.token_source = "upstream"
             else:
@@ -397,13 +408,26 @@ def _decode_json(body: bytes) -> dict[str, Any]:
     return doc
 
 
+def _query(query: bytes) -> bytes:
+    """The client's query string, with anything not allowed in an HTTP/1.1 request line percent-encoded."""
+    if not query:
+        return b""
+    return b"?" + quote_from_bytes(query, safe="!$&'()*+,;=:@/?%~-._").encode()
+
+
 def _model(doc: dict[str, Any]) -> str:
     model = doc.get("model")
     if model is None or model == "":
         raise RequestError("you must provide a model parameter", param="model")
     if not isinstance(model, str):
         raise RequestError("'model' must be a string", param="model")
+    if len(model) > MAX_MODEL_NAME:
+        raise RequestError(f"'model' is longer than {MAX_MODEL_NAME} characters", param="model")
     return model
+
+
+#: Longest model name taken: real ones are far shorter, and the name goes into every record.
+MAX_MODEL_NAME = 256
 
 
 async def _watch_disconnect(receive: Receive, request_scope: trio.CancelScope, ex: Exchange) -> None:
@@ -461,7 +485,7 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
     ]
     if isinstance(exc, (NoHealthyUpstream, RateLimited)):
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
-    ex.error = exc.message
+    ex.error = ex.error or exc.message  # an internal error's record keeps its cause
     await send({"type": "http.response.start", "status": status, "headers": headers})
     ex.status, ex.response_started = status, True
     await finish(ex, send, body)

@@ -49,6 +49,8 @@ class ServerConfig:
     max_concurrent_requests: int = 4096
     #: A client that does not take a chunk for this long is cut off (its upstream released).
     client_write_timeout_s: float = 30.0
+    #: A request body must arrive whole within this (else 408): a client stalled mid-body is let go.
+    body_timeout_s: float = 30.0
     #: Largest request head (request line and headers) Hypercorn accepts.
     max_header_bytes: int = 16 * 1024
     #: How long in-flight requests may run on after SIGINT/SIGTERM.

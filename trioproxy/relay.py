@@ -150,6 +150,7 @@ async def pump(
             await chunks_send.send(data)
             sent += 1
         received = sum(len(d) for d in winner.prefetched)
+        last = winner.prefetched[-1] if winner.prefetched else b"\n\n"
         try:
             while True:
                 data = await response.receive_some()
@@ -159,7 +160,7 @@ async def pump(
                 if received > max_bytes:  # an endless stream: cut it, say so
                     ex.outcome = "upstream_error"
                     ex.error = f"upstream {winner.target.upstream!r} sent more than max_response_bytes ({max_bytes})"
-                    await chunks_send.send(error_line(f"{ex.error}; the answer is incomplete"))
+                    await chunks_send.send(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
                     return
                 if scanner is not None and scanner.feed(data) and ex.first_content_index is None:
                     ex.first_content_index = sent
@@ -168,15 +169,20 @@ async def pump(
                     if not data:
                         continue
                 await chunks_send.send(data)
+                last = data
                 sent += 1
         except UpstreamError as exc:
             ex.outcome, ex.error = "upstream_error", exc.message
-            await chunks_send.send(error_line(f"{exc.message}; the answer is incomplete"))
+            if usage_filter is not None and (held := usage_filter.flush()):
+                await chunks_send.send(held)
+                last = held
+            await chunks_send.send(_closing(last, error_line(f"{exc.message}; the answer is incomplete")))
             return
         except trio.ClosedResourceError:
             return  # released by the stall watchdog: the client is gone, the outcome is already said
         if usage_filter is not None and (tail := usage_filter.flush()):
             await chunks_send.send(tail)
+            last = tail
         if scanner is None:
             return
         if scanner.error is not None:
@@ -184,7 +190,18 @@ async def pump(
         elif not scanner.done and scanner.finish_reason is None:
             ex.outcome = "upstream_error"
             ex.error = f"upstream {winner.target.upstream!r} ended the stream before it finished"
-            await chunks_send.send(error_line(f"{ex.error}; the answer is incomplete"))
+            await chunks_send.send(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
+
+
+def _closing(last: bytes, error: bytes) -> bytes:
+    """The error event, preceded by what ends the event the upstream left half-sent, if it did.
+
+    SSE events end with a blank line and NDJSON lines with a newline: without this,
+    a cut mid-event would glue the error onto a broken line no client can parse.
+    """
+    if error.startswith(b"data:"):
+        return (b"" if last.endswith(b"\n\n") else b"\n" if last.endswith(b"\n") else b"\n\n") + error
+    return (b"" if last.endswith(b"\n") else b"\n") + error
 
 
 async def deliver(ex: Exchange, chunks_recv: trio.MemoryReceiveChannel[bytes], send: Send, clock: _SendClock) -> None:
@@ -255,6 +272,20 @@ def facts_from_body(body: bytes) -> tuple[int | None, int | None, str | None]:
             finish = choices[0].get("finish_reason")
         return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), _str(finish)
     return _int(doc.get("prompt_eval_count")), _int(doc.get("eval_count")), _str(doc.get("done_reason"))
+
+
+def error_in_body(body: bytes) -> str | None:
+    """The message of a JSON error object answered with a success status (some servers do), else None."""
+    if not body.startswith(b'{"error"') and b'"error"' not in body[:64]:
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("type") or "error")[:200]
+    return error[:200] if isinstance(error, str) else None
 
 
 def _int(value: object) -> int | None:
