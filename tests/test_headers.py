@@ -18,11 +18,15 @@ def test_request_headers_drop_hop_by_hop_auth_and_encoding() -> None:
         (b"x-request-id", b"client-chosen"),
         (b"user-agent", b"OpenAI/Python"),
         (b"x-stainless-lang", b"python"),
+        (b"content-type", b"application/x-www-form-urlencoded"),
     ]
-    out = upstream_request_headers(client, request_id=b"rid", extra=[(b"authorization", b"Bearer upstream-key")])
+    out = upstream_request_headers(
+        client, request_id=b"rid", extra=[(b"authorization", b"Bearer upstream-key")], json_body=True
+    )
     assert out == [
         (b"user-agent", b"OpenAI/Python"),
         (b"x-stainless-lang", b"python"),
+        (b"content-type", b"application/json"),
         (b"accept-encoding", b"identity"),
         (b"x-request-id", b"rid"),
         (b"authorization", b"Bearer upstream-key"),

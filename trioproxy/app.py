@@ -255,7 +255,9 @@ class ProxyApp:
             method=scope["method"].encode(),
             # The route's own path, never the client's raw bytes: only configured base URL + known path go out.
             target=route.path.encode() + _query(scope["query_string"]),
-            headers=upstream_request_headers(scope["headers"], request_id=ex.request_id, extra=[]),
+            headers=upstream_request_headers(
+                scope["headers"], request_id=ex.request_id, extra=[], json_body=bool(body)
+            ),
             body_for=body_for,
             stream=ex.stream,
             new_scanner=_scanner_factory(route),

@@ -6,9 +6,10 @@ Client → upstream: end-to-end headers pass (``user-agent``, ``x-stainless-*``,
 test's ``x-mock-*`` ...). Dropped: hop-by-hop headers and any named in
 ``Connection``; ``host`` and ``content-length`` (the pool writes its own);
 ``authorization`` (the client's key is for the gateway, never for the upstream:
-the upstream gets its own key from ``api_key_env``); ``cookie``; and
-``accept-encoding``, replaced by ``identity`` so the stream scanners see plain
-bytes.
+the upstream gets its own key from ``api_key_env``); ``cookie``; ``content-type``,
+replaced by ``application/json`` (every body relayed is JSON the gateway has
+decoded); and ``accept-encoding``, replaced by ``identity`` so the stream
+scanners see plain bytes.
 
 Upstream → client: end-to-end headers pass (``content-type`` first of all).
 Dropped: hop-by-hop, ``content-length`` of bodies we re-frame, ``date`` and
@@ -37,7 +38,15 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"cookie", b"accept-encoding", b"expect"}
+_REQUEST_DROP = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"content-type",
+    b"authorization",
+    b"cookie",
+    b"accept-encoding",
+    b"expect",
+}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"server"}
 
 
@@ -49,13 +58,18 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
     return frozenset(tokens)
 
 
-def upstream_request_headers(client_headers: Iterable[tuple[bytes, bytes]], *, request_id: bytes, extra: Headers) -> Headers:
+def upstream_request_headers(
+    client_headers: Iterable[tuple[bytes, bytes]], *, request_id: bytes, extra: Headers, json_body: bool = False
+) -> Headers:
     """Headers to send upstream for a client's request.
 
     Args:
         client_headers: the ASGI scope's headers.
         request_id: the gateway's id for this request, passed on as ``x-request-id``.
         extra: the upstream's own headers (its ``authorization``), added last.
+        json_body: the request has a body, which the gateway has decoded as JSON: it goes up as
+            ``application/json`` whatever the client labelled it (``curl -d`` says form-urlencoded,
+            and FastAPI-based servers such as vLLM refuse that).
     """
     client_headers = list(client_headers)
     named = _connection_tokens(client_headers)
@@ -64,6 +78,8 @@ def upstream_request_headers(client_headers: Iterable[tuple[bytes, bytes]], *, r
         for name, value in client_headers
         if name not in _REQUEST_DROP and name not in named and name != b"x-request-id"
     ]
+    if json_body:
+        out.append((b"content-type", b"application/json"))
     out.append((b"accept-encoding", b"identity"))
     out.append((b"x-request-id", request_id))
     out.extend(extra)
