@@ -16,6 +16,8 @@ Faults (``FaultPlan`` for the run, ``x-mock-fault`` per request):
 - ``cut``: headers and ``cut_after_tokens`` content tokens (a non-streamed answer: half
   its body), then close without ending the body.
 - ``garbage``: bytes that are not HTTP, then close.
+- ``slow``: a normal answer whose first token comes after ``slow_ttft_ms`` (instead of
+  the run's or the request's ttft): a model that stalls on some requests.
 - ``refuse`` (``MockSettings.refuse``): the port is bound but never listened on.
 
 Task tree::
@@ -50,8 +52,8 @@ from .mockpayloads import error_format, error_reply
 from .mockreply import Generation, GenerationRenderer, Static, Timings, rfc3339
 from .mockwire import parse_overrides, plan_reply
 
-FaultKind = Literal["status", "reset", "hang", "cut", "garbage"]
-FAULT_KINDS: tuple[FaultKind, ...] = ("status", "reset", "hang", "cut", "garbage")
+FaultKind = Literal["status", "reset", "hang", "cut", "garbage", "slow"]
+FAULT_KINDS: tuple[FaultKind, ...] = ("status", "reset", "hang", "cut", "garbage", "slow")
 
 #: Requests kept for tests to inspect; bounded so a benchmark run cannot grow memory.
 RECORDED_REQUESTS = 1000
@@ -95,6 +97,8 @@ class FaultPlan:
     rate: float = field(default=0.0, validator=[ge(0.0), le(1.0)])
     seed: int = 0
     cut_after_tokens: int = field(default=2, validator=ge(0))
+    #: ``slow``: the first token's delay, in place of the run's or the request's ttft.
+    slow_ttft_ms: float = field(default=2000.0, validator=_finite_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.every and self.rate:
@@ -328,9 +332,10 @@ class MockUpstream:
             return await self._send_static(sock, request, overrides)
         if fault is not None:
             self._faults[fault.kind] = self._faults.get(fault.kind, 0) + 1
-            if fault.kind != "cut":
+            if fault.kind not in ("cut", "slow"):
                 return await self._fail(sock, parser, request, fault)
-        cut = fault.cut_after_tokens if fault is not None else None
+        slow = fault is not None and fault.kind == "slow"
+        cut = fault.cut_after_tokens if fault is not None and fault.kind == "cut" else None
         tokens = settings.tokens if overrides.tokens is None else overrides.tokens
         reply = plan_reply(request, kind=settings.kind, models=settings.models, tokens=tokens)
         if isinstance(reply, Static):
@@ -340,6 +345,9 @@ class MockUpstream:
             await _send_all(sock, head + reply.body[: len(reply.body) // 2])
             return False
         ttft = (settings.ttft_ms if overrides.ttft_ms is None else overrides.ttft_ms) / 1000
+        if slow:
+            assert fault is not None
+            ttft = fault.slow_ttft_ms / 1000
         delay = (settings.token_delay_ms if overrides.token_delay_ms is None else overrides.token_delay_ms) / 1000
         render = GenerationRenderer(reply, number=number, created=int(time.time()), chunked=not request.http10)
         if not reply.stream and ttft == 0 and cut is None:  # the hot path: nothing to wait for, no watcher

@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--fail-rate", type=float, default=0.0, help="fault each request with this probability")
     add("--seed", type=int, default=0, help="seed of --fail-rate")
     add("--cut-after", type=int, default=2, help="tokens sent before --fail cut")
+    add("--slow-ttft-ms", type=float, default=2000.0, help="first-token delay of --fail slow (default 2000)")
 
 
 def settings_from_args(args: argparse.Namespace) -> MockSettings:
@@ -48,7 +49,7 @@ def settings_from_args(args: argparse.Namespace) -> MockSettings:
     if args.fail not in (None, "refuse"):
         fault = FaultPlan(args.fail, status=args.fail_status, retry_after_s=args.retry_after,
                           every=args.fail_every, rate=args.fail_rate, seed=args.seed,
-                          cut_after_tokens=args.cut_after)
+                          cut_after_tokens=args.cut_after, slow_ttft_ms=args.slow_ttft_ms)
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     if not models:
         raise ValueError("--models: give at least one model name")
