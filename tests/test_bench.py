@@ -16,8 +16,15 @@ import trio
 from trioproxy.bench import hotspots, procstat
 from trioproxy.bench.loadgen import LoadPlan, Recorder, RoundResult, run_load
 from trioproxy.bench.report import analyze, markdown
-from trioproxy.bench.runner import ScenarioRun, TargetRound, count_usage_records
-from trioproxy.bench.scenarios import Load, known_scenarios, load_scenario, parse_scenario, resolve_bench_profile
+from trioproxy.bench.runner import ScenarioRun, TargetRound, count_usage_records, primary_mock_argv
+from trioproxy.bench.scenarios import (
+    Load,
+    PrimaryFault,
+    known_scenarios,
+    load_scenario,
+    parse_scenario,
+    resolve_bench_profile,
+)
 from trioproxy.bench.stats import Summary, added, percentile, summarize
 from trioproxy.bench.wire import StreamWatcher, build_request, parse_target
 from trioproxy.config import load_profiles
@@ -146,7 +153,8 @@ def test_parse_target_takes_literal_addresses_only() -> None:
 # --- scenarios and bench profiles ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["sequential", "throughput", "stream-64", "stream-512", "failover", "telemetry-on-off"])
+@pytest.mark.parametrize("name", ["sequential", "throughput", "stream-64", "stream-512", "failover", "telemetry-on-off",
+                                  "failover-refused", "failover-refused-16", "hedge-slow-primary"])
 def test_every_scenario_the_issue_asks_for_loads(name: str) -> None:
     assert name in known_scenarios()
     scenario = load_scenario(str(REPO / "loadtest" / "scenarios" / f"{name}.toml"))
@@ -179,7 +187,70 @@ def test_scenario_cross_checks() -> None:
     assert parse_scenario(base).gateways[0].profiles == ("bench",)
 
 
-@pytest.mark.parametrize("profiles", [["bench"], ["bench", "bench-telemetry-off"], ["bench-failover"]])
+@pytest.mark.parametrize(("name", "connections"), [("failover-refused", 1), ("failover-refused-16", 16)])
+def test_refused_primary_scenarios_measure_steady_and_cold_gateways_against_the_fallback(
+    name: str, connections: int
+) -> None:
+    s = load_scenario(str(REPO / "loadtest" / "scenarios" / f"{name}.toml"))
+    assert (s.mode, s.direct, s.primary) == ("ab", True, PrimaryFault("refuse"))
+    assert (s.load.connections, s.load.stream) == (connections, True)
+    assert [g.label for g in s.gateways] == ["gateway", "gateway-cold"]
+    steady, cold = (load_profiles([str(resolve_bench_profile(p)) for p in g.profiles]) for g in s.gateways)
+    for config in (steady, cold):
+        assert [(u.id, u.priority) for u in sorted(config.upstreams, key=lambda u: u.priority)] == [
+            ("primary", 0), ("fallback", 1)]
+        assert config.routing.max_attempts >= 2 and config.telemetry.enabled
+    assert all(u.health.enabled for u in steady.upstreams)  # as in production: the primary goes last
+    assert not any(u.health.enabled for u in cold.upstreams)  # every request tries the primary first
+    assert cold.routing.breaker_failures > 10**6
+
+
+def test_hedge_scenario_makes_the_primary_slow_at_a_seeded_rate_and_compares_hedging_off_and_on() -> None:
+    s = load_scenario(str(REPO / "loadtest/scenarios/hedge-slow-primary.toml"))
+    assert s.primary == PrimaryFault("slow", rate=0.1, seed=1, slow_ttft_ms=2000.0)
+    assert [g.label for g in s.gateways] == ["hedge-off", "hedge-on"]
+    off, on = (load_profiles([str(resolve_bench_profile(p)) for p in g.profiles]) for g in s.gateways)
+    assert off.routing.hedge_after_ms == 0
+    assert (on.routing.hedge_after_ms, on.routing.max_hedges, on.routing.hedge_budget_percent) == (100, 1, 20.0)
+    argv = primary_mock_argv(s.load, s.primary)
+    assert argv[argv.index("--fail") + 1] == "slow"
+    assert argv[argv.index("--fail-rate") + 1] == "0.1" and argv[argv.index("--seed") + 1] == "1"
+    assert argv[argv.index("--slow-ttft-ms") + 1] == "2000"
+    assert "--fail-rate" not in primary_mock_argv(s.load, PrimaryFault("refuse"))
+
+
+def test_primary_fault_cross_checks() -> None:
+    base = 'name = "x"\n[load]\nconnections = 4\nstream = true\n'
+    with pytest.raises(ConfigError, match=r"\$\.primary\.rate"):
+        parse_scenario(base + '[primary]\nfail = "refuse"\nrate = 0.5\n')
+    with pytest.raises(ConfigError, match=r"\$\.primary\.rate"):
+        parse_scenario(base + '[primary]\nfail = "slow"\nrate = 1.5\n')
+    with pytest.raises(ConfigError, match=r"\$\.primary"):
+        parse_scenario(base + '[primary]\nfail = "explode"\n')
+    with pytest.raises(ConfigError, match="not for mode 'failover'"):
+        parse_scenario('mode = "failover"\n' + base + '[failover]\n[primary]\nfail = "refuse"\n')
+    assert parse_scenario(base).primary is None
+
+
+def test_each_gateway_variant_is_judged_against_the_targets() -> None:
+    scenario = load_scenario(str(REPO / "loadtest/scenarios/failover-refused.toml"))
+    run = ScenarioRun(scenario=scenario, targets=["direct", "gateway", "gateway-cold"], rounds=[], rounds_n=1,
+                      duration_s=1.0, warmup_s=0.0)
+    run.rounds.append(_round("direct", 0, [1.0] * 10, [0.5] * 10, 0.01))
+    run.rounds.append(_round("gateway", 0, [2.0] * 10, [1.5] * 10, 0.01))
+    run.rounds.append(_round("gateway-cold", 0, [4.0] * 10, [3.0] * 10, 0.01))
+    result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
+    verdicts = {v["target"]: v["met"] for v in result["verdicts"]}
+    assert verdicts == {
+        "gateway: zero errors": True,
+        "gateway: extra TTFT p99 ≤ 2 ms over the fallback direct": True,
+        "gateway-cold: zero errors": True,
+        "gateway-cold: extra TTFT p99 ≤ 2 ms over the fallback direct": False,
+    }
+
+
+@pytest.mark.parametrize("profiles", [["bench"], ["bench", "bench-telemetry-off"], ["bench-failover"],
+                                      ["bench-refused"], ["bench-hedge"], ["bench-hedge", "bench-hedge-on"]])
 def test_bench_profiles_are_valid_and_keep_the_features_on(profiles: list[str]) -> None:
     config = load_profiles([str(resolve_bench_profile(p)) for p in profiles])
     assert len(config.upstreams) == 2 and all(u.health.enabled for u in config.upstreams)

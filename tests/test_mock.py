@@ -432,6 +432,29 @@ async def test_header_overrides(nursery: trio.Nursery) -> None:
         assert limited.status_code == 503 and limited.headers["retry-after"] == "1"
 
 
+async def test_slow_fault_delays_the_first_token_of_selected_requests(
+    nursery: trio.Nursery, steerable_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(120):
+        plan = FaultPlan("slow", every=2, slow_ttft_ms=30_000)
+        mock = await start(nursery, MockSettings(ttft_ms=0, token_delay_ms=0, tokens=2, fault=plan))
+        sock = await connect(mock)
+        request = post("/v1/chat/completions", {**CHAT, "stream": True}, b"x-mock-ttft-ms: 0\r\n")
+        await sock.send(request)  # request 1: not selected, answered at once
+        data = await read_until(sock, b"data: [DONE]")
+        assert data.count(b'"content":"') == 3  # the role chunk and two tokens
+        await sock.send(request)  # request 2: slow, whatever its header says
+        data = await read_until(sock, b'"role":"assistant"')  # headers and role chunk at once
+        steerable_clock.jump(29)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not readable(sock)
+        steerable_clock.jump(2)
+        await trio.testing.wait_all_tasks_blocked()
+        data += await arrived(sock)
+        assert data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+        assert mock.statistics().faults == {"slow": 1}
+
+
 # --- timing and disconnects ------------------------------------------------------------
 
 
@@ -611,7 +634,8 @@ def test_settings_validation_and_from_config() -> None:
         with pytest.raises(ValueError):
             MockSettings(**bad)
     bad_plans: list[dict[str, Any]] = [dict(kind="boom"), dict(kind="status", status=200),
-                                       dict(kind="cut", every=2, rate=0.5), dict(kind="hang", rate=1.5)]
+                                       dict(kind="cut", every=2, rate=0.5), dict(kind="hang", rate=1.5),
+                                       dict(kind="slow", slow_ttft_ms=-1.0)]
     for bad_plan in bad_plans:
         with pytest.raises(ValueError):
             FaultPlan(**bad_plan)
@@ -635,6 +659,8 @@ def test_cli_parser() -> None:
         fault=FaultPlan("status", status=429, retry_after_s=5, rate=0.25, seed=9, cut_after_tokens=4))
     assert settings_from_args(_parse("--fail", "refuse")).refuse is True
     assert settings_from_args(_parse("--fail", "cut", "--fail-every", "2")).fault == FaultPlan("cut", every=2)
+    assert settings_from_args(_parse("--fail", "slow", "--fail-rate", "0.1", "--seed", "3", "--slow-ttft-ms", "900")
+                              ).fault == FaultPlan("slow", rate=0.1, seed=3, slow_ttft_ms=900.0)
     with pytest.raises(SystemExit):
         _parse("--fail", "explode")
 

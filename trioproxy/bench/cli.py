@@ -35,7 +35,8 @@ __all__ = ["DESCRIPTION", "add_arguments", "run_from_args"]
 
 DESCRIPTION = "Measure what the gateway costs: the same load direct to the upstream and through the gateway."
 #: The order `trioproxy bench` runs every scenario in when none is named: cheapest first.
-DEFAULT_ORDER = ("sequential", "throughput", "stream-64", "stream-512", "failover", "telemetry-on-off")
+DEFAULT_ORDER = ("sequential", "throughput", "stream-64", "stream-512", "failover", "telemetry-on-off",
+                 "failover-refused", "failover-refused-16", "hedge-slow-primary")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -59,6 +59,17 @@ TARGETS: dict[str, list[tuple[str, str, float, str]]] = {
     "failover": [
         ("errors_after_kill", "<=", 0, "zero errors for requests started after the kill"),
     ],
+    "failover-refused": [
+        ("gateway_errors", "<=", 0, "zero errors"),
+        ("added_ttft_p99_ms", "<=", 2.0, "extra TTFT p99 ≤ 2 ms over the fallback direct"),
+    ],
+    "failover-refused-16": [
+        ("gateway_errors", "<=", 0, "zero errors"),
+        ("added_ttft_p99_ms", "<=", 2.0, "extra TTFT p99 ≤ 2 ms over the fallback direct"),
+    ],
+    "hedge-slow-primary": [
+        ("gateway_errors", "<=", 0, "zero errors"),
+    ],
 }
 #: Components of a py-spy profile, matched on the leaf frame's file (first match wins).
 PROFILE_GROUPS = {
@@ -234,6 +245,21 @@ def _verdicts(name: str, metrics: dict[str, float]) -> list[dict[str, Any]]:
     return out
 
 
+def _gateway_metrics(g: dict[str, Any], c: dict[str, Any] | None) -> dict[str, float]:
+    """One gateway's numbers that the issue's targets are checked against."""
+    metrics: dict[str, float] = {"gateway_rps": g["rps"], "gateway_errors": g["error_count"]}
+    if g["server_cpu_us_per_request"] is not None:
+        metrics["gateway_cpu_us"] = g["server_cpu_us_per_request"]
+    if g["mem_per_stream_kb"] is not None:
+        metrics["gateway_mem_per_stream_kb"] = g["mem_per_stream_kb"]
+    if c is not None:
+        metrics.update(
+            added_total_p50_ms=c["added_total_ms"]["p50"], added_total_p99_ms=c["added_total_ms"]["p99"],
+            added_ttft_p50_ms=c["added_ttft_ms"]["p50"], added_ttft_p99_ms=c["added_ttft_ms"]["p99"],
+        )
+    return metrics
+
+
 def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the outputs show, as plain data (the JSON file's content)."""
     s = run.scenario
@@ -252,21 +278,9 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
                 "added_total_ms": added(Summary(**st["total_ms"]), Summary(**ref["total_ms"])),
                 "rps_ratio": st["rps"] / ref["rps"] if ref["rps"] else math.nan,
             }
-    gateway = next((label for label in run.targets if label not in ("direct", "floor")), None)
-    metrics: dict[str, float] = {}
-    if gateway is not None:
-        g = targets[gateway]
-        metrics.update(gateway_rps=g["rps"], gateway_errors=g["error_count"])
-        if g["server_cpu_us_per_request"] is not None:
-            metrics["gateway_cpu_us"] = g["server_cpu_us_per_request"]
-        if g["mem_per_stream_kb"] is not None:
-            metrics["gateway_mem_per_stream_kb"] = g["mem_per_stream_kb"]
-        if gateway in comparisons:
-            c = comparisons[gateway]
-            metrics.update(
-                added_total_p50_ms=c["added_total_ms"]["p50"], added_total_p99_ms=c["added_total_ms"]["p99"],
-                added_ttft_p50_ms=c["added_ttft_ms"]["p50"], added_ttft_p99_ms=c["added_ttft_ms"]["p99"],
-            )
+    gateways = [label for label in run.targets if label not in ("direct", "floor")]
+    metrics_by_gateway = {label: _gateway_metrics(targets[label], comparisons.get(label)) for label in gateways}
+    metrics: dict[str, float] = metrics_by_gateway[gateways[0]] if gateways else {}
     result: dict[str, Any] = {
         "scenario": {"name": s.name, "description": s.description, "mode": s.mode, "source": s.source,
                      "load": _attrs(s.load)},
@@ -288,7 +302,11 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
     if s.mode == "failover":
         result["failover"] = _failover(run)
         metrics["errors_after_kill"] = sum(result["failover"]["phases"]["after"]["errors"].values())
-    result["verdicts"] = _verdicts(s.name, metrics)
+    if len(gateways) > 1:  # every variant against the scenario's targets, each labelled
+        result["verdicts"] = [{**v, "target": f"{label}: {v['target']}"} for label in gateways
+                              for v in _verdicts(s.name, metrics_by_gateway[label])]
+    else:
+        result["verdicts"] = _verdicts(s.name, metrics)
     if run.profiles:
         result["hotspots"] = {}
         for label, path in run.profiles.items():

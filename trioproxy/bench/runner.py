@@ -30,7 +30,7 @@ from ..config import load_profiles
 from .probes import Probe, foreign_load, rss
 from .loadgen import LoadPlan, RoundResult, run_load
 from .processes import BenchError, Child, Fleet, override_profile, python_argv
-from .scenarios import Load, Scenario, resolve_bench_profile
+from .scenarios import Load, PrimaryFault, Scenario, resolve_bench_profile
 from .wire import Address, build_request, parse_target
 
 __all__ = ["BenchOptions", "ScenarioRun", "TargetRound", "foreign_load", "run_scenario"]
@@ -127,6 +127,15 @@ def mock_argv(load: Load, *, port: int = 0) -> list[str]:
     )
 
 
+def primary_mock_argv(load: Load, fault: PrimaryFault) -> list[str]:
+    """The primary's own mock: the load's pacing plus its fault (``trioproxy mock --fail``)."""
+    argv = mock_argv(load) + ["--fail", fault.fail]
+    if fault.fail == "slow":
+        argv += ["--slow-ttft-ms", f"{fault.slow_ttft_ms:g}", "--fail-rate", f"{fault.rate:g}",
+                 "--seed", str(fault.seed)]
+    return argv
+
+
 def _profile_paths(names: tuple[str, ...]) -> list[Path]:
     return [resolve_bench_profile(n) for n in names]
 
@@ -191,7 +200,8 @@ async def run_scenario(
                       server_core=options.gateway_cpu if options.pin else None,
                       client_core=options.client_cpu if options.pin else None)
     load = s.load
-    if s.mode in ("failover", "compare") and (options.target_upstream or options.target_gateway):
+    if (s.mode in ("failover", "compare") or s.primary is not None) and (
+            options.target_upstream or options.target_gateway):
         raise BenchError(f"scenario {s.name!r} (mode {s.mode}) needs the bench's own mocks and gateways: "
                          "drop --target-upstream / --target-gateway for it")
 
@@ -201,18 +211,24 @@ async def run_scenario(
         upstream_url = options.target_upstream
         parse_target(upstream_url)  # fail early on a bad URL
     else:
-        names = ["mock-primary", "mock-fallback"] if s.mode == "failover" else ["mock"]
-        for name in names:
-            mocks.append(await fleet.start(name, mock_argv(load), cpu=options.client_cpu))
-        upstream_url = mocks[0].url
+        if s.primary is not None:  # the primary's own faulty mock, and the fallback (which direct measures)
+            mocks.append(await fleet.start("mock-primary", primary_mock_argv(load, s.primary),
+                                           cpu=options.client_cpu))
+            mocks.append(await fleet.start("mock-fallback", mock_argv(load), cpu=options.client_cpu))
+        else:
+            names = ["mock-primary", "mock-fallback"] if s.mode == "failover" else ["mock"]
+            for name in names:
+                mocks.append(await fleet.start(name, mock_argv(load), cpu=options.client_cpu))
+        upstream_url = mocks[-1].url if s.primary is not None else mocks[0].url
     for m in mocks:
         run.commands[m.name] = m.argv
     mock_pids = [m.pid for m in mocks]
 
     targets: list[Target] = []
     if s.direct and s.mode == "ab":
-        targets.append(Target("direct", parse_target(upstream_url), mocks[0] if mocks else None,
-                              mock_pids[0] if mocks else None))
+        direct_mock = (mocks[-1] if s.primary is not None else mocks[0]) if mocks else None
+        targets.append(Target("direct", parse_target(upstream_url), direct_mock,
+                              direct_mock.pid if direct_mock else None))
     for variant in s.gateways:
         paths = _profile_paths(variant.profiles)
         if options.target_gateway:
@@ -221,7 +237,7 @@ async def run_scenario(
             run.notes.append(f"{variant.label}: the gateway at {options.target_gateway} (not started by the bench)")
             break
         ids = _upstream_ids_by_priority(paths)
-        if s.mode == "failover":
+        if s.mode == "failover" or (s.primary is not None and mocks):
             base_urls = {uid: (mocks[0].url if i == 0 else mocks[1].url) for i, uid in enumerate(ids)}
         else:
             base_urls = {uid: upstream_url for uid in ids}

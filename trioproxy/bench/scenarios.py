@@ -14,6 +14,13 @@ Three modes:
   ``[failover] kill_at_s`` into each round's measured window.
 - ``compare``: two or more gateway variants (``[[gateways]]``) interleaved,
   e.g. the usage log on and off.
+
+A ``[primary]`` table (modes ``ab`` and ``compare``) gives the gateway's primary
+upstream (its profile's lowest priority) a mock of its own with a fault (refusing
+connections, or a slow first token on a seeded share of requests); every other
+upstream and ``direct`` get a second, healthy mock: the fallback. ``direct`` then
+measures the fallback, which is what a client of a failed-over gateway would get
+at best.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "Failover",
+    "PrimaryFault",
     "GatewayVariant",
     "Load",
     "Run",
@@ -44,6 +52,7 @@ __all__ = [
 ]
 
 Mode = Literal["ab", "failover", "compare"]
+PrimaryFailure = Literal["refuse", "slow"]
 
 #: The load generator keeps every connection open at once; past this it would need more fds than most defaults.
 MAX_CONNECTIONS = 4096
@@ -104,6 +113,20 @@ class Failover:
 
 
 @frozen
+class PrimaryFault:
+    """The primary upstream's own mock and its fault (``trioproxy mock --fail ...``)."""
+
+    #: ``refuse``: the port is bound, never listened on (every connect refused at once).
+    #: ``slow``: the first token comes after ``slow_ttft_ms``, on the share ``rate`` of requests.
+    fail: PrimaryFailure
+    #: ``slow`` only: share of requests, drawn from ``random.Random(seed)`` in arrival order
+    #: (health-check requests draw too); 0: every request.
+    rate: float = 0.0
+    seed: int = 0
+    slow_ttft_ms: float = 2000.0
+
+
+@frozen
 class Scenario:
     name: str
     load: Load
@@ -116,6 +139,8 @@ class Scenario:
     floor: bool = False
     gateways: tuple[GatewayVariant, ...] = (GatewayVariant(),)
     failover: Failover | None = None
+    #: Give the primary upstream a mock of its own with this fault (modes ``ab``, ``compare``).
+    primary: PrimaryFault | None = None
     #: Where it came from, for messages (not a TOML key).
     source: str = field(default="<scenario>")
 
@@ -226,6 +251,16 @@ def validate(s: Scenario) -> list[str]:
             problems.append("$.load.stream: mode 'failover' measures streams (TTFT over time)")
     elif s.failover is not None:
         problems.append("$.failover: only for mode 'failover'")
+    if s.primary is not None:
+        p = s.primary
+        if s.mode == "failover":
+            problems.append("$.primary: not for mode 'failover' (it kills a healthy primary itself)")
+        if not 0.0 <= p.rate <= 1.0:
+            problems.append(f"$.primary.rate: expected 0..1, got {p.rate!r}")
+        if p.fail == "refuse" and p.rate:
+            problems.append("$.primary.rate: a refusing primary refuses every connection; only 'slow' takes a rate")
+        if not math.isfinite(p.slow_ttft_ms) or p.slow_ttft_ms < 0:
+            problems.append(f"$.primary.slow_ttft_ms: expected a finite number >= 0, got {p.slow_ttft_ms!r}")
     if s.mode == "compare" and len(s.gateways) < 2:
         problems.append("$.gateways: mode 'compare' needs two or more gateway variants")
     return problems
