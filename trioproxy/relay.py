@@ -1,12 +1,16 @@
 """Relaying an upstream response to the ASGI client.
 
 Streamed bodies (chunked or close-delimited upstream responses to a streaming
-request) go through two tasks in the request's relay nursery, joined by a
-zero-buffer memory channel so a slow client slows the upstream read instead of
-piling bytes up in memory::
+request) are relayed by one task that reads the upstream and writes to the
+client in turn, so a slow client slows the upstream read instead of piling bytes
+up in memory::
 
-    pump:    [prefetched chunks] + upstream.receive_some() → scanner.feed() → [usage filter] → chunks_send
-    deliver: chunks_recv → ASGI send; stamps TTFT when the first content chunk is sent
+    pump: [prefetched chunks] + upstream.receive_some() → scanner.feed() → [usage filter] → ASGI send
+          (TTFT is stamped when the chunk with the first content has been sent)
+
+A zero-buffer channel between a reader task and a writer task did the same with
+one more task switch per chunk; relaying in the reader task measured cheaper
+(docs/benchmarks.md), and a stall watchdog is the only other task.
 
 (the attempt that won already read up to the first content: that is how a hedge
 race is decided, see ``upstream.py``; those chunks go first). Bodies read whole by
@@ -85,37 +89,56 @@ async def relay_stream(
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     ex.status = response.status
     ex.response_started = True
-    chunks_send, chunks_recv = trio.open_memory_channel[bytes](0)
-    clock = _SendClock()
+    writer = _ClientWriter(ex, send)
     async with trio.open_nursery() as relay:
-        relay.start_soon(pump, ex, winner, chunks_send, usage_filter, error_line, max_bytes)
-        relay.start_soon(_watch_stall, ex, winner, clock, write_timeout)
-        await deliver(ex, chunks_recv, send, clock)
+        relay.start_soon(_watch_stall, ex, winner, writer, write_timeout)
+        await pump(ex, winner, writer, usage_filter, error_line, max_bytes)
         relay.cancel_scope.cancel()  # the watchdog's work is over
     if not ex.client_gone:
         await finish(ex, send)
 
 
-class _SendClock:
-    """When the send in progress started (None between sends): what the stall watchdog reads."""
+class _ClientWriter:
+    """Hands relayed chunks to the client: counts them, stamps TTFT, and shows the watchdog a stuck send.
 
-    __slots__ = ("since",)
+    The pump calls it directly, in the task that reads the upstream: a stalled
+    client stalls the upstream read (back-pressure, nothing piles up), and no
+    channel or task switch sits between the two (measured in docs/benchmarks.md).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("ex", "send", "index", "since")
+
+    def __init__(self, ex: Exchange, send: Send) -> None:
+        self.ex, self.send, self.index = ex, send, 0
+        #: When the send in progress started (None between sends).
         self.since: float | None = None
 
+    async def write(self, data: bytes) -> None:
+        ex = self.ex
+        if ex.client_gone:
+            return
+        self.since = trio.current_time()
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+        self.since = None
+        ex.bytes_out += len(data)
+        if self.index == ex.first_content_index:
+            ex.ttft_ms = (trio.current_time() - ex.arrival) * 1000
+        self.index += 1
+        if ex.captured is not None and len(ex.captured) < CAPTURE_LIMIT:
+            ex.captured += data
 
-async def _watch_stall(ex: Exchange, winner: Winner, clock: _SendClock, timeout: float) -> None:
+
+async def _watch_stall(ex: Exchange, winner: Winner, writer: _ClientWriter, timeout: float) -> None:
     """Release the upstream when the client takes no data for ``timeout`` seconds.
 
     Hypercorn shields its socket writes, so a send to a client that stopped reading
     cannot be cancelled, and the client's connection stays until the client goes away.
     What the gateway can do is stop the upstream at once (closing its connection
     makes vLLM or Ollama stop generating) and record the stall. One timer per
-    stream per ``timeout``: no cost per chunk beyond two assignments in ``deliver``.
+    stream per ``timeout``: no cost per chunk beyond two assignments in the writer.
     """
     while True:
-        since = clock.since
+        since = writer.since
         now = trio.current_time()
         if since is not None and now - since >= timeout:
             ex.client_gone = True
@@ -128,69 +151,66 @@ async def _watch_stall(ex: Exchange, winner: Winner, clock: _SendClock, timeout:
 async def pump(
     ex: Exchange,
     winner: Winner,
-    chunks_send: trio.MemorySendChannel[bytes],
+    writer: _ClientWriter,
     usage_filter: UsageEventFilter | None,
     error_line: Callable[[str], bytes],
     max_bytes: int,
 ) -> None:
-    """Relay what the attempt already read, then the rest of the upstream body, into the channel.
-
-    Closing ``chunks_send`` tells ``deliver`` it is over.
-    """
+    """Relay what the attempt already read, then the rest of the upstream body, to the client."""
     response, scanner = winner.response, winner.scanner
-    async with chunks_send:
-        sent = 0
-        for index, data in enumerate(winner.prefetched):
-            if index == winner.first_content_index:
+    write = writer.write
+    sent = 0
+    for index, data in enumerate(winner.prefetched):
+        if index == winner.first_content_index:
+            ex.first_content_index = sent
+        if usage_filter is not None:
+            data = usage_filter.feed(data)
+            if not data:
+                continue
+        await write(data)
+        sent += 1
+    received = sum(len(d) for d in winner.prefetched)
+    last = winner.prefetched[-1] if winner.prefetched else b"\n\n"
+    try:
+        while True:
+            data = await response.receive_some()
+            if not data:
+                break
+            received += len(data)
+            if received > max_bytes:  # an endless stream: cut it, say so
+                ex.outcome = "upstream_error"
+                ex.error = f"upstream {winner.target.upstream!r} sent more than max_response_bytes ({max_bytes})"
+                await write(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
+                return
+            if scanner is not None and scanner.feed(data) and ex.first_content_index is None:
                 ex.first_content_index = sent
             if usage_filter is not None:
                 data = usage_filter.feed(data)
                 if not data:
                     continue
-            await chunks_send.send(data)
+            await write(data)
+            last = data
             sent += 1
-        received = sum(len(d) for d in winner.prefetched)
-        last = winner.prefetched[-1] if winner.prefetched else b"\n\n"
-        try:
-            while True:
-                data = await response.receive_some()
-                if not data:
-                    break
-                received += len(data)
-                if received > max_bytes:  # an endless stream: cut it, say so
-                    ex.outcome = "upstream_error"
-                    ex.error = f"upstream {winner.target.upstream!r} sent more than max_response_bytes ({max_bytes})"
-                    await chunks_send.send(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
-                    return
-                if scanner is not None and scanner.feed(data) and ex.first_content_index is None:
-                    ex.first_content_index = sent
-                if usage_filter is not None:
-                    data = usage_filter.feed(data)
-                    if not data:
-                        continue
-                await chunks_send.send(data)
-                last = data
-                sent += 1
-        except UpstreamError as exc:
-            ex.outcome, ex.error = "upstream_error", exc.message
-            if usage_filter is not None and (held := usage_filter.flush()):
-                await chunks_send.send(held)
-                last = held
-            await chunks_send.send(_closing(last, error_line(f"{exc.message}; the answer is incomplete")))
-            return
-        except trio.ClosedResourceError:
-            return  # released by the stall watchdog: the client is gone, the outcome is already said
-        if usage_filter is not None and (tail := usage_filter.flush()):
-            await chunks_send.send(tail)
-            last = tail
-        if scanner is None:
-            return
-        if scanner.error is not None:
-            ex.outcome, ex.error = "upstream_error", f"upstream reported: {scanner.error}"
-        elif not scanner.done and scanner.finish_reason is None:
-            ex.outcome = "upstream_error"
-            ex.error = f"upstream {winner.target.upstream!r} ended the stream before it finished"
-            await chunks_send.send(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
+    except UpstreamError as exc:
+        ex.outcome, ex.error = "upstream_error", exc.message
+        if usage_filter is not None and (held := usage_filter.flush()):
+            await write(held)
+            last = held
+        await write(_closing(last, error_line(f"{exc.message}; the answer is incomplete")))
+        return
+    except trio.ClosedResourceError:
+        return  # released by the stall watchdog: the client is gone, the outcome is already said
+    if usage_filter is not None and (tail := usage_filter.flush()):
+        await write(tail)
+        last = tail
+    if scanner is None:
+        return
+    if scanner.error is not None:
+        ex.outcome, ex.error = "upstream_error", f"upstream reported: {scanner.error}"
+    elif not scanner.done and scanner.finish_reason is None:
+        ex.outcome = "upstream_error"
+        ex.error = f"upstream {winner.target.upstream!r} ended the stream before it finished"
+        await write(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
 
 
 def _closing(last: bytes, error: bytes) -> bytes:
@@ -202,24 +222,6 @@ def _closing(last: bytes, error: bytes) -> bytes:
     if error.startswith(b"data:"):
         return (b"" if last.endswith(b"\n\n") else b"\n" if last.endswith(b"\n") else b"\n\n") + error
     return (b"" if last.endswith(b"\n") else b"\n") + error
-
-
-async def deliver(ex: Exchange, chunks_recv: trio.MemoryReceiveChannel[bytes], send: Send, clock: _SendClock) -> None:
-    """Hand each chunk to the client; TTFT is stamped once the first content chunk is sent."""
-    async with chunks_recv:
-        index = 0
-        async for data in chunks_recv:
-            clock.since = trio.current_time()
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-            clock.since = None
-            if ex.captured is not None and len(ex.captured) < CAPTURE_LIMIT:
-                ex.captured += data
-            if ex.client_gone:
-                return
-            ex.bytes_out += len(data)
-            if index == ex.first_content_index:
-                ex.ttft_ms = (trio.current_time() - ex.arrival) * 1000
-            index += 1
 
 
 async def relay_whole(ex: Exchange, winner: Winner, send: Send, body: bytes) -> None:
