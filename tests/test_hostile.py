@@ -30,7 +30,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from loguru import logger
 
-from trioproxy.app import ProxyApp, _decode_json, _model
+from trioproxy.app import ProxyApp
+from trioproxy.exchange import decode_json as _decode_json
+from trioproxy.exchange import model_of as _model
 from trioproxy.auth import KeyTable, digest
 from trioproxy.breaker import HedgeBudget
 from trioproxy.catalog import ROUTES

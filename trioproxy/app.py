@@ -22,18 +22,15 @@ import json
 import os
 import time
 from collections.abc import Callable
-from urllib.parse import quote_from_bytes
 from typing import Any
 
 import trio
-from attrs import define, field
 from loguru import logger
 
 from .config import AuthKey
 from .catalog import OPEN_ROUTES, Route, lookup_route, serve_local
 from .errors import (
     AuthError,
-    BodyTooLarge,
     NoHealthyUpstream,
     RateLimited,
     RequestError,
@@ -43,110 +40,16 @@ from .errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from .exchange import ClientGone, Exchange, decode_json, model_of, read_body, redact, upstream_query
 from .headers import client_response_headers, header_value, upstream_request_headers
 from .relay import Send, error_in_body, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
-from .telemetry import AttemptRecord, Record
 from .upstream import OutgoingRequest, open_winning_response
 from .usage import NDJSONScanner, SSEScanner, estimate_tokens
 from .usagefilter import UsageEventFilter
 
 Receive = Any  # ASGI receive callable
-_WORKER = os.getpid()
-
-
-@define
-class Exchange:
-    """Everything one request's telemetry record will say, filled in as it goes."""
-
-    request_id: bytes
-    route: str
-    method: str
-    arrival: float  # trio clock
-    ts: float  # wall clock, for the record
-    model_requested: str | None = None
-    model_served: str | None = None
-    upstream: str | None = None
-    attempts: list[AttemptRecord] = field(factory=list)
-    hedged: bool = False
-    queue_ms: float = 0.0
-    status: int = 0
-    outcome: str = "ok"
-    stream: bool = False
-    ttft_ms: float | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    token_source: str = "none"
-    finish_reason: str | None = None
-    error: str | None = None
-    key_id: str | None = None
-    #: Only with telemetry.log_payloads: the request (keys redacted) and the answer, capped.
-    payload: dict[str, Any] | None = None
-    #: The relayed bytes kept for the payload (None: not kept).
-    captured: bytearray | None = None
-    response_started: bool = False
-    #: The last body message is being (or has been) sent.
-    finished: bool = False
-    client_gone: bool = False
-    first_content_index: int | None = None
-
-    def to_record(self, now: float) -> Record:
-        return Record(
-            request_id=self.request_id.decode(),
-            ts=self.ts,
-            route=self.route,
-            method=self.method,
-            model_requested=self.model_requested,
-            model_served=self.model_served,
-            upstream=self.upstream,
-            attempts=tuple(self.attempts),
-            hedged=self.hedged,
-            status=self.status,
-            outcome=self.outcome,
-            stream=self.stream,
-            ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 3),
-            total_ms=round((now - self.arrival) * 1000, 3),
-            queue_ms=self.queue_ms,
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            token_source=self.token_source,
-            finish_reason=self.finish_reason,
-            error=self.error,
-            key_id=self.key_id,
-            worker=_WORKER,
-            payload=self._payload(),
-        )
-
-
-    def _payload(self) -> dict[str, Any] | None:
-        if self.payload is None:
-            return None
-        if self.captured is not None:
-            self.payload["response"] = bytes(self.captured[:PAYLOAD_CAP]).decode("utf-8", errors="replace")
-        return self.payload
-
-
-#: Bytes of an answer kept in a record when payloads are logged: enough to read, not a second copy of the traffic.
-PAYLOAD_CAP = 64 * 1024
-#: Request fields never logged even with log_payloads on (any depth, case-insensitive).
-REDACTED_FIELDS = frozenset({"api_key", "apikey", "authorization", "password", "secret", "access_token", "key"})
-
-
-def redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: "***" if str(k).lower() in REDACTED_FIELDS else redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
-
-
-class ClientGone(Exception):
-    """The client disconnected before its request body was read."""
 
 
 class ProxyApp:
@@ -189,7 +92,7 @@ class ProxyApp:
                 await serve_local(route, services, ex, send)
                 return
             with trio.move_on_after(services.config.server.body_timeout_s) as reading:
-                body = await _read_body(receive, ex, scope, services.config.server.max_body_bytes)
+                body = await read_body(receive, ex, scope, services.config.server.max_body_bytes)
             if reading.cancelled_caught:
                 raise RequestError("the request body did not arrive in time", code="request_timeout", status_hint=408)
             await self._relay(route, scope, receive, send, ex, body)
@@ -216,8 +119,8 @@ class ProxyApp:
     ) -> None:
         services = self.services
         config = services.config
-        doc = _decode_json(body) if route.needs_model or body else {}
-        model = _model(doc) if route.needs_model else None
+        doc = decode_json(body) if route.needs_model or body else {}
+        model = model_of(doc) if route.needs_model else None
         ex.model_requested = model
         if config.telemetry.log_payloads:  # the operator opted in: keep the prompt, never a key
             try:
@@ -254,7 +157,7 @@ class ProxyApp:
         outgoing = OutgoingRequest(
             method=scope["method"].encode(),
             # The route's own path, never the client's raw bytes: only configured base URL + known path go out.
-            target=route.path.encode() + _query(scope["query_string"]),
+            target=route.path.encode() + upstream_query(scope["query_string"]),
             headers=upstream_request_headers(
                 scope["headers"], request_id=ex.request_id, extra=[], json_body=bool(body)
             ),
@@ -378,58 +281,6 @@ def _served(ex: Exchange, upstream: str) -> str | None:
 
 def _asks_usage(options: object) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
-
-
-async def _read_body(receive: Receive, ex: Exchange, scope: dict[str, Any], limit: int) -> bytes:
-    declared = header_value(scope["headers"], b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(limit)
-    parts: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        ex.bytes_in += len(chunk)
-        if ex.bytes_in > limit:
-            raise BodyTooLarge(limit)
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
-def _decode_json(body: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        raise RequestError(
-            "We could not parse the JSON body of your request: expected a JSON object (UTF-8)."
-        ) from None
-    if not isinstance(doc, dict):
-        raise RequestError(f"The request body must be a JSON object, not {type(doc).__name__}.")
-    return doc
-
-
-def _query(query: bytes) -> bytes:
-    """The client's query string, with anything not allowed in an HTTP/1.1 request line percent-encoded."""
-    if not query:
-        return b""
-    return b"?" + quote_from_bytes(query, safe="!$&'()*+,;=:@/?%~-._").encode()
-
-
-def _model(doc: dict[str, Any]) -> str:
-    model = doc.get("model")
-    if model is None or model == "":
-        raise RequestError("you must provide a model parameter", param="model")
-    if not isinstance(model, str):
-        raise RequestError("'model' must be a string", param="model")
-    if len(model) > MAX_MODEL_NAME:
-        raise RequestError(f"'model' is longer than {MAX_MODEL_NAME} characters", param="model")
-    return model
-
-
-#: Longest model name taken: real ones are far shorter, and the name goes into every record.
-MAX_MODEL_NAME = 256
 
 
 async def _watch_disconnect(receive: Receive, request_scope: trio.CancelScope, ex: Exchange) -> None:

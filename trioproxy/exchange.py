@@ -1,0 +1,167 @@
+"""What the gateway reads of a client's request, and what it writes down about it.
+
+``Exchange`` collects the facts of one request as it goes (what its usage record
+will say); the functions read the body (bounded), decode it once, and take the
+two fields routing needs (``model``, ``stream``) [sans-IO but for the body read].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+from urllib.parse import quote_from_bytes
+
+from attrs import define, field
+
+from .errors import BodyTooLarge, RequestError
+from .headers import header_value
+from .telemetry import AttemptRecord, Record
+
+Receive = Any  # ASGI receive callable
+_WORKER = os.getpid()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+@define
+class Exchange:
+    """Everything one request's telemetry record will say, filled in as it goes."""
+
+    request_id: bytes
+    route: str
+    method: str
+    arrival: float  # trio clock
+    ts: float  # wall clock, for the record
+    model_requested: str | None = None
+    model_served: str | None = None
+    upstream: str | None = None
+    attempts: list[AttemptRecord] = field(factory=list)
+    hedged: bool = False
+    queue_ms: float = 0.0
+    status: int = 0
+    outcome: str = "ok"
+    stream: bool = False
+    ttft_ms: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    token_source: str = "none"
+    finish_reason: str | None = None
+    error: str | None = None
+    key_id: str | None = None
+    #: Only with telemetry.log_payloads: the request (keys redacted) and the answer, capped.
+    payload: dict[str, Any] | None = None
+    #: The relayed bytes kept for the payload (None: not kept).
+    captured: bytearray | None = None
+    response_started: bool = False
+    #: The last body message is being (or has been) sent.
+    finished: bool = False
+    client_gone: bool = False
+    first_content_index: int | None = None
+
+    def to_record(self, now: float) -> Record:
+        return Record(
+            request_id=self.request_id.decode(),
+            ts=self.ts,
+            route=self.route,
+            method=self.method,
+            model_requested=self.model_requested,
+            model_served=self.model_served,
+            upstream=self.upstream,
+            attempts=tuple(self.attempts),
+            hedged=self.hedged,
+            status=self.status,
+            outcome=self.outcome,
+            stream=self.stream,
+            ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 3),
+            total_ms=round((now - self.arrival) * 1000, 3),
+            queue_ms=self.queue_ms,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            token_source=self.token_source,
+            finish_reason=self.finish_reason,
+            error=self.error,
+            key_id=self.key_id,
+            worker=_WORKER,
+            payload=self._payload(),
+        )
+
+
+    def _payload(self) -> dict[str, Any] | None:
+        if self.payload is None:
+            return None
+        if self.captured is not None:
+            self.payload["response"] = bytes(self.captured[:PAYLOAD_CAP]).decode("utf-8", errors="replace")
+        return self.payload
+
+
+#: Bytes of an answer kept in a record when payloads are logged: enough to read, not a second copy of the traffic.
+PAYLOAD_CAP = 64 * 1024
+#: Request fields never logged even with log_payloads on (any depth, case-insensitive).
+REDACTED_FIELDS = frozenset({"api_key", "apikey", "authorization", "password", "secret", "access_token", "key"})
+
+
+def redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "***" if str(k).lower() in REDACTED_FIELDS else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+async def read_body(receive: Receive, ex: Exchange, scope: dict[str, Any], limit: int) -> bytes:
+    declared = header_value(scope["headers"], b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        ex.bytes_in += len(chunk)
+        if ex.bytes_in > limit:
+            raise BodyTooLarge(limit)
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def decode_json(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise RequestError(
+            "We could not parse the JSON body of your request: expected a JSON object (UTF-8)."
+        ) from None
+    if not isinstance(doc, dict):
+        raise RequestError(f"The request body must be a JSON object, not {type(doc).__name__}.")
+    return doc
+
+
+def upstream_query(query: bytes) -> bytes:
+    """The client's query string, with anything not allowed in an HTTP/1.1 request line percent-encoded."""
+    if not query:
+        return b""
+    return b"?" + quote_from_bytes(query, safe="!$&'()*+,;=:@/?%~-._").encode()
+
+
+def model_of(doc: dict[str, Any]) -> str:
+    model = doc.get("model")
+    if model is None or model == "":
+        raise RequestError("you must provide a model parameter", param="model")
+    if not isinstance(model, str):
+        raise RequestError("'model' must be a string", param="model")
+    if len(model) > MAX_MODEL_NAME:
+        raise RequestError(f"'model' is longer than {MAX_MODEL_NAME} characters", param="model")
+    return model
+
+
+#: Longest model name taken: real ones are far shorter, and the name goes into every record.
+MAX_MODEL_NAME = 256
