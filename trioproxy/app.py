@@ -31,6 +31,7 @@ from .config import AuthKey
 from .catalog import OPEN_ROUTES, Route, lookup_route, serve_local
 from .errors import (
     AuthError,
+    Forbidden,
     NoHealthyUpstream,
     RateLimited,
     RequestError,
@@ -89,7 +90,8 @@ class ProxyApp:
                 services.key_limiter.admit(key, trio.current_time())
                 admitted = key
             if route.local:
-                await serve_local(route, services, ex, send)
+                client = scope.get("client")
+                await serve_local(route, services, ex, send, client[0] if client else None)
                 return
             with trio.move_on_after(services.config.server.body_timeout_s) as reading:
                 body = await read_body(receive, ex, scope, services.config.server.max_body_bytes)
@@ -343,7 +345,7 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
     ex.status, ex.response_started = status, True
     await finish(ex, send, body)
     if ex.outcome == "ok":
-        rejected = isinstance(exc, (RequestError, RoutingError, RateLimited, AuthError)) and status < 500
+        rejected = isinstance(exc, (RequestError, RoutingError, RateLimited, AuthError, Forbidden)) and status < 500
         ex.outcome = "rejected" if rejected else "upstream_error"
         if isinstance(exc, UpstreamError) and exc.status_hint == 504:
             ex.outcome = "timeout"

@@ -17,9 +17,12 @@ import trio
 from attrs import frozen
 
 from .config import Upstream
-from .errors import RequestError, RoutingError
+from .errors import Forbidden, RequestError, RoutingError
 from .relay import Send, finish, ndjson_error_line, sse_error_event
 from .routing import ApiFamily, eligible
+
+#: The Prometheus text exposition format's content type.
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 if TYPE_CHECKING:
     from .app import Exchange
@@ -66,12 +69,15 @@ ROUTES: dict[str, Route] = {
         Route("/api/ps", "GET", "ollama", needs_model=False),
         Route("/healthz", "GET", "openai", needs_model=False, local="healthz"),
         Route("/readyz", "GET", "openai", needs_model=False, local="readyz"),
+        Route("/metrics", "GET", "openai", needs_model=False, local="metrics"),
     )
 }
 
 
 #: Answered without a client key even when auth is on: probes must work without secrets.
-OPEN_ROUTES = frozenset({"healthz", "readyz"})
+OPEN_ROUTES = frozenset({"healthz", "readyz", "metrics"})
+#: Clients allowed to read /metrics (admin endpoints are for the machine's own operator).
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
 
 def lookup_route(method: str, path: str) -> Route:
@@ -89,8 +95,17 @@ def lookup_route(method: str, path: str) -> Route:
     return route
 
 
-async def serve_local(route: Route, services: Services, ex: Exchange, send: Send) -> None:
+async def serve_local(route: Route, services: Services, ex: Exchange, send: Send, client: str | None = None) -> None:
     payload: dict[str, Any]
+    if route.local == "metrics":
+        if client not in LOOPBACK:
+            raise Forbidden("/metrics is served to loopback clients only")
+        body = services.metrics.render() if services.metrics is not None else b""
+        headers = [(b"content-type", CONTENT_TYPE), (b"content-length", str(len(body)).encode()), (b"x-request-id", ex.request_id)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        ex.status, ex.response_started = 200, True
+        await finish(ex, send, body)
+        return
     if route.local == "healthz":
         status, payload = 200, {"status": "ok"}
     elif route.local == "readyz":

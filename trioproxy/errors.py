@@ -9,6 +9,7 @@
     ├── RoutingError           status_hint=404     unknown model or route
     │   └── NoHealthyUpstream  status_hint=503
     ├── AuthError              status_hint=401     missing or unknown client key
+    ├── Forbidden              status_hint=403     an admin endpoint from a non-loopback client
     ├── RateLimited            status_hint=429     a key's limits, the gateway's capacity (.retry_after_s)
     │   └── AllSaturated                           every candidate upstream at its concurrency limit
     └── UpstreamError          .upstream, status_hint=502
@@ -102,6 +103,13 @@ class AuthError(TrioproxyError):
     status_hint = 401
     error_type = "invalid_request_error"
     error_code = "invalid_api_key"
+
+
+class Forbidden(TrioproxyError):
+    """An admin endpoint asked for from where it is not served."""
+
+    status_hint = 403
+    error_type = "permission_error"
 
 
 class RateLimited(TrioproxyError):

@@ -44,6 +44,7 @@ from .breaker import HedgeBudget
 from .config import Config, Upstream
 from .errors import ConfigError
 from .health import HealthBoard, run_checker
+from .metrics import Metrics
 from .mock import MockSettings, serve_mock
 from .pool import ConnectionPool
 from .services import Services
@@ -128,14 +129,19 @@ async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = 
     records_send, records_recv = trio.open_memory_channel[Record](config.telemetry.queue_capacity)
     sink = TelemetrySink(records_send)
     runtimes: dict[str, UpstreamRuntime] = {}
+    live: list[Services] = []  # the metrics collector reads the running services, once they exist
+    metrics = Metrics(lambda: live[0] if live else None)
     try:
         async with httpx.AsyncClient() as http:
             async with trio.open_nursery() as root:
                 if config.telemetry.enabled:
-                    writer = partial(run_writer, records_recv, sink, config.telemetry, file_tag=_file_tag(config))
+                    writer = partial(
+                        run_writer, records_recv, sink, config.telemetry, file_tag=_file_tag(config),
+                        observe=metrics.observe,
+                    )
                     root.start_soon(writer)
                 else:
-                    root.start_soon(_discard, records_recv)
+                    root.start_soon(_discard, records_recv, sink, metrics)
                 async with records_send:
                     async with trio.open_nursery() as service:
                         config = await start_embedded_mocks(config, service)
@@ -157,7 +163,9 @@ async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = 
                             board=board,
                             hedge_budget=budget,
                             keys=KeyTable.from_config(config.auth),
+                            metrics=metrics,
                         )
+                        live.append(services)
                         app = ProxyApp(services)
 
                         async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
@@ -194,11 +202,12 @@ def _file_tag(config: Config) -> str:
     return str(os.getpid()) if config.server.workers > 1 else ""
 
 
-async def _discard(records_recv: trio.MemoryReceiveChannel[Record]) -> None:
-    """Telemetry disabled: the channel is still drained so the request path is unchanged."""
+async def _discard(records_recv: trio.MemoryReceiveChannel[Record], sink: TelemetrySink, metrics: Metrics) -> None:
+    """Telemetry disabled: nothing is written, but the records still feed the metrics."""
     async with records_recv:
-        async for _ in records_recv:
-            pass
+        async for record in records_recv:
+            metrics.observe([record])
+            sink.note_observed(1)
 
 
 async def _watch_signals(shutdown: trio.Event, service_scope: trio.CancelScope) -> None:

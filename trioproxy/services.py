@@ -17,6 +17,7 @@ from .auth import KeyLimiter, KeyTable
 from .breaker import HedgeBudget
 from .config import Config
 from .health import HealthBoard
+from .metrics import Metrics
 from .telemetry import TelemetrySink
 from .upstream import UpstreamRuntime
 
@@ -33,6 +34,8 @@ class Services:
     key_limiter: KeyLimiter = field(factory=KeyLimiter)
     #: Requests being served now (for server.max_concurrent_requests).
     active: int = 0
+    #: The Prometheus metrics (None only in tests that build Services by hand).
+    metrics: Metrics | None = None
     #: Jitter for retry backoff (one generator, no global state).
     rng: random.Random = field(factory=random.Random)
     #: Round-robin counter for routing ties; bumped once per routed request.

@@ -200,6 +200,8 @@ class Counters:
     current_file: str | None = None
     #: The writer's current batch, shared so that statistics() sees records in its hands.
     in_hand: list[Record] = field(factory=list)
+    #: Records handed to the observers (metrics) so far.
+    observed: int = 0
 
 
 class TelemetrySink:
@@ -215,6 +217,17 @@ class TelemetrySink:
         #: Mutated here and by usagelog.run_writer (same thread): one object, no copies.
         #: Everyone else reads statistics().
         self.counters = Counters()
+        self._observed_lot = trio.lowlevel.ParkingLot()
+
+    def note_observed(self, n: int) -> None:
+        """The writer handed ``n`` more records to the observers (metrics)."""
+        self.counters.observed += n
+        self._observed_lot.unpark_all()
+
+    async def wait_observed(self, n: int) -> None:
+        """Wait until ``n`` records in all have reached the observers (tests; event-based, no polling)."""
+        while self.counters.observed < n:
+            await self._observed_lot.park()
 
     def submit(self, rec: Record) -> None:
         """Queue ``rec`` for the writer, or count it as dropped; O(1), no await, no raise."""

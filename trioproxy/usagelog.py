@@ -277,6 +277,7 @@ async def run_writer(
     *,
     file_tag: str = "",
     now: Callable[[], float] = time.time,
+    observe: Callable[[list[Record]], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Append every record to ``<cfg.dir>/usage-YYYYMMDD[-tag][.N].jsonl`` until the channel ends.
@@ -290,6 +291,8 @@ async def run_writer(
     Args:
         file_tag: added to file names when several workers share ``cfg.dir`` (their pid).
         now: the wall clock used to date files (tests pass a fake one).
+        observe: called with each batch before it is written (the metrics), in this task:
+            off the request path, at most ``flush_ms`` behind it.
     """
     counters = sink.counters
     tag = _TAG_UNSAFE.sub("_", file_tag)
@@ -300,6 +303,9 @@ async def run_writer(
         more = True
         while more:
             more = await _collect(records_recv, batch, batch_max=cfg.batch_max, flush_s=cfg.flush_ms / 1000)
+            if batch and observe is not None:
+                observe(batch)
+                sink.note_observed(len(batch))
             if batch:
                 await writer.write(batch)
     finally:

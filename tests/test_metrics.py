@@ -1,0 +1,87 @@
+"""GET /metrics after a known sequence of requests: the exposition parsed and checked value by value."""
+
+from __future__ import annotations
+
+import httpx
+import trio
+
+from trioproxy.metrics import families
+from trioproxy.mock import FaultPlan
+
+from .conftest import StartGateway, StartMock, stop, upstream_toml
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "count me"}]}
+NO_PROBES = "[upstreams.health]\nenabled = false\n"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for family in families(text) for s in family.samples
+    }
+
+
+async def test_metrics_count_a_known_sequence(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    with trio.fail_after(30):
+        down = await start_mock(models=("*",), fault=FaultPlan(kind="status", status=503))
+        good = await start_mock(models=("*",), tokens=5, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(
+            upstream_toml("down", f"http://127.0.0.1:{down.port}", extra="priority = 0\n" + NO_PROBES)
+            + upstream_toml("good", f"http://127.0.0.1:{good.port}", extra="priority = 1\n" + NO_PROBES)
+        )
+        url = f"{gw.url}/v1/chat/completions"
+        async with httpx.AsyncClient() as client:
+            for _ in range(3):
+                assert (await client.post(url, json={**CHAT, "stream": True})).status_code == 200
+            assert (await client.post(url, json=CHAT)).status_code == 200
+            assert (await client.post(url, content=b"{bad")).status_code == 400
+            assert (await client.get(f"{gw.url}/no/such/route")).status_code == 404
+            await gw.services.sink.wait_observed(6)
+            text = (await client.get(f"{gw.url}/metrics")).text
+        await stop(gw)
+    values = samples(text)
+
+    def v(name: str, **labels: str) -> float:
+        return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    ok = {"route": "/v1/chat/completions", "model": "m", "upstream": "good", "outcome": "ok"}
+    assert v("trioproxy_requests_total", **ok) == 4
+    assert v("trioproxy_requests_total", route="/v1/chat/completions", model="", upstream="", outcome="rejected") == 1
+    # The unknown path is one "other" series, not a series per path a client invents.
+    assert v("trioproxy_requests_total", route="other", model="", upstream="", outcome="rejected") == 1
+    assert v("trioproxy_failovers_total", model="m") == 4
+    assert v("trioproxy_upstream_attempts_total", upstream="down", outcome="status") == 4
+    assert v("trioproxy_upstream_attempts_total", upstream="good", outcome="ok") == 4
+    assert v("trioproxy_ttft_seconds_count", model="m", upstream="good") == 3
+    assert v("trioproxy_tokens_total", model="m", upstream="good", direction="completion", source="upstream") == 20
+    assert v("trioproxy_upstream_healthy", upstream="good") == 1
+    assert v("trioproxy_upstream_circuit", upstream="down", state="closed") == 1
+    assert v("trioproxy_telemetry_records", fate="dropped") == 0
+    assert v("trioproxy_in_flight_requests") == 1  # the scrape itself
+
+
+async def test_metrics_are_refused_to_other_clients(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    """The app asked by a non-loopback client (driven in-process, so its address can be anything)."""
+    from trioproxy.app import ProxyApp
+
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",))
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        for client, expected in ((("10.1.2.3", 5000), 403), (("127.0.0.1", 5000), 200)):
+            sent.clear()
+            scope = {
+                "type": "http", "method": "GET", "path": "/metrics", "raw_path": b"/metrics", "query_string": b"",
+                "headers": [], "client": client,
+            }
+            await ProxyApp(gw.services)(scope, receive, send)
+            assert sent[0]["status"] == expected
+            if expected == 403:
+                assert b'"type":"permission_error"' in sent[1]["body"]  # type: ignore[operator]
+        await stop(gw)

@@ -1,0 +1,133 @@
+"""Prometheus metrics (``GET /metrics``), built with ``prometheus_client``.
+
+Per-request metrics are fed from the usage records, in the telemetry writer's task
+(``usagelog.run_writer(observe=...)``): the request path does no metrics work, and
+the numbers agree with the usage log by construction (at most ``flush_ms`` behind).
+State that is not a record (in-flight requests, upstream health and circuits,
+concurrency queues, telemetry counters) is read at scrape time by a collector.
+
+Label values come from the profile, never from client input: the served model and
+upstream ids are configured or discovered names, and routes are the known ones, so
+a client cannot grow the number of series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .catalog import ROUTES
+from .telemetry import Record
+
+if TYPE_CHECKING:
+    from .services import Services
+
+#: Seconds: TTFT and latency of LLM calls span milliseconds (a cached answer) to minutes.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+CIRCUIT_STATES = ("closed", "half_open", "open")
+
+
+class Metrics:
+    def __init__(self, services: Callable[[], Services | None]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "trioproxy_requests", "Requests by route, served model, upstream and outcome.",
+            ["route", "model", "upstream", "outcome"], registry=r,
+        )
+        self.ttft = Histogram(
+            "trioproxy_ttft_seconds", "Time to first token of streamed answers.",
+            ["model", "upstream"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.latency = Histogram(
+            "trioproxy_request_duration_seconds", "Whole request time, arrival to last byte.",
+            ["route", "model", "upstream"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.tokens = Counter(
+            "trioproxy_tokens", "Tokens by direction (prompt, completion) and source.",
+            ["model", "upstream", "direction", "source"], registry=r,
+        )
+        self.attempts = Counter(
+            "trioproxy_upstream_attempts", "Attempts on upstreams by outcome.", ["upstream", "outcome"], registry=r
+        )
+        self.failovers = Counter(
+            "trioproxy_failovers", "Requests answered by another upstream than the first tried.", ["model"], registry=r
+        )
+        self.hedges = Counter(
+            "trioproxy_hedges", "Hedges by result: won (the hedge answered) or lost.", ["result"], registry=r
+        )
+        r.register(_StateCollector(services))
+
+    def observe(self, batch: list[Record]) -> None:
+        """Count a batch of usage records (the writer's ``observe`` hook)."""
+        for rec in batch:
+            route = rec.route if rec.route in ROUTES else "other"
+            model, upstream = rec.model_served or "", rec.upstream or ""
+            self.requests.labels(route, model, upstream, rec.outcome).inc()
+            self.latency.labels(route, model, upstream).observe(rec.total_ms / 1000)
+            if rec.ttft_ms is not None:
+                self.ttft.labels(model, upstream).observe(rec.ttft_ms / 1000)
+            if rec.prompt_tokens:
+                self.tokens.labels(model, upstream, "prompt", rec.token_source).inc(rec.prompt_tokens)
+            if rec.completion_tokens:
+                self.tokens.labels(model, upstream, "completion", rec.token_source).inc(rec.completion_tokens)
+            for attempt in rec.attempts:
+                self.attempts.labels(attempt.upstream, attempt.outcome).inc()
+            if rec.attempts and rec.upstream and rec.attempts[0].upstream != rec.upstream:
+                self.failovers.labels(model).inc()
+            if rec.hedged and rec.attempts:
+                # Losers are cancelled when the winner is decided, so the attempt that ran longest started first.
+                first = max(rec.attempts, key=lambda a: a.ms).upstream
+                self.hedges.labels("won" if rec.upstream and rec.upstream != first else "lost").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """Gauges read at scrape time from the running gateway."""
+
+    def __init__(self, services: Callable[[], Services | None]) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[Metric]:
+        services = self._services()
+        if services is None:
+            return
+        now = trio.current_time()
+        in_flight = GaugeMetricFamily("trioproxy_in_flight_requests", "Requests being served now.")
+        in_flight.add_metric([], services.active)
+        yield in_flight
+        healthy = GaugeMetricFamily("trioproxy_upstream_healthy", "1 when the health check says up.", labels=["upstream"])
+        circuit = GaugeMetricFamily(
+            "trioproxy_upstream_circuit", "1 for the circuit breaker's current state.", labels=["upstream", "state"]
+        )
+        busy = GaugeMetricFamily("trioproxy_upstream_in_flight", "Requests in flight per upstream.", labels=["upstream"])
+        queued = GaugeMetricFamily("trioproxy_upstream_queue_depth", "Requests waiting for a slot.", labels=["upstream"])
+        for uid, rt in services.runtimes.items():
+            healthy.add_metric([uid], 1.0 if rt.healthy else 0.0)
+            state = rt.breaker.snapshot(now).state
+            for name in CIRCUIT_STATES:
+                circuit.add_metric([uid, name], 1.0 if name == state else 0.0)
+            busy.add_metric([uid], rt.gate.in_flight)
+            queued.add_metric([uid], rt.gate.waiting)
+        yield from (healthy, circuit, busy, queued)
+        stats = services.sink.statistics()
+        records = GaugeMetricFamily(
+            "trioproxy_telemetry_records", "Usage records by fate since start.", labels=["fate"]
+        )
+        for fate, value in (("written", stats.written), ("dropped", stats.dropped), ("lost", stats.lost)):
+            records.add_metric([fate], value)
+        yield records
+
+
+def families(text: str) -> Iterable[Metric]:
+    """Parse an exposition (tests, and anyone checking a scrape)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return text_string_to_metric_families(text)
