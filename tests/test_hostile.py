@@ -1208,7 +1208,10 @@ def test_the_app_answers_once_in_json_and_records_once_whatever_comes_in(
     assert record.status == start["status"]
     if b"content-length" in response_headers:
         assert int(response_headers[b"content-length"]) == len(content)
-    json.loads(content)  # every answer here is JSON: errors, local routes
+    if response_headers.get(b"content-type", b"").startswith(b"text/plain; version=0.0.4"):
+        assert path == "/metrics" and start["status"] == 200  # Prometheus text, the one non-JSON answer
+    else:
+        json.loads(content)  # every other answer here is JSON: errors, local routes
     if start["status"] >= 400:
         assert api_error_problem(path, content) is None
     if start["status"] == 500:

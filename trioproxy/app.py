@@ -28,7 +28,7 @@ import trio
 from loguru import logger
 
 from .config import AuthKey
-from .catalog import OPEN_ROUTES, Route, lookup_route, serve_local
+from .catalog import LOOPBACK, OPEN_ROUTES, Route, lookup_route, serve_local
 from .errors import (
     AuthError,
     Forbidden,
@@ -66,7 +66,7 @@ class ProxyApp:
         elif kind == "lifespan":
             await _lifespan(receive, send)
         elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1000})
+            await self._websocket(scope, receive, send)
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         services = self.services
@@ -114,6 +114,51 @@ class ProxyApp:
                 services.key_limiter.release(admitted)
             if ex.outcome == "ok" and not ex.response_started and ex.status == 0:
                 ex.outcome = "cancelled"  # cut by shutdown before it could answer
+            services.sink.submit(ex.to_record(trio.current_time()))
+
+    async def _websocket(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """``/_/live``: the live feed of usage records, for loopback clients (STYLE: one record per session)."""
+        services = self.services
+        ex = Exchange(
+            request_id=os.urandom(12).hex().encode(),
+            route=scope["path"],
+            method="WEBSOCKET",
+            arrival=trio.current_time(),
+            ts=time.time(),
+        )
+        client = scope.get("client")
+        try:
+            if (await receive())["type"] != "websocket.connect":
+                return
+            if scope["path"] != "/_/live" or services.feed is None:
+                ex.status, ex.outcome = 404, "rejected"
+                await send({"type": "websocket.close", "code": 4404})
+                return
+            if not client or client[0] not in LOOPBACK:
+                ex.status, ex.outcome = 403, "rejected"
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await send({"type": "websocket.accept"})
+            ex.status, ex.response_started = 101, True
+            events = services.feed.subscribe()
+            async with trio.open_nursery() as session:
+
+                async def watch_close() -> None:
+                    while (await receive())["type"] != "websocket.disconnect":
+                        pass
+                    ex.client_gone = True
+                    session.cancel_scope.cancel()
+
+                session.start_soon(watch_close)
+                async with events:
+                    async for text in events:
+                        await send({"type": "websocket.send", "text": text})
+                        ex.bytes_out += len(text)
+                # Dropped by the broadcaster (too slow): say so, and let the client reconnect.
+                ex.outcome, ex.error = "client_disconnect", "dropped from the live feed: too slow"
+                await send({"type": "websocket.close", "code": 1013})
+                session.cancel_scope.cancel()
+        finally:
             services.sink.submit(ex.to_record(trio.current_time()))
 
     async def _relay(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from functools import partial
 
 import attrs
@@ -44,6 +45,7 @@ from .breaker import HedgeBudget
 from .config import Config, Upstream
 from .errors import ConfigError
 from .health import HealthBoard, run_checker
+from .feed import Broadcaster
 from .metrics import Metrics
 from .mock import MockSettings, serve_mock
 from .pool import ConnectionPool
@@ -131,17 +133,23 @@ async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = 
     runtimes: dict[str, UpstreamRuntime] = {}
     live: list[Services] = []  # the metrics collector reads the running services, once they exist
     metrics = Metrics(lambda: live[0] if live else None)
+    feed = Broadcaster()
+
+    def observe(batch: list[Record]) -> None:  # in the writer's task, never on the request path
+        metrics.observe(batch)
+        feed.publish(batch)
+
     try:
         async with httpx.AsyncClient() as http:
             async with trio.open_nursery() as root:
                 if config.telemetry.enabled:
                     writer = partial(
                         run_writer, records_recv, sink, config.telemetry, file_tag=_file_tag(config),
-                        observe=metrics.observe,
+                        observe=observe,
                     )
                     root.start_soon(writer)
                 else:
-                    root.start_soon(_discard, records_recv, sink, metrics)
+                    root.start_soon(_discard, records_recv, sink, observe)
                 async with records_send:
                     async with trio.open_nursery() as service:
                         config = await start_embedded_mocks(config, service)
@@ -164,6 +172,7 @@ async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = 
                             hedge_budget=budget,
                             keys=KeyTable.from_config(config.auth),
                             metrics=metrics,
+                            feed=feed,
                         )
                         live.append(services)
                         app = ProxyApp(services)
@@ -202,11 +211,13 @@ def _file_tag(config: Config) -> str:
     return str(os.getpid()) if config.server.workers > 1 else ""
 
 
-async def _discard(records_recv: trio.MemoryReceiveChannel[Record], sink: TelemetrySink, metrics: Metrics) -> None:
-    """Telemetry disabled: nothing is written, but the records still feed the metrics."""
+async def _discard(
+    records_recv: trio.MemoryReceiveChannel[Record], sink: TelemetrySink, observe: Callable[[list[Record]], None]
+) -> None:
+    """Telemetry disabled: nothing is written, but the records still feed the metrics and the live feed."""
     async with records_recv:
         async for record in records_recv:
-            metrics.observe([record])
+            observe([record])
             sink.note_observed(1)
 
 

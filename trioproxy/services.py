@@ -16,6 +16,7 @@ from attrs import define, field
 from .auth import KeyLimiter, KeyTable
 from .breaker import HedgeBudget
 from .config import Config
+from .feed import Broadcaster
 from .health import HealthBoard
 from .metrics import Metrics
 from .telemetry import TelemetrySink
@@ -36,6 +37,8 @@ class Services:
     active: int = 0
     #: The Prometheus metrics (None only in tests that build Services by hand).
     metrics: Metrics | None = None
+    #: The live feed of ``/_/live`` (None only in tests that build Services by hand).
+    feed: Broadcaster | None = None
     #: Jitter for retry backoff (one generator, no global state).
     rng: random.Random = field(factory=random.Random)
     #: Round-robin counter for routing ties; bumped once per routed request.

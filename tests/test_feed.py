@@ -1,0 +1,64 @@
+"""The live feed: every record reaches every subscriber; a stalled subscriber is dropped, never waited for."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from trioproxy.feed import Broadcaster, parse_event
+from trioproxy.telemetry import Record
+
+from .conftest import StartGateway, StartMock, stop, upstream_toml
+
+NO_PROBES = "[upstreams.health]\nenabled = false\n"
+
+
+def records(n: int, start: int = 0) -> list[Record]:
+    return [Record(request_id=f"r{i}", ts=0.0, route="/v1/chat/completions", method="POST") for i in range(start, start + n)]
+
+
+def test_a_subscriber_that_falls_behind_is_dropped_and_the_others_get_everything() -> None:
+    feed = Broadcaster(buffer=4)
+    fast, stalled = feed.subscribe(), feed.subscribe()
+    got = []
+    for i in range(3):
+        feed.publish(records(2, start=2 * i))  # never blocks, whatever the subscribers do
+        while True:
+            try:
+                got.append(parse_event(fast.receive_nowait())["record"]["request_id"])  # type: ignore[index]
+            except trio.WouldBlock:
+                break
+    assert got == [f"r{i}" for i in range(6)]
+    stats = feed.statistics()
+    assert stats.dropped_subscribers == 1 and stats.subscribers == 1 and stats.published == 6
+    drained = [stalled.receive_nowait() for _ in range(4)]  # what it had buffered, then the end
+    assert len(drained) == 4
+    with pytest.raises(trio.EndOfChannel):
+        stalled.receive_nowait()
+
+
+async def test_two_websocket_subscribers_see_every_request(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    n = 20
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=2, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
+        ws_url = gw.url.replace("http://", "ws://") + "/_/live"
+        seen: list[list[str]] = [[], []]
+        async with open_websocket_url(ws_url) as a, open_websocket_url(ws_url) as b:
+            async with httpx.AsyncClient() as client:
+                ids = []
+                for _ in range(n):
+                    r = await client.post(f"{gw.url}/v1/chat/completions", json={"model": "m", "messages": []})
+                    ids.append(r.headers["x-request-id"])
+            for i, ws in enumerate((a, b)):
+                while len(seen[i]) < n:
+                    event = parse_event(await ws.get_message())  # type: ignore[arg-type]
+                    assert event["type"] == "record"
+                    seen[i].append(event["record"]["request_id"])  # type: ignore[index]
+        with pytest.raises(Exception):  # noqa: B017 - the handshake is refused: any trio-websocket error
+            async with open_websocket_url(gw.url.replace("http://", "ws://") + "/_/nothing") as ws:
+                await ws.get_message()
+        await stop(gw)
+    assert seen == [ids, ids]

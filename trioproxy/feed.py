@@ -1,0 +1,80 @@
+"""The live feed: every usage record, as it is written, to WebSocket subscribers of ``/_/live``.
+
+``Broadcaster.publish`` is called with each batch by the telemetry writer (the same
+hook as the metrics), so the request path never waits for a subscriber. Each
+subscriber has its own bounded buffer; a subscriber that falls that far behind is
+dropped (its channel closed, counted) rather than ever slowing the gateway or
+holding memory for it. Events are JSON text messages::
+
+    {"type": "record", "record": {...one usage record, as in the JSONL log...}}
+"""
+
+from __future__ import annotations
+
+import json
+
+import trio
+from attrs import frozen
+
+from .telemetry import Record, encode_record
+
+#: Events a subscriber may fall behind before it is dropped: a few seconds of a busy gateway.
+SUBSCRIBER_BUFFER = 256
+
+
+@frozen
+class FeedStatistics:
+    subscribers: int
+    published: int
+    dropped_subscribers: int
+
+
+class Broadcaster:
+    """Fan-out of events to subscribers, each through its own bounded memory channel [no I/O]."""
+
+    def __init__(self, *, buffer: int = SUBSCRIBER_BUFFER) -> None:
+        self._buffer = buffer
+        self._subscribers: set[trio.MemorySendChannel[str]] = set()
+        self._published = 0
+        self._dropped = 0
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[str]:
+        """A new subscriber's end; closing it (or being dropped) ends the subscription."""
+        send, receive = trio.open_memory_channel[str](self._buffer)
+        self._subscribers.add(send)
+        return receive
+
+    def unsubscribe(self, receive: trio.MemoryReceiveChannel[str]) -> None:
+        receive.close()  # its send end then fails and is removed on the next publish
+
+    def publish(self, batch: list[Record]) -> None:
+        """Send each record to every subscriber; never blocks, never raises."""
+        if not self._subscribers:
+            return
+        events = [_event(rec) for rec in batch]
+        for send in list(self._subscribers):
+            try:
+                for event in events:
+                    send.send_nowait(event)
+            except trio.WouldBlock:  # too slow: dropped, never waited for
+                self._dropped += 1
+                self._subscribers.discard(send)
+                send.close()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):  # gone
+                self._subscribers.discard(send)
+        self._published += len(events)
+
+    def statistics(self) -> FeedStatistics:
+        return FeedStatistics(len(self._subscribers), self._published, self._dropped)
+
+
+def _event(rec: Record) -> str:
+    return '{"type":"record","record":' + encode_record(rec).decode().rstrip("\n") + "}"
+
+
+def parse_event(text: str) -> dict[str, object]:
+    """Decode one feed event (clients and tests)."""
+    event = json.loads(text)
+    if not isinstance(event, dict):
+        raise ValueError("a feed event is a JSON object")
+    return event
