@@ -40,7 +40,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import logstats, logview, mockcli
+    from . import logstats, logview, mockcli, top
     from .bench import cli as bench_cli
 
     parser = argparse.ArgumentParser(prog="trioproxy", description="A local gateway for LLM traffic, on Trio.")
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mockcli.add_arguments(commands.add_parser("mock", help="run a mock upstream (OpenAI and/or Ollama API)"))
     logview.add_tail_arguments(commands.add_parser("tail", help="show the usage log, one line a request"))
+    top.add_arguments(commands.add_parser("top", help="live terminal dashboard of a running gateway"))
     bench_cli.add_arguments(commands.add_parser("bench", help="direct-vs-gateway benchmarks (docs/benchmarks.md)"))
     logstats.add_stats_arguments(commands.add_parser("stats", help="summarize the usage log"))
     return parser
@@ -86,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import logview
 
             return logview.run_tail(args)
+        if args.command == "top":
+            from . import top
+
+            return top.run_from_args(args)
         if args.command == "bench":
             from .bench import cli as bench_cli
 
