@@ -246,10 +246,14 @@ class Config:
         raise KeyError(upstream_id)
 
 
-def _make_converter() -> cattrs.Converter:
+def strict_converter() -> cattrs.Converter:
+    """A cattrs converter for TOML that forbids unknown keys and never coerces a type.
+
+    tomllib gives ints where a float is fine (taken); bools are ints in Python but not
+    in a profile (refused). Also used for the benchmark's scenario files.
+    """
     converter = cattrs.Converter(forbid_extra_keys=True)
 
-    # tomllib gives ints where a float is fine; bools are ints in Python but not in a profile.
     def structure_float(value: Any, _: type) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {value!r}")
@@ -270,6 +274,16 @@ def _make_converter() -> cattrs.Converter:
             raise ValueError(f"expected true or false, got {value!r}")
         return value
 
+    converter.register_structure_hook(float, structure_float)
+    converter.register_structure_hook(int, structure_int)
+    converter.register_structure_hook(str, structure_str)
+    converter.register_structure_hook(bool, structure_bool)
+    return converter
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = strict_converter()
+
     def structure_models(value: Any, _: type) -> tuple[str, ...] | str:
         if value == "discover":
             return "discover"
@@ -278,10 +292,6 @@ def _make_converter() -> cattrs.Converter:
         raise ValueError(f'expected a list of model names or globs, or "discover", got {value!r}')
 
     converter.register_structure_hook(tuple[str, ...] | Literal["discover"], structure_models)
-    converter.register_structure_hook(float, structure_float)
-    converter.register_structure_hook(int, structure_int)
-    converter.register_structure_hook(str, structure_str)
-    converter.register_structure_hook(bool, structure_bool)
     return converter
 
 

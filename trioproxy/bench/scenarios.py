@@ -28,13 +28,14 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import cattrs
 from attrs import field, frozen
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.v import transform_error
 
+from ..config import strict_converter
 from ..errors import ConfigError
 
 __all__ = [
@@ -146,33 +147,7 @@ class Scenario:
 
 
 def _make_converter() -> cattrs.Converter:
-    converter = cattrs.Converter(forbid_extra_keys=True)
-
-    def structure_float(value: Any, _: type) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected a number, got {value!r}")
-        return float(value)
-
-    def structure_int(value: Any, _: type) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected an integer, got {value!r}")
-        return value
-
-    def structure_str(value: Any, _: type) -> str:
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {value!r}")
-        return value
-
-    def structure_bool(value: Any, _: type) -> bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value
-
-    converter.register_structure_hook(float, structure_float)
-    converter.register_structure_hook(int, structure_int)
-    converter.register_structure_hook(str, structure_str)
-    converter.register_structure_hook(bool, structure_bool)
-    return converter
+    return strict_converter()  # the profiles' rules: unknown keys and coerced types are errors
 
 
 _CONVERTER = _make_converter()
