@@ -41,12 +41,13 @@ from .errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from .config import Config
 from .exchange import ClientGone, Exchange, decode_json, model_of, read_body, redact, upstream_query
 from .headers import client_response_headers, header_value, upstream_request_headers
 from .relay import Send, error_in_body, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
-from .upstream import OutgoingRequest, open_winning_response
+from .upstream import OutgoingRequest, UpstreamRuntime, open_winning_response
 from .usage import NDJSONScanner, SSEScanner, estimate_tokens
 from .usagefilter import UsageEventFilter
 
@@ -165,7 +166,9 @@ class ProxyApp:
         self, route: Route, scope: dict[str, Any], receive: Receive, send: Send, ex: Exchange, body: bytes
     ) -> None:
         services = self.services
-        config = services.config
+        # One snapshot for the whole request: a profile reload swaps both, and this request
+        # finishes on the upstreams it started with.
+        config, runtimes = services.config, services.runtimes
         doc = decode_json(body) if route.needs_model or body else {}
         model = model_of(doc) if route.needs_model else None
         ex.model_requested = model
@@ -181,7 +184,7 @@ class ProxyApp:
             raise RequestError("'stream' must be true or false", param="stream")
         ex.stream = stream and route.streams
         services.rr += 1
-        plan = _plan(route, model, services)
+        plan = _plan(route, model, services, config, runtimes)
         inject_usage = (
             ex.stream
             and route.scanner == "sse"
@@ -220,7 +223,7 @@ class ProxyApp:
                     # Started only now that the body is read (the Hypercorn hazard, STYLE.md §2).
                     request.start_soon(_watch_disconnect, receive, request.cancel_scope, ex)
                     try:
-                        await self._answer(plan, outgoing, send, ex, route, inject_usage)
+                        await self._answer(plan, outgoing, send, ex, route, inject_usage, config, runtimes)
                     finally:
                         request.cancel_scope.cancel()  # whoever finishes the work cancels the watcher
             except BaseExceptionGroup as group:
@@ -235,15 +238,23 @@ class ProxyApp:
                 raise UpstreamTimeout(ex.error, upstream=plan.attempts[0].upstream, phase="total") from None
 
     async def _answer(
-        self, plan: RoutePlan, outgoing: OutgoingRequest, send: Send, ex: Exchange, route: Route, inject_usage: bool
+        self,
+        plan: RoutePlan,
+        outgoing: OutgoingRequest,
+        send: Send,
+        ex: Exchange,
+        route: Route,
+        inject_usage: bool,
+        config: Config,
+        runtimes: dict[str, UpstreamRuntime],
     ) -> None:
         services = self.services
         try:
             winner, race = await open_winning_response(
-                services.runtimes,
+                runtimes,
                 plan,
                 outgoing,
-                routing=services.config.routing,
+                routing=config.routing,
                 budget=services.hedge_budget,
                 attempts=ex.attempts,
                 rng=services.rng,
@@ -270,8 +281,8 @@ class ProxyApp:
                     send,
                     usage_filter=UsageEventFilter() if inject_usage else None,
                     error_line=route.error_line,
-                    max_bytes=services.config.server.max_response_bytes,
-                    write_timeout=services.config.server.client_write_timeout_s,
+                    max_bytes=config.server.max_response_bytes,
+                    write_timeout=config.server.client_write_timeout_s,
                 )
                 if winner.scanner is not None:
                     _take_usage(ex, winner.scanner)
@@ -281,12 +292,14 @@ class ProxyApp:
             winner.release()
 
 
-def _plan(route: Route, model: str | None, services: Services) -> RoutePlan:
+def _plan(
+    route: Route, model: str | None, services: Services, config: Config, runtimes: dict[str, UpstreamRuntime]
+) -> RoutePlan:
     now = trio.current_time()
-    states = {uid: rt.state(now) for uid, rt in services.runtimes.items()}
+    states = {uid: rt.state(now) for uid, rt in runtimes.items()}
     if model is not None:
-        return plan_route(model, route.family, services.config, states, rr=services.rr)
-    return plan_any(route.family, services.config, states)
+        return plan_route(model, route.family, config, states, rr=services.rr)
+    return plan_any(route.family, config, states)
 
 
 def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -17,7 +17,7 @@ import trio
 from attrs import frozen
 
 from .config import Upstream
-from .errors import Forbidden, RequestError, RoutingError
+from .errors import Forbidden, RateLimited, RequestError, RoutingError
 from .relay import Send, finish, ndjson_error_line, sse_error_event
 from .routing import ApiFamily, eligible
 
@@ -25,6 +25,8 @@ from .routing import ApiFamily, eligible
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 if TYPE_CHECKING:
+    from .config import Config
+    from .upstream import UpstreamRuntime
     from .app import Exchange
     from .services import Services
 
@@ -70,12 +72,13 @@ ROUTES: dict[str, Route] = {
         Route("/healthz", "GET", "openai", needs_model=False, local="healthz"),
         Route("/readyz", "GET", "openai", needs_model=False, local="readyz"),
         Route("/metrics", "GET", "openai", needs_model=False, local="metrics"),
+        Route("/_/reload", "POST", "openai", needs_model=False, local="reload"),
     )
 }
 
 
 #: Answered without a client key even when auth is on: probes must work without secrets.
-OPEN_ROUTES = frozenset({"healthz", "readyz", "metrics"})
+OPEN_ROUTES = frozenset({"healthz", "readyz", "metrics", "reload"})
 #: Clients allowed to read /metrics (admin endpoints are for the machine's own operator).
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
@@ -97,16 +100,22 @@ def lookup_route(method: str, path: str) -> Route:
 
 async def serve_local(route: Route, services: Services, ex: Exchange, send: Send, client: str | None = None) -> None:
     payload: dict[str, Any]
+    if route.local in ("metrics", "reload") and client not in LOOPBACK:
+        raise Forbidden(f"{route.path} is served to loopback clients only")
     if route.local == "metrics":
-        if client not in LOOPBACK:
-            raise Forbidden("/metrics is served to loopback clients only")
         body = services.metrics.render() if services.metrics is not None else b""
-        headers = [(b"content-type", CONTENT_TYPE), (b"content-length", str(len(body)).encode()), (b"x-request-id", ex.request_id)]
+        headers = [
+            (b"content-type", CONTENT_TYPE),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", ex.request_id),
+        ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         ex.status, ex.response_started = 200, True
         await finish(ex, send, body)
         return
-    if route.local == "healthz":
+    if route.local == "reload":
+        status, payload = await request_reload(services)
+    elif route.local == "healthz":
         status, payload = 200, {"status": "ok"}
     elif route.local == "readyz":
         status, payload = readiness(services)
@@ -114,6 +123,8 @@ async def serve_local(route: Route, services: Services, ex: Exchange, send: Send
         status, payload = 200, {"object": "list", "data": await list_openai_models(services)}
     else:
         status, payload = 200, {"models": await list_ollama_models(services)}
+    if status >= 400:
+        ex.outcome = "rejected"
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = [
         (b"content-type", b"application/json"),
@@ -123,6 +134,30 @@ async def serve_local(route: Route, services: Services, ex: Exchange, send: Send
     await send({"type": "http.response.start", "status": status, "headers": headers})
     ex.status, ex.response_started = status, True
     await finish(ex, send, body)
+
+
+async def request_reload(services: Services) -> tuple[int, dict[str, Any]]:
+    """Ask the reloader (a service task) to reload the profiles, and wait for its verdict.
+
+    Raises:
+        RequestError: the new profile is refused (400 ``invalid_profile``, one line per problem),
+            or this gateway has no profile files to reload from (409).
+        RateLimited: reloads are already pending.
+    """
+    from .reload import ReloadRequest
+
+    if services.reload_send is None:
+        raise RequestError("this gateway was not started from profile files", code="reload_unavailable", status_hint=409)
+    request = ReloadRequest()
+    try:
+        services.reload_send.send_nowait(request)
+    except trio.WouldBlock:
+        raise RateLimited("reloads are already pending; retry shortly") from None
+    await request.done.wait()
+    if request.errors:
+        message = "profile reload refused, the running profile stays: " + "; ".join(request.errors)
+        raise RequestError(message, code="invalid_profile")
+    return 200, {"reloaded": True, **(request.result or {})}
 
 
 def readiness(services: Services) -> tuple[int, dict[str, Any]]:
@@ -151,15 +186,16 @@ def readiness(services: Services) -> tuple[int, dict[str, Any]]:
 async def list_openai_models(services: Services) -> list[dict[str, Any]]:
     """``/v1/models`` entries: every public name, owned by the first upstream serving it."""
     owners: dict[str, str] = {}
-    listings = await _listings(services, "openai")
-    for u in services.config.upstreams:
-        discovered = services.runtimes[u.id].discovered
+    config, runtimes = services.config, services.runtimes  # one snapshot across the awaits (reloads)
+    listings = await _listings(services, "openai", config, runtimes)
+    for u in config.upstreams:
+        discovered = runtimes[u.id].discovered
         for name in _names(u, listings.get(u.id, []), discovered):
             owners.setdefault(name, u.id)
-    for route in services.config.routes:
+    for route in config.routes:
         if not any(c in route.model for c in "*?["):
             owners.setdefault(route.model, route.targets[0].upstream)
-    for alias, target in services.config.routing.aliases.items():
+    for alias, target in config.routing.aliases.items():
         owners.setdefault(alias, owners.get(target, "trioproxy"))
     return [{"id": n, "object": "model", "created": 0, "owned_by": owners[n]} for n in sorted(owners)]
 
@@ -167,10 +203,11 @@ async def list_openai_models(services: Services) -> list[dict[str, Any]]:
 async def list_ollama_models(services: Services) -> list[dict[str, Any]]:
     """``/api/tags`` entries: what the Ollama upstreams report, limited to the models routed to them."""
     entries: dict[str, dict[str, Any]] = {}
-    listings = await _listings(services, "ollama")
-    for u in services.config.upstreams:
+    config, runtimes = services.config, services.runtimes
+    listings = await _listings(services, "ollama", config, runtimes)
+    for u in config.upstreams:
         for entry in listings.get(u.id, []):
-            discovered = services.runtimes[u.id].discovered
+            discovered = runtimes[u.id].discovered
             if isinstance(entry, dict) and isinstance(entry.get("name"), str) and _serves_tag(u, entry["name"], discovered):
                 entries.setdefault(entry["name"], entry)
     return [entries[n] for n in sorted(entries)]
@@ -186,7 +223,9 @@ def _names(u: Upstream, listing: Iterable[Any], discovered: frozenset[str] | Non
     return list(u.exact_models) + reported + sorted(discovered or ())
 
 
-async def _listings(services: Services, family: ApiFamily) -> dict[str, list[Any]]:
+async def _listings(
+    services: Services, family: ApiFamily, config: Config, runtimes: dict[str, UpstreamRuntime]
+) -> dict[str, list[Any]]:
     """Each eligible upstream's own model listing, fetched concurrently and cached briefly."""
     results: dict[str, list[Any]] = {}
     now = trio.current_time()
@@ -197,7 +236,7 @@ async def _listings(services: Services, family: ApiFamily) -> dict[str, list[Any
         if cached is not None and now - cached[0] < CATALOG_TTL_S:
             results[u.id] = cached[1]
             return
-        runtime = services.runtimes[u.id]
+        runtime = runtimes[u.id]
         headers = {k.decode(): v.decode() for k, v in runtime.auth_headers}
         base = runtime.cfg.base_url.rstrip("/")
         ollama = family == "ollama" or u.kind == "ollama"
@@ -219,7 +258,7 @@ async def _listings(services: Services, family: ApiFamily) -> dict[str, list[Any
         results[u.id] = listing
 
     async with trio.open_nursery() as fetches:
-        for u in services.config.upstreams:
+        for u in config.upstreams:
             globs = not u.discovers and any(c in m for m in u.models for c in "*?[")
             if eligible(u, family) and (family == "ollama" or globs):
                 fetches.start_soon(fetch, u)

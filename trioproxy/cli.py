@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from functools import partial
+
 import attrs
 import trio
 
@@ -72,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import server
 
             config = _load(args)
-            trio.run(server.main, config)
+            names = list(args.profile or []) + list(args.config or [])
+            trio.run(partial(server.main, config, profiles=names or [DEFAULT_PROFILE]))
             return 0
         if args.command == "check":
             config = _load(args)

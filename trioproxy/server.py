@@ -44,7 +44,8 @@ from .auth import KeyTable
 from .breaker import HedgeBudget
 from .config import Config, Upstream
 from .errors import ConfigError
-from .health import HealthBoard, run_checker
+from .health import HealthBoard
+from .reload import PENDING_RELOADS, Reloader, ReloadRequest, run_reloader
 from .feed import Broadcaster
 from .metrics import Metrics
 from .mock import MockSettings, serve_mock
@@ -103,21 +104,22 @@ def auth_headers(upstream: Upstream, environ: dict[str, str] | os._Environ[str])
     return [(b"authorization", b"Bearer " + key.encode())]
 
 
+def build_runtime(config: Config, u: Upstream) -> UpstreamRuntime:
+    pool = ConnectionPool(
+        u.base_url, upstream_id=u.id, max_idle=u.pool_max_idle, connect_timeout=u.timeouts.connect_ms / 1000
+    )
+    return UpstreamRuntime.create(u, pool, auth_headers(u, os.environ), config.routing)
+
+
 def build_runtimes(config: Config) -> dict[str, UpstreamRuntime]:
-    runtimes = {}
-    for u in config.upstreams:
-        pool = ConnectionPool(
-            u.base_url, upstream_id=u.id, max_idle=u.pool_max_idle, connect_timeout=u.timeouts.connect_ms / 1000
-        )
-        runtimes[u.id] = UpstreamRuntime.create(u, pool, auth_headers(u, os.environ), config.routing)
-    return runtimes
+    return {u.id: build_runtime(config, u) for u in config.upstreams}
 
 
 async def start_embedded_mocks(config: Config, nursery: trio.Nursery) -> Config:
     """Start the profile's embedded mock upstreams; return the config with their addresses filled in."""
     upstreams = []
     for u in config.upstreams:
-        if u.mock is not None:
+        if u.mock is not None and not u.base_url:  # (a reload keeps the mocks already running)
             mock = await nursery.start(partial(serve_mock, MockSettings.from_config(u.mock), host="127.0.0.1", port=0))
             u = attrs.evolve(u, base_url=f"http://127.0.0.1:{mock.port}")
             logger.info("embedded mock upstream {} ({}) on {}", u.id, u.mock.kind if u.mock else "", u.base_url)
@@ -125,8 +127,18 @@ async def start_embedded_mocks(config: Config, nursery: trio.Nursery) -> Config:
     return attrs.evolve(config, upstreams=tuple(upstreams))
 
 
-async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the gateway until SIGINT/SIGTERM (or ``RunningServer.shutdown`` is set)."""
+async def main(
+    config: Config,
+    *,
+    profiles: list[str] | None = None,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until SIGINT/SIGTERM (or ``RunningServer.shutdown`` is set).
+
+    Args:
+        profiles: the profile names or paths ``config`` came from; SIGHUP and
+            ``POST /_/reload`` read them again (without them, reloads are refused).
+    """
     shutdown, stopped = trio.Event(), trio.Event()
     records_send, records_recv = trio.open_memory_channel[Record](config.telemetry.queue_capacity)
     sink = TelemetrySink(records_send)
@@ -158,10 +170,7 @@ async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = 
                             rise={u.id: u.health.rise for u in config.upstreams},
                             fall={u.id: u.health.fall for u in config.upstreams},
                         )
-                        for runtime in runtimes.values():
-                            if runtime.cfg.health.enabled or runtime.cfg.discovers:
-                                service.start_soon(run_checker, runtime, board, http)
-                        service.start_soon(_watch_signals, shutdown, service.cancel_scope)
+                        reload_send, reload_recv = trio.open_memory_channel[ReloadRequest](PENDING_RELOADS)
                         budget = HedgeBudget(percent=config.routing.hedge_budget_percent)
                         services = Services(
                             config=config,
@@ -173,8 +182,22 @@ async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = 
                             keys=KeyTable.from_config(config.auth),
                             metrics=metrics,
                             feed=feed,
+                            reload_send=reload_send if profiles else None,
                         )
                         live.append(services)
+                        reloader = Reloader(
+                            profiles=list(profiles or []),
+                            services=services,
+                            nursery=service,
+                            board=board,
+                            http=http,
+                            build=build_runtime,
+                            start_mocks=start_embedded_mocks,
+                        )
+                        for runtime in runtimes.values():
+                            reloader.start_checker(runtime)
+                        service.start_soon(run_reloader, reload_recv, reloader)
+                        service.start_soon(_watch_signals, shutdown, service.cancel_scope, reload_send)
                         app = ProxyApp(services)
 
                         async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
@@ -194,7 +217,7 @@ async def main(config: Config, *, task_status: trio.TaskStatus[RunningServer] = 
                 logger.info("stopped serving; writing the last usage records")
     finally:
         with trio.CancelScope(shield=True):
-            for runtime in runtimes.values():
+            for runtime in {**runtimes, **(live[0].runtimes if live else {})}.values():
                 await runtime.pool.aclose()
         stopped.set()
     stats = sink.statistics()
@@ -221,10 +244,18 @@ async def _discard(
             sink.note_observed(1)
 
 
-async def _watch_signals(shutdown: trio.Event, service_scope: trio.CancelScope) -> None:
-    """First SIGINT/SIGTERM: graceful shutdown. A second one: stop now."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def _watch_signals(
+    shutdown: trio.Event, service_scope: trio.CancelScope, reload_send: trio.MemorySendChannel[ReloadRequest]
+) -> None:
+    """First SIGINT/SIGTERM: graceful shutdown. A second one: stop now. SIGHUP: reload the profiles."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                try:
+                    reload_send.send_nowait(ReloadRequest())
+                except trio.WouldBlock:
+                    pass  # reloads already pending will read the same files
+                continue
             if not shutdown.is_set():
                 logger.info("{}: shutting down gracefully", signal.Signals(signum).name)
                 shutdown.set()

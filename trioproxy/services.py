@@ -8,9 +8,10 @@ app here; nothing lives at module level.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import trio
 from attrs import define, field
 
 from .auth import KeyLimiter, KeyTable
@@ -21,6 +22,9 @@ from .health import HealthBoard
 from .metrics import Metrics
 from .telemetry import TelemetrySink
 from .upstream import UpstreamRuntime
+
+if TYPE_CHECKING:
+    from .reload import ReloadRequest
 
 
 @define
@@ -39,6 +43,8 @@ class Services:
     metrics: Metrics | None = None
     #: The live feed of ``/_/live`` (None only in tests that build Services by hand).
     feed: Broadcaster | None = None
+    #: Where ``POST /_/reload`` sends its request (None: the gateway was not started from profiles).
+    reload_send: trio.MemorySendChannel[ReloadRequest] | None = None
     #: Jitter for retry backoff (one generator, no global state).
     rng: random.Random = field(factory=random.Random)
     #: Round-robin counter for routing ties; bumped once per routed request.

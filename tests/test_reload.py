@@ -1,0 +1,89 @@
+"""Hot profile swap: an invalid profile leaves the old one serving; a swap under streaming load loses nothing."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import attrs
+import httpx
+import trio
+
+from trioproxy import server
+from trioproxy.config import load_profiles
+from trioproxy.server import RunningServer
+
+from .conftest import StartMock, read_records, stop, upstream_toml
+
+CHAT = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+NO_PROBES = "[upstreams.health]\nenabled = false\n"
+
+
+async def start_from_file(nursery: trio.Nursery, path: Path) -> RunningServer:
+    config = load_profiles([str(path)])
+    config = attrs.evolve(config, server=attrs.evolve(config.server, host="127.0.0.1", port=0))
+    running: RunningServer = await nursery.start(partial(server.main, config, profiles=[str(path)]))
+    return running
+
+
+def profile(tmp_path: Path, uid: str, port: int) -> str:
+    return upstream_toml(uid, f"http://127.0.0.1:{port}", extra=NO_PROBES) + f'[telemetry]\ndir = "{tmp_path / "logs"}"\n'
+
+
+async def test_an_invalid_profile_is_refused_and_the_old_one_keeps_serving(
+    nursery: trio.Nursery, start_mock: StartMock, tmp_path: Path
+) -> None:
+    path = tmp_path / "gw.toml"
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=2, token_delay_ms=0, ttft_ms=0)
+        path.write_text(profile(tmp_path, "m", mock.port))
+        gw = await start_from_file(nursery, path)
+        path.write_text(profile(tmp_path, "m", mock.port).replace("base_url", "base_ur1"))
+        async with httpx.AsyncClient(timeout=30) as client:
+            refused = await client.post(f"{gw.url}/_/reload")
+            served = await client.post(f"{gw.url}/v1/chat/completions", json=CHAT)
+        await stop(gw)
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["code"] == "invalid_profile"
+    assert "$.upstreams[0]" in error["message"] and "base_ur1" in error["message"], error
+    assert served.status_code == 200 and served.headers["x-trioproxy-upstream"] == "m"
+
+
+async def test_a_swap_under_streaming_load_loses_no_stream_and_no_record(
+    nursery: trio.Nursery, start_mock: StartMock, tmp_path: Path
+) -> None:
+    path = tmp_path / "gw.toml"
+    streams = 20
+    with trio.fail_after(60):
+        old = await start_mock(models=("*",), tokens=40, token_delay_ms=10, ttft_ms=0)
+        new = await start_mock(models=("*",), tokens=2, token_delay_ms=0, ttft_ms=0)
+        path.write_text(profile(tmp_path, "old", old.port))
+        gw = await start_from_file(nursery, path)
+        url = f"{gw.url}/v1/chat/completions"
+        results: list[httpx.Response] = []
+        started = trio.Semaphore(0)
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=streams + 5)) as client:
+
+            async def one() -> None:
+                async with client.stream("POST", url, json=CHAT) as response:
+                    started.release()
+                    await response.aread()
+                results.append(response)
+
+            async with trio.open_nursery() as load:
+                for _ in range(streams):
+                    load.start_soon(one)
+                for _ in range(streams):
+                    await started.acquire()  # every stream is open on the old upstream
+                path.write_text(profile(tmp_path, "new", new.port))
+                swapped = await client.post(f"{gw.url}/_/reload")
+                after = await client.post(url, json=CHAT)
+        await stop(gw)
+    assert swapped.status_code == 200, swapped.text
+    assert swapped.json()["started"] == ["new"] and swapped.json()["closed"] == ["old"]
+    assert len(results) == streams
+    assert all(r.status_code == 200 and r.text.endswith("data: [DONE]\n\n") for r in results)
+    assert all(r.headers["x-trioproxy-upstream"] == "old" for r in results)
+    assert after.headers["x-trioproxy-upstream"] == "new"
+    records = [r for r in read_records(gw) if r["route"] == "/v1/chat/completions"]
+    assert len(records) == streams + 1 and all(r["outcome"] == "ok" for r in records)

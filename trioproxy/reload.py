@@ -1,0 +1,136 @@
+"""Hot profile swap: SIGHUP or ``POST /_/reload`` → validate → swap, without dropping a stream.
+
+A reload request is a message on a channel to ``run_reloader``, a task of the
+service nursery (request code never touches that nursery). The reloader reads and
+validates the profiles again; on any error the running profile stays and the
+errors go back to whoever asked (and to the log). Otherwise it:
+
+- keeps every upstream whose settings did not change, with its pool, breaker,
+  concurrency gate and health checker;
+- creates the new and changed ones (starting embedded mocks and health checkers);
+- swaps ``services.config`` and ``services.runtimes`` together, with no await in
+  between: a request takes both once when it starts (``app._relay``), so new
+  requests see the new profile and in-flight ones finish on their old upstreams;
+- cancels the checkers of removed upstreams and closes their pools (a response still
+  open on a closed pool closes its own connection when it is released).
+
+The listening address, workers and other ``[server]`` settings need a restart:
+a reload that changes them keeps the running ones and says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import httpx
+import trio
+from attrs import define, field
+from loguru import logger
+
+from .auth import KeyTable
+from .config import Config, load_profiles
+from .errors import ConfigError
+from .health import HealthBoard, run_checker
+from .services import Services
+from .upstream import UpstreamRuntime
+
+#: Reload requests waiting (a burst of SIGHUPs is one reload, not a queue of them).
+PENDING_RELOADS = 4
+
+
+@define
+class ReloadRequest:
+    done: trio.Event = field(factory=trio.Event)
+    result: dict[str, Any] | None = None
+    errors: list[str] = field(factory=list)
+
+
+@define
+class Reloader:
+    """What a reload changes, and the tasks it owns in the service nursery."""
+
+    profiles: list[str]
+    services: Services
+    nursery: trio.Nursery
+    board: HealthBoard
+    http: httpx.AsyncClient
+    #: Builds the runtime of a new upstream (``server.build_runtime``).
+    build: Callable[[Config, Any], UpstreamRuntime]
+    #: Starts the embedded mocks a config names (``server.start_embedded_mocks``).
+    start_mocks: Callable[[Config, trio.Nursery], Any]
+    checkers: dict[str, tuple[UpstreamRuntime, trio.CancelScope]] = field(factory=dict)
+
+    def start_checker(self, runtime: UpstreamRuntime) -> None:
+        if not (runtime.cfg.health.enabled or runtime.cfg.discovers):
+            return
+        scope = trio.CancelScope()
+
+        async def checker() -> None:
+            with scope:
+                await run_checker(runtime, self.board, self.http)
+
+        self.nursery.start_soon(checker)
+        self.checkers[runtime.cfg.id] = (runtime, scope)
+
+    async def reload(self) -> dict[str, Any]:
+        """Raises: ConfigError: the new profile is not usable (nothing changed)."""
+        new = await trio.to_thread.run_sync(load_profiles, self.profiles)
+        services = self.services
+        old, old_runtimes = services.config, services.runtimes
+        notes = []
+        # host and port may come from --host/--port; either way they need a new listening socket.
+        if attrs.evolve(new.server, host=old.server.host, port=old.server.port) != old.server:
+            notes.append("[server] settings need a restart; the running ones are kept")
+        kept: dict[str, UpstreamRuntime] = {}
+        upstreams = []
+        for u in new.upstreams:
+            previous = old_runtimes.get(u.id)
+            if previous is not None and u.mock is not None:
+                u = attrs.evolve(u, base_url=previous.cfg.base_url)  # the embedded mock's address
+            if previous is not None and previous.cfg == u:
+                kept[u.id] = previous
+            elif u.mock is not None:
+                u = attrs.evolve(u, base_url="")  # a new or changed embedded mock: started below
+            upstreams.append(u)
+        config = await self.start_mocks(attrs.evolve(new, upstreams=tuple(upstreams), server=old.server), self.nursery)
+        keys = KeyTable.from_config(config.auth)  # raises ConfigError before anything changes
+        runtimes = {u.id: kept.get(u.id) or self.build(config, u) for u in config.upstreams}
+        for u in config.upstreams:
+            self.board.rise[u.id], self.board.fall[u.id] = u.health.rise, u.health.fall
+        # The swap: no await between these lines.
+        services.config, services.runtimes, services.keys = config, runtimes, keys
+        services.catalog_cache.clear()
+        for uid, (runtime, scope) in list(self.checkers.items()):
+            if runtimes.get(uid) is not runtime:
+                scope.cancel()
+                del self.checkers[uid]
+        for runtime in runtimes.values():
+            if runtime.cfg.id not in self.checkers:
+                self.start_checker(runtime)
+        removed = [uid for uid, rt in old_runtimes.items() if runtimes.get(uid) is not rt]
+        for uid in removed:
+            await old_runtimes[uid].pool.aclose()
+        summary = {
+            "source": config.source,
+            "kept": sorted(kept),
+            "started": sorted(uid for uid in runtimes if uid not in kept),
+            "closed": sorted(removed),
+            "notes": notes,
+        }
+        logger.info("profile reloaded from {}: {}", config.source, summary)
+        return summary
+
+
+async def run_reloader(reload_recv: trio.MemoryReceiveChannel[ReloadRequest], reloader: Reloader) -> None:
+    """Serve reload requests one at a time, until cancelled."""
+    async with reload_recv:
+        async for request in reload_recv:
+            try:
+                request.result = await reloader.reload()
+            except ConfigError as exc:
+                request.errors = exc.errors or [exc.message]
+                logger.error("profile reload refused, the running profile stays:\n{}", exc.message)
+            finally:
+                request.done.set()
