@@ -6,8 +6,10 @@ from functools import partial
 from pathlib import Path
 
 import attrs
+import pytest
 import httpx
 import trio
+import trio.testing
 
 from trioproxy import server
 from trioproxy.config import load_profiles
@@ -87,3 +89,22 @@ async def test_a_swap_under_streaming_load_loses_no_stream_and_no_record(
     assert after.headers["x-trioproxy-upstream"] == "new"
     records = [r for r in read_records(gw) if r["route"] == "/v1/chat/completions"]
     assert len(records) == streams + 1 and all(r["outcome"] == "ok" for r in records)
+
+
+async def test_watch_asks_for_a_reload_when_a_profile_changes(autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:
+    from trioproxy.reload import ReloadRequest, watch_profiles
+
+    path = tmp_path / "p.toml"
+    path.write_text("a = 1\n")
+    reload_send, reload_recv = trio.open_memory_channel[ReloadRequest](4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_profiles, [path], reload_send)
+        await trio.sleep(5)  # virtual time: five looks, no change, no reload
+        with pytest.raises(trio.WouldBlock):
+            reload_recv.receive_nowait()
+        path.write_text("a = 22\n")  # a different size: a change whatever the clock's resolution
+        await reload_recv.receive()
+        assert trio.current_time() == pytest.approx(6.0)
+        path.unlink()  # a missing file is a change too (the reload then refuses it)
+        await reload_recv.receive()
+        nursery.cancel_scope.cancel()

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_arguments(serve)
     serve.add_argument("--host", help="listen address (overrides the profile)")
     serve.add_argument("--port", type=int, help="listen port (overrides the profile; 0: any free port)")
+    serve.add_argument("--watch", action="store_true", help="reload the profiles whenever their files change")
 
     check = commands.add_parser("check", help="validate a profile and print it resolved, secrets masked")
     _add_profile_arguments(check)
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             config = _load(args)
             names = list(args.profile or []) + list(args.config or [])
-            trio.run(partial(server.main, config, profiles=names or [DEFAULT_PROFILE]))
+            trio.run(partial(server.main, config, profiles=names or [DEFAULT_PROFILE], watch=args.watch))
             return 0
         if args.command == "check":
             config = _load(args)

@@ -21,6 +21,7 @@ a reload that changes them keeps the running ones and says so.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -121,6 +122,44 @@ class Reloader:
         }
         logger.info("profile reloaded from {}: {}", config.source, summary)
         return summary
+
+
+#: Seconds between two looks at the profile files (serve --watch): a reload a second at most.
+WATCH_INTERVAL_S = 1.0
+
+
+def file_stamps(paths: list[Path]) -> tuple[tuple[int, int] | None, ...]:
+    """What --watch compares: each file's modification time and size (None: missing)."""
+    stamps: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((info.st_mtime_ns, info.st_size))
+    return tuple(stamps)
+
+
+async def watch_profiles(
+    paths: list[Path], reload_send: trio.MemorySendChannel[ReloadRequest], *, interval: float = WATCH_INTERVAL_S
+) -> None:
+    """``serve --watch``: ask for a reload whenever a profile file changes (until cancelled).
+
+    A stat of a few small files once a second, on the event loop: cheaper than a thread,
+    and far from the request path. An editor's save in several writes settles within one
+    interval; an invalid half-written file is refused by the reload and the next look retries.
+    """
+    last = file_stamps(paths)
+    while True:
+        await trio.sleep(interval)
+        current = file_stamps(paths)
+        if current != last:
+            last = current
+            try:
+                reload_send.send_nowait(ReloadRequest())
+            except trio.WouldBlock:
+                pass  # reloads already pending will read the same files
 
 
 async def run_reloader(reload_recv: trio.MemoryReceiveChannel[ReloadRequest], reloader: Reloader) -> None:

@@ -42,10 +42,10 @@ from loguru import logger
 from .app import ProxyApp
 from .auth import KeyTable
 from .breaker import HedgeBudget
-from .config import Config, Upstream
+from .config import Config, Upstream, resolve_profile
 from .errors import ConfigError
 from .health import HealthBoard
-from .reload import PENDING_RELOADS, Reloader, ReloadRequest, run_reloader
+from .reload import PENDING_RELOADS, Reloader, ReloadRequest, run_reloader, watch_profiles
 from .feed import Broadcaster
 from .metrics import Metrics
 from .mock import MockSettings, serve_mock
@@ -131,6 +131,7 @@ async def main(
     config: Config,
     *,
     profiles: list[str] | None = None,
+    watch: bool = False,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until SIGINT/SIGTERM (or ``RunningServer.shutdown`` is set).
@@ -138,6 +139,7 @@ async def main(
     Args:
         profiles: the profile names or paths ``config`` came from; SIGHUP and
             ``POST /_/reload`` read them again (without them, reloads are refused).
+        watch: also reload whenever one of those files changes (``serve --watch``).
     """
     shutdown, stopped = trio.Event(), trio.Event()
     records_send, records_recv = trio.open_memory_channel[Record](config.telemetry.queue_capacity)
@@ -197,6 +199,9 @@ async def main(
                         for runtime in runtimes.values():
                             reloader.start_checker(runtime)
                         service.start_soon(run_reloader, reload_recv, reloader)
+                        if watch and profiles:
+                            paths = [resolve_profile(name) for name in profiles]
+                            service.start_soon(watch_profiles, paths, reload_send)
                         service.start_soon(_watch_signals, shutdown, service.cancel_scope, reload_send)
                         app = ProxyApp(services)
 
