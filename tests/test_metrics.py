@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import httpx
 import trio
 
@@ -74,11 +76,20 @@ async def test_metrics_are_refused_to_other_clients(start_mock: StartMock, start
         async def send(message: dict[str, object]) -> None:
             sent.append(message)
 
-        for client, expected in ((("10.1.2.3", 5000), 403), (("127.0.0.1", 5000), 200)):
+        from trioproxy.auth import AdminGate
+
+        gw.services.admin = AdminGate(digest=hashlib.sha256(b"admin-key").hexdigest())
+        cases = [
+            (("10.1.2.3", 5000), [], 403),
+            (("10.1.2.3", 5000), [(b"authorization", b"Bearer wrong")], 403),
+            (("10.1.2.3", 5000), [(b"authorization", b"Bearer admin-key")], 200),
+            (("127.0.0.1", 5000), [], 200),
+        ]
+        for client, headers, expected in cases:
             sent.clear()
             scope = {
                 "type": "http", "method": "GET", "path": "/metrics", "raw_path": b"/metrics", "query_string": b"",
-                "headers": [], "client": client,
+                "headers": headers, "client": client,
             }
             await ProxyApp(gw.services)(scope, receive, send)
             assert sent[0]["status"] == expected

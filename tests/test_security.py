@@ -278,3 +278,19 @@ async def test_payloads_are_logged_only_when_opted_in_and_keys_stay_redacted(
         assert payload["request"]["messages"][0]["content"] == PROMPT
         assert payload["request"]["api_key"] == "***" and UPSTREAM_KEY not in str(record)
         assert payload["response"] == response.text
+
+
+def test_admin_gate() -> None:
+    from trioproxy.auth import AdminGate
+    from trioproxy.config import Admin
+
+    closed = AdminGate.from_config(Admin())
+    assert closed.allows("127.0.0.1", None) and closed.allows("::1", None)
+    assert not closed.allows("10.0.0.7", b"Bearer anything")
+    gate = AdminGate.from_config(Admin(key_env="ADMIN_KEY_FOR_TEST"), {"ADMIN_KEY_FOR_TEST": "adm-1"})
+    assert gate.allows("10.0.0.7", b"Bearer adm-1")
+    assert not gate.allows("10.0.0.7", b"Bearer adm-2") and not gate.allows("10.0.0.7", None)
+    hashed = AdminGate.from_config(Admin(key_sha256=hashlib.sha256(b"adm-1").hexdigest()))
+    assert hashed.allows("192.0.2.1", b"bearer adm-1")
+    with pytest.raises(ConfigError):
+        AdminGate.from_config(Admin(key_env="UNSET_ADMIN_KEY"), {})

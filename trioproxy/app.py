@@ -28,7 +28,7 @@ import trio
 from loguru import logger
 
 from .config import AuthKey
-from .catalog import LOOPBACK, OPEN_ROUTES, Route, lookup_route, serve_local
+from .catalog import OPEN_ROUTES, Route, lookup_route, serve_local
 from .errors import (
     AuthError,
     Forbidden,
@@ -92,7 +92,8 @@ class ProxyApp:
                 admitted = key
             if route.local:
                 client = scope.get("client")
-                await serve_local(route, services, ex, send, client[0] if client else None)
+                authorization = header_value(scope["headers"], b"authorization")
+                await serve_local(route, services, ex, send, client[0] if client else None, authorization)
                 return
             with trio.move_on_after(services.config.server.body_timeout_s) as reading:
                 body = await read_body(receive, ex, scope, services.config.server.max_body_bytes)
@@ -135,7 +136,8 @@ class ProxyApp:
                 ex.status, ex.outcome = 404, "rejected"
                 await send({"type": "websocket.close", "code": 4404})
                 return
-            if not client or client[0] not in LOOPBACK:
+            authorization = header_value(scope["headers"], b"authorization")
+            if not services.admin.allows(client[0] if client else None, authorization):
                 ex.status, ex.outcome = 403, "rejected"
                 await send({"type": "websocket.close", "code": 1008})
                 return

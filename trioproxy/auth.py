@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from attrs import define, field, frozen
 
-from .config import Auth, AuthKey
+from .config import Admin, Auth, AuthKey
 from .errors import AuthError, ConfigError, RateLimited
 
 BEARER = b"bearer "
@@ -72,6 +72,36 @@ class KeyTable:
         if key is None:
             raise AuthError("Incorrect API key provided.")
         return key
+
+
+#: Clients that may use the admin endpoints without a key: the machine's own operator.
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
+@frozen
+class AdminGate:
+    """Loopback clients, or any client with the admin key (compared by SHA-256)."""
+
+    digest: str | None = None
+
+    @classmethod
+    def from_config(cls, admin: Admin, environ: Mapping[str, str] = os.environ) -> AdminGate:
+        """Raises: ConfigError: ``key_env`` names an unset variable."""
+        if admin.key_sha256 is not None:
+            return cls(digest=admin.key_sha256.lower())
+        if admin.key_env is not None:
+            value = environ.get(admin.key_env)
+            if not value:
+                raise ConfigError([f"$.admin.key_env: environment variable {admin.key_env} is not set"])
+            return cls(digest=digest(value))
+        return cls()
+
+    def allows(self, client: str | None, authorization: bytes | None) -> bool:
+        if client in LOOPBACK:
+            return True
+        if self.digest is None or not authorization or authorization[: len(BEARER)].lower() != BEARER:
+            return False
+        return digest(authorization[len(BEARER) :].strip()) == self.digest
 
 
 @define

@@ -79,8 +79,8 @@ ROUTES: dict[str, Route] = {
 
 #: Answered without a client key even when auth is on: probes must work without secrets.
 OPEN_ROUTES = frozenset({"healthz", "readyz", "metrics", "reload"})
-#: Clients allowed to read /metrics (admin endpoints are for the machine's own operator).
-LOOPBACK = frozenset({"127.0.0.1", "::1"})
+#: Admin endpoints: loopback clients, or the admin key ([admin] in the profile).
+ADMIN_ROUTES = frozenset({"metrics", "reload"})
 
 
 def lookup_route(method: str, path: str) -> Route:
@@ -98,10 +98,17 @@ def lookup_route(method: str, path: str) -> Route:
     return route
 
 
-async def serve_local(route: Route, services: Services, ex: Exchange, send: Send, client: str | None = None) -> None:
+async def serve_local(
+    route: Route,
+    services: Services,
+    ex: Exchange,
+    send: Send,
+    client: str | None = None,
+    authorization: bytes | None = None,
+) -> None:
     payload: dict[str, Any]
-    if route.local in ("metrics", "reload") and client not in LOOPBACK:
-        raise Forbidden(f"{route.path} is served to loopback clients only")
+    if route.local in ADMIN_ROUTES and not services.admin.allows(client, authorization):
+        raise Forbidden(f"{route.path} is served to loopback clients, or with the admin key")
     if route.local == "metrics":
         body = services.metrics.render() if services.metrics is not None else b""
         headers = [

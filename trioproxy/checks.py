@@ -88,6 +88,12 @@ def validate(config: Config) -> list[str]:
             problems.append(f"{where}.key_sha256: expected 64 hex digits (the SHA-256 of the key)")
         if key.requests_per_minute < 0 or key.max_concurrent < 0:
             problems.append(f"{where}: requests_per_minute and max_concurrent must be 0 (no limit) or more")
+    admin = config.admin
+    if admin.key_env is not None and admin.key_sha256 is not None:
+        problems.append("$.admin: expected at most one of key_env or key_sha256")
+    digest = admin.key_sha256
+    if digest is not None and (len(digest) != 64 or not all(c in "0123456789abcdefABCDEF" for c in digest)):
+        problems.append("$.admin.key_sha256: expected 64 hex digits (the SHA-256 of the key)")
     server = config.server
     if server.max_concurrent_requests < 1 or server.client_write_timeout_s <= 0 or server.max_header_bytes < 1024:
         problems.append(

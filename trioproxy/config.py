@@ -228,6 +228,15 @@ class Auth:
 
 
 @frozen
+class Admin:
+    """Who may use the admin endpoints (/metrics, /_/reload, /_/live) from other hosts."""
+
+    #: Environment variable holding the admin key, or the key's SHA-256; neither: loopback only.
+    key_env: str | None = None
+    key_sha256: str | None = None
+
+
+@frozen
 class Config:
     upstreams: tuple[Upstream, ...]
     server: ServerConfig = ServerConfig()
@@ -236,6 +245,7 @@ class Config:
     routing: Routing = Routing()
     telemetry: Telemetry = Telemetry()
     auth: Auth = Auth()
+    admin: Admin = Admin()
     #: Where it came from, for messages (not a TOML key).
     source: str = "<config>"
 

@@ -30,7 +30,7 @@ import trio
 from attrs import define, field
 from loguru import logger
 
-from .auth import KeyTable
+from .auth import AdminGate, KeyTable
 from .config import Config, load_profiles
 from .errors import ConfigError
 from .health import HealthBoard, run_checker
@@ -97,11 +97,12 @@ class Reloader:
             upstreams.append(u)
         config = await self.start_mocks(attrs.evolve(new, upstreams=tuple(upstreams), server=old.server), self.nursery)
         keys = KeyTable.from_config(config.auth)  # raises ConfigError before anything changes
+        admin = AdminGate.from_config(config.admin)
         runtimes = {u.id: kept.get(u.id) or self.build(config, u) for u in config.upstreams}
         for u in config.upstreams:
             self.board.rise[u.id], self.board.fall[u.id] = u.health.rise, u.health.fall
         # The swap: no await between these lines.
-        services.config, services.runtimes, services.keys = config, runtimes, keys
+        services.config, services.runtimes, services.keys, services.admin = config, runtimes, keys, admin
         services.catalog_cache.clear()
         for uid, (runtime, scope) in list(self.checkers.items()):
             if runtimes.get(uid) is not runtime:

@@ -40,7 +40,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from loguru import logger
 
 from .app import ProxyApp
-from .auth import KeyTable
+from .auth import AdminGate, KeyTable
 from .breaker import HedgeBudget
 from .config import Config, Upstream, resolve_profile
 from .errors import ConfigError
@@ -182,6 +182,7 @@ async def main(
                             board=board,
                             hedge_budget=budget,
                             keys=KeyTable.from_config(config.auth),
+                            admin=AdminGate.from_config(config.admin),
                             metrics=metrics,
                             feed=feed,
                             reload_send=reload_send if profiles else None,

@@ -14,7 +14,7 @@ import httpx
 import trio
 from attrs import define, field
 
-from .auth import KeyLimiter, KeyTable
+from .auth import AdminGate, KeyLimiter, KeyTable
 from .breaker import HedgeBudget
 from .config import Config
 from .feed import Broadcaster
@@ -36,6 +36,7 @@ class Services:
     board: HealthBoard
     hedge_budget: HedgeBudget
     keys: KeyTable = KeyTable(by_digest={})
+    admin: AdminGate = AdminGate()
     key_limiter: KeyLimiter = field(factory=KeyLimiter)
     #: Requests being served now (for server.max_concurrent_requests).
     active: int = 0
