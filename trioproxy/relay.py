@@ -169,6 +169,8 @@ async def pump(
                 continue
         await write(data)
         sent += 1
+    if scanner is not None and scanner.done:
+        ex.finished = True  # (see below: the whole answer came with the first content)
     received = sum(len(d) for d in winner.prefetched)
     last = winner.prefetched[-1] if winner.prefetched else b"\n\n"
     try:
@@ -191,6 +193,10 @@ async def pump(
             await write(data)
             last = data
             sent += 1
+            if scanner is not None and scanner.done:
+                # The terminating event ([DONE], done: true) is out: the answer is complete for the
+                # client, which may hang up before the last empty chunk; that is not a disconnect.
+                ex.finished = True
     except UpstreamError as exc:
         ex.outcome, ex.error = "upstream_error", exc.message
         if usage_filter is not None and (held := usage_filter.flush()):
