@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import calendar
 import json
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
@@ -22,32 +20,8 @@ from trioproxy.telemetry import (
     open_telemetry,
 )
 
-T0 = calendar.timegm((2026, 11, 24, 6, 0, 0)) + 0.123  # 2026-11-24T06:00:00.123Z
+from .logrecords import T0, record
 
-
-def record(i: int = 0, **changes: Any) -> Record:
-    base = Record(
-        request_id=f"req-{i:06d}",
-        ts=T0 + i,
-        route="/v1/chat/completions",
-        method="POST",
-        model_requested="llama3",
-        model_served="llama3:8b",
-        upstream="ollama-a",
-        attempts=(AttemptRecord("ollama-a", "llama3:8b", "ok", 200, 12.3456),),
-        status=200,
-        stream=True,
-        ttft_ms=120.0,
-        total_ms=1520.5,
-        bytes_in=512,
-        bytes_out=20480,
-        prompt_tokens=12,
-        completion_tokens=345,
-        token_source="upstream",
-        finish_reason="stop",
-        worker=4242,
-    )
-    return attrs.evolve(base, **changes)
 
 
 # --- encoding ----------------------------------------------------------------------------
