@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: run test check lint clean
+.PHONY: run test check lint clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "trioproxy needs Python 3.11 or newer")'
@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## start the gateway on the embedded demo profile (mock upstreams)
 	$(BIN)/trioproxy serve --profile demo $(ARGS)
 
-test: $(STAMP)  ## the whole suite: lint, types, then every test
+test: $(STAMP) system-deps  ## the whole suite: lint, types, then every test
 	$(BIN)/ruff check trioproxy tests loadtest
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q $(ARGS)
+
+system-deps:  ## Chromium and nginx for the browser and load-balancer tests (Debian packages)
+	@sh scripts/system-deps
 
 lint: $(STAMP)
 	$(BIN)/ruff check trioproxy tests loadtest
