@@ -164,7 +164,10 @@ async def request_reload(services: Services) -> tuple[int, dict[str, Any]]:
     if request.errors:
         message = "profile reload refused, the running profile stays: " + "; ".join(request.errors)
         raise RequestError(message, code="invalid_profile")
-    return 200, {"reloaded": True, **(request.result or {})}
+    payload = {"reloaded": True, **(request.result or {})}
+    if services.worker_link is not None:  # the other workers reload too; their verdicts by pid
+        payload["workers"] = await services.worker_link.fan_out_reload()
+    return 200, payload
 
 
 def readiness(services: Services) -> tuple[int, dict[str, Any]]:

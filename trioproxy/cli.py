@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -13,7 +14,7 @@ import attrs
 import trio
 
 from . import __version__, log
-from .config import Config, load_profiles, masked
+from .config import Config, load_profile_texts, load_profiles, masked, read_profiles
 from .errors import ConfigError
 
 DEFAULT_PROFILE = "demo"
@@ -32,12 +33,20 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> Config:
     names = list(args.profile or []) + list(args.config or [])
-    config = load_profiles(names or [DEFAULT_PROFILE])
+    return _overrides(args, load_profiles(names or [DEFAULT_PROFILE]))
+
+
+def _overrides(args: argparse.Namespace, config: Config) -> Config:
+    """The profile with the command line's --host, --port and --workers applied."""
     server = config.server
     if getattr(args, "host", None):
         server = attrs.evolve(server, host=args.host)
     if getattr(args, "port", None) is not None:
         server = attrs.evolve(server, port=args.port)
+    if getattr(args, "workers", None) is not None:
+        if args.workers < 1:
+            raise ConfigError(["--workers: expected 1 or more"])
+        server = attrs.evolve(server, workers=args.workers)
     return attrs.evolve(config, server=server)
 
 
@@ -55,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (overrides the profile)")
     serve.add_argument("--port", type=int, help="listen port (overrides the profile; 0: any free port)")
     serve.add_argument("--watch", action="store_true", help="reload the profiles whenever their files change")
+    serve.add_argument(
+        "--workers", "-w", type=int, metavar="N", help="worker processes on one listening socket (overrides the profile)"
+    )
+    serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)  # a worker: the supervisor's socket
 
     check = commands.add_parser("check", help="validate a profile and print it resolved, secrets masked")
     _add_profile_arguments(check)
@@ -67,17 +80,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serve(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from . import server, workers
+
+    names = list(args.profile or []) + list(args.config or []) or [DEFAULT_PROFILE]
+    if args.worker_fd is not None:  # one of the supervisor's workers: it starts from the supervisor's profile
+        log.setup(args.log_level, tag=f"worker {os.getpid()}")
+        config = _overrides(args, load_profile_texts(workers.read_start()))
+        link = workers.WorkerLink()
+        trio.run(partial(server.main, config, profiles=names, watch=args.watch, listen_fd=args.worker_fd, link=link))
+        return 0
+    snapshot = read_profiles(names)
+    config = _overrides(args, load_profile_texts(snapshot))
+    if config.server.workers > 1:
+        worker_argv = list(sys.argv[1:] if argv is None else argv)
+        return trio.run(partial(workers.supervise, config, worker_argv, names, snapshot))
+    trio.run(partial(server.main, config, profiles=names, watch=args.watch))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log.setup(args.log_level)
     try:
         if args.command == "serve":
-            from . import server
-
-            config = _load(args)
-            names = list(args.profile or []) + list(args.config or [])
-            trio.run(partial(server.main, config, profiles=names or [DEFAULT_PROFILE], watch=args.watch))
-            return 0
+            return _serve(args, argv)
         if args.command == "check":
             config = _load(args)
             json.dump(masked(config), sys.stdout, indent=2)

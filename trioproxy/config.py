@@ -415,13 +415,21 @@ def resolve_profile(name: str) -> Path:
 
 def load_profiles(names: list[str]) -> Config:
     """Read, merge in order and validate one or more profiles."""
+    return load_profile_texts(read_profiles(names))
+
+
+def read_profiles(names: list[str]) -> list[tuple[str, str]]:
+    """Each profile's path and text, in order (what ``load_profile_texts`` takes)."""
+    paths = [resolve_profile(name) for name in names]
+    return [(str(path), path.read_text(encoding="utf-8")) for path in paths]
+
+
+def load_profile_texts(profiles: list[tuple[str, str]]) -> Config:
+    """Merge in order and validate profiles already read: (path, TOML text) pairs."""
     merged: dict[str, Any] = {}
-    sources = []
-    for name in names:
-        path = resolve_profile(name)
-        merged = merge_tables(merged, parse_toml(path.read_text(encoding="utf-8"), source=str(path)))
-        sources.append(str(path))
-    return load_config(merged, source=" + ".join(sources))
+    for source, text in profiles:
+        merged = merge_tables(merged, parse_toml(text, source=source))
+    return load_config(merged, source=" + ".join(source for source, _ in profiles))
 
 
 def masked(config: Config) -> dict[str, Any]:

@@ -28,8 +28,10 @@ def _to_stderr(message: str) -> None:
     sys.stderr.write(message)
 
 
-def setup(level: str = "INFO") -> None:
+def setup(level: str = "INFO", *, tag: str = "") -> None:
+    """Log to stderr; ``tag`` names the process on each line (a worker of ``serve --workers``)."""
     logger.remove()
+    fmt = FORMAT.replace("{message}", f"[{tag}] {{message}}") if tag else FORMAT
     # A function sink looks sys.stderr up at each write, so a replaced stderr (pytest) is followed.
-    logger.add(_to_stderr, level=level.upper(), format=FORMAT, backtrace=False, diagnose=False, colorize=sys.stderr.isatty())
+    logger.add(_to_stderr, level=level.upper(), format=fmt, backtrace=False, diagnose=False, colorize=sys.stderr.isatty())
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)

@@ -4,7 +4,15 @@ Per-request metrics are fed from the usage records, in the telemetry writer's ta
 (``usagelog.run_writer(observe=...)``): the request path does no metrics work, and
 the numbers agree with the usage log by construction (at most ``flush_ms`` behind).
 State that is not a record (in-flight requests, upstream health and circuits,
-concurrency queues, telemetry counters) is read at scrape time by a collector.
+concurrency queues, telemetry counters) is copied into gauges at scrape time.
+
+Several workers (``serve --workers N``): prometheus_client's multiprocess mode.
+Every worker's metrics live in files under ``PROMETHEUS_MULTIPROC_DIR`` (the
+supervisor makes a fresh one), and whichever worker a scrape lands on sums them
+all: counters and histograms add up; in-flight and queue gauges are summed over
+the live workers; health and circuit state, which each worker keeps for itself,
+come per worker (a ``pid`` label). Each worker refreshes its gauges every second,
+so a scrape sees the other workers' state at most that old.
 
 Label values come from the profile, never from client input: the served model and
 upstream ids are configured or discovered names, and routes are the known ones, so
@@ -13,13 +21,12 @@ a client cannot grow the number of series.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
 
 from .catalog import ROUTES
 from .telemetry import Record
@@ -32,8 +39,14 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 CIRCUIT_STATES = ("closed", "half_open", "open")
 
 
+#: How often a worker copies its state into the shared gauges (several workers only).
+REFRESH_S = 1.0
+
+
 class Metrics:
-    def __init__(self, services: Callable[[], Services | None]) -> None:
+    def __init__(self, services: Callable[[], Services | None], *, multiprocess_dir: str | None = None) -> None:
+        self._services = services
+        self._multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -61,7 +74,30 @@ class Metrics:
         self.hedges = Counter(
             "trioproxy_hedges", "Hedges by result: won (the hedge answered) or lost.", ["result"], registry=r
         )
-        r.register(_StateCollector(services))
+        self.in_flight = Gauge(
+            "trioproxy_in_flight_requests", "Requests being served now.", registry=r, multiprocess_mode="livesum"
+        )
+        self.healthy = Gauge(
+            "trioproxy_upstream_healthy", "1 when the health check says up.", ["upstream"],
+            registry=r, multiprocess_mode="liveall",
+        )
+        self.circuit = Gauge(
+            "trioproxy_upstream_circuit", "1 for the circuit breaker's current state.", ["upstream", "state"],
+            registry=r, multiprocess_mode="liveall",
+        )
+        self.upstream_in_flight = Gauge(
+            "trioproxy_upstream_in_flight", "Requests in flight per upstream.", ["upstream"],
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.queue_depth = Gauge(
+            "trioproxy_upstream_queue_depth", "Requests waiting for a slot.", ["upstream"],
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.records = Gauge(
+            "trioproxy_telemetry_records", "Usage records by fate since start.", ["fate"],
+            registry=r, multiprocess_mode="livesum",
+        )
+        self._upstreams: set[str] = set()
 
     def observe(self, batch: list[Record]) -> None:
         """Count a batch of usage records (the writer's ``observe`` hook)."""
@@ -85,45 +121,48 @@ class Metrics:
                 first = max(rec.attempts, key=lambda a: a.ms).upstream
                 self.hedges.labels("won" if rec.upstream and rec.upstream != first else "lost").inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class _StateCollector(Collector):
-    """Gauges read at scrape time from the running gateway."""
-
-    def __init__(self, services: Callable[[], Services | None]) -> None:
-        self._services = services
-
-    def collect(self) -> Iterator[Metric]:
+    def refresh(self) -> None:
+        """Copy the running gateway's state into the gauges (at each scrape, and every second with workers)."""
         services = self._services()
         if services is None:
             return
         now = trio.current_time()
-        in_flight = GaugeMetricFamily("trioproxy_in_flight_requests", "Requests being served now.")
-        in_flight.add_metric([], services.active)
-        yield in_flight
-        healthy = GaugeMetricFamily("trioproxy_upstream_healthy", "1 when the health check says up.", labels=["upstream"])
-        circuit = GaugeMetricFamily(
-            "trioproxy_upstream_circuit", "1 for the circuit breaker's current state.", labels=["upstream", "state"]
-        )
-        busy = GaugeMetricFamily("trioproxy_upstream_in_flight", "Requests in flight per upstream.", labels=["upstream"])
-        queued = GaugeMetricFamily("trioproxy_upstream_queue_depth", "Requests waiting for a slot.", labels=["upstream"])
+        self.in_flight.set(services.active)
         for uid, rt in services.runtimes.items():
-            healthy.add_metric([uid], 1.0 if rt.healthy else 0.0)
+            self.healthy.labels(uid).set(1.0 if rt.healthy else 0.0)
             state = rt.breaker.snapshot(now).state
             for name in CIRCUIT_STATES:
-                circuit.add_metric([uid, name], 1.0 if name == state else 0.0)
-            busy.add_metric([uid], rt.gate.in_flight)
-            queued.add_metric([uid], rt.gate.waiting)
-        yield from (healthy, circuit, busy, queued)
+                self.circuit.labels(uid, name).set(1.0 if name == state else 0.0)
+            self.upstream_in_flight.labels(uid).set(rt.gate.in_flight)
+            self.queue_depth.labels(uid).set(rt.gate.waiting)
+        for uid in self._upstreams - services.runtimes.keys():  # removed by a reload
+            for gauge in (self.healthy, self.upstream_in_flight, self.queue_depth):
+                gauge.labels(uid).set(0)  # (what a multiprocess file keeps until the worker exits)
+                gauge.remove(uid)
+            for name in CIRCUIT_STATES:
+                self.circuit.labels(uid, name).set(0)
+                self.circuit.remove(uid, name)
+        self._upstreams = set(services.runtimes)
         stats = services.sink.statistics()
-        records = GaugeMetricFamily(
-            "trioproxy_telemetry_records", "Usage records by fate since start.", labels=["fate"]
-        )
         for fate, value in (("written", stats.written), ("dropped", stats.dropped), ("lost", stats.lost)):
-            records.add_metric([fate], value)
-        yield records
+            self.records.labels(fate).set(value)
+
+    def render(self) -> bytes:
+        self.refresh()
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+
+
+async def refresh_every(metrics: Metrics, interval: float = REFRESH_S) -> None:
+    """Several workers: keep this worker's gauges in the shared files fresh for the others' scrapes."""
+    while True:
+        metrics.refresh()
+        await trio.sleep(interval)
 
 
 def families(text: str) -> Iterable[Metric]:

@@ -81,8 +81,9 @@ class Reloader:
         services = self.services
         old, old_runtimes = services.config, services.runtimes
         notes = []
-        # host and port may come from --host/--port; either way they need a new listening socket.
-        if attrs.evolve(new.server, host=old.server.host, port=old.server.port) != old.server:
+        # host, port and workers need a new listening socket or new processes: a restart.
+        running = attrs.evolve(new.server, host=old.server.host, port=old.server.port, workers=old.server.workers)
+        if running != old.server:  # (those three may come from --host, --port, --workers)
             notes.append("[server] settings need a restart; the running ones are kept")
         kept: dict[str, UpstreamRuntime] = {}
         upstreams = []

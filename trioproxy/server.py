@@ -20,8 +20,11 @@ from its ``finally``); ``serve`` returns; the service nursery is cancelled
 (checkers, mocks); ``records_send`` closes; the writer writes every queued record
 and returns; the pools and the httpx client close.
 
-Several worker processes (later): each runs this same ``main`` on a shared
-listening socket and writes its own usage file (``file_tag`` = its pid).
+Several worker processes (``serve --workers N``, ``workers.py``): each runs this
+same ``main`` on the listening socket its supervisor opened (``listen_fd``), writes
+its own usage file (``file_tag`` = its pid), keeps its metrics in the shared
+multiprocess directory, and talks to the supervisor through ``link`` (ready,
+reloads, and a shutdown when the supervisor goes away).
 """
 
 from __future__ import annotations
@@ -47,13 +50,14 @@ from .errors import ConfigError
 from .health import HealthBoard
 from .reload import PENDING_RELOADS, Reloader, ReloadRequest, run_reloader, watch_profiles
 from .feed import Broadcaster
-from .metrics import Metrics
+from .metrics import Metrics, refresh_every
 from .mock import MockSettings, serve_mock
 from .pool import ConnectionPool
 from .services import Services
 from .telemetry import Record, TelemetrySink
 from .usagelog import run_writer
 from .upstream import UpstreamRuntime
+from .workers import WorkerLink
 
 #: Hypercorn closes keep-alive client connections after this many requests by default (1,000); a proxy should not.
 KEEP_ALIVE_MAX_REQUESTS = 2**31
@@ -75,11 +79,11 @@ class RunningServer:
         return self.binds[0]
 
 
-def hypercorn_config(config: Config) -> HyperConfig:
+def hypercorn_config(config: Config, listen_fd: int | None = None) -> HyperConfig:
     server = config.server
     hcfg = HyperConfig()
     host = f"[{server.host}]" if ":" in server.host else server.host
-    hcfg.bind = [f"{host}:{server.port}"]
+    hcfg.bind = [f"fd://{listen_fd}"] if listen_fd is not None else [f"{host}:{server.port}"]
     hcfg.accesslog = "-" if server.access_log else None
     hcfg.errorlog = "-"
     hcfg.loglevel = "WARNING"
@@ -132,6 +136,8 @@ async def main(
     *,
     profiles: list[str] | None = None,
     watch: bool = False,
+    listen_fd: int | None = None,
+    link: WorkerLink | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until SIGINT/SIGTERM (or ``RunningServer.shutdown`` is set).
@@ -140,13 +146,16 @@ async def main(
         profiles: the profile names or paths ``config`` came from; SIGHUP and
             ``POST /_/reload`` read them again (without them, reloads are refused).
         watch: also reload whenever one of those files changes (``serve --watch``).
+        listen_fd: serve on this inherited listening socket (a worker of ``serve --workers``).
+        link: a worker's channel to its supervisor (``workers.WorkerLink``).
     """
     shutdown, stopped = trio.Event(), trio.Event()
     records_send, records_recv = trio.open_memory_channel[Record](config.telemetry.queue_capacity)
     sink = TelemetrySink(records_send)
     runtimes: dict[str, UpstreamRuntime] = {}
     live: list[Services] = []  # the metrics collector reads the running services, once they exist
-    metrics = Metrics(lambda: live[0] if live else None)
+    multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if link is not None else None
+    metrics = Metrics(lambda: live[0] if live else None, multiprocess_dir=multiprocess_dir)
     feed = Broadcaster()
 
     def observe(batch: list[Record]) -> None:  # in the writer's task, never on the request path
@@ -186,6 +195,7 @@ async def main(
                             metrics=metrics,
                             feed=feed,
                             reload_send=reload_send if profiles else None,
+                            worker_link=link,
                         )
                         live.append(services)
                         reloader = Reloader(
@@ -209,13 +219,17 @@ async def main(
                         async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
                             await hypercorn_serve(
                                 app,  # type: ignore[arg-type]
-                                hypercorn_config(config),
+                                hypercorn_config(config, listen_fd),
                                 shutdown_trigger=shutdown.wait,
                                 task_status=task_status,
                             )
                             service.cancel_scope.cancel()
 
                         binds = await service.start(serve)
+                        if link is not None:
+                            service.start_soon(link.run, shutdown, reload_send)
+                            service.start_soon(refresh_every, metrics)
+                            link.tell({"ready": os.getpid()})
                         logger.info("trioproxy listening on {} (profile {})", ", ".join(binds), config.source)
                         task_status.started(
                             RunningServer(binds=binds, shutdown=shutdown, stopped=stopped, services=services)

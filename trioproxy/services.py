@@ -25,6 +25,7 @@ from .upstream import UpstreamRuntime
 
 if TYPE_CHECKING:
     from .reload import ReloadRequest
+    from .workers import WorkerLink
 
 
 @define
@@ -46,6 +47,8 @@ class Services:
     feed: Broadcaster | None = None
     #: Where ``POST /_/reload`` sends its request (None: the gateway was not started from profiles).
     reload_send: trio.MemorySendChannel[ReloadRequest] | None = None
+    #: A worker of ``serve --workers``: its supervisor, which carries a reload to the other workers.
+    worker_link: WorkerLink | None = None
     #: Jitter for retry backoff (one generator, no global state).
     rng: random.Random = field(factory=random.Random)
     #: Round-robin counter for routing ties; bumped once per routed request.

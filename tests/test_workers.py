@@ -1,0 +1,197 @@
+"""``trioproxy serve --workers 2``, run for real: the CLI as a subprocess, its workers, one socket.
+
+What must hold across workers: every request is answered and recorded once (one usage
+file per worker), a scrape of ``/metrics`` on whichever worker counts every worker's
+requests, a ``POST /_/reload`` landing on one worker reloads them all before it answers,
+a killed worker is replaced, and SIGTERM stops them all gracefully with every record written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from tests.conftest import StartMock, upstream_toml
+from trioproxy.metrics import families
+
+#: Bound of the whole test (it starts three Python processes).
+TEST_TIMEOUT_S = 60
+#: Bursts sent before both workers must have answered one (each is 16 requests on fresh connections).
+MAX_BURSTS = 40
+BURST = 16
+
+
+class Gateway:
+    """The supervisor process, and what it said on stderr (drained all along: workers share the pipe)."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.log = ""
+        self.changed = trio.Event()
+
+    async def drain(self) -> None:
+        assert self.process.stderr is not None
+        async for chunk in self.process.stderr:
+            self.log += chunk.decode(errors="replace")
+            self.changed.set()
+            self.changed = trio.Event()
+
+    async def wait_for(self, pattern: str, start: int = 0) -> re.Match[str]:
+        while True:
+            match = re.compile(pattern).search(self.log, start)
+            if match:
+                return match
+            if self.process.returncode is not None:
+                raise AssertionError(f"the gateway exited ({self.process.returncode}):\n{self.log}")
+            await self.changed.wait()
+
+
+def _profile(mock_url: str, logs: Path, *, extra: str = "") -> str:
+    return (
+        upstream_toml("m", mock_url)
+        + f'[telemetry]\ndir = "{logs}"\nflush_ms = 10\n'
+        + "[routing]\n"
+        + extra
+    )
+
+
+def _records(logs: Path) -> dict[str, list[dict[str, Any]]]:
+    """Usage records by file: one file per worker (``usage-DATE-PID.jsonl``)."""
+    out = {}
+    for path in sorted(logs.glob("usage-*.jsonl")):
+        out[path.name] = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return out
+
+
+def _chat_counts(logs: Path, model: str = "mock-llama") -> dict[str, int]:
+    return {
+        name: sum(1 for r in records if r["route"] == "/v1/chat/completions" and r["model_requested"] == model)
+        for name, records in _records(logs).items()
+    }
+
+
+async def _burst(client: httpx.AsyncClient, url: str, model: str = "mock-llama") -> None:
+    async def one() -> None:
+        response = await client.post(
+            f"{url}/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"]
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(BURST):
+            nursery.start_soon(one)
+
+
+async def _until_every_worker_served(client: httpx.AsyncClient, url: str, logs: Path, model: str) -> int:
+    """Send bursts until the records show both workers answered ``model``; the number of requests sent."""
+    sent = 0
+    for _ in range(MAX_BURSTS):
+        await _burst(client, url, model)
+        sent += BURST
+        counts = _chat_counts(logs, model)
+        if len([n for n in counts.values() if n]) >= 2:
+            return sent
+    raise AssertionError(f"one worker answered every request: {_chat_counts(logs, model)}")
+
+
+async def _until_written(logs: Path, want: int) -> None:
+    """Wait until the usage files hold ``want`` chat records (each worker's writer flushes every 10 ms)."""
+    while sum(_chat_counts(logs).values()) + sum(_chat_counts(logs, "fresh").values()) < want:
+        await trio.sleep(0.01)  # another process's file: polled, bounded by the test's fail_after
+
+
+async def _metric_requests(client: httpx.AsyncClient, url: str, want: int) -> float:
+    """The chat requests a scrape counts, once it counts ``want`` (records reach metrics within flush_ms)."""
+    total = 0.0
+    while total < want:
+        text = (await client.get(f"{url}/metrics")).text
+        total = sum(
+            s.value
+            for f in families(text)
+            if f.name == "trioproxy_requests"
+            for s in f.samples
+            if s.name == "trioproxy_requests_total" and s.labels["route"] == "/v1/chat/completions"
+        )
+        if total < want:
+            await trio.sleep(0.02)  # the other worker's writer flushes every 10 ms: poll, bounded by the test
+    return total
+
+
+async def test_two_workers_share_one_socket_and_add_up(start_mock: StartMock, tmp_path: Path) -> None:
+    mock = await start_mock(tokens=3)
+    logs = tmp_path / "logs"
+    profile = tmp_path / "profile.toml"
+    profile.write_text(_profile(f"http://127.0.0.1:{mock.port}", logs))
+    command = [sys.executable, "-m", "trioproxy", "serve", "--config", str(profile)]
+    command += ["--workers", "2", "--host", "127.0.0.1", "--port", "0"]
+    limits = httpx.Limits(max_keepalive_connections=0)  # a fresh connection per request: any worker may take it
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery, httpx.AsyncClient(limits=limits, timeout=10) as client:
+            process = await nursery.start(
+                partial(trio.run_process, command, stderr=subprocess.PIPE, check=False)
+            )
+            gateway = Gateway(process)
+            nursery.start_soon(gateway.drain)
+            started = await gateway.wait_for(r"listening on (http://\S+) \(2 workers: (\d+), (\d+)\)")
+            url, pids = started[1], {started[2], started[3]}
+
+            # Traffic reaches both workers; each writes its own usage file.
+            sent = await _until_every_worker_served(client, url, logs, "mock-llama")
+            files = _chat_counts(logs)
+            assert {name.rsplit("-", 1)[1].removesuffix(".jsonl") for name in files} == pids
+
+            # A scrape on either worker counts both workers' requests.
+            assert await _metric_requests(client, url, sent) == sent
+            text = (await client.get(f"{url}/metrics")).text
+            healthy = [s for f in families(text) for s in f.samples if s.name == "trioproxy_upstream_healthy"]
+            assert {s.labels["pid"] for s in healthy} == pids  # per-worker state, labelled by worker
+
+            # A reload posted to one worker is applied by every worker before the answer comes.
+            profile.write_text(_profile(f"http://127.0.0.1:{mock.port}", logs, extra='aliases = { fresh = "mock-llama" }\n'))
+            answer = (await client.post(f"{url}/_/reload")).json()
+            assert answer["reloaded"] is True
+            assert list(answer["workers"].values()) == [[]], answer  # the other worker: no errors
+            fresh = await _until_every_worker_served(client, url, logs, "fresh")
+
+            # An invalid profile is refused and both keep serving the running one.
+            profile.write_text("[[upstreams]]\nid = 3\n")
+            refused = await client.post(f"{url}/_/reload")
+            assert refused.status_code == 400
+            assert refused.json()["error"]["code"] == "invalid_profile"
+            await _burst(client, url, "fresh")
+
+            # A worker killed outright is replaced; traffic goes on.
+            victim = int(sorted(pids)[0])
+            mark = len(gateway.log)
+            sent += fresh + BURST
+            await _until_written(logs, sent)  # a SIGKILL loses what is not on disk yet: not the point here
+            os.kill(victim, signal.SIGKILL)
+            replaced = await gateway.wait_for(r"worker (\d+) \(slot \d\) ready", mark)
+            # It starts from the profile every worker accepted (the file on disk is broken now).
+            for _ in range(MAX_BURSTS):
+                await _burst(client, url, "fresh")
+                sent += BURST
+                if any(n for name, n in _chat_counts(logs, "fresh").items() if replaced[1] in name):
+                    break
+            else:
+                raise AssertionError(f"the new worker {replaced[1]} answered nothing")
+
+            # SIGTERM: every worker drains, every record is written, the supervisor exits 0.
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+    chat = [r for records in _records(logs).values() for r in records if r["route"] == "/v1/chat/completions"]
+    assert len(chat) == sent
+    assert all(r["outcome"] == "ok" for r in chat)
+    assert len({r["request_id"] for r in chat}) == len(chat)
+    assert "stopping 2 workers gracefully" in gateway.log

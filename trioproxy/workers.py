@@ -1,0 +1,436 @@
+"""``trioproxy serve --workers N``: N gateway processes on one listening socket.
+
+::
+
+    supervise (the parent: no traffic of its own)
+    ├─ the listening socket, bound once (port 0 → a real port), inherited by every worker
+    ├─ PROMETHEUS_MULTIPROC_DIR, a fresh directory: every worker's metrics, summed at scrape
+    └─ nursery
+       ├─ _Slot.run × N      start a worker, wait for "ready", restart it if it dies
+       │  └─ trio.run_process(python -m trioproxy serve ... --worker-fd FD)
+       │     └─ worker: server.main(..., link=WorkerLink) on fd://FD
+       └─ _watch_signals     SIGINT/SIGTERM → SIGTERM to every worker; SIGHUP → reload all
+
+The kernel hands each new connection to whichever worker accepts it first. A worker
+is a whole gateway: its own pools, health checks, breakers, limits and usage file
+(``usage-DATE-PID.jsonl``). Workers run in their own session, so a terminal's Ctrl-C
+reaches only the parent, which shuts them down in order; a worker whose parent dies
+sees its stdin close and shuts down gracefully too.
+
+The parent and each worker talk in JSON lines: the worker's stdout to the parent,
+the parent to the worker's stdin.
+
+- worker → parent: ``{"ready": pid}`` once it listens; ``{"reload": token}`` after
+  ``POST /_/reload`` was applied here (reload every other worker, then tell me);
+  ``{"reloaded": token, "errors": [...]}``, its verdict on a reload it was told to do.
+- parent → worker: ``{"reload": token}`` (reload now and report);
+  ``{"reload_done": token, "workers": {pid: [errors]}}`` (the other workers' verdicts).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import trio
+from attrs import define, field
+from loguru import logger
+
+from .config import Config, load_profile_texts, read_profiles
+from .errors import ConfigError
+from .reload import ReloadRequest
+
+#: A worker that runs this long before dying is restarted at once; one dying sooner waits (backoff).
+STABLE_S = 30.0
+#: The longest wait before restarting a worker that keeps dying.
+MAX_RESTART_DELAY_S = 30.0
+#: How long the parent waits for the other workers' verdicts on a reload.
+RELOAD_FAN_OUT_TIMEOUT_S = 30.0
+#: What the parent reads of a worker's line before giving up on it (a line is a few dozen bytes).
+MAX_LINE = 64 * 1024
+
+
+class WorkerFailed(Exception):
+    """A worker exited before it was ready: the configuration cannot run (exit status kept)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"a worker exited with status {status} before it was ready")
+        self.status = status
+
+
+def listen_socket(config: Config) -> socket.socket:
+    """The one listening socket every worker inherits (the parent binds it, so port 0 works)."""
+    server = config.server
+    family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((server.host, server.port))
+    sock.listen(server.backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@define
+class _Worker:
+    process: trio.Process
+    pid: int
+    ready: trio.Event = field(factory=trio.Event)
+
+
+@define
+class Supervisor:
+    """The parent's state: one slot per worker, and the reloads it is fanning out."""
+
+    command: Callable[[int], list[str]]
+    count: int
+    env: dict[str, str]
+    fd: int
+    grace_s: float
+    metrics_dir: str
+    #: The profiles, by name, and the last version of them every worker accepted (path, text).
+    names: list[str]
+    snapshot: list[tuple[str, str]]
+    stopping: bool = False
+    stopped: trio.Event = field(factory=trio.Event)  # set with ``stopping``: ends restart waits
+    workers: dict[int, _Worker] = field(factory=dict)  # slot → its current worker
+    #: token → (the verdicts so far, set once every asked worker answered)
+    pending: dict[str, tuple[dict[str, list[str]], set[int], trio.Event]] = field(factory=dict)
+    tokens: itertools.count[int] = field(factory=itertools.count)
+
+    async def run_slot(self, slot: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep one worker running until shutdown; the first start reports when it is ready."""
+        first, failures = True, 0
+        while not self.stopping:
+            started = trio.current_time()
+            status = await self._run_one(slot, task_status if first else None)
+            if self.stopping:
+                return
+            if first:
+                first = False
+            failures = 0 if trio.current_time() - started >= STABLE_S else failures + 1
+            delay = min(MAX_RESTART_DELAY_S, 0.5 * 2**failures) if failures else 0.0
+            logger.error("worker in slot {} exited with status {}; restarting in {:.1f} s", slot, status, delay)
+            with trio.move_on_after(delay):
+                await self.stopped.wait()
+
+    def stop(self) -> None:
+        """Graceful shutdown: no more restarts; every worker gets SIGTERM and finishes its streams."""
+        self.stopping = True
+        self.stopped.set()
+        self.signal_all(signal.SIGTERM)
+
+    async def _run_one(self, slot: int, task_status: trio.TaskStatus[None] | None) -> int:
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    self.command(self.fd),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    pass_fds=(self.fd,),
+                    env=self.env,
+                    start_new_session=True,  # a terminal's Ctrl-C reaches the parent only
+                    check=False,
+                    deliver_cancel=self._deliver_cancel,
+                )
+            )
+            worker = _Worker(process, process.pid)
+            self.workers[slot] = worker
+            await _send(worker, {"start": {"profiles": self.snapshot}})
+            try:
+                await self._read_lines(worker, slot, task_status)
+                status = await process.wait()
+            finally:
+                self.workers.pop(slot, None)
+                _mark_dead(worker.pid, self.metrics_dir)
+            if task_status is not None and not worker.ready.is_set():
+                raise WorkerFailed(status)
+            return status
+
+    async def _deliver_cancel(self, process: trio.Process) -> None:
+        """Cancelled (the parent is stopping at once): ask nicely, then insist."""
+        process.terminate()
+        with trio.move_on_after(self.grace_s + 5):
+            await process.wait()
+            return
+        process.kill()
+
+    async def _read_lines(self, worker: _Worker, slot: int, task_status: trio.TaskStatus[None] | None) -> None:
+        assert worker.process.stdout is not None
+        buffer = b""
+        while True:
+            data = await worker.process.stdout.receive_some()
+            if not data:
+                return
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            if len(buffer) > MAX_LINE:
+                buffer = b""
+            for line in lines:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue  # not ours: a worker prints nothing else on stdout, but be lenient
+                if not isinstance(message, dict):
+                    continue
+                await self._handle(worker, slot, message, task_status)
+
+    async def _handle(
+        self, worker: _Worker, slot: int, message: dict[str, Any], task_status: trio.TaskStatus[None] | None
+    ) -> None:
+        if "ready" in message and not worker.ready.is_set():
+            worker.ready.set()
+            logger.info("worker {} (slot {}) ready", worker.pid, slot)
+            if task_status is not None:
+                task_status.started()
+        elif "reloaded" in message:
+            entry = self.pending.get(str(message["reloaded"]))
+            if entry is not None:
+                verdicts, waiting, done = entry
+                verdicts[str(worker.pid)] = [str(e) for e in message.get("errors") or []]
+                waiting.discard(worker.pid)
+                if not waiting:
+                    done.set()
+        elif "reload" in message:
+            # POST /_/reload was applied in this worker: the others follow, then it answers its client.
+            others = {s: w for s, w in self.workers.items() if w is not worker}
+            verdicts = await self.reload_all(others)
+            await _send(worker, {"reload_done": message["reload"], "workers": verdicts})
+
+    async def reload_all(self, workers: dict[int, _Worker] | None = None) -> dict[str, list[str]]:
+        """Tell workers to reload their profiles; their verdicts by pid (``["timed out"]`` if none came)."""
+        targets = list((self.workers if workers is None else workers).values())
+        token = f"r{next(self.tokens)}"
+        verdicts: dict[str, list[str]] = {}
+        waiting = {w.pid for w in targets}
+        done = trio.Event()
+        self.pending[token] = (verdicts, waiting, done)
+        try:
+            for w in targets:
+                if not await _send(w, {"reload": token}):
+                    waiting.discard(w.pid)
+            if waiting:
+                with trio.move_on_after(RELOAD_FAN_OUT_TIMEOUT_S):
+                    await done.wait()
+            for pid in waiting:
+                verdicts[str(pid)] = ["no answer (timed out)"]
+        finally:
+            del self.pending[token]
+        if not any(verdicts.values()):
+            self._take_snapshot()
+        return verdicts
+
+    def _take_snapshot(self) -> None:
+        """After a reload every worker accepted: what a restarted worker starts from from now on."""
+        try:
+            snapshot = read_profiles(self.names)
+            load_profile_texts(snapshot)
+        except ConfigError:
+            return  # changed again since, and broken: keep the last good one
+        self.snapshot = snapshot
+
+    def signal_all(self, signum: int) -> None:
+        for worker in list(self.workers.values()):
+            try:
+                worker.process.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+
+async def _send(worker: _Worker, message: dict[str, Any]) -> bool:
+    stdin = worker.process.stdin
+    if stdin is None:
+        return False
+    try:
+        await stdin.send_all(json.dumps(message).encode() + b"\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True
+
+
+def _mark_dead(pid: int, metrics_dir: str) -> None:
+    """Drop a dead worker's live gauges from the shared metrics (its counters stay: they happened)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+
+
+def worker_command(argv: list[str]) -> Callable[[int], list[str]]:
+    """The worker's command line: this interpreter, the same ``serve`` arguments, plus its socket."""
+    return lambda fd: [sys.executable, "-m", "trioproxy", *argv, "--worker-fd", str(fd)]
+
+
+async def supervise(
+    config: Config,
+    argv: list[str],
+    names: list[str],
+    snapshot: list[tuple[str, str]],
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Run ``config.server.workers`` workers until SIGINT/SIGTERM; the exit status of ``serve``.
+
+    Args:
+        argv: the worker's arguments after ``python -m trioproxy`` (``serve``, its profiles...).
+        names: the profiles, to read again after a reload every worker accepted.
+        snapshot: the profiles ``config`` was loaded from (path, text): what workers start from.
+    """
+    sock = listen_socket(config)
+    url = url_of(sock)
+    metrics_dir = tempfile.mkdtemp(prefix="trioproxy-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    supervisor = Supervisor(
+        command=worker_command(argv),
+        count=config.server.workers,
+        env=env,
+        fd=sock.fileno(),
+        grace_s=config.server.shutdown_grace_s,
+        metrics_dir=metrics_dir,
+        names=names,
+        snapshot=snapshot,
+    )
+    try:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(_watch_signals, supervisor)
+            async with trio.open_nursery() as slots:  # returns once every worker stopped for good
+                async with trio.open_nursery() as starting:  # started side by side, ready together
+                    for slot in range(supervisor.count):
+                        starting.start_soon(partial(slots.start, supervisor.run_slot, slot))
+                pids = ", ".join(str(w.pid) for w in supervisor.workers.values())
+                logger.info("trioproxy listening on {} ({} workers: {})", url, supervisor.count, pids)
+                task_status.started(url)
+            outer.cancel_scope.cancel()
+    except WorkerFailed as exc:
+        logger.error("{}; stopping", exc)
+        return exc.status or 1
+    finally:
+        sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+async def _watch_signals(supervisor: Supervisor) -> None:
+    """SIGINT/SIGTERM: graceful shutdown of every worker; a second one: stop now. SIGHUP: reload every worker."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    nursery.start_soon(_reload_and_log, supervisor)
+                    continue
+                if not supervisor.stopping:
+                    logger.info("{}: stopping {} workers gracefully", signal.Signals(signum).name, supervisor.count)
+                    supervisor.stop()
+                else:
+                    logger.warning("second signal: stopping the workers now")
+                    supervisor.signal_all(signal.SIGTERM)  # a worker's second signal: stop now
+
+
+async def _reload_and_log(supervisor: Supervisor) -> None:
+    verdicts = await supervisor.reload_all()
+    refused = {pid: errors for pid, errors in verdicts.items() if errors}
+    if refused:
+        logger.error("SIGHUP: reload refused by workers {}", refused)
+    else:
+        logger.info("SIGHUP: {} workers reloaded", len(verdicts))
+
+
+def read_start(fd: int = 0) -> list[tuple[str, str]]:
+    """A worker's first line from its supervisor: the profiles to start from (path, text).
+
+    Read a byte at a time, so nothing after that line is taken from the pipe before
+    ``WorkerLink.run`` reads it.
+    """
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            raise ConfigError(["the supervisor closed the pipe before sending the profile"])
+        line += byte
+    profiles = json.loads(line)["start"]["profiles"]
+    return [(str(path), str(text)) for path, text in profiles]
+
+
+@define
+class WorkerLink:
+    """The worker's end of the conversation with its parent (``serve --worker-fd``)."""
+
+    out_fd: int = 1
+    in_fd: int = 0
+    tokens: itertools.count[int] = field(factory=itertools.count)
+    waiting: dict[str, tuple[trio.Event, list[dict[str, Any]]]] = field(factory=dict)
+
+    def tell(self, message: dict[str, Any]) -> None:
+        """One line to the parent: a few dozen bytes into a pipe it always reads, so a plain write."""
+        os.write(self.out_fd, json.dumps(message).encode() + b"\n")
+
+    async def fan_out_reload(self) -> dict[str, list[str]]:
+        """After a ``POST /_/reload`` applied here: have the parent reload the other workers."""
+        token = f"w{os.getpid()}-{next(self.tokens)}"
+        done, answer = trio.Event(), list[dict[str, Any]]()
+        self.waiting[token] = (done, answer)
+        try:
+            self.tell({"reload": token})
+            with trio.move_on_after(RELOAD_FAN_OUT_TIMEOUT_S + 5):
+                await done.wait()
+        finally:
+            del self.waiting[token]
+        if not answer:
+            return {"parent": ["no answer (timed out)"]}
+        workers = answer[0].get("workers")
+        return {str(k): list(v) for k, v in workers.items()} if isinstance(workers, dict) else {}
+
+    async def run(self, shutdown: trio.Event, reload_send: trio.MemorySendChannel[ReloadRequest]) -> None:
+        """Read the parent's lines until it goes away; then shut this worker down gracefully."""
+        stream = trio.lowlevel.FdStream(os.dup(self.in_fd))
+        buffer = b""
+        async with stream, trio.open_nursery() as nursery:
+            while True:
+                data = await stream.receive_some()
+                if not data:
+                    break
+                buffer += data
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    try:
+                        message = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(message, dict):
+                        self._handle(message, nursery, reload_send)
+            if not shutdown.is_set():
+                logger.warning("the supervisor went away: shutting down")
+                shutdown.set()
+            nursery.cancel_scope.cancel()
+
+    def _handle(
+        self, message: dict[str, Any], nursery: trio.Nursery, reload_send: trio.MemorySendChannel[ReloadRequest]
+    ) -> None:
+        if "reload_done" in message:
+            entry = self.waiting.get(str(message["reload_done"]))
+            if entry is not None:
+                entry[1].append(message)
+                entry[0].set()
+        elif "reload" in message:
+            nursery.start_soon(self._reload, str(message["reload"]), reload_send)
+
+    async def _reload(self, token: str, reload_send: trio.MemorySendChannel[ReloadRequest]) -> None:
+        request = ReloadRequest()
+        await reload_send.send(request)
+        await request.done.wait()
+        self.tell({"reloaded": token, "errors": request.errors})
