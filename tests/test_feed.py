@@ -5,12 +5,12 @@ from __future__ import annotations
 import httpx
 import pytest
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from trioproxy.feed import Broadcaster, parse_event
 from trioproxy.telemetry import Record
 
-from .conftest import StartGateway, StartMock, stop, upstream_toml
+from .conftest import StartGateway, StartMock, read_records, stop, upstream_toml
 
 NO_PROBES = "[upstreams.health]\nenabled = false\n"
 
@@ -62,3 +62,19 @@ async def test_two_websocket_subscribers_see_every_request(start_mock: StartMock
                 await ws.get_message()
         await stop(gw)
     assert seen == [ids, ids]
+
+
+async def test_a_subscriber_does_not_hold_up_shutdown(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    """A feed has no end to wait for: on shutdown it closes with 1001 at once, not after the grace period."""
+    with trio.fail_after(30):  # far below the grace period below: waiting it out would fail
+        mock = await start_mock(models=("*",), tokens=2)
+        profile = upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES)
+        gw = await start_gateway(profile + "[server]\nshutdown_grace_s = 600\n")
+        async with open_websocket_url(gw.url.replace("http://", "ws://") + "/_/live") as ws:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop, gw)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+        assert closed.value.reason.code == 1001
+    records = [r for r in read_records(gw) if r["route"] == "/_/live"]
+    assert [r["outcome"] for r in records] == ["ok"]

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from tests.conftest import StartMock, upstream_toml
 from trioproxy.metrics import families
@@ -54,6 +55,30 @@ class Gateway:
             if self.process.returncode is not None:
                 raise AssertionError(f"the gateway exited ({self.process.returncode}):\n{self.log}")
             await self.changed.wait()
+
+
+class Live:
+    """A ``/_/live`` subscriber's chat records."""
+
+    def __init__(self) -> None:
+        self.chat: set[str] = set()
+        self.changed = trio.Event()
+
+
+async def _subscribe(url: str, *, task_status: trio.TaskStatus[Live]) -> None:
+    live = Live()
+    async with open_websocket_url(url.replace("http://", "ws://") + "/_/live") as ws:
+        task_status.started(live)
+        while True:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed:  # the gateway stopped
+                return
+            record = json.loads(message)["record"]
+            if record["route"] == "/v1/chat/completions":
+                live.chat.add(record["request_id"])
+                live.changed.set()
+                live.changed = trio.Event()
 
 
 def _profile(mock_url: str, logs: Path, *, extra: str = "") -> str:
@@ -145,11 +170,17 @@ async def test_two_workers_share_one_socket_and_add_up(start_mock: StartMock, tm
             nursery.start_soon(gateway.drain)
             started = await gateway.wait_for(r"listening on (http://\S+) \(2 workers: (\d+), (\d+)\)")
             url, pids = started[1], {started[2], started[3]}
+            live = await nursery.start(_subscribe, url)
 
             # Traffic reaches both workers; each writes its own usage file.
             sent = await _until_every_worker_served(client, url, logs, "mock-llama")
             files = _chat_counts(logs)
             assert {name.rsplit("-", 1)[1].removesuffix(".jsonl") for name in files} == pids
+
+            # The live feed, on whichever worker it connected to, carries both workers' records.
+            while len(live.chat) < sent:
+                await live.changed.wait()
+            assert len(live.chat) == sent
 
             # A scrape on either worker counts both workers' requests.
             assert await _metric_requests(client, url, sent) == sent

@@ -152,7 +152,14 @@ class ProxyApp:
                     ex.client_gone = True
                     session.cancel_scope.cancel()
 
+                async def watch_shutdown() -> None:
+                    # A feed has no end to wait for: it closes when the gateway stops ("going away").
+                    await services.shutdown.wait()
+                    await send({"type": "websocket.close", "code": 1001})
+                    session.cancel_scope.cancel()
+
                 session.start_soon(watch_close)
+                session.start_soon(watch_shutdown)
                 async with events:
                     async for text in events:
                         await send({"type": "websocket.send", "text": text})

@@ -7,19 +7,30 @@ dropped (its channel closed, counted) rather than ever slowing the gateway or
 holding memory for it. Events are JSON text messages::
 
     {"type": "record", "record": {...one usage record, as in the JSONL log...}}
+
+Several workers (``serve --workers N``): a WebSocket lands on one worker, but the feed
+must show them all. There each worker's feed is fed instead by ``follow_usage_files``,
+which reads every worker's usage file back while someone is subscribed (at most
+``FOLLOW_S`` plus ``telemetry.flush_ms`` behind); with telemetry off, a worker's feed
+carries its own records only.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import trio
 from attrs import frozen
 
+from .logview import Follower
 from .telemetry import Record, encode_record
 
 #: Events a subscriber may fall behind before it is dropped: a few seconds of a busy gateway.
 SUBSCRIBER_BUFFER = 256
+#: Seconds between two reads of the usage files (several workers, while someone is subscribed).
+FOLLOW_S = 0.1
 
 
 @frozen
@@ -47,11 +58,17 @@ class Broadcaster:
     def unsubscribe(self, receive: trio.MemoryReceiveChannel[str]) -> None:
         receive.close()  # its send end then fails and is removed on the next publish
 
+    @property
+    def subscribed(self) -> bool:
+        return bool(self._subscribers)
+
     def publish(self, batch: list[Record]) -> None:
         """Send each record to every subscriber; never blocks, never raises."""
-        if not self._subscribers:
-            return
-        events = [_event(rec) for rec in batch]
+        if self._subscribers:
+            self.publish_events([_event(rec) for rec in batch])
+
+    def publish_events(self, events: list[str]) -> None:
+        """Send encoded events to every subscriber; never blocks, never raises."""
         for send in list(self._subscribers):
             try:
                 for event in events:
@@ -70,6 +87,28 @@ class Broadcaster:
 
 def _event(rec: Record) -> str:
     return '{"type":"record","record":' + encode_record(rec).decode().rstrip("\n") + "}"
+
+
+def _record_event(rec: dict[str, Any]) -> str:
+    return json.dumps({"type": "record", "record": rec}, separators=(",", ":"))
+
+
+async def follow_usage_files(feed: Broadcaster, directory: Path, *, interval: float = FOLLOW_S) -> None:
+    """Feed ``feed`` with every record the usage files in ``directory`` gain (all workers), until cancelled.
+
+    Reads records only while someone is subscribed; otherwise it only notes where the
+    files end (a listing and a stat), so a new subscriber gets everything written since.
+    File access runs in a worker thread.
+    """
+    follower = Follower(directory)
+    while True:
+        if feed.subscribed:
+            entries = await trio.to_thread.run_sync(lambda: list(follower.read_new()))
+            if entries:
+                feed.publish_events([_record_event(entry.rec) for entry in entries])
+        else:
+            await trio.to_thread.run_sync(follower.read_last, 0, lambda rec: True)  # skip to the end
+        await trio.sleep(interval)
 
 
 def parse_event(text: str) -> dict[str, object]:

@@ -33,6 +33,7 @@ import os
 import signal
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import attrs
 import httpx
@@ -49,7 +50,7 @@ from .config import Config, Upstream, resolve_profile
 from .errors import ConfigError
 from .health import HealthBoard
 from .reload import PENDING_RELOADS, Reloader, ReloadRequest, run_reloader, watch_profiles
-from .feed import Broadcaster
+from .feed import Broadcaster, follow_usage_files
 from .metrics import Metrics, refresh_every
 from .mock import MockSettings, serve_mock
 from .pool import ConnectionPool
@@ -158,9 +159,13 @@ async def main(
     metrics = Metrics(lambda: live[0] if live else None, multiprocess_dir=multiprocess_dir)
     feed = Broadcaster()
 
+    # Several workers with a usage log: the feed reads every worker's records back from the files.
+    feed_from_files = link is not None and config.telemetry.enabled
+
     def observe(batch: list[Record]) -> None:  # in the writer's task, never on the request path
         metrics.observe(batch)
-        feed.publish(batch)
+        if not feed_from_files:
+            feed.publish(batch)
 
     try:
         async with httpx.AsyncClient() as http:
@@ -196,6 +201,7 @@ async def main(
                             feed=feed,
                             reload_send=reload_send if profiles else None,
                             worker_link=link,
+                            shutdown=shutdown,
                         )
                         live.append(services)
                         reloader = Reloader(
@@ -229,6 +235,8 @@ async def main(
                         if link is not None:
                             service.start_soon(link.run, shutdown, reload_send)
                             service.start_soon(refresh_every, metrics)
+                            if feed_from_files:
+                                service.start_soon(follow_usage_files, feed, Path(config.telemetry.dir))
                             link.tell({"ready": os.getpid()})
                         logger.info("trioproxy listening on {} (profile {})", ", ".join(binds), config.source)
                         task_status.started(

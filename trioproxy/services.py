@@ -49,6 +49,8 @@ class Services:
     reload_send: trio.MemorySendChannel[ReloadRequest] | None = None
     #: A worker of ``serve --workers``: its supervisor, which carries a reload to the other workers.
     worker_link: WorkerLink | None = None
+    #: Set when the gateway starts its graceful shutdown (live-feed sessions close at once).
+    shutdown: trio.Event = field(factory=trio.Event)
     #: Jitter for retry backoff (one generator, no global state).
     rng: random.Random = field(factory=random.Random)
     #: Round-robin counter for routing ties; bumped once per routed request.
