@@ -7,13 +7,17 @@ by ``trioproxy bench`` on a quiet machine, never in a timed test.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from functools import partial
 from pathlib import Path
 
 import h11
 import pytest
 import trio
 
-from trioproxy.bench import hotspots, procstat
+from trioproxy.bench import hotspots, probes, procstat
 from trioproxy.bench.loadgen import LoadPlan, Recorder, RoundResult, run_load
 from trioproxy.bench.report import analyze, markdown
 from trioproxy.bench.runner import ScenarioRun, TargetRound, count_usage_records, primary_mock_argv
@@ -154,7 +158,8 @@ def test_parse_target_takes_literal_addresses_only() -> None:
 
 
 @pytest.mark.parametrize("name", ["sequential", "throughput", "stream-64", "stream-512", "failover", "telemetry-on-off",
-                                  "failover-refused", "failover-refused-16", "hedge-slow-primary"])
+                                  "failover-refused", "failover-refused-16", "hedge-slow-primary",
+                                  "throughput-workers", "stream-64-workers"])
 def test_every_scenario_the_issue_asks_for_loads(name: str) -> None:
     assert name in known_scenarios()
     scenario = load_scenario(str(REPO / "loadtest" / "scenarios" / f"{name}.toml"))
@@ -185,6 +190,27 @@ def test_scenario_cross_checks() -> None:
     with pytest.raises(ConfigError, match="connections"):
         parse_scenario(base.replace("connections = 4", "connections = 0"))
     assert parse_scenario(base).gateways[0].profiles == ("bench",)
+
+
+@pytest.mark.parametrize("name", ["throughput-workers", "stream-64-workers"])
+def test_worker_scenarios_measure_one_pinned_worker_against_two(name: str) -> None:
+    s = load_scenario(str(REPO / "loadtest" / "scenarios" / f"{name}.toml"))
+    assert [(g.label, g.workers) for g in s.gateways] == [("workers-1", 1), ("workers-2", 2)]
+    with pytest.raises(ConfigError, match="workers"):
+        parse_scenario('name = "x"\n[load]\nconnections = 4\nstream = true\n[[gateways]]\nworkers = 0\n')
+
+
+async def test_a_gateways_cpu_and_memory_include_its_workers() -> None:
+    """``--workers N``: the supervisor's children are part of the gateway the probes read."""
+
+    async with trio.open_nursery() as nursery:
+        child = await nursery.start(partial(trio.run_process, [sys.executable, "-c", "import sys; sys.stdin.read()"],
+                                            stdin=subprocess.PIPE))
+        assert child.pid in procstat.descendants(os.getpid())
+        own = procstat.memory(os.getpid()).rss
+        tree = probes.rss(os.getpid())
+        assert tree is not None and tree > own  # the child's resident memory is counted too
+        await child.stdin.aclose()
 
 
 @pytest.mark.parametrize(("name", "connections"), [("failover-refused", 1), ("failover-refused-16", 16)])

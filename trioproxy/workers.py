@@ -318,7 +318,7 @@ async def supervise(
             outer.cancel_scope.cancel()
     except WorkerFailed as exc:
         logger.error("{}; stopping", exc)
-        return exc.status or 1
+        return exc.status if exc.status > 0 else 1
     finally:
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -22,21 +22,35 @@ SAMPLE_S = 0.05
 
 
 def cpu(pid: int | None) -> float | None:
+    """CPU seconds of ``pid`` and every process under it (a gateway's workers)."""
     if pid is None:
         return None
     try:
-        return procstat.cpu_times(pid).total
+        total = procstat.cpu_times(pid).total
     except (OSError, ValueError):
         return None
+    for child in procstat.descendants(pid):
+        try:
+            total += procstat.cpu_times(child).total
+        except (OSError, ValueError):
+            pass  # exited in between
+    return total
 
 
 def rss(pid: int | None) -> int | None:
+    """Resident memory of ``pid`` and every process under it."""
     if pid is None:
         return None
     try:
-        return procstat.memory(pid).rss
+        total = procstat.memory(pid).rss
     except (OSError, ValueError):
         return None
+    for child in procstat.descendants(pid):
+        try:
+            total += procstat.memory(child).rss
+        except (OSError, ValueError):
+            pass
+    return total
 
 
 class Probe:

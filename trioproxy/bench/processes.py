@@ -73,11 +73,13 @@ class Child:
 
 
 def _preexec(cpu: int | None, use_taskset: bool) -> Callable[[], None] | None:
-    if cpu is None or use_taskset:
+    if use_taskset:
         return None
+    # Unpinned: every core, not the load generator's own core that a child would inherit.
+    cores = {cpu} if cpu is not None else set(range(os.cpu_count() or 1))
 
     def pin() -> None:  # runs in the child between fork and exec: what `taskset -c CPU` does
-        os.sched_setaffinity(0, {cpu})
+        os.sched_setaffinity(0, cores)
 
     return pin
 

@@ -17,6 +17,7 @@ __all__ = [
     "CpuTimes",
     "Memory",
     "cpu_times",
+    "descendants",
     "memory",
     "core_ticks",
     "parse_proc_stat",
@@ -105,6 +106,31 @@ def memory(pid: int) -> Memory:
     """
     with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
         return parse_status(f.read())
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s children, their children, and so on (``/proc/<pid>/task/*/children``).
+
+    A gateway with ``--workers N`` is a supervisor and N workers: its CPU and memory
+    are theirs together.
+    """
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        parent = queue.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", encoding="ascii") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            queue += kids
+    return found
 
 
 def parse_proc_stat(text: str) -> dict[int, tuple[int, int]]:

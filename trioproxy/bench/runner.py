@@ -78,6 +78,8 @@ class Target:
     upstream_pids: list[int] = field(factory=list)
     #: Gateway only: the directory of its usage log.
     telemetry_dir: Path | None = None
+    #: False for a gateway with several workers, spread over every core (no noise check then).
+    pinned: bool = True
     sent_total: int = 0
 
 
@@ -146,7 +148,8 @@ def _upstream_ids_by_priority(paths: list[Path]) -> list[str]:
 
 
 async def _start_gateway(
-    fleet: Fleet, label: str, paths: list[Path], base_urls: dict[str, str], options: BenchOptions, run_dir: Path
+    fleet: Fleet, label: str, paths: list[Path], base_urls: dict[str, str], options: BenchOptions, run_dir: Path,
+    workers: int = 1,
 ) -> tuple[Child, Path]:
     telemetry_dir = run_dir / f"usage-{label}"
     override = override_profile(
@@ -157,7 +160,9 @@ async def _start_gateway(
     for p in [*paths, override]:
         argv += ["--config", str(p)]
     argv += ["--port", "0"]
-    child = await fleet.start(label, argv, cpu=options.gateway_cpu)
+    if workers > 1:  # every core: the workers share them with the client and the upstream
+        argv += ["--workers", str(workers)]
+    child = await fleet.start(label, argv, cpu=options.gateway_cpu if workers == 1 else None)
     return child, telemetry_dir
 
 
@@ -241,9 +246,14 @@ async def run_scenario(
             base_urls = {uid: (mocks[0].url if i == 0 else mocks[1].url) for i, uid in enumerate(ids)}
         else:
             base_urls = {uid: upstream_url for uid in ids}
-        child, telemetry_dir = await _start_gateway(fleet, variant.label, paths, base_urls, options, run_dir)
+        child, telemetry_dir = await _start_gateway(fleet, variant.label, paths, base_urls, options, run_dir,
+                                                    variant.workers)
         run.commands[variant.label] = child.argv
-        targets.append(Target(variant.label, parse_target(child.url), child, child.pid, mock_pids, telemetry_dir))
+        targets.append(Target(variant.label, parse_target(child.url), child, child.pid, mock_pids, telemetry_dir,
+                              pinned=variant.workers == 1))
+        if variant.workers > 1:
+            run.notes.append(f"{variant.label}: {variant.workers} workers, not pinned: they share both cores with "
+                             "the load generator and the upstream; its CPU is the supervisor's and workers' together")
     if s.floor and s.mode == "ab":
         if FLOOR_APP.is_file():
             paths = _profile_paths(s.gateways[0].profiles)
@@ -264,7 +274,8 @@ async def run_scenario(
             while True:  # bounded: a disturbed round is run again at most MAX_REDO times per target
                 tr = await _one_round(s, options, fleet, run, target, index, rounds_n, plan, requests, mocks,
                                       primary_port, progress)
-                noise = foreign_load(tr, server_core=run.server_core, client_core=run.client_core)
+                noise = (foreign_load(tr, server_core=run.server_core, client_core=run.client_core)
+                         if target.pinned else None)  # an unpinned gateway's cores are everyone's
                 # Not in failover mode: the killed mock's CPU can no longer be read, so the
                 # client core's expected load is unknown there.
                 if (noise is None or noise <= NOISE_LIMIT or redone.get(target.label, 0) >= MAX_REDO

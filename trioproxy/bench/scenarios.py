@@ -101,6 +101,8 @@ class GatewayVariant:
     label: str = "gateway"
     #: Names in ``loadtest/profiles/`` (``bench``) or paths to ``.toml`` files.
     profiles: tuple[str, ...] = ("bench",)
+    #: ``serve --workers N``; above 1 the gateway is not pinned (its workers share every core).
+    workers: int = 1
 
 
 @frozen
@@ -211,6 +213,8 @@ def validate(s: Scenario) -> list[str]:
     if len(set(labels)) != len(labels):
         problems.append(f"$.gateways: labels must differ, got {labels}")
     for i, g in enumerate(s.gateways):
+        if g.workers < 1:
+            problems.append(f"$.gateways[{i}].workers: expected 1 or more")
         if not g.profiles:
             problems.append(f"$.gateways[{i}].profiles: expected at least one profile")
         if g.label in ("direct", "floor"):
