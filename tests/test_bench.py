@@ -202,7 +202,6 @@ def test_worker_scenarios_measure_one_pinned_worker_against_two(name: str) -> No
 
 async def test_a_gateways_cpu_and_memory_include_its_workers() -> None:
     """``--workers N``: the supervisor's children are part of the gateway the probes read."""
-
     async with trio.open_nursery() as nursery:
         child = await nursery.start(partial(trio.run_process, [sys.executable, "-c", "import sys; sys.stdin.read()"],
                                             stdin=subprocess.PIPE))
