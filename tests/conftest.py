@@ -43,14 +43,21 @@ def upstream_toml(uid: str, url: str, *, kind: str = "openai", models: str = '["
 
 @pytest.fixture
 async def start_gateway(nursery: trio.Nursery, tmp_path: Path) -> StartGateway:
-    """``await start_gateway(profile_toml)`` → a running gateway on 127.0.0.1:0, logging under tmp_path."""
+    """``await start_gateway(profile_toml)`` → a running gateway on 127.0.0.1:0, logging under tmp_path.
+
+    Each gateway of a test gets its own usage-log directory (``logs``, ``logs-2``...): one
+    writer per file, as in production. ``read_records(running)`` reads the right one.
+    """
+    started = 0
 
     async def start(profile: str) -> RunningServer:
+        nonlocal started
+        started += 1
         config = load_config(profile, source="test-profile")
         config = attrs.evolve(
             config,
             server=attrs.evolve(config.server, host="127.0.0.1", port=0),
-            telemetry=attrs.evolve(config.telemetry, dir=str(tmp_path / "logs")),
+            telemetry=attrs.evolve(config.telemetry, dir=str(tmp_path / ("logs" if started == 1 else f"logs-{started}"))),
         )
         running: RunningServer = await nursery.start(server.main, config)
         return running
