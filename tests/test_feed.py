@@ -53,6 +53,8 @@ async def test_two_websocket_subscribers_see_every_request(start_mock: StartMock
                     r = await client.post(f"{gw.url}/v1/chat/completions", json={"model": "m", "messages": []})
                     ids.append(r.headers["x-request-id"])
             for i, ws in enumerate((a, b)):
+                first = parse_event(await ws.get_message())  # type: ignore[arg-type]
+                assert first["type"] == "upstream" and first["upstream"] == "m" and first["healthy"] is True
                 while len(seen[i]) < n:
                     event = parse_event(await ws.get_message())  # type: ignore[arg-type]
                     assert event["type"] == "record"
@@ -74,7 +76,27 @@ async def test_a_subscriber_does_not_hold_up_shutdown(start_mock: StartMock, sta
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stop, gw)
                 with pytest.raises(ConnectionClosed) as closed:
-                    await ws.get_message()
+                    while True:  # the upstreams' state first, then the close
+                        await ws.get_message()
         assert closed.value.reason.code == 1001
     records = [r for r in read_records(gw) if r["route"] == "/_/live"]
     assert [r["outcome"] for r in records] == ["ok"]
+
+
+async def test_upstream_state_changes_reach_subscribers(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    """A subscriber is told each upstream's state on connecting, then each change (here: it goes down)."""
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=2)
+        probes = "[upstreams.health]\nenabled = true\ninterval_ms = 50\nfall = 1\nrise = 1\n"
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=probes))
+        async with open_websocket_url(gw.url.replace("http://", "ws://") + "/_/live") as ws:
+            first = parse_event(await ws.get_message())  # type: ignore[arg-type]
+            assert (first["type"], first["upstream"], first["healthy"], first["circuit"]) == ("upstream", "m", True, "closed")
+            mock.drain()  # it stops answering: the next probe fails
+            while True:
+                event = parse_event(await ws.get_message())  # type: ignore[arg-type]
+                if event["type"] == "upstream":
+                    break
+            assert (event["upstream"], event["healthy"]) == ("m", False)
+            assert event["reason"]
+        await stop(gw)

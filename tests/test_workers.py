@@ -74,8 +74,9 @@ async def _subscribe(url: str, *, task_status: trio.TaskStatus[Live]) -> None:
                 message = await ws.get_message()
             except ConnectionClosed:  # the gateway stopped
                 return
-            record = json.loads(message)["record"]
-            if record["route"] == "/v1/chat/completions":
+            event = json.loads(message)
+            if event["type"] == "record" and event["record"]["route"] == "/v1/chat/completions":
+                record = event["record"]
                 live.chat.add(record["request_id"])
                 live.changed.set()
                 live.changed = trio.Event()

@@ -7,6 +7,13 @@ dropped (its channel closed, counted) rather than ever slowing the gateway or
 holding memory for it. Events are JSON text messages::
 
     {"type": "record", "record": {...one usage record, as in the JSONL log...}}
+    {"type": "upstream", "upstream": "ollama", "healthy": false, "circuit": "open",
+     "reason": "connect refused", "ts": 1764000000.123}
+
+Upstream events come from ``watch_upstreams``, a service task that looks at every
+upstream's health and circuit state four times a second and publishes what changed
+(a removed upstream: ``"removed": true``). A new subscriber first gets the current
+state of every upstream, then the changes.
 
 Several workers (``serve --workers N``): a WebSocket lands on one worker, but the feed
 must show them all. There each worker's feed is fed instead by ``follow_usage_files``,
@@ -18,8 +25,9 @@ carries its own records only.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from attrs import frozen
@@ -27,8 +35,13 @@ from attrs import frozen
 from .logview import Follower
 from .telemetry import Record, encode_record
 
+if TYPE_CHECKING:
+    from .services import Services
+
 #: Events a subscriber may fall behind before it is dropped: a few seconds of a busy gateway.
 SUBSCRIBER_BUFFER = 256
+#: Seconds between two looks at the upstreams' health and circuits (state-change events).
+UPSTREAM_POLL_S = 0.25
 #: Seconds between two reads of the usage files (several workers, while someone is subscribed).
 FOLLOW_S = 0.1
 
@@ -48,10 +61,14 @@ class Broadcaster:
         self._subscribers: set[trio.MemorySendChannel[str]] = set()
         self._published = 0
         self._dropped = 0
+        #: The last upstream event of each upstream: what a new subscriber is told first.
+        self.upstreams: dict[str, str] = {}
 
     def subscribe(self) -> trio.MemoryReceiveChannel[str]:
-        """A new subscriber's end; closing it (or being dropped) ends the subscription."""
-        send, receive = trio.open_memory_channel[str](self._buffer)
+        """A new subscriber's end, holding the upstreams' current state; closing it ends the subscription."""
+        send, receive = trio.open_memory_channel[str](self._buffer + len(self.upstreams))
+        for event in self.upstreams.values():
+            send.send_nowait(event)
         self._subscribers.add(send)
         return receive
 
@@ -87,6 +104,45 @@ class Broadcaster:
 
 def _event(rec: Record) -> str:
     return '{"type":"record","record":' + encode_record(rec).decode().rstrip("\n") + "}"
+
+
+def upstream_states(services: Services) -> dict[str, dict[str, Any]]:
+    """Each upstream's health and circuit, as the feed reports them."""
+    now = trio.current_time()
+    states = {}
+    for uid, rt in services.runtimes.items():
+        described = services.board.describe(uid)
+        states[uid] = {
+            "healthy": rt.healthy,
+            "circuit": rt.breaker.snapshot(now).state,
+            "reason": described["reason"] if not rt.healthy else "",
+        }
+    return states
+
+
+async def watch_upstreams(feed: Broadcaster, services: Services, *, interval: float = UPSTREAM_POLL_S) -> None:
+    """Publish each change of an upstream's health or circuit state (until cancelled)."""
+    last: dict[str, dict[str, Any]] = {}
+    while True:
+        current = upstream_states(services)
+        events = []
+        for uid, state in current.items():
+            if last.get(uid) != state:
+                events.append((uid, {"type": "upstream", "upstream": uid, **state, "ts": round(time.time(), 3)}))
+        for uid in last.keys() - current.keys():  # removed by a reload
+            events.append((uid, {"type": "upstream", "upstream": uid, "removed": True, "ts": round(time.time(), 3)}))
+        if events:
+            texts = []
+            for uid, event in events:
+                text = json.dumps(event, separators=(",", ":"))
+                texts.append(text)
+                if event.get("removed"):
+                    feed.upstreams.pop(uid, None)
+                else:
+                    feed.upstreams[uid] = text
+            feed.publish_events(texts)
+        last = current
+        await trio.sleep(interval)
 
 
 def _record_event(rec: dict[str, Any]) -> str:

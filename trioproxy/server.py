@@ -10,6 +10,7 @@
              └─ service nursery
                 ├─ mock.serve_mock(...) × embedded mock  (the demo profile's upstreams)
                 ├─ health.run_checker(upstream) × N      loop until cancelled
+                ├─ feed.watch_upstreams(feed, services)  health/circuit changes → the live feed
                 ├─ _watch_signals(shutdown)              SIGINT/SIGTERM → shutdown.set()
                 └─ _serve: hypercorn.trio.serve(app, shutdown_trigger=shutdown.wait)
                            then service.cancel_scope.cancel()
@@ -50,7 +51,7 @@ from .config import Config, Upstream, resolve_profile
 from .errors import ConfigError
 from .health import HealthBoard
 from .reload import PENDING_RELOADS, Reloader, ReloadRequest, run_reloader, watch_profiles
-from .feed import Broadcaster, follow_usage_files
+from .feed import Broadcaster, follow_usage_files, watch_upstreams
 from .metrics import Metrics, refresh_every
 from .mock import MockSettings, serve_mock
 from .pool import ConnectionPool
@@ -216,6 +217,7 @@ async def main(
                         for runtime in runtimes.values():
                             reloader.start_checker(runtime)
                         service.start_soon(run_reloader, reload_recv, reloader)
+                        service.start_soon(watch_upstreams, feed, services)
                         if watch and profiles:
                             paths = [resolve_profile(name) for name in profiles]
                             service.start_soon(watch_profiles, paths, reload_send)
