@@ -2,14 +2,16 @@
 
 Relayed routes carry what the app needs to know about them (API family, whether
 they name a model, whether they stream and how). Local routes are answered here:
-``/healthz`` and ``/readyz``, and the model listings (``/v1/models``,
-``/api/tags``), which are the union of what the upstreams serve, by public name.
+``/healthz`` and ``/readyz``, the model listings (``/v1/models``, ``/api/tags``),
+which are the union of what the upstreams serve, by public name, ``/metrics``,
+``/_/reload`` and the dashboard's files under ``/_/``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -73,14 +75,39 @@ ROUTES: dict[str, Route] = {
         Route("/readyz", "GET", "openai", needs_model=False, local="readyz"),
         Route("/metrics", "GET", "openai", needs_model=False, local="metrics"),
         Route("/_/reload", "POST", "openai", needs_model=False, local="reload"),
+        Route("/_/", "GET", "openai", needs_model=False, local="dashboard"),
+        Route("/_/dashboard.js", "GET", "openai", needs_model=False, local="dashboard"),
+        Route("/_/dashboard.css", "GET", "openai", needs_model=False, local="dashboard"),
     )
 }
 
+#: The dashboard's files (package data), by route path: (file, content type).
+DASHBOARD_FILES = {
+    "/_/": ("index.html", b"text/html; charset=utf-8"),
+    "/_/dashboard.js": ("dashboard.js", b"text/javascript; charset=utf-8"),
+    "/_/dashboard.css": ("dashboard.css", b"text/css; charset=utf-8"),
+}
+#: Only the gateway's own files and its own WebSocket and JSON: no inline code, nothing from elsewhere.
+DASHBOARD_CSP = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_dashboard_cache: dict[str, bytes] = {}
+
+
+def dashboard_file(path: str) -> bytes:
+    """A dashboard file's bytes (read from the package once, then kept: they never change)."""
+    body = _dashboard_cache.get(path)
+    if body is None:
+        name = DASHBOARD_FILES[path][0]
+        body = _dashboard_cache[path] = (resources.files("trioproxy") / "dashboard" / name).read_bytes()
+    return body
+
 
 #: Answered without a client key even when auth is on: probes must work without secrets.
-OPEN_ROUTES = frozenset({"healthz", "readyz", "metrics", "reload"})
+OPEN_ROUTES = frozenset({"healthz", "readyz", "metrics", "reload", "dashboard"})
 #: Admin endpoints: loopback clients, or the admin key ([admin] in the profile).
-ADMIN_ROUTES = frozenset({"metrics", "reload"})
+ADMIN_ROUTES = frozenset({"metrics", "reload", "dashboard"})
 
 
 def lookup_route(method: str, path: str) -> Route:
@@ -109,13 +136,15 @@ async def serve_local(
     payload: dict[str, Any]
     if route.local in ADMIN_ROUTES and not services.admin.allows(client, authorization):
         raise Forbidden(f"{route.path} is served to loopback clients, or with the admin key")
-    if route.local == "metrics":
-        body = services.metrics.render() if services.metrics is not None else b""
-        headers = [
-            (b"content-type", CONTENT_TYPE),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", ex.request_id),
-        ]
+    if route.local in ("metrics", "dashboard"):
+        if route.local == "metrics":
+            body = services.metrics.render() if services.metrics is not None else b""
+            headers = [(b"content-type", CONTENT_TYPE)]
+        else:
+            body = dashboard_file(route.path)
+            headers = [(b"content-type", DASHBOARD_FILES[route.path][1]), (b"cache-control", b"no-cache"),
+                       (b"content-security-policy", DASHBOARD_CSP), (b"x-content-type-options", b"nosniff")]
+        headers += [(b"content-length", str(len(body)).encode()), (b"x-request-id", ex.request_id)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         ex.status, ex.response_started = 200, True
         await finish(ex, send, body)
