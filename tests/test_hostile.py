@@ -35,7 +35,7 @@ from trioproxy.exchange import decode_json as _decode_json
 from trioproxy.exchange import model_of as _model
 from trioproxy.auth import KeyTable, digest
 from trioproxy.breaker import HedgeBudget
-from trioproxy.catalog import ROUTES
+from trioproxy.catalog import DASHBOARD_FILES, ROUTES, dashboard_file
 from trioproxy.config import Auth, AuthKey, Config, load_config
 from trioproxy.errors import RequestError, RoutingError
 from trioproxy.health import HealthBoard
@@ -1209,7 +1209,9 @@ def test_the_app_answers_once_in_json_and_records_once_whatever_comes_in(
     if b"content-length" in response_headers:
         assert int(response_headers[b"content-length"]) == len(content)
     if response_headers.get(b"content-type", b"").startswith(b"text/plain; version=0.0.4"):
-        assert path == "/metrics" and start["status"] == 200  # Prometheus text, the one non-JSON answer
+        assert path == "/metrics" and start["status"] == 200  # Prometheus text
+    elif path in DASHBOARD_FILES and start["status"] == 200:
+        assert content == dashboard_file(path)  # the dashboard's own files
     else:
         json.loads(content)  # every other answer here is JSON: errors, local routes
     if start["status"] >= 400:

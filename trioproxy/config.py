@@ -127,6 +127,8 @@ class Upstream:
         """Whether this upstream serves ``model`` (for ``"discover"``: per its last listing)."""
         if self.models == "discover":
             return discovered is not None and model in discovered
+        if "*" in self.models or model in self.models:  # the common cases, without a glob match per request
+            return True
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
     @property

@@ -98,16 +98,31 @@ class Metrics:
             registry=r, multiprocess_mode="livesum",
         )
         self._upstreams: set[str] = set()
+        #: (route, model, upstream, outcome) → its request counter and latency histogram; (model, upstream) → TTFT.
+        self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._ttft_children: dict[tuple[str, str], Histogram] = {}
 
     def observe(self, batch: list[Record]) -> None:
         """Count a batch of usage records (the writer's ``observe`` hook)."""
+        children = self._children
         for rec in batch:
             route = rec.route if rec.route in ROUTES else "other"
             model, upstream = rec.model_served or "", rec.upstream or ""
-            self.requests.labels(route, model, upstream, rec.outcome).inc()
-            self.latency.labels(route, model, upstream).observe(rec.total_ms / 1000)
+            key = (route, model, upstream, rec.outcome)
+            per_request = children.get(key)
+            if per_request is None:  # labels() validates and locks: once per label set, not per record
+                per_request = children[key] = (
+                    self.requests.labels(route, model, upstream, rec.outcome),
+                    self.latency.labels(route, model, upstream),
+                )
+            requests, latency = per_request
+            requests.inc()
+            latency.observe(rec.total_ms / 1000)
             if rec.ttft_ms is not None:
-                self.ttft.labels(model, upstream).observe(rec.ttft_ms / 1000)
+                ttft = self._ttft_children.get((model, upstream))
+                if ttft is None:
+                    ttft = self._ttft_children[(model, upstream)] = self.ttft.labels(model, upstream)
+                ttft.observe(rec.ttft_ms / 1000)
             if rec.prompt_tokens:
                 self.tokens.labels(model, upstream, "prompt", rec.token_source).inc(rec.prompt_tokens)
             if rec.completion_tokens:

@@ -161,8 +161,9 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
         for r in rounds
         if r.rss_peak is not None and r.rss_baseline is not None
     ]
-    noise = [n for r in rounds
-             if (n := foreign_load(r, server_core=run.server_core, client_core=run.client_core)) is not None]
+    spread = any(g.label == label and g.workers > 1 for g in run.scenario.gateways)  # unpinned: no noise check
+    noise = [n for r in rounds if not spread
+             and (n := foreign_load(r, server_core=run.server_core, client_core=run.client_core)) is not None]
     per_round: list[dict[str, Any]] = []
     round_rps = [r.result.recorder.count / r.result.window_s for r in rounds]
     for r in rounds:
