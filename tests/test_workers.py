@@ -196,6 +196,18 @@ async def test_two_workers_share_one_socket_and_add_up(start_mock: StartMock, tm
             assert list(answer["workers"].values()) == [[]], answer  # the other worker: no errors
             fresh = await _until_every_worker_served(client, url, logs, "fresh")
 
+            # Two reloads posted at once (on either worker) both complete.
+            answers: list[dict[str, Any]] = []
+
+            async def post_reload() -> None:
+                answers.append((await client.post(f"{url}/_/reload")).json())
+
+            async with trio.open_nursery() as both:
+                both.start_soon(post_reload)
+                both.start_soon(post_reload)
+            assert [a["reloaded"] for a in answers] == [True, True]
+            assert all(list(a["workers"].values()) == [[]] for a in answers), answers
+
             # An invalid profile is refused and both keep serving the running one.
             profile.write_text("[[upstreams]]\nid = 3\n")
             refused = await client.post(f"{url}/_/reload")

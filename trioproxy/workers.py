@@ -91,6 +91,8 @@ class _Worker:
     process: trio.Process
     pid: int
     ready: trio.Event = field(factory=trio.Event)
+    #: One message at a time on its stdin (a fan-out and a SIGHUP reload may both write).
+    sending: trio.Lock = field(factory=trio.Lock)
 
 
 @define
@@ -109,7 +111,7 @@ class Supervisor:
     stopping: bool = False
     stopped: trio.Event = field(factory=trio.Event)  # set with ``stopping``: ends restart waits
     workers: dict[int, _Worker] = field(factory=dict)  # slot → its current worker
-    #: token → (the verdicts so far, set once every asked worker answered)
+    #: token → (the verdicts so far by pid, the pids still to answer, set once none is left)
     pending: dict[str, tuple[dict[str, list[str]], set[int], trio.Event]] = field(factory=dict)
     tokens: itertools.count[int] = field(factory=itertools.count)
 
@@ -121,8 +123,7 @@ class Supervisor:
             status = await self._run_one(slot, task_status if first else None)
             if self.stopping:
                 return
-            if first:
-                first = False
+            first = False
             failures = 0 if trio.current_time() - started >= STABLE_S else failures + 1
             delay = min(MAX_RESTART_DELAY_S, 0.5 * 2**failures) if failures else 0.0
             logger.error("worker in slot {} exited with status {}; restarting in {:.1f} s", slot, status, delay)
@@ -154,7 +155,7 @@ class Supervisor:
             self.workers[slot] = worker
             await _send(worker, {"start": {"profiles": self.snapshot}})
             try:
-                await self._read_lines(worker, slot, task_status)
+                await self._read_lines(worker, slot, task_status, nursery)
                 status = await process.wait()
             finally:
                 self.workers.pop(slot, None)
@@ -171,7 +172,9 @@ class Supervisor:
             return
         process.kill()
 
-    async def _read_lines(self, worker: _Worker, slot: int, task_status: trio.TaskStatus[None] | None) -> None:
+    async def _read_lines(
+        self, worker: _Worker, slot: int, task_status: trio.TaskStatus[None] | None, nursery: trio.Nursery
+    ) -> None:
         assert worker.process.stdout is not None
         buffer = b""
         while True:
@@ -189,10 +192,15 @@ class Supervisor:
                     continue  # not ours: a worker prints nothing else on stdout, but be lenient
                 if not isinstance(message, dict):
                     continue
-                await self._handle(worker, slot, message, task_status)
+                self._handle(worker, slot, message, task_status, nursery)
 
-    async def _handle(
-        self, worker: _Worker, slot: int, message: dict[str, Any], task_status: trio.TaskStatus[None] | None
+    def _handle(
+        self,
+        worker: _Worker,
+        slot: int,
+        message: dict[str, Any],
+        task_status: trio.TaskStatus[None] | None,
+        nursery: trio.Nursery,
     ) -> None:
         if "ready" in message and not worker.ready.is_set():
             worker.ready.set()
@@ -208,10 +216,15 @@ class Supervisor:
                 if not waiting:
                     done.set()
         elif "reload" in message:
-            # POST /_/reload was applied in this worker: the others follow, then it answers its client.
-            others = {s: w for s, w in self.workers.items() if w is not worker}
-            verdicts = await self.reload_all(others)
-            await _send(worker, {"reload_done": message["reload"], "workers": verdicts})
+            # In a task of its own: this worker's reader must go on reading (its verdicts on other
+            # reloads among them: two workers posting at once would otherwise wait on each other).
+            nursery.start_soon(self._fan_out, worker, message["reload"])
+
+    async def _fan_out(self, worker: _Worker, token: object) -> None:
+        """POST /_/reload was applied in ``worker``: the others follow, then it answers its client."""
+        others = {s: w for s, w in self.workers.items() if w is not worker}
+        verdicts = await self.reload_all(others)
+        await _send(worker, {"reload_done": token, "workers": verdicts})
 
     async def reload_all(self, workers: dict[int, _Worker] | None = None) -> dict[str, list[str]]:
         """Tell workers to reload their profiles; their verdicts by pid (``["timed out"]`` if none came)."""
@@ -258,7 +271,8 @@ async def _send(worker: _Worker, message: dict[str, Any]) -> bool:
     if stdin is None:
         return False
     try:
-        await stdin.send_all(json.dumps(message).encode() + b"\n")
+        async with worker.sending:
+            await stdin.send_all(json.dumps(message).encode() + b"\n")
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return False
     return True
