@@ -239,3 +239,15 @@ async def test_two_workers_share_one_socket_and_add_up(start_mock: StartMock, tm
     assert all(r["outcome"] == "ok" for r in chat)
     assert len({r["request_id"] for r in chat}) == len(chat)
     assert "stopping 2 workers gracefully" in gateway.log
+
+
+async def test_a_reload_does_not_wait_for_a_worker_that_exited() -> None:
+    from trioproxy.workers import Supervisor
+
+    supervisor = Supervisor(command=lambda fd: [], count=2, env={}, fd=-1, grace_s=1.0, metrics_dir="",
+                            names=[], snapshot=[])
+    verdicts: dict[str, list[str]] = {"11": []}
+    done = trio.Event()
+    supervisor.pending["r0"] = (verdicts, {12}, done)
+    supervisor._no_answer_from(12)
+    assert done.is_set() and verdicts == {"11": [], "12": ["the worker exited before it answered"]}

@@ -160,6 +160,7 @@ class Supervisor:
             finally:
                 self.workers.pop(slot, None)
                 _mark_dead(worker.pid, self.metrics_dir)
+                self._no_answer_from(worker.pid)
             if task_status is not None and not worker.ready.is_set():
                 raise WorkerFailed(status)
             return status
@@ -219,6 +220,15 @@ class Supervisor:
             # In a task of its own: this worker's reader must go on reading (its verdicts on other
             # reloads among them: two workers posting at once would otherwise wait on each other).
             nursery.start_soon(self._fan_out, worker, message["reload"])
+
+    def _no_answer_from(self, pid: int) -> None:
+        """A worker exited: reloads waiting for its verdict say so instead of waiting it out."""
+        for verdicts, waiting, done in self.pending.values():
+            if pid in waiting:
+                verdicts[str(pid)] = ["the worker exited before it answered"]
+                waiting.discard(pid)
+                if not waiting:
+                    done.set()
 
     async def _fan_out(self, worker: _Worker, token: object) -> None:
         """POST /_/reload was applied in ``worker``: the others follow, then it answers its client."""
