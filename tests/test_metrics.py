@@ -96,3 +96,27 @@ async def test_metrics_are_refused_to_other_clients(start_mock: StartMock, start
             if expected == 403:
                 assert b'"type":"permission_error"' in sent[1]["body"]  # type: ignore[operator]
         await stop(gw)
+
+
+def test_hedges_and_failovers_are_counted_from_the_records() -> None:
+    """Sans-IO: records fed to the writer's hook, the exposition parsed."""
+    from trioproxy.metrics import Metrics
+    from trioproxy.telemetry import AttemptRecord
+
+    from .logrecords import rec
+
+    metrics = Metrics(lambda: None)
+    primary_slow = (AttemptRecord("a", "m", "lost_race", None, 250.0), AttemptRecord("b", "m", "ok", 200, 140.0))
+    primary_fast = (AttemptRecord("a", "m", "ok", 200, 180.0), AttemptRecord("b", "m", "lost_race", None, 70.0))
+    failed_over = (AttemptRecord("a", "m", "connect_error", None, 1.0), AttemptRecord("b", "m", "ok", 200, 90.0))
+    metrics.observe([
+        rec(0, upstream="b", hedged=True, attempts=primary_slow),   # the hedge won
+        rec(1, upstream="b", hedged=True, attempts=primary_slow),
+        rec(2, upstream="a", hedged=True, attempts=primary_fast),   # the hedge was cancelled
+        rec(3, upstream="b", attempts=failed_over),                 # a failover, no hedge
+    ])
+    values = samples(metrics.render().decode())
+    assert values[("trioproxy_hedges_total", (("result", "won"),))] == 2
+    assert values[("trioproxy_hedges_total", (("result", "cancelled"),))] == 1
+    assert values[("trioproxy_failovers_total", (("model", "llama3:8b"),))] == 3  # answered by another than the first
+    assert values[("trioproxy_upstream_attempts_total", (("outcome", "lost_race"), ("upstream", "a")))] == 2

@@ -72,7 +72,10 @@ class Metrics:
             "trioproxy_failovers", "Requests answered by another upstream than the first tried.", ["model"], registry=r
         )
         self.hedges = Counter(
-            "trioproxy_hedges", "Hedges by result: won (the hedge answered) or lost.", ["result"], registry=r
+            "trioproxy_hedges",
+            "Hedged requests by result: won (a hedge answered) or cancelled (the first attempt answered, "
+            "the hedge was cancelled); started is their sum.",
+            ["result"], registry=r,
         )
         self.in_flight = Gauge(
             "trioproxy_in_flight_requests", "Requests being served now.", registry=r, multiprocess_mode="livesum"
@@ -134,7 +137,7 @@ class Metrics:
             if rec.hedged and rec.attempts:
                 # Losers are cancelled when the winner is decided, so the attempt that ran longest started first.
                 first = max(rec.attempts, key=lambda a: a.ms).upstream
-                self.hedges.labels("won" if rec.upstream and rec.upstream != first else "lost").inc()
+                self.hedges.labels("won" if rec.upstream and rec.upstream != first else "cancelled").inc()
 
     def refresh(self) -> None:
         """Copy the running gateway's state into the gauges (at each scrape, and every second with workers)."""
