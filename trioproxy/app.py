@@ -141,33 +141,33 @@ class ProxyApp:
                 ex.status, ex.outcome = 403, "rejected"
                 await send({"type": "websocket.close", "code": 1008})
                 return
-            await send({"type": "websocket.accept"})
-            ex.status, ex.response_started = 101, True
-            events = services.feed.subscribe()
-            async with trio.open_nursery() as session:
+            events = services.feed.subscribe()  # before the accept: nothing published meanwhile is missed
+            async with events:
+                await send({"type": "websocket.accept"})
+                ex.status, ex.response_started = 101, True
+                async with trio.open_nursery() as session:
 
-                async def watch_close() -> None:
-                    while (await receive())["type"] != "websocket.disconnect":
-                        pass
-                    ex.client_gone = True
-                    session.cancel_scope.cancel()
+                    async def watch_close() -> None:
+                        while (await receive())["type"] != "websocket.disconnect":
+                            pass
+                        ex.client_gone = True
+                        session.cancel_scope.cancel()
 
-                async def watch_shutdown() -> None:
-                    # A feed has no end to wait for: it closes when the gateway stops ("going away").
-                    await services.shutdown.wait()
-                    await send({"type": "websocket.close", "code": 1001})
-                    session.cancel_scope.cancel()
+                    async def watch_shutdown() -> None:
+                        # A feed has no end to wait for: it closes when the gateway stops ("going away").
+                        await services.shutdown.wait()
+                        await send({"type": "websocket.close", "code": 1001})
+                        session.cancel_scope.cancel()
 
-                session.start_soon(watch_close)
-                session.start_soon(watch_shutdown)
-                async with events:
+                    session.start_soon(watch_close)
+                    session.start_soon(watch_shutdown)
                     async for text in events:
                         await send({"type": "websocket.send", "text": text})
                         ex.bytes_out += len(text)
-                # Dropped by the broadcaster (too slow): say so, and let the client reconnect.
-                ex.outcome, ex.error = "client_disconnect", "dropped from the live feed: too slow"
-                await send({"type": "websocket.close", "code": 1013})
-                session.cancel_scope.cancel()
+                    # Dropped by the broadcaster (too slow): say so, and let the client reconnect.
+                    ex.outcome, ex.error = "client_disconnect", "dropped from the live feed: too slow"
+                    await send({"type": "websocket.close", "code": 1013})
+                    session.cancel_scope.cancel()
         finally:
             services.sink.submit(ex.to_record(trio.current_time()))
 

@@ -4,14 +4,20 @@
 "use strict";
 
 const WINDOW_MS = 10_000;     // rates and percentiles: the last 10 s
-const CHART_MS = 60_000;      // the TTFT chart: the last 60 s
+const CHART_BARS = 60;        // the TTFT chart: the last 60 requests that had a first token
+const CHART_MIN_SLOTS = 20;   // ...drawn at least this narrow, so the first few bars are not a wall
 const RECENT_ROWS = 20;
 const READYZ_EVERY_MS = 1_000;
-const HIDDEN_ROUTES = new Set(["/healthz", "/readyz", "/metrics", "/_/live", "/_/", "/_/dashboard.js", "/_/dashboard.css"]);
+const READYZ_TIMEOUT_MS = 2_000;
+const RETRY_MIN_MS = 500, RETRY_MAX_MS = 10_000;  // WebSocket reconnect backoff (doubling, jittered)
+// Probe and admin routes are not application traffic (as `trioproxy top`); nor is anything under /_/
+// (this page, its files, its feed, reloads).
+const HIDDEN_ROUTES = new Set(["/healthz", "/readyz", "/metrics"]);
+const hidden = (route) => HIDDEN_ROUTES.has(route) || (typeof route === "string" && route.startsWith("/_/"));
 
 const state = {
   window: [],                 // [{at, record}] of the last WINDOW_MS
-  chart: [],                  // [{at, ttft}] of the last CHART_MS
+  chart: [],                  // [{ttft, ok}] of the last CHART_BARS requests with a TTFT
   total: 0,
   upstreams: new Map(),       // id → {healthy, circuit, reason, in_flight, state_for_s}
   inFlight: null,
@@ -51,11 +57,13 @@ function outcomeClass(outcome) {
 // --- the feed -------------------------------------------------------------------------------
 
 function onRecord(rec) {
-  if (HIDDEN_ROUTES.has(rec.route)) return;
-  const at = Date.now();
+  if (hidden(rec.route)) return;
   state.total += 1;
-  state.window.push({ at, record: rec });
-  if (typeof rec.ttft_ms === "number") state.chart.push({ at, ttft: rec.ttft_ms });
+  state.window.push({ at: Date.now(), record: rec });  // arrival here: the window is "seen in the last 10 s"
+  if (typeof rec.ttft_ms === "number") {
+    state.chart.push({ ttft: rec.ttft_ms, ok: rec.outcome === "ok" });
+    if (state.chart.length > CHART_BARS) state.chart.shift();
+  }
   addRecentRow(rec);
 }
 
@@ -87,14 +95,13 @@ function addRecentRow(rec) {
   while (body.rows.length > RECENT_ROWS) body.deleteRow(body.rows.length - 1);
 }
 
-let socket = null;
-let retryMs = 500;
+let retryMs = RETRY_MIN_MS;
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  socket = new WebSocket(`${scheme}//${location.host}/_/live`);
+  const socket = new WebSocket(`${scheme}//${location.host}/_/live`);
   socket.onopen = () => {
-    retryMs = 500;
+    retryMs = RETRY_MIN_MS;
     setStatus("connected", "connected");
   };
   socket.onmessage = (message) => {
@@ -108,10 +115,12 @@ function connect() {
     else if (event.type === "upstream") onUpstream(event);
   };
   socket.onclose = (close) => {
-    const why = close.code === 1013 ? "too slow, dropped" : close.code === 1001 ? "gateway stopping" : "disconnected";
-    setStatus("reconnecting", `${why}: reconnecting in ${(retryMs / 1000).toFixed(1)} s`);
-    setTimeout(connect, retryMs);
-    retryMs = Math.min(retryMs * 2, 10_000);
+    // 1013: the gateway dropped this page for falling behind; 1001: it is stopping; 1008: not allowed.
+    const why = { 1013: "too slow, dropped", 1001: "gateway stopping", 1008: "refused" }[close.code] || "disconnected";
+    const delay = retryMs * (0.5 + Math.random() / 2);  // jitter: many open pages do not reconnect in step
+    setStatus("reconnecting", `${why}: reconnecting in ${(delay / 1000).toFixed(1)} s`);
+    setTimeout(connect, delay);
+    retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
   };
 }
 
@@ -124,9 +133,12 @@ function setStatus(stateName, text) {
 // --- /readyz --------------------------------------------------------------------------------
 
 async function pollReadyz() {
+  // One poll at a time, each bounded: a stuck gateway does not pile requests up in the page.
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), READYZ_TIMEOUT_MS);
   try {
-    const response = await fetch("/readyz", { cache: "no-store" });
-    const doc = await response.json();
+    const response = await fetch("/readyz", { cache: "no-store", signal: abort.signal });
+    const doc = await response.json();  // 503 (not ready) carries the same document
     let inFlight = 0;
     for (const [id, u] of Object.entries(doc.upstreams || {})) {
       const known = state.upstreams.get(id) || {};
@@ -141,13 +153,23 @@ async function pollReadyz() {
     renderUpstreams();
   } catch (err) {
     state.inFlight = null;  // the gateway is away; the WebSocket status says so
+  } finally {
+    clearTimeout(timer);
+    setTimeout(pollReadyz, READYZ_EVERY_MS);
   }
 }
 
+let shownUpstreams = "";
+
 function renderUpstreams() {
+  // Rebuilt only when something shown changed: a poll a second must not keep undoing a text selection.
+  const entries = [...state.upstreams.entries()].sort(([a], [b]) => a.localeCompare(b));
+  const key = JSON.stringify(entries);
+  if (key === shownUpstreams) return;
+  shownUpstreams = key;
   const body = $("upstreams").tBodies[0];
   body.replaceChildren();
-  for (const [id, u] of [...state.upstreams.entries()].sort()) {
+  for (const [id, u] of entries) {
     const row = document.createElement("tr");
     row.dataset.upstream = id;
     cell(row, id);
@@ -164,7 +186,6 @@ function renderUpstreams() {
 
 function renderTiles(now) {
   while (state.window.length && state.window[0].at < now - WINDOW_MS) state.window.shift();
-  while (state.chart.length && state.chart[0].at < now - CHART_MS) state.chart.shift();
   const records = state.window.map((w) => w.record);
   const seconds = WINDOW_MS / 1000;
   const ttfts = records.map((r) => r.ttft_ms).filter((v) => typeof v === "number").sort((a, b) => a - b);
@@ -180,59 +201,82 @@ function renderTiles(now) {
   $("total").textContent = String(state.total);
 }
 
-function renderChart(now) {
+function renderChart() {
+  // One bar per request that had a first token (oldest left, newest right), coloured by outcome;
+  // dashed lines at the p50 and p99 of those bars. Per request rather than per second, so a burst
+  // reads as clearly as a steady trickle.
   const canvas = $("ttft-chart");
   const ratio = window.devicePixelRatio || 1;
   const width = canvas.clientWidth, height = canvas.clientHeight;
-  if (canvas.width !== width * ratio) { canvas.width = width * ratio; canvas.height = height * ratio; }
+  if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+  }
   const ctx = canvas.getContext("2d");
   ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
   ctx.clearRect(0, 0, width, height);
-  const styles = getComputedStyle(document.documentElement);
-  const pad = { left: 52, right: 10, top: 10, bottom: 22 };
+  const css = getComputedStyle(document.documentElement);
+  const color = (name) => css.getPropertyValue(name).trim();
+  const pad = { left: 64, right: 84, top: 12, bottom: 24 };
   const plotW = width - pad.left - pad.right, plotH = height - pad.top - pad.bottom;
-  const max = Math.max(10, ...state.chart.map((p) => p.ttft)) * 1.1;
-  const x = (at) => pad.left + plotW * (1 - (now - at) / CHART_MS);
+  const points = state.chart;
+  const sorted = points.map((p) => p.ttft).sort((a, b) => a - b);
+  const max = niceCeiling(Math.max(10, ...sorted) * 1.1);
   const y = (ms) => pad.top + plotH * (1 - ms / max);
-  ctx.strokeStyle = styles.getPropertyValue("--line");
-  ctx.fillStyle = styles.getPropertyValue("--muted");
-  ctx.font = "11px 'DejaVu Sans', sans-serif";
+  ctx.font = "11px 'DejaVu Sans', system-ui, sans-serif";
   ctx.lineWidth = 1;
+  ctx.textBaseline = "middle";
   for (let i = 0; i <= 4; i++) {  // y grid: 0 .. max ms
     const ms = (max * i) / 4;
-    ctx.beginPath(); ctx.moveTo(pad.left, y(ms)); ctx.lineTo(width - pad.right, y(ms)); ctx.stroke();
-    ctx.fillText(`${fmtMs(ms)} ms`, 4, y(ms) + 4);
+    ctx.strokeStyle = color("--line");
+    ctx.beginPath(); ctx.moveTo(pad.left, y(ms) + 0.5); ctx.lineTo(pad.left + plotW, y(ms) + 0.5); ctx.stroke();
+    ctx.fillStyle = color("--muted");
+    ctx.textAlign = "right";
+    ctx.fillText(`${fmtMs(ms)} ms`, pad.left - 8, y(ms));
   }
-  for (let s = 0; s <= 60; s += 10) ctx.fillText(s ? `-${s}s` : "now", x(now - s * 1000) - 12, height - 6);
-  ctx.fillStyle = styles.getPropertyValue("--accent");
-  for (const p of state.chart) { ctx.fillRect(x(p.at) - 1.5, y(p.ttft) - 1.5, 3, 3); }
-  // p50 per 2 s bucket
-  const buckets = new Map();
-  for (const p of state.chart) {
-    const key = Math.floor(p.at / 2000);
-    if (!buckets.has(key)) buckets.set(key, []);
-    buckets.get(key).push(p.ttft);
+  ctx.textAlign = "left";
+  ctx.textBaseline = "alphabetic";
+  ctx.fillText("← older", pad.left, height - 6);
+  ctx.textAlign = "right";
+  ctx.fillText("newest", pad.left + plotW, height - 6);
+  if (!points.length) {
+    ctx.textAlign = "center";
+    ctx.fillText("no streamed request yet", pad.left + plotW / 2, pad.top + plotH / 2);
+    return;
   }
-  ctx.strokeStyle = styles.getPropertyValue("--ok");
-  ctx.lineWidth = 2;
-  ctx.beginPath();
-  let first = true;
-  for (const key of [...buckets.keys()].sort((a, b) => a - b)) {
-    const values = buckets.get(key).sort((a, b) => a - b);
-    const px = x(key * 2000 + 1000), py = y(percentile(values, 0.5));
-    if (first) { ctx.moveTo(px, py); first = false; } else { ctx.lineTo(px, py); }
+  const slots = Math.min(CHART_BARS, Math.max(CHART_MIN_SLOTS, points.length));  // a few bars are not a wall
+  const slot = plotW / slots;
+  const barW = Math.max(2, slot * 0.7);
+  points.forEach((p, i) => {
+    const x = pad.left + slot * (slots - points.length + i) + (slot - barW) / 2;
+    ctx.fillStyle = color(p.ok ? "--accent" : "--bad");
+    ctx.fillRect(x, y(p.ttft), barW, pad.top + plotH - y(p.ttft));
+  });
+  ctx.textBaseline = "middle";
+  ctx.textAlign = "left";
+  ctx.setLineDash([5, 4]);
+  for (const [label, q, name] of [["p50", 0.5, "--ok"], ["p99", 0.99, "--warn"]]) {
+    const ms = percentile(sorted, q);
+    ctx.strokeStyle = ctx.fillStyle = color(name);
+    ctx.beginPath(); ctx.moveTo(pad.left, y(ms) + 0.5); ctx.lineTo(pad.left + plotW, y(ms) + 0.5); ctx.stroke();
+    ctx.fillText(`${label} ${fmtMs(ms)} ms`, pad.left + plotW + 6, y(ms) + (q === 0.5 ? 7 : -7));
   }
-  ctx.stroke();
+  ctx.setLineDash([]);
+}
+
+function niceCeiling(v) {
+  // 1, 2 or 5 × a power of ten: round axis labels.
+  const power = 10 ** Math.floor(Math.log10(v));
+  return [1, 2, 2.5, 5, 10].map((m) => m * power).find((c) => c >= v);
 }
 
 function tick() {
   const now = Date.now();
   renderTiles(now);
-  renderChart(now);
+  renderChart();
 }
 
 connect();
 pollReadyz();
-setInterval(pollReadyz, READYZ_EVERY_MS);
 setInterval(tick, 500);
 tick();
