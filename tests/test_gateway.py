@@ -289,3 +289,27 @@ async def test_tokens_are_estimated_when_the_upstream_gives_no_usage(
     (record,) = read_records(gw)
     assert record["token_source"] == "estimate"
     assert record["prompt_tokens"] is None and 1 <= record["completion_tokens"] <= 60
+
+
+@pytest.mark.parametrize("trust", [False, True])
+async def test_a_proxys_request_id_is_kept_only_when_trusted_and_well_formed(
+    start_mock: StartMock, start_gateway: StartGateway, trust: bool
+) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(tokens=2)
+        server = f"[server]\ntrust_request_id = {'true' if trust else 'false'}\n"
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}") + server)
+        given = ["nginx-7f3a9c0e1b2d4f60", "has spaces", "x" * 129]
+        answered = []
+        async with httpx.AsyncClient() as client:
+            for request_id in given:
+                r = await client.post(f"{gw.url}/v1/chat/completions", json=CHAT, headers={"x-request-id": request_id})
+                assert r.status_code == 200
+                answered.append(r.headers["x-request-id"])
+        seen_upstream = [dict(req.headers).get("x-request-id") for req in mock.requests if req.path == "/v1/chat/completions"]
+        await stop(gw)
+    kept = [a == g for a, g in zip(answered, given)]
+    assert kept == [trust, False, False]
+    assert all(re.fullmatch(r"[0-9a-f]{24}", a) for a, k in zip(answered, kept) if not k)
+    assert seen_upstream[-3:] == answered  # the upstream gets the same id the client sees
+    assert [r["request_id"] for r in read_records(gw) if r["route"] == "/v1/chat/completions"] == answered

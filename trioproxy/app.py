@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,8 @@ from .usage import NDJSONScanner, SSEScanner, estimate_tokens
 from .usagefilter import UsageEventFilter
 
 Receive = Any  # ASGI receive callable
+#: What a kept X-Request-Id may look like (``[server] trust_request_id``): safe in a header and a log line.
+TRUSTED_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class ProxyApp:
@@ -78,6 +81,10 @@ class ProxyApp:
             arrival=trio.current_time(),
             ts=time.time(),
         )
+        if services.config.server.trust_request_id:
+            given = header_value(scope["headers"], b"x-request-id")
+            if given is not None and TRUSTED_REQUEST_ID.fullmatch(given):
+                ex.request_id = given
         route: Route | None = None
         admitted: AuthKey | None = None
         services.active += 1

@@ -61,6 +61,9 @@ class ServerConfig:
     #: Hypercorn access log (off: the usage log is the access log).
     access_log: bool = False
     workers: int = 1
+    #: Keep a well-formed ``X-Request-Id`` the client sends (a proxy in front, e.g. nginx's
+    #: ``$request_id``) instead of making one: one id across the proxy's log, ours and the upstream's.
+    trust_request_id: bool = False
 
 
 @frozen
