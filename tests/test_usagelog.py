@@ -77,7 +77,7 @@ async def test_writer_writes_every_record_submitted_before_close(
     tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(60):
-        async with writing(config(tmp_path)) as sink:
+        async with writing(config(tmp_path), now=lambda: T0) as sink:  # files are dated by the wall clock
             for i in range(2_500):
                 sink.submit(record(i))
         stats = sink.statistics()
