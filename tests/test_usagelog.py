@@ -47,7 +47,11 @@ def config(tmp_path: Path, **changes: Any) -> Telemetry:
 
 @asynccontextmanager
 async def writing(cfg: Telemetry, **kwargs: Any) -> AsyncIterator[TelemetrySink]:
-    """A running writer; leaving the block closes the sink and waits for the drain."""
+    """A running writer; leaving the block closes the sink and waits for the drain.
+
+    Files are dated by the wall clock: it is T0 unless a test passes its own ``now``.
+    """
+    kwargs.setdefault("now", lambda: T0)
     sink, records_recv = open_telemetry(cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: run_writer(records_recv, sink, cfg, task_status=task_status, **kwargs))
@@ -77,7 +81,7 @@ async def test_writer_writes_every_record_submitted_before_close(
     tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(60):
-        async with writing(config(tmp_path), now=lambda: T0) as sink:  # files are dated by the wall clock
+        async with writing(config(tmp_path)) as sink:
             for i in range(2_500):
                 sink.submit(record(i))
         stats = sink.statistics()
