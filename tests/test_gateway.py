@@ -11,6 +11,7 @@ import ollama
 import openai
 import pytest
 import trio
+import trio.testing
 
 from .conftest import StartGateway, StartMock, read_records, stop, upstream_toml
 
@@ -48,6 +49,30 @@ async def test_openai_sdk_streaming_and_not(start_mock: StartMock, start_gateway
     assert all(r["outcome"] == "ok" and r["upstream"] == "m" for r in records)
     assert records[0]["completion_tokens"] == 5 and records[0]["token_source"] == "upstream"
     assert records[0]["ttft_ms"] is not None and records[0]["finish_reason"] == "stop"
+
+
+async def test_a_finished_request_ends_on_its_own_while_its_connection_stays_open(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """The app does not cancel its disconnect watcher after a complete answer: it relies on
+    Hypercorn answering ``receive()`` with ``http.disconnect`` once the response is sent (the
+    ASGI spec). If that ever stopped, requests would finish for the client but their app calls
+    (and usage records) would hang until the connection closed: this test would see them."""
+    with trio.fail_after(30):
+        mock = await start_mock(tokens=3, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}"))
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            for i, stream in enumerate([False, True, False, True]):
+                response = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+                assert response.status_code == 200
+                assert (b"data: [DONE]" in response.content) == stream
+                # Once every task is blocked, no app call may still be running on the open connection.
+                await trio.testing.wait_all_tasks_blocked()
+                assert gw.services.active == 0
+                assert gw.services.sink.statistics().submitted == i + 1
+        await stop(gw)
+    records = read_records(gw)
+    assert [r["outcome"] for r in records] == ["ok"] * 4
 
 
 async def test_ollama_client_through_the_gateway(start_mock: StartMock, start_gateway: StartGateway) -> None:

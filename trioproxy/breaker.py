@@ -25,7 +25,7 @@ from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
-from attrs import define, field, frozen, validators
+from attrs import define, field, frozen, setters, validators
 
 BreakerStateName = Literal["closed", "open", "half_open"]
 
@@ -55,7 +55,8 @@ class BreakerSnapshot:
     cooled_until: float | None
 
 
-@define
+# Validated at construction; the hot counters are set without attrs' per-assignment hook.
+@define(on_setattr=setters.NO_OP)
 class CircuitBreaker:
     """Passive health of one upstream, from the outcomes of real requests.
 
@@ -203,7 +204,8 @@ class HedgeBudgetStatistics:
     denied: int
 
 
-@define
+# Validated at construction; the hot counters are set without attrs' per-assignment hook.
+@define(on_setattr=setters.NO_OP)
 class HedgeBudget:
     """Hedges add at most ``percent`` extra upstream requests over a sliding window.
 

@@ -60,6 +60,8 @@ class Exchange:
     response_started: bool = False
     #: The last body message is being (or has been) sent.
     finished: bool = False
+    #: The last body message was sent: the ASGI server now answers ``receive()`` with ``http.disconnect``.
+    ended: bool = False
     client_gone: bool = False
     first_content_index: int | None = None
 

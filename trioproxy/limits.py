@@ -17,7 +17,7 @@ the slot, and its next checkpoint raises ``Cancelled``, so the caller's
 from __future__ import annotations
 
 import trio
-from attrs import define, field, frozen, validators
+from attrs import define, field, frozen, setters, validators
 
 
 class Saturated(Exception):
@@ -35,7 +35,8 @@ class GateStatistics:
     timed_out: int
 
 
-@define
+# Validated at construction; the hot counters are set without attrs' per-assignment hook.
+@define(on_setattr=setters.NO_OP)
 class SlotLedger:
     """Slots of one gate: who holds one, who may wait, who is turned away [sans-IO].
 

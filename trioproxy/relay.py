@@ -55,6 +55,7 @@ class Exchange(Protocol):
     error: str | None
     response_started: bool
     finished: bool
+    ended: bool
     client_gone: bool
     captured: bytearray | None
     ttft_ms: float | None
@@ -247,14 +248,17 @@ async def finish(ex: Exchange, send: Send, body: bytes = b"") -> None:
     """Send the last body message.
 
     Hypercorn reacts to it by queueing ``http.disconnect`` for the app at once,
-    while this very ``send`` is still running; ``ex.finished`` is set first so the
-    disconnect watcher knows that one means "done", not "client gone".
+    while this very ``send`` is still running (the ASGI spec: ``receive`` gives
+    ``http.disconnect`` once the response is sent); ``ex.finished`` is set first so
+    the disconnect watcher knows that one means "done", not "client gone", and
+    ``ex.ended`` after, so the app knows the watcher is about to return by itself.
     """
     ex.finished = True
     ex.bytes_out += len(body)
     if ex.captured is not None:
         ex.captured += body[:CAPTURE_LIMIT]
     await send({"type": "http.response.body", "body": body, "more_body": False})
+    ex.ended = True
 
 
 def facts_from_body(body: bytes) -> tuple[int | None, int | None, str | None]:

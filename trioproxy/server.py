@@ -30,6 +30,7 @@ reloads, and a shutdown when the supervisor goes away).
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from collections.abc import Callable
@@ -234,6 +235,9 @@ async def main(
                             service.cancel_scope.cancel()
 
                         binds = await service.start(serve)
+                        # Everything built so far lives as long as the process: keep it out of the
+                        # cyclic GC's full passes, which would otherwise rescan it under load.
+                        gc.freeze()
                         if link is not None:
                             service.start_soon(link.run, shutdown, reload_send)
                             service.start_soon(refresh_every, metrics)

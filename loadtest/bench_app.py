@@ -1,0 +1,207 @@
+"""Micro-benchmark of the gateway's own code: ``ProxyApp`` driven without Hypercorn.
+
+``trioproxy bench`` measures the gateway as users run it, Hypercorn included, and
+the Hypercorn floor beside it; the difference is the gateway's own cost. This
+script measures that difference directly: it runs the real gateway (``server.main``
+on ``loadtest/profiles/bench.toml``: routing, health checks, failover, the usage log
+to a real file, metrics) and calls its ASGI app with in-memory ``receive``/``send``,
+so no client socket and no Hypercorn code runs per request. The mock upstream is a
+child process on the other core.
+
+    .venv/bin/python loadtest/bench_app.py                       # sequential, then 64 concurrent
+    .venv/bin/python loadtest/bench_app.py --stream              # 64-token streams
+    .venv/bin/python loadtest/bench_app.py --profile 30          # cProfile: the top 30 by own time
+
+It prints µs of gateway CPU (user+sys, every thread) per request. Not a test; compare
+rows of the same run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from trioproxy.app import ProxyApp
+from trioproxy.config import load_profiles
+from trioproxy.server import main as serve_main
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADERS = [
+    (b"host", b"127.0.0.1:8080"),
+    (b"user-agent", b"bench-app"),
+    (b"accept", b"*/*"),
+    (b"content-type", b"application/json"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pin(cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
+        os.sched_setaffinity(0, {cpu})
+
+
+class Driver:
+    """Calls the app the way Hypercorn would, with the cheapest receive/send possible."""
+
+    def __init__(self, app: ProxyApp, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.app = app
+        self.body = body
+        self.scope_headers = [*headers, (b"content-length", str(len(body)).encode())]
+        self.errors = 0
+        self.bytes = 0
+
+    async def one(self) -> None:
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"spec_version": "2.3", "version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": self.scope_headers,
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 8080),
+        }
+        given = False
+        done = trio.Event()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": self.body, "more_body": False}
+            await done.wait()  # as Hypercorn (and the ASGI spec): disconnect once the response is sent
+            return {"type": "http.disconnect"}
+
+        status = 0
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            else:
+                self.bytes += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    done.set()
+
+        await self.app(scope, receive, send)
+        if status != 200:
+            self.errors += 1
+
+
+async def measure(driver: Driver, n: int, concurrency: int) -> float:
+    """Gateway CPU µs per request over ``n`` requests from ``concurrency`` tasks."""
+    per_task = n // concurrency
+
+    async def worker() -> None:
+        for _ in range(per_task):
+            await driver.one()
+
+    cpu0 = time.process_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return (time.process_time() - cpu0) / (per_task * concurrency) * 1e6
+
+
+def print_shares(stats: pstats.Stats) -> None:
+    """Own time (the main thread's) by package or by trioproxy module, largest first."""
+    shares: Counter[str] = Counter()
+    for (path, _, name), (_, _, own, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if "/trioproxy/" in path:
+            group = "trioproxy/" + path.split("/trioproxy/")[-1]
+        elif "site-packages/" in path:
+            group = path.split("site-packages/")[-1].split("/")[0]
+        elif path == "~":
+            group = "C: " + name
+        else:
+            group = "stdlib: " + Path(path).name
+        shares[group] += own
+    total = sum(shares.values()) or 1.0
+    for group, own in shares.most_common(25):
+        print(f"{own / total * 100:5.1f}%  {group}")
+
+
+async def run(args: argparse.Namespace) -> None:
+    port = _free_port()
+    tokens = 64 if args.stream else 16
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "trioproxy", "mock", "--port", str(port), "--kind", "openai", "--models", "*",
+         "--tokens", str(tokens), "--ttft-ms", "0", "--token-delay-ms", "0" if not args.stream else f"{args.token_delay_ms:g}"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert mock.stderr is not None
+        mock.stderr.readline()  # "listening on ..."
+        if os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
+            os.sched_setaffinity(mock.pid, {1})
+        _pin(0)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = load_profiles([str(ROOT / "loadtest/profiles/bench.toml")])
+            upstreams = tuple(attrs.evolve(u, base_url=f"http://127.0.0.1:{port}") for u in config.upstreams)
+            telemetry = attrs.evolve(config.telemetry, dir=tmp)
+            server = attrs.evolve(config.server, port=0)
+            config = attrs.evolve(config, upstreams=upstreams, telemetry=telemetry, server=server)
+            async with trio.open_nursery() as nursery:
+                running = await nursery.start(serve_main, config)
+                app = ProxyApp(running.services)
+                body = json.dumps(
+                    {"model": "mock-llama", "messages": [{"role": "user", "content": "Say hello."}],
+                     "stream": args.stream}, separators=(",", ":")
+                ).encode()
+                driver = Driver(app, body, HEADERS)
+                await measure(driver, min(args.n, 2000), 1)  # warm-up: connections, caches
+                for concurrency in args.concurrency:
+                    if args.profile:
+                        profiler = cProfile.Profile()
+                        profiler.enable()
+                    us = await measure(driver, args.n, concurrency)
+                    if args.profile:
+                        profiler.disable()
+                        print(f"--- concurrency {concurrency}: cProfile (inflates every call) ---")
+                        stats = pstats.Stats(profiler)
+                        stats.sort_stats("tottime").print_stats(args.profile)
+                        print_shares(stats)
+                    print(f"concurrency {concurrency:4d}: {us:7.1f} µs gateway CPU per request "
+                          f"({args.n} requests, {driver.errors} errors)", flush=True)
+                running.shutdown.set()
+            await running.stopped.wait()
+            records = sum(sum(1 for _ in open(p, "rb")) for p in Path(tmp).glob("usage-*.jsonl"))
+            print(f"usage records written: {records}")
+    finally:
+        mock.terminate()
+        mock.wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=20000, help="requests per measurement")
+    parser.add_argument("--concurrency", type=int, action="append", help="concurrent tasks (repeatable; default 1 and 64)")
+    parser.add_argument("--stream", action="store_true", help="streamed answers (64 tokens)")
+    parser.add_argument("--token-delay-ms", type=float, default=0.0, help="mock token spacing with --stream")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile each run; print the top N")
+    args = parser.parse_args()
+    args.concurrency = args.concurrency or [1, 64]
+    trio.run(run, args)
