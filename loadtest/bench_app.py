@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,11 @@ class Driver:
         self.scope_headers = [*headers, (b"content-length", str(len(body)).encode())]
         self.errors = 0
         self.bytes = 0
+        #: Responses started and not yet ended (the streams open now).
+        self.open = 0
+        self.peak_open = 0
+        self.all_open = trio.Event()
+        self.want_open = 0
 
     async def one(self) -> None:
         scope: dict[str, Any] = {
@@ -101,9 +107,13 @@ class Driver:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                self.open += 1
+                if self.want_open and self.open >= self.want_open:
+                    self.all_open.set()
             else:
                 self.bytes += len(message.get("body", b""))
                 if not message.get("more_body", False):
+                    self.open -= 1
                     done.set()
 
         await self.app(scope, receive, send)
@@ -144,6 +154,26 @@ def print_shares(stats: pstats.Stats) -> None:
         print(f"{own / total * 100:5.1f}%  {group}")
 
 
+async def measure_memory(driver: Driver, streams: int, top: int) -> None:
+    """Python memory held per open stream: a tracemalloc snapshot while ``streams`` are open at once."""
+    driver.want_open = streams
+    tracemalloc.start(1)
+    before = tracemalloc.take_snapshot()
+    async with trio.open_nursery() as nursery:
+        for _ in range(streams):
+            nursery.start_soon(driver.one)
+        await driver.all_open.wait()
+        during = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    diff = during.compare_to(before, "lineno")
+    held = sum(d.size_diff for d in diff)
+    print(f"--- {streams} streams open at once: {held / streams / 1024:.1f} KiB of Python memory per stream ---")
+    for d in sorted(diff, key=lambda d: -d.size_diff)[:top]:
+        frame = d.traceback[0]
+        print(f"{d.size_diff / streams:8.0f} B/stream  {d.count_diff / streams:6.1f} blocks  "
+              f"{frame.filename.split('site-packages/')[-1].split('/work/main/')[-1]}:{frame.lineno}")
+
+
 async def run(args: argparse.Namespace) -> None:
     port = _free_port()
     tokens = 64 if args.stream else 16
@@ -173,6 +203,8 @@ async def run(args: argparse.Namespace) -> None:
                 ).encode()
                 driver = Driver(app, body, HEADERS)
                 await measure(driver, min(args.n, 2000), 1)  # warm-up: connections, caches
+                if args.memory:
+                    await measure_memory(driver, args.memory, args.top)
                 for concurrency in args.concurrency:
                     if args.profile:
                         profiler = cProfile.Profile()
@@ -201,6 +233,8 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, action="append", help="concurrent tasks (repeatable; default 1 and 64)")
     parser.add_argument("--stream", action="store_true", help="streamed answers (64 tokens)")
     parser.add_argument("--token-delay-ms", type=float, default=0.0, help="mock token spacing with --stream")
+    parser.add_argument("--memory", type=int, default=0, metavar="N", help="first: memory per stream with N streams open")
+    parser.add_argument("--top", type=int, default=30, help="rows of --memory's breakdown")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile each run; print the top N")
     args = parser.parse_args()
     args.concurrency = args.concurrency or [1, 64]

@@ -38,6 +38,13 @@ __all__ = [
 # One recv takes up to 64 KiB, trio's own default receive size: a whole small
 # answer or many SSE events per syscall.
 RECV_SIZE = 65536
+# Plain sockets receive into this one buffer and copy out only the bytes that came:
+# ``sock.recv(RECV_SIZE)`` would malloc 64 KiB per call and shrink it, which with
+# hundreds of slow streams fragments the heap (RSS) for a ~200-byte SSE event.
+# Safe to share: the receive and the copy happen with no await in between, and a
+# process serves from one thread (docs/benchmarks.md).
+_RECV_BUFFER = bytearray(RECV_SIZE)
+_RECV_VIEW = memoryview(_RECV_BUFFER)
 # connect_ex results meaning "in progress, wait until writable".
 _CONNECT_PENDING = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK))
 
@@ -90,9 +97,11 @@ class RawConnection:
         await _checkpoint_if_cancelled()
         while True:  # bounded: returns data, or waits under the deadline
             try:
-                return sock.recv(RECV_SIZE)
+                n = sock.recv_into(_RECV_BUFFER)
             except BlockingIOError:
                 pass
+            else:
+                return _RECV_VIEW[:n].tobytes()
             with trio.move_on_at(deadline) as scope:
                 await _wait_readable(sock)
             if scope.cancelled_caught:

@@ -104,6 +104,9 @@ class Metrics:
         #: (route, model, upstream, outcome) → its request counter and latency histogram; (model, upstream) → TTFT.
         self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
         self._ttft_children: dict[tuple[str, str], Histogram] = {}
+        #: (model, upstream, direction, source) → token counter; (upstream, outcome) → attempt counter.
+        self._token_children: dict[tuple[str, str, str, str], Counter] = {}
+        self._attempt_children: dict[tuple[str, str], Counter] = {}
 
     def observe(self, batch: list[Record]) -> None:
         """Count a batch of usage records (the writer's ``observe`` hook)."""
@@ -127,17 +130,30 @@ class Metrics:
                     ttft = self._ttft_children[(model, upstream)] = self.ttft.labels(model, upstream)
                 ttft.observe(rec.ttft_ms / 1000)
             if rec.prompt_tokens:
-                self.tokens.labels(model, upstream, "prompt", rec.token_source).inc(rec.prompt_tokens)
+                self._tokens(model, upstream, "prompt", rec.token_source).inc(rec.prompt_tokens)
             if rec.completion_tokens:
-                self.tokens.labels(model, upstream, "completion", rec.token_source).inc(rec.completion_tokens)
+                self._tokens(model, upstream, "completion", rec.token_source).inc(rec.completion_tokens)
+            attempt_children = self._attempt_children
             for attempt in rec.attempts:
-                self.attempts.labels(attempt.upstream, attempt.outcome).inc()
+                attempts = attempt_children.get((attempt.upstream, attempt.outcome))
+                if attempts is None:
+                    attempts = attempt_children[(attempt.upstream, attempt.outcome)] = self.attempts.labels(
+                        attempt.upstream, attempt.outcome
+                    )
+                attempts.inc()
             if rec.attempts and rec.upstream and rec.attempts[0].upstream != rec.upstream:
                 self.failovers.labels(model).inc()
             if rec.hedged and rec.attempts:
                 # Losers are cancelled when the winner is decided, so the attempt that ran longest started first.
                 first = max(rec.attempts, key=lambda a: a.ms).upstream
                 self.hedges.labels("won" if rec.upstream and rec.upstream != first else "cancelled").inc()
+
+    def _tokens(self, model: str, upstream: str, direction: str, source: str) -> Counter:
+        key = (model, upstream, direction, source)
+        child = self._token_children.get(key)
+        if child is None:
+            child = self._token_children[key] = self.tokens.labels(*key)
+        return child
 
     def refresh(self) -> None:
         """Copy the running gateway's state into the gauges (at each scrape, and every second with workers)."""

@@ -10,7 +10,8 @@ up in memory::
 
 A zero-buffer channel between a reader task and a writer task did the same with
 one more task switch per chunk; relaying in the reader task measured cheaper
-(docs/benchmarks.md), and a stall watchdog is the only other task.
+(docs/benchmarks.md). No other task per stream: one ``StallWatch`` for the whole
+gateway watches every stream's client writes.
 
 (the attempt that won already read up to the first content: that is how a hedge
 race is decided, see ``upstream.py``; those chunks go first). Bodies read whole by
@@ -29,6 +30,7 @@ closed without ``[DONE]`` is complete: it is ended at once, not waited on.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -81,6 +83,7 @@ async def relay_stream(
     error_line: Callable[[str], bytes],
     max_bytes: int,
     write_timeout: float,
+    stalls: StallWatch,
 ) -> None:
     """Send the head, then relay the body as it comes; end the body in every case but a lost client."""
     response = winner.response
@@ -90,11 +93,12 @@ async def relay_stream(
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     ex.status = response.status
     ex.response_started = True
-    writer = _ClientWriter(ex, send)
-    async with trio.open_nursery() as relay:
-        relay.start_soon(_watch_stall, ex, winner, writer, write_timeout)
+    writer = _ClientWriter(ex, send, winner, write_timeout)
+    stalls.watch(writer)
+    try:
         await pump(ex, winner, writer, usage_filter, error_line, max_bytes)
-        relay.cancel_scope.cancel()  # the watchdog's work is over
+    finally:
+        stalls.forget(writer)
     if not ex.client_gone:
         await finish(ex, send)
 
@@ -107,10 +111,10 @@ class _ClientWriter:
     channel or task switch sits between the two (measured in docs/benchmarks.md).
     """
 
-    __slots__ = ("ex", "send", "index", "since")
+    __slots__ = ("ex", "send", "winner", "timeout", "index", "since")
 
-    def __init__(self, ex: Exchange, send: Send) -> None:
-        self.ex, self.send, self.index = ex, send, 0
+    def __init__(self, ex: Exchange, send: Send, winner: Winner, timeout: float) -> None:
+        self.ex, self.send, self.winner, self.timeout, self.index = ex, send, winner, timeout, 0
         #: When the send in progress started (None between sends).
         self.since: float | None = None
 
@@ -128,25 +132,69 @@ class _ClientWriter:
         if ex.captured is not None and len(ex.captured) < CAPTURE_LIMIT:
             ex.captured += data
 
+    def stalled(self) -> None:
+        """The client took no data for ``timeout`` seconds: give up on it, release the upstream."""
+        ex = self.ex
+        ex.client_gone = True
+        ex.outcome, ex.error = "client_disconnect", f"the client took no data for {self.timeout:g} s"
+        self.winner.release()  # the pump's next read fails; the upstream sees its connection closed
 
-async def _watch_stall(ex: Exchange, winner: Winner, writer: _ClientWriter, timeout: float) -> None:
-    """Release the upstream when the client takes no data for ``timeout`` seconds.
+
+class StallWatch:
+    """One watchdog for every relayed stream: a client that takes no data for its
+    stream's ``write_timeout`` is given up on, and that stream's upstream released.
 
     Hypercorn shields its socket writes, so a send to a client that stopped reading
     cannot be cancelled, and the client's connection stays until the client goes away.
     What the gateway can do is stop the upstream at once (closing its connection
-    makes vLLM or Ollama stop generating) and record the stall. One timer per
-    stream per ``timeout``: no cost per chunk beyond two assignments in the writer.
+    makes vLLM or Ollama stop generating) and record the stall.
+
+    One task (``run``, in the service nursery) instead of one per stream: a stream
+    costs a set insertion and removal, no task, nursery or timer of its own (measured
+    in docs/benchmarks.md). The task sleeps until the earliest moment a stall can be
+    due: the oldest send in progress plus its timeout, or, for writers between sends,
+    now plus their timeout (a send that starts later expires later still). ``watch``
+    brings that moment forward when a stream with a shorter timeout arrives.
     """
-    while True:
-        since = writer.since
-        now = trio.current_time()
-        if since is not None and now - since >= timeout:
-            ex.client_gone = True
-            ex.outcome, ex.error = "client_disconnect", f"the client took no data for {timeout:g} s"
-            winner.release()  # the pump's next read fails; the upstream sees its connection closed
-            return
-        await trio.sleep(timeout if since is None else since + timeout - now)
+
+    def __init__(self) -> None:
+        self._writers: set[_ClientWriter] = set()
+        self._wakeup: trio.CancelScope | None = None
+
+    def __len__(self) -> int:
+        return len(self._writers)
+
+    def watch(self, writer: _ClientWriter) -> None:
+        self._writers.add(writer)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            due = trio.current_time() + writer.timeout
+            if due < wakeup.deadline:
+                wakeup.deadline = due
+
+    def forget(self, writer: _ClientWriter) -> None:
+        self._writers.discard(writer)
+
+    def check(self, now: float) -> float:
+        """Give up on every stalled writer; return when the next check is due (``inf``: none watched)."""
+        due = math.inf
+        for writer in list(self._writers):  # bounded: the streams open now
+            since = writer.since
+            if since is None:
+                due = min(due, now + writer.timeout)
+            elif now - since >= writer.timeout:
+                self._writers.discard(writer)
+                writer.stalled()
+            else:
+                due = min(due, since + writer.timeout)
+        return due
+
+    async def run(self) -> None:
+        """Check at every due moment, until cancelled."""
+        while True:
+            with trio.CancelScope(deadline=self.check(trio.current_time())) as wakeup:
+                self._wakeup = wakeup
+                await trio.sleep_forever()
 
 
 async def pump(
@@ -173,7 +221,11 @@ async def pump(
     if scanner is not None and scanner.done:
         ex.finished = True  # (see below: the whole answer came with the first content)
     received = sum(len(d) for d in winner.prefetched)
-    last = winner.prefetched[-1] if winner.prefetched else b"\n\n"
+    # Only the end of the last chunk matters (``_closing``); nothing relayed is kept while the
+    # stream waits for its next piece: with hundreds of slow streams open, that is memory.
+    last = winner.prefetched[-1][-2:] if winner.prefetched else b"\n\n"
+    winner.prefetched.clear()
+    data = b""
     try:
         while True:
             data = await response.receive_some()
@@ -192,7 +244,7 @@ async def pump(
                 if not data:
                     continue
             await write(data)
-            last = data
+            last, data = data[-2:], b""
             sent += 1
             if scanner is not None and scanner.done:
                 # The terminating event ([DONE], done: true) is out: the answer is complete for the
@@ -202,14 +254,14 @@ async def pump(
         ex.outcome, ex.error = "upstream_error", exc.message
         if usage_filter is not None and (held := usage_filter.flush()):
             await write(held)
-            last = held
+            last = held[-2:]
         await write(_closing(last, error_line(f"{exc.message}; the answer is incomplete")))
         return
     except trio.ClosedResourceError:
-        return  # released by the stall watchdog: the client is gone, the outcome is already said
+        return  # released by the StallWatch: the client is gone, the outcome is already said
     if usage_filter is not None and (tail := usage_filter.flush()):
         await write(tail)
-        last = tail
+        last = tail[-2:]
     if scanner is None:
         return
     if scanner.error is not None:

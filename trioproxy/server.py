@@ -10,6 +10,7 @@
              └─ service nursery
                 ├─ mock.serve_mock(...) × embedded mock  (the demo profile's upstreams)
                 ├─ health.run_checker(upstream) × N      loop until cancelled
+                ├─ relay.StallWatch.run                   every stream's stalled client writes
                 ├─ feed.watch_upstreams(feed, services)  health/circuit changes → the live feed
                 ├─ _watch_signals(shutdown)              SIGINT/SIGTERM → shutdown.set()
                 └─ _serve: hypercorn.trio.serve(app, shutdown_trigger=shutdown.wait)
@@ -218,6 +219,7 @@ async def main(
                         for runtime in runtimes.values():
                             reloader.start_checker(runtime)
                         service.start_soon(run_reloader, reload_recv, reloader)
+                        service.start_soon(services.stalls.run)
                         service.start_soon(watch_upstreams, feed, services)
                         if watch and profiles:
                             paths = [resolve_profile(name) for name in profiles]

@@ -1,0 +1,108 @@
+"""``relay.StallWatch``: one watchdog for every stream's client writes (MockClock, no sockets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from trioproxy.relay import StallWatch, _ClientWriter
+
+
+class FakeWinner:
+    def __init__(self) -> None:
+        self.released_at: float | None = None
+        self.released = trio.Event()
+
+    def release(self) -> None:
+        self.released_at = trio.current_time()
+        self.released.set()
+
+
+class FakeExchange:
+    client_gone = False
+    outcome = "ok"
+    error: str | None = None
+
+
+def writer(timeout: float) -> tuple[_ClientWriter, FakeExchange, FakeWinner]:
+    ex, winner = FakeExchange(), FakeWinner()
+
+    async def send(message: dict[str, Any]) -> None:
+        raise AssertionError("not sent in these tests")
+
+    return _ClientWriter(ex, send, winner, timeout), ex, winner  # type: ignore[arg-type]
+
+
+async def test_check_stalls_only_a_send_older_than_its_timeout() -> None:
+    watch = StallWatch()
+    busy, busy_ex, busy_winner = writer(5.0)
+    idle, idle_ex, _ = writer(5.0)
+    fresh, fresh_ex, _ = writer(5.0)
+    for w in (busy, idle, fresh):
+        watch._writers.add(w)
+    busy.since, fresh.since = 100.0, 103.0
+    # Not yet: the next check is due when the older send reaches its timeout.
+    assert watch.check(104.0) == 105.0
+    assert not busy_ex.client_gone
+    # At 105 the older send has waited 5 s: given up on, and no longer watched.
+    assert watch.check(105.0) == 108.0  # the fresh send's expiry comes before the idle writer's 110
+    assert busy_ex.client_gone and busy_ex.outcome == "client_disconnect"
+    assert busy_ex.error is not None and "took no data for 5 s" in busy_ex.error
+    assert busy_winner.released_at is not None
+    assert len(watch) == 2
+    assert not idle_ex.client_gone and not fresh_ex.client_gone
+
+
+def test_nothing_watched_means_no_wakeup() -> None:
+    assert StallWatch().check(0.0) == float("inf")
+
+
+async def test_a_stuck_send_is_given_up_on_at_its_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    watch = StallWatch()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch.run)
+        await trio.testing.wait_all_tasks_blocked()
+        w, ex, winner = writer(2.0)
+        watch.watch(w)
+        start = trio.current_time()
+        w.since = start  # a send starts and never returns
+        await winner.released.wait()
+        assert winner.released_at == pytest.approx(start + 2.0)
+        assert ex.client_gone and len(watch) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_shorter_timeout_brings_the_next_check_forward(autojump_clock: trio.testing.MockClock) -> None:
+    watch = StallWatch()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch.run)
+        await trio.testing.wait_all_tasks_blocked()
+        slow, _, _ = writer(60.0)
+        watch.watch(slow)  # the watchdog now sleeps up to 60 s
+        await trio.testing.wait_all_tasks_blocked()
+        quick, _, quick_winner = writer(1.0)
+        watch.watch(quick)
+        start = trio.current_time()
+        quick.since = start
+        await quick_winner.released.wait()
+        assert quick_winner.released_at == pytest.approx(start + 1.0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_writer_that_keeps_sending_is_never_stalled(autojump_clock: trio.testing.MockClock) -> None:
+    watch = StallWatch()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch.run)
+        w, ex, winner = writer(1.0)
+        watch.watch(w)
+        for _ in range(20):  # each send takes 0.9 s: slow, but under the timeout
+            w.since = trio.current_time()
+            await trio.sleep(0.9)
+            w.since = None
+            await trio.sleep(0.5)
+        watch.forget(w)
+        assert winner.released_at is None and not ex.client_gone
+        nursery.cancel_scope.cancel()
