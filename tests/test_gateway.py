@@ -338,3 +338,57 @@ async def test_a_proxys_request_id_is_kept_only_when_trusted_and_well_formed(
     assert all(re.fullmatch(r"[0-9a-f]{24}", a) for a, k in zip(answered, kept) if not k)
     assert seen_upstream[-3:] == answered  # the upstream gets the same id the client sees
     assert [r["request_id"] for r in read_records(gw) if r["route"] == "/v1/chat/completions"] == answered
+
+
+async def test_a_body_that_stops_arriving_gets_408_and_one_record(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """``server.body_timeout_s`` bounds the body read (the same cancel scope then bounds the relay)."""
+    with trio.fail_after(30):
+        mock = await start_mock()
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}") + "[server]\nbody_timeout_s = 0.2\n"
+        )
+        port = int(gw.url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n" + b'{"model":"mock-llama",'
+            )
+            answer = b""
+            while b"}}" not in answer:  # the whole error body; the client never sends the rest
+                data = await stream.receive_some()
+                assert data, answer
+                answer += data
+        await stop(gw)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    (record,) = read_records(gw)
+    assert record["status"] == 408 and record["outcome"] == "rejected"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_total_timeout_ends_a_slow_answer(
+    start_mock: StartMock, start_gateway: StartGateway, stream: bool
+) -> None:
+    """``routing.total_timeout_ms``: 504 before the head; after it, the stream ends with an error event."""
+    with trio.fail_after(30):
+        # Non-streamed: the answer comes after 5 s. Streamed: the head and first token at once, then 5 s a token.
+        mock = await start_mock(tokens=3, ttft_ms=0 if stream else 5000, token_delay_ms=5000)
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}") + "[routing]\ntotal_timeout_ms = 300\n"
+        )
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            response = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        await stop(gw)
+    (record,) = read_records(gw)
+    assert record["outcome"] == "timeout" and "longer than 0.3 s" in record["error"]
+    if stream:
+        assert response.status_code == 200
+        events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+        assert "longer than 0.3 s" in json.loads(events[-1][6:])["error"]["message"]
+    else:
+        assert response.status_code == 504
+        assert "longer than 0.3 s" in response.json()["error"]["message"]

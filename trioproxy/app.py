@@ -102,11 +102,7 @@ class ProxyApp:
                 authorization = header_value(scope["headers"], b"authorization")
                 await serve_local(route, services, ex, send, client[0] if client else None, authorization)
                 return
-            with trio.move_on_after(services.config.server.body_timeout_s) as reading:
-                body = await read_body(receive, ex, scope, services.config.server.max_body_bytes)
-            if reading.cancelled_caught:
-                raise RequestError("the request body did not arrive in time", code="request_timeout", status_hint=408)
-            await self._relay(route, scope, receive, send, ex, body)
+            await self._proxy(route, scope, receive, send, ex)
         except ClientGone:
             ex.outcome, ex.client_gone = "client_disconnect", True
         except TrioproxyError as exc:
@@ -178,84 +174,48 @@ class ProxyApp:
         finally:
             services.sink.submit(ex.to_record(trio.current_time()))
 
-    async def _relay(
-        self, route: Route, scope: dict[str, Any], receive: Receive, send: Send, ex: Exchange, body: bytes
-    ) -> None:
+    async def _proxy(self, route: Route, scope: dict[str, Any], receive: Receive, send: Send, ex: Exchange) -> None:
+        """Read the body, then relay the answer.
+
+        One cancel scope, the request nursery's, bounds both phases: its deadline is
+        ``server.body_timeout_s`` while the body is read, then ``routing.total_timeout_ms``
+        (two scopes fewer per request than a ``move_on_after`` each: docs/benchmarks.md).
+        """
         services = self.services
         # One snapshot for the whole request: a profile reload swaps both, and this request
         # finishes on the upstreams it started with.
         config, runtimes = services.config, services.runtimes
-        doc = decode_json(body) if route.needs_model or body else {}
-        model = model_of(doc) if route.needs_model else None
-        ex.model_requested = model
-        if config.telemetry.log_payloads:  # the operator opted in: keep the prompt, never a key
-            try:
-                ex.payload, ex.captured = {"request": redact(doc)}, bytearray()
-            except RecursionError:
-                ex.payload, ex.captured = {"request": "(not logged: nested too deeply)"}, bytearray()
-        stream = doc.get("stream")
-        if stream is None:  # absent or null: the route's default, as OpenAI, vLLM and Ollama take it
-            stream = route.stream_default
-        if not isinstance(stream, bool):
-            raise RequestError("'stream' must be true or false", param="stream")
-        ex.stream = stream and route.streams
-        services.rr += 1
-        plan = _plan(route, model, services, config, runtimes)
-        inject_usage = (
-            ex.stream
-            and route.scanner == "sse"
-            and config.telemetry.request_usage
-            and not _asks_usage(doc.get("stream_options"))
-        )
-        bodies: dict[str, bytes] = {}
-
-        def body_for(target: Target) -> bytes:
-            if model is None or (target.model == model and not inject_usage):
-                return body
-            if target.model not in bodies:
-                edited = dict(doc, model=target.model)
-                if inject_usage:
-                    options = doc.get("stream_options")
-                    edited["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
-                bodies[target.model] = json.dumps(edited, separators=(",", ":")).encode()  # ASCII: a lone surrogate stays an escape
-            return bodies[target.model]
-
-        outgoing = OutgoingRequest(
-            method=scope["method"].encode(),
-            # The route's own path, never the client's raw bytes: only configured base URL + known path go out.
-            target=route.path.encode() + upstream_query(scope["query_string"]),
-            headers=upstream_request_headers(
-                scope["headers"], request_id=ex.request_id, extra=[], json_body=bool(body)
-            ),
-            body_for=body_for,
-            stream=ex.stream,
-            new_scanner=_scanner_factory(route),
-            max_response_bytes=config.server.max_response_bytes,
-        )
         total_s = config.routing.total_timeout_ms / 1000
-        with trio.move_on_after(total_s) as deadline:
-            try:
-                async with trio.open_nursery() as request:
-                    # Started only now that the body is read (STYLE.md §2). Unlike STYLE.md's
-                    # "whoever finishes the work cancels the scope", a complete answer does not
-                    # cancel it: Hypercorn (0.17, 0.18; h11 and h2) queues http.disconnect during
-                    # the last body send, so it returns by itself (pinned by test_gateway.py).
-                    request.start_soon(_watch_disconnect, receive, request.cancel_scope, ex)
-                    try:
-                        await self._answer(plan, outgoing, send, ex, route, inject_usage, config, runtimes)
-                    finally:
-                        # Once the last body message is out, the watcher's receive() is already
-                        # answered (http.disconnect) and it returns by itself: waking it is one task
-                        # switch, cancelling it cost ~10-25 µs more per request (loadtest/bench_app.py,
-                        # docs/benchmarks.md). Otherwise the work ended without a complete response:
-                        # cancel the watcher.
-                        if not ex.ended:
-                            request.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                raise single_error(group) from None
+        plan: RoutePlan | None = None
+        try:
+            async with trio.open_nursery() as request:
+                limit = request.cancel_scope
+                limit.deadline = trio.current_time() + config.server.body_timeout_s
+                body = await read_body(receive, ex, scope, config.server.max_body_bytes)
+                plan, outgoing, inject_usage = _prepare(route, scope, ex, body, services, config, runtimes)
+                limit.deadline = trio.current_time() + total_s
+                # Started only now that the body is read (STYLE.md §2). Unlike STYLE.md's
+                # "whoever finishes the work cancels the scope", a complete answer does not
+                # cancel it: Hypercorn (0.17, 0.18; h11 and h2) queues http.disconnect during
+                # the last body send, so it returns by itself (pinned by test_gateway.py).
+                request.start_soon(_watch_disconnect, receive, limit, ex)
+                try:
+                    await self._answer(plan, outgoing, send, ex, route, inject_usage, config, runtimes)
+                finally:
+                    # Once the last body message is out, the watcher's receive() is already
+                    # answered (http.disconnect) and it returns by itself: waking it is one task
+                    # switch, cancelling it cost ~10-25 µs more per request (loadtest/bench_app.py,
+                    # docs/benchmarks.md). Otherwise the work ended without a complete response:
+                    # cancel the watcher.
+                    if not ex.ended:
+                        limit.cancel()
+        except BaseExceptionGroup as group:
+            raise single_error(group) from None
+        if plan is None:  # the body's deadline passed (an error while reading raised above)
+            raise RequestError("the request body did not arrive in time", code="request_timeout", status_hint=408)
         if ex.client_gone and ex.outcome == "ok":  # an upstream failure seen first stays the outcome
             ex.outcome = "client_disconnect"
-        elif deadline.cancelled_caught:
+        elif limit.cancelled_caught and not ex.ended and trio.current_time() >= limit.deadline:
             ex.outcome, ex.error = "timeout", f"the request took longer than {total_s:g} s"
             if ex.response_started:
                 await finish(ex, send, route.error_line(ex.error))
@@ -316,6 +276,71 @@ class ProxyApp:
                 ex.outcome = "upstream_error"
         finally:
             winner.release()
+
+
+def _prepare(
+    route: Route,
+    scope: dict[str, Any],
+    ex: Exchange,
+    body: bytes,
+    services: Services,
+    config: Config,
+    runtimes: dict[str, UpstreamRuntime],
+) -> tuple[RoutePlan, OutgoingRequest, bool]:
+    """Decode the body once, route it, and build what every attempt sends [sync: no I/O].
+
+    Returns the plan, the outgoing request, and whether the stream is asked for usage.
+
+    Raises:
+      RequestError: bad JSON, a bad ``model`` or ``stream``.
+      RoutingError: no upstream serves the model.
+    """
+    doc = decode_json(body) if route.needs_model or body else {}
+    model = model_of(doc) if route.needs_model else None
+    ex.model_requested = model
+    if config.telemetry.log_payloads:  # the operator opted in: keep the prompt, never a key
+        try:
+            ex.payload, ex.captured = {"request": redact(doc)}, bytearray()
+        except RecursionError:
+            ex.payload, ex.captured = {"request": "(not logged: nested too deeply)"}, bytearray()
+    stream = doc.get("stream")
+    if stream is None:  # absent or null: the route's default, as OpenAI, vLLM and Ollama take it
+        stream = route.stream_default
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be true or false", param="stream")
+    ex.stream = stream and route.streams
+    services.rr += 1
+    plan = _plan(route, model, services, config, runtimes)
+    inject_usage = (
+        ex.stream
+        and route.scanner == "sse"
+        and config.telemetry.request_usage
+        and not _asks_usage(doc.get("stream_options"))
+    )
+    bodies: dict[str, bytes] = {}
+
+    def body_for(target: Target) -> bytes:
+        if model is None or (target.model == model and not inject_usage):
+            return body
+        if target.model not in bodies:
+            edited = dict(doc, model=target.model)
+            if inject_usage:
+                options = doc.get("stream_options")
+                edited["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
+            bodies[target.model] = json.dumps(edited, separators=(",", ":")).encode()  # ASCII: a lone surrogate stays an escape
+        return bodies[target.model]
+
+    outgoing = OutgoingRequest(
+        method=scope["method"].encode(),
+        # The route's own path, never the client's raw bytes: only configured base URL + known path go out.
+        target=route.path.encode() + upstream_query(scope["query_string"]),
+        headers=upstream_request_headers(scope["headers"], request_id=ex.request_id, extra=[], json_body=bool(body)),
+        body_for=body_for,
+        stream=ex.stream,
+        new_scanner=_scanner_factory(route),
+        max_response_bytes=config.server.max_response_bytes,
+    )
+    return plan, outgoing, inject_usage
 
 
 def _plan(

@@ -9,7 +9,7 @@ errors go back to whoever asked (and to the log). Otherwise it:
   concurrency gate and health checker;
 - creates the new and changed ones (starting embedded mocks and health checkers);
 - swaps ``services.config`` and ``services.runtimes`` together, with no await in
-  between: a request takes both once when it starts (``app._relay``), so new
+  between: a request takes both once when it starts (``app.ProxyApp._proxy``), so new
   requests see the new profile and in-flight ones finish on their old upstreams;
 - cancels the checkers of removed upstreams and closes their pools (a response still
   open on a closed pool closes its own connection when it is released).
