@@ -74,6 +74,8 @@ class Driver:
         self.peak_open = 0
         self.all_open = trio.Event()
         self.want_open = 0
+        #: Wall time per request of the last measurement (concurrency 1: the latency).
+        self.wall_us = 0.0
 
     async def one(self) -> None:
         scope: dict[str, Any] = {
@@ -119,6 +121,8 @@ class Driver:
         await self.app(scope, receive, send)
         if status != 200:
             self.errors += 1
+            if self.errors == 1:
+                print(f"first error: status {status}", file=sys.stderr)
 
 
 async def measure(driver: Driver, n: int, concurrency: int) -> float:
@@ -129,11 +133,13 @@ async def measure(driver: Driver, n: int, concurrency: int) -> float:
         for _ in range(per_task):
             await driver.one()
 
-    cpu0 = time.process_time()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
             nursery.start_soon(worker)
-    return (time.process_time() - cpu0) / (per_task * concurrency) * 1e6
+    done = per_task * concurrency
+    driver.wall_us = (time.perf_counter() - wall0) / done * 1e6
+    return (time.process_time() - cpu0) / done * 1e6
 
 
 def print_shares(stats: pstats.Stats) -> None:
@@ -202,7 +208,16 @@ async def run(args: argparse.Namespace) -> None:
                      "stream": args.stream}, separators=(",", ":")
                 ).encode()
                 driver = Driver(app, body, HEADERS)
-                await measure(driver, min(args.n, 2000), 1)  # warm-up: connections, caches
+                await measure(driver, min(args.n, 2000 if not args.stream else 64), 1 if not args.stream else 64)  # warm-up
+                if not args.stream:  # the upstream alone, through the same pool: the latency floor
+                    pool = running.services.runtimes["primary"].pool
+                    n = min(args.n, 5000)
+                    wall0 = time.perf_counter()
+                    for _ in range(n):
+                        with await pool.open_response(b"POST", b"/v1/chat/completions", HEADERS[1:], body,
+                                                      first_byte_timeout=10, idle_timeout=10) as response:
+                            await response.read_all(max_bytes=1 << 20)
+                    print(f"pool alone: {(time.perf_counter() - wall0) / n * 1e6:7.1f} µs wall per request")
                 if args.memory:
                     await measure_memory(driver, args.memory, args.top)
                 for concurrency in args.concurrency:
@@ -216,8 +231,9 @@ async def run(args: argparse.Namespace) -> None:
                         stats = pstats.Stats(profiler)
                         stats.sort_stats("tottime").print_stats(args.profile)
                         print_shares(stats)
-                    print(f"concurrency {concurrency:4d}: {us:7.1f} µs gateway CPU per request "
-                          f"({args.n} requests, {driver.errors} errors)", flush=True)
+                    print(f"concurrency {concurrency:4d}: {us:7.1f} µs gateway CPU per request, "
+                          f"{driver.wall_us:7.1f} µs wall per request ({args.n} requests, {driver.errors} errors)",
+                          flush=True)
                 running.shutdown.set()
             await running.stopped.wait()
             records = sum(sum(1 for _ in open(p, "rb")) for p in Path(tmp).glob("usage-*.jsonl"))

@@ -23,6 +23,7 @@ import trustme
 from trioproxy import pool as pool_module
 from trioproxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from trioproxy.pool import ConnectionPool, PoolStatistics, UpstreamResponse
+from trioproxy.watchdog import Watchdog
 
 LIMIT = 10  # seconds: a deadlock fails the test instead of hanging it
 SHORT = 0.2  # a timeout that real-socket tests expect to fire
@@ -724,3 +725,99 @@ def test_base_url_validation() -> None:
         ConnectionPool("http://", upstream_id="u")
     assert ConnectionPool("http://[::1]:80/", upstream_id="u")._host_header == b"[::1]"
     assert ConnectionPool("https://h.example:8443", upstream_id="u")._host_header == b"h.example:8443"
+
+
+# --- the watchdog (server.main gives every pool one) ------------------------------------------
+
+
+async def test_a_watched_idle_timeout_is_exact_and_keeps_no_scope_per_wait(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peers: list[socket.socket] = []
+
+    async def socketpair_end(family: int, sockaddr: object) -> socket.socket:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        peers.append(theirs)
+        return ours
+
+    monkeypatch.setattr(pool_module, "connect_socket", socketpair_end)
+    watchdog = Watchdog()
+    scopes: list[float] = []
+    real_move_on_at = trio.move_on_at
+
+    def counting_move_on_at(deadline: float, **kwargs: Any) -> trio.CancelScope:
+        scopes.append(deadline)
+        return real_move_on_at(deadline, **kwargs)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog.run)
+            async with make_pool(9, watchdog=watchdog) as pool:
+
+                async def trickle() -> None:
+                    peers[-1].send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    for _ in range(5):  # a chunk every 6 s: under the 7 s idle timeout every time
+                        await trio.sleep(6)
+                        peers[-1].send(b"2\r\nab\r\n")
+
+                nursery.start_soon(trickle)
+                response = await pool.open_response(b"GET", b"/", [], b"", first_byte_timeout=3, idle_timeout=7)
+                monkeypatch.setattr(trio, "move_on_at", counting_move_on_at)
+                start = trio.current_time()
+                for _ in range(5):
+                    assert await response.receive_some() == b"ab"
+                assert scopes == []  # the five waits were timed by the watchdog
+                assert len(watchdog) == 1
+                with pytest.raises(UpstreamTimeout, match="no body data for 7s") as caught:
+                    await response.receive_some()
+                assert caught.value.phase == "idle"
+                assert trio.current_time() - start == pytest.approx(30 + 7)
+                response.release()
+                assert len(watchdog) == 0 and pool.statistics().idle == 0
+            nursery.cancel_scope.cancel()
+    for peer in peers:
+        peer.close()
+
+
+async def test_a_watched_response_read_to_its_end_is_forgotten_and_reused(nursery: trio.Nursery) -> None:
+    async def script(stream: Stream, request: Request) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await trio.testing.wait_all_tasks_blocked()  # the body comes once the reader waits for it
+        await stream.send_all(b"3\r\nabc\r\n0\r\n\r\n")
+        return True
+
+    upstream = await start_upstream(nursery, script)
+    watchdog = Watchdog()
+    nursery.start_soon(watchdog.run)
+    with trio.fail_after(LIMIT):
+        async with make_pool(upstream, watchdog=watchdog) as pool:
+            for _ in range(3):
+                assert await fetch(pool) == b"abc"
+                assert len(watchdog) == 0
+            assert pool.statistics().connects == 1
+
+
+async def test_a_watched_read_released_by_another_task_is_not_a_timeout(nursery: trio.Nursery) -> None:
+    async def script(stream: Stream, request: Request) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await trio.sleep_forever()
+        return False
+
+    upstream = await start_upstream(nursery, script)
+    watchdog = Watchdog()
+    nursery.start_soon(watchdog.run)
+    with trio.fail_after(LIMIT):
+        async with make_pool(upstream, watchdog=watchdog) as pool:
+            response = await get(pool, timeout=60)
+            assert await response.receive_some() == b"abc"
+            async with trio.open_nursery() as inner:
+
+                async def reader() -> None:
+                    with pytest.raises(trio.ClosedResourceError):
+                        await response.receive_some()
+
+                inner.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                response.release()  # what the relay's client-write watchdog does to a stalled stream
+            assert len(watchdog) == 0

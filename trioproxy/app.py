@@ -268,7 +268,7 @@ class ProxyApp:
                     error_line=route.error_line,
                     max_bytes=config.server.max_response_bytes,
                     write_timeout=config.server.client_write_timeout_s,
-                    stalls=services.stalls,
+                    watchdog=services.watchdog,
                 )
                 if winner.scanner is not None:
                     _take_usage(ex, winner.scanner)

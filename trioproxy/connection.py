@@ -14,6 +14,7 @@ our error tree, once. Nothing here spawns a task, locks or keeps global state.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 import ssl
@@ -92,7 +93,11 @@ class RawConnection:
                 return True
 
     async def receive(self, deadline: float) -> bytes | None:
-        """The next bytes (b"" at EOF), or None if nothing came by ``deadline``."""
+        """The next bytes (b"" at EOF), or None if nothing came by ``deadline`` (``inf``: no deadline).
+
+        Raises:
+          trio.ClosedResourceError: the socket was closed (``close``) while this waited.
+        """
         sock = self.sock
         await _checkpoint_if_cancelled()
         while True:  # bounded: returns data, or waits under the deadline
@@ -102,6 +107,9 @@ class RawConnection:
                 pass
             else:
                 return _RECV_VIEW[:n].tobytes()
+            if deadline == math.inf:  # timed out by a watchdog instead (pool.py): no scope
+                await _wait_readable(sock)
+                continue
             with trio.move_on_at(deadline) as scope:
                 await _wait_readable(sock)
             if scope.cancelled_caught:

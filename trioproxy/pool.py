@@ -34,6 +34,7 @@ Transport failures become our errors here, once: connect problems and resets
 
 from __future__ import annotations
 
+import math
 import socket
 import ssl
 from types import TracebackType
@@ -45,6 +46,7 @@ from attrs import frozen
 from .connection import Connection, RawConnection, connect_socket, literal_addresses, resolve, start_tls
 from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from .http1 import IncompleteMessage, ProtocolError, ResponseHead, ResponseParser, serialize_request
+from .watchdog import Watchdog
 
 __all__ = ["ConnectionPool", "PoolStatistics", "UpstreamResponse"]
 
@@ -70,6 +72,24 @@ class PoolStatistics:
     discarded: int
 
 
+class _IdleWait:
+    """A plain-HTTP response's waits for body bytes, as the pool's ``Watchdog`` sees them."""
+
+    __slots__ = ("response", "timeout", "since", "expired")
+
+    def __init__(self, response: UpstreamResponse, timeout: float) -> None:
+        self.response, self.timeout = response, timeout
+        self.since: float | None = None
+        self.expired = False
+
+    def expire(self) -> None:
+        """No body bytes for ``timeout``: close the connection, which wakes the parked read."""
+        self.expired = True
+        conn = self.response._conn
+        if conn is not None:
+            conn.close()
+
+
 class _StaleConnection(Exception):
     """A reused connection died before any response byte: retry on a fresh one."""
 
@@ -90,7 +110,7 @@ class UpstreamResponse:
 
     __slots__ = (
         *("status", "reason", "headers", "content_length", "chunked", "head"),
-        *("_pool", "_conn", "_parser", "_idle_timeout"),
+        *("_pool", "_conn", "_parser", "_idle_timeout", "_idle"),
     )
 
     def __init__(
@@ -107,6 +127,8 @@ class UpstreamResponse:
         self._conn: Connection | None = conn
         self._parser = parser
         self._idle_timeout = idle_timeout
+        #: Set on the first watched wait (a pool with a watchdog, plain HTTP).
+        self._idle: _IdleWait | None = None
 
     @property
     def complete(self) -> bool:
@@ -142,12 +164,28 @@ class UpstreamResponse:
         conn = self._conn
         assert conn is not None  # receive_some checked; release() while we wait closes the socket under us
         upstream = self._pool.upstream_id
-        deadline = trio.current_time() + self._idle_timeout
+        watchdog = self._pool._watchdog
+        idle = self._idle
+        if idle is None and watchdog is not None and type(conn) is RawConnection:
+            # Watched: no cancel scope per wait (one per relayed chunk otherwise); the watchdog
+            # closes the connection if a wait lasts idle_timeout. release() forgets it.
+            idle = self._idle = _IdleWait(self, self._idle_timeout)
+            watchdog.watch(idle)
+        deadline = math.inf if idle is not None else trio.current_time() + self._idle_timeout
         while True:  # bounded: each pass feeds bytes or EOF, or raises on the deadline
+            if idle is not None:
+                idle.since = trio.current_time()
             try:
                 data = await conn.receive(deadline)
             except OSError as exc:
                 raise UpstreamConnectError(f"connection closed mid-body ({_reason(exc)})", upstream=upstream) from exc
+            except trio.ClosedResourceError:
+                if idle is None or not idle.expired:
+                    raise  # released by its owner meanwhile
+                data = None
+            finally:
+                if idle is not None:
+                    idle.since = None
             if data is None:
                 raise UpstreamTimeout(f"no body data for {self._idle_timeout:g}s", upstream=upstream, phase="idle")
             if data:
@@ -193,6 +231,8 @@ class UpstreamResponse:
         conn = self._conn
         if conn is not None:
             self._conn = None
+            if self._idle is not None and self._pool._watchdog is not None:
+                self._pool._watchdog.forget(self._idle)
             self._pool._put_back(conn, self._parser.reusable)
 
     async def aclose(self) -> None:
@@ -219,6 +259,8 @@ class ConnectionPool:
       max_idle: idle connections kept; more are closed on release.
       connect_timeout: seconds for name resolution, TCP connect and TLS handshake.
       ssl_context: for https (default: ``ssl.create_default_context()``).
+      watchdog: times out plain-HTTP body waits (``idle_timeout``) without a cancel scope
+        per wait; it must be running (``Watchdog.run``). None: a ``move_on_at`` per wait.
     """
 
     def __init__(
@@ -229,6 +271,7 @@ class ConnectionPool:
         max_idle: int = 256,
         connect_timeout: float = 2.0,
         ssl_context: ssl.SSLContext | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -244,6 +287,7 @@ class ConnectionPool:
         self._prefix = url.path.rstrip("/").encode("ascii")
         self._ssl_context = (ssl_context or ssl.create_default_context()) if self._tls else None
         self._max_idle = max_idle
+        self._watchdog = watchdog
         self._connect_timeout = connect_timeout
         self._addresses = literal_addresses(self._host, self._port)
         self._idle: list[Connection] = []

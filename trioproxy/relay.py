@@ -10,8 +10,9 @@ up in memory::
 
 A zero-buffer channel between a reader task and a writer task did the same with
 one more task switch per chunk; relaying in the reader task measured cheaper
-(docs/benchmarks.md). No other task per stream: one ``StallWatch`` for the whole
-gateway watches every stream's client writes.
+(docs/benchmarks.md). No other task per stream: the gateway's one ``Watchdog``
+watches every stream's client writes (a client that takes no data for
+``server.client_write_timeout_s`` is given up on, its upstream released).
 
 (the attempt that won already read up to the first content: that is how a hedge
 race is decided, see ``upstream.py``; those chunks go first). Bodies read whole by
@@ -30,7 +31,6 @@ closed without ``[DONE]`` is complete: it is ended at once, not waited on.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from .errors import UpstreamError
 from .headers import client_response_headers
 from .upstream import Winner
 from .usagefilter import UsageEventFilter
+from .watchdog import Watchdog
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -83,7 +84,7 @@ async def relay_stream(
     error_line: Callable[[str], bytes],
     max_bytes: int,
     write_timeout: float,
-    stalls: StallWatch,
+    watchdog: Watchdog,
 ) -> None:
     """Send the head, then relay the body as it comes; end the body in every case but a lost client."""
     response = winner.response
@@ -94,11 +95,11 @@ async def relay_stream(
     ex.status = response.status
     ex.response_started = True
     writer = _ClientWriter(ex, send, winner, write_timeout)
-    stalls.watch(writer)
+    watchdog.watch(writer)
     try:
         await pump(ex, winner, writer, usage_filter, error_line, max_bytes)
     finally:
-        stalls.forget(writer)
+        watchdog.forget(writer)
     if not ex.client_gone:
         await finish(ex, send)
 
@@ -132,69 +133,12 @@ class _ClientWriter:
         if ex.captured is not None and len(ex.captured) < CAPTURE_LIMIT:
             ex.captured += data
 
-    def stalled(self) -> None:
-        """The client took no data for ``timeout`` seconds: give up on it, release the upstream."""
+    def expire(self) -> None:
+        """(``Watchdog``) The client took no data for ``timeout`` seconds: give up on it, release the upstream."""
         ex = self.ex
         ex.client_gone = True
         ex.outcome, ex.error = "client_disconnect", f"the client took no data for {self.timeout:g} s"
         self.winner.release()  # the pump's next read fails; the upstream sees its connection closed
-
-
-class StallWatch:
-    """One watchdog for every relayed stream: a client that takes no data for its
-    stream's ``write_timeout`` is given up on, and that stream's upstream released.
-
-    Hypercorn shields its socket writes, so a send to a client that stopped reading
-    cannot be cancelled, and the client's connection stays until the client goes away.
-    What the gateway can do is stop the upstream at once (closing its connection
-    makes vLLM or Ollama stop generating) and record the stall.
-
-    One task (``run``, in the service nursery) instead of one per stream: a stream
-    costs a set insertion and removal, no task, nursery or timer of its own (measured
-    in docs/benchmarks.md). The task sleeps until the earliest moment a stall can be
-    due: the oldest send in progress plus its timeout, or, for writers between sends,
-    now plus their timeout (a send that starts later expires later still). ``watch``
-    brings that moment forward when a stream with a shorter timeout arrives.
-    """
-
-    def __init__(self) -> None:
-        self._writers: set[_ClientWriter] = set()
-        self._wakeup: trio.CancelScope | None = None
-
-    def __len__(self) -> int:
-        return len(self._writers)
-
-    def watch(self, writer: _ClientWriter) -> None:
-        self._writers.add(writer)
-        wakeup = self._wakeup
-        if wakeup is not None:
-            due = trio.current_time() + writer.timeout
-            if due < wakeup.deadline:
-                wakeup.deadline = due
-
-    def forget(self, writer: _ClientWriter) -> None:
-        self._writers.discard(writer)
-
-    def check(self, now: float) -> float:
-        """Give up on every stalled writer; return when the next check is due (``inf``: none watched)."""
-        due = math.inf
-        for writer in list(self._writers):  # bounded: the streams open now
-            since = writer.since
-            if since is None:
-                due = min(due, now + writer.timeout)
-            elif now - since >= writer.timeout:
-                self._writers.discard(writer)
-                writer.stalled()
-            else:
-                due = min(due, since + writer.timeout)
-        return due
-
-    async def run(self) -> None:
-        """Check at every due moment, until cancelled."""
-        while True:
-            with trio.CancelScope(deadline=self.check(trio.current_time())) as wakeup:
-                self._wakeup = wakeup
-                await trio.sleep_forever()
 
 
 async def pump(
@@ -258,7 +202,7 @@ async def pump(
         await write(_closing(last, error_line(f"{exc.message}; the answer is incomplete")))
         return
     except trio.ClosedResourceError:
-        return  # released by the StallWatch: the client is gone, the outcome is already said
+        return  # released by the Watchdog: the client is gone, the outcome is already said
     if usage_filter is not None and (tail := usage_filter.flush()):
         await write(tail)
         last = tail[-2:]

@@ -10,7 +10,7 @@
              └─ service nursery
                 ├─ mock.serve_mock(...) × embedded mock  (the demo profile's upstreams)
                 ├─ health.run_checker(upstream) × N      loop until cancelled
-                ├─ relay.StallWatch.run                   every stream's stalled client writes
+                ├─ watchdog.Watchdog.run                  every stream's client writes and upstream reads
                 ├─ feed.watch_upstreams(feed, services)  health/circuit changes → the live feed
                 ├─ _watch_signals(shutdown)              SIGINT/SIGTERM → shutdown.set()
                 └─ _serve: hypercorn.trio.serve(app, shutdown_trigger=shutdown.wait)
@@ -61,6 +61,7 @@ from .services import Services
 from .telemetry import Record, TelemetrySink
 from .usagelog import run_writer
 from .upstream import UpstreamRuntime
+from .watchdog import Watchdog
 from .workers import WorkerLink
 
 #: Hypercorn closes keep-alive client connections after this many requests by default (1,000); a proxy should not.
@@ -112,15 +113,19 @@ def auth_headers(upstream: Upstream, environ: dict[str, str] | os._Environ[str])
     return [(b"authorization", b"Bearer " + key.encode())]
 
 
-def build_runtime(config: Config, u: Upstream) -> UpstreamRuntime:
+def build_runtime(config: Config, u: Upstream, *, watchdog: Watchdog | None = None) -> UpstreamRuntime:
     pool = ConnectionPool(
-        u.base_url, upstream_id=u.id, max_idle=u.pool_max_idle, connect_timeout=u.timeouts.connect_ms / 1000
+        u.base_url,
+        upstream_id=u.id,
+        max_idle=u.pool_max_idle,
+        connect_timeout=u.timeouts.connect_ms / 1000,
+        watchdog=watchdog,
     )
     return UpstreamRuntime.create(u, pool, auth_headers(u, os.environ), config.routing)
 
 
-def build_runtimes(config: Config) -> dict[str, UpstreamRuntime]:
-    return {u.id: build_runtime(config, u) for u in config.upstreams}
+def build_runtimes(config: Config, *, watchdog: Watchdog | None = None) -> dict[str, UpstreamRuntime]:
+    return {u.id: build_runtime(config, u, watchdog=watchdog) for u in config.upstreams}
 
 
 async def start_embedded_mocks(config: Config, nursery: trio.Nursery) -> Config:
@@ -184,7 +189,10 @@ async def main(
                 async with records_send:
                     async with trio.open_nursery() as service:
                         config = await start_embedded_mocks(config, service)
-                        runtimes = build_runtimes(config)
+                        # Started first: the pools' body reads and the relay's client writes rely on it.
+                        watchdog = Watchdog()
+                        service.start_soon(watchdog.run)
+                        runtimes = build_runtimes(config, watchdog=watchdog)
                         board = HealthBoard(
                             rise={u.id: u.health.rise for u in config.upstreams},
                             fall={u.id: u.health.fall for u in config.upstreams},
@@ -205,6 +213,7 @@ async def main(
                             reload_send=reload_send if profiles else None,
                             worker_link=link,
                             shutdown=shutdown,
+                            watchdog=watchdog,
                         )
                         live.append(services)
                         reloader = Reloader(
@@ -213,13 +222,12 @@ async def main(
                             nursery=service,
                             board=board,
                             http=http,
-                            build=build_runtime,
+                            build=partial(build_runtime, watchdog=watchdog),
                             start_mocks=start_embedded_mocks,
                         )
                         for runtime in runtimes.values():
                             reloader.start_checker(runtime)
                         service.start_soon(run_reloader, reload_recv, reloader)
-                        service.start_soon(services.stalls.run)
                         service.start_soon(watch_upstreams, feed, services)
                         if watch and profiles:
                             paths = [resolve_profile(name) for name in profiles]

@@ -20,7 +20,7 @@ from .config import Config
 from .feed import Broadcaster
 from .health import HealthBoard
 from .metrics import Metrics
-from .relay import StallWatch
+from .watchdog import Watchdog
 from .telemetry import TelemetrySink
 from .upstream import UpstreamRuntime
 
@@ -58,5 +58,5 @@ class Services:
     rr: int = 0
     #: Model listings fetched from upstreams: key → (fetched_at, names or entries).
     catalog_cache: dict[str, tuple[float, Any]] = field(factory=dict)
-    #: The one watchdog of every relayed stream's client writes (``server.main`` runs it).
-    stalls: StallWatch = field(factory=StallWatch)
+    #: The one watchdog of every relayed stream's client writes and upstream reads (``server.main`` runs it).
+    watchdog: Watchdog = field(factory=Watchdog)

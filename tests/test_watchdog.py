@@ -1,4 +1,4 @@
-"""``relay.StallWatch``: one watchdog for every stream's client writes (MockClock, no sockets)."""
+"""``watchdog.Watchdog`` with the relay's client writers (MockClock, no sockets); the pool's waits: test_pool.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from trioproxy.relay import StallWatch, _ClientWriter
+from trioproxy.relay import _ClientWriter
+from trioproxy.watchdog import Watchdog
 
 
 class FakeWinner:
@@ -37,12 +38,12 @@ def writer(timeout: float) -> tuple[_ClientWriter, FakeExchange, FakeWinner]:
 
 
 async def test_check_stalls_only_a_send_older_than_its_timeout() -> None:
-    watch = StallWatch()
+    watch = Watchdog()
     busy, busy_ex, busy_winner = writer(5.0)
     idle, idle_ex, _ = writer(5.0)
     fresh, fresh_ex, _ = writer(5.0)
     for w in (busy, idle, fresh):
-        watch._writers.add(w)
+        watch.watch(w)
     busy.since, fresh.since = 100.0, 103.0
     # Not yet: the next check is due when the older send reaches its timeout.
     assert watch.check(104.0) == 105.0
@@ -57,11 +58,11 @@ async def test_check_stalls_only_a_send_older_than_its_timeout() -> None:
 
 
 def test_nothing_watched_means_no_wakeup() -> None:
-    assert StallWatch().check(0.0) == float("inf")
+    assert Watchdog().check(0.0) == float("inf")
 
 
 async def test_a_stuck_send_is_given_up_on_at_its_timeout(autojump_clock: trio.testing.MockClock) -> None:
-    watch = StallWatch()
+    watch = Watchdog()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch.run)
         await trio.testing.wait_all_tasks_blocked()
@@ -76,7 +77,7 @@ async def test_a_stuck_send_is_given_up_on_at_its_timeout(autojump_clock: trio.t
 
 
 async def test_a_shorter_timeout_brings_the_next_check_forward(autojump_clock: trio.testing.MockClock) -> None:
-    watch = StallWatch()
+    watch = Watchdog()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch.run)
         await trio.testing.wait_all_tasks_blocked()
@@ -93,7 +94,7 @@ async def test_a_shorter_timeout_brings_the_next_check_forward(autojump_clock: t
 
 
 async def test_a_writer_that_keeps_sending_is_never_stalled(autojump_clock: trio.testing.MockClock) -> None:
-    watch = StallWatch()
+    watch = Watchdog()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch.run)
         w, ex, winner = writer(1.0)
