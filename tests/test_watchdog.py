@@ -107,3 +107,20 @@ async def test_a_writer_that_keeps_sending_is_never_stalled(autojump_clock: trio
         watch.forget(w)
         assert winner.released_at is None and not ex.client_gone
         nursery.cancel_scope.cancel()
+
+
+async def test_an_expiry_that_fails_does_not_stop_the_others() -> None:
+    class Broken:
+        since: float | None = 0.0
+        timeout = 1.0
+
+        def expire(self) -> None:
+            raise RuntimeError("release() without a matching acquire")
+
+    watch = Watchdog()
+    good, ex, winner = writer(1.0)
+    good.since = 0.0
+    watch.watch(Broken())
+    watch.watch(good)
+    assert watch.check(5.0) == float("inf")
+    assert ex.client_gone and winner.released_at is not None and len(watch) == 0

@@ -192,6 +192,8 @@ class ProxyApp:
                 limit = request.cancel_scope
                 limit.deadline = trio.current_time() + config.server.body_timeout_s
                 body = await read_body(receive, ex, scope, config.server.max_body_bytes)
+                if limit.cancel_called:  # the deadline passed as the last piece came: too late all the same
+                    raise RequestError("the request body did not arrive in time", code="request_timeout", status_hint=408)
                 plan, outgoing, inject_usage = _prepare(route, scope, ex, body, services, config, runtimes)
                 limit.deadline = trio.current_time() + total_s
                 # Started only now that the body is read (STYLE.md §2). Unlike STYLE.md's
@@ -215,7 +217,8 @@ class ProxyApp:
             raise RequestError("the request body did not arrive in time", code="request_timeout", status_hint=408)
         if ex.client_gone and ex.outcome == "ok":  # an upstream failure seen first stays the outcome
             ex.outcome = "client_disconnect"
-        elif limit.cancelled_caught and not ex.ended and trio.current_time() >= limit.deadline:
+        elif limit.cancelled_caught and not ex.finished and trio.current_time() >= limit.deadline:
+            # (Once the last body message has begun, the answer stands: a second one would be refused.)
             ex.outcome, ex.error = "timeout", f"the request took longer than {total_s:g} s"
             if ex.response_started:
                 await finish(ex, send, route.error_line(ex.error))

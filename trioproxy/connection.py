@@ -8,7 +8,8 @@ operation tries the syscall first and parks in ``trio.lowlevel.wait_readable`` /
 
 Only OS-level errors leave this module (``OSError``, ``socket.gaierror``,
 ``trio.BrokenResourceError`` from a TLS handshake): ``pool.py`` turns them into
-our error tree, once. Nothing here spawns a task, locks or keeps global state.
+our error tree, once. Nothing here spawns a task or locks; the one global is the receive
+buffer of plain sockets (``_RECV_BUFFER``, used with no await between receive and copy).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ Policies, in one place:
   checkpoint right after sending the request gives the upstream time to answer,
   so under load the head is read without parking in epoll. Every wait is a full
   checkpoint, and the relay's zero-buffer channel yields once per piece.
-- No tasks, no locks, no global state: every I/O happens in the caller's task.
+- No tasks, no locks, no global state: every I/O happens in the caller's task (the one
+  exception: with a ``watchdog``, an idle timeout closes the socket from the watchdog's task).
 
 Transport failures become our errors here, once: connect problems and resets
 ``UpstreamConnectError``, non-HTTP bytes ``UpstreamProtocolError``, silence
@@ -178,7 +179,10 @@ class UpstreamResponse:
             try:
                 data = await conn.receive(deadline)
             except OSError as exc:
-                raise UpstreamConnectError(f"connection closed mid-body ({_reason(exc)})", upstream=upstream) from exc
+                if idle is not None and idle.expired:  # closed by the watchdog before this read ran
+                    data = None
+                else:
+                    raise UpstreamConnectError(f"connection closed mid-body ({_reason(exc)})", upstream=upstream) from exc
             except trio.ClosedResourceError:
                 if idle is None or not idle.expired:
                     raise  # released by its owner meanwhile
@@ -233,6 +237,7 @@ class UpstreamResponse:
             self._conn = None
             if self._idle is not None and self._pool._watchdog is not None:
                 self._pool._watchdog.forget(self._idle)
+                self._idle = None  # (it points back here: no cycle left for the GC)
             self._pool._put_back(conn, self._parser.reusable)
 
     async def aclose(self) -> None:

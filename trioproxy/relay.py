@@ -84,7 +84,7 @@ async def relay_stream(
     error_line: Callable[[str], bytes],
     max_bytes: int,
     write_timeout: float,
-    watchdog: Watchdog,
+    watchdog: Watchdog | None,
 ) -> None:
     """Send the head, then relay the body as it comes; end the body in every case but a lost client."""
     response = winner.response
@@ -95,11 +95,14 @@ async def relay_stream(
     ex.status = response.status
     ex.response_started = True
     writer = _ClientWriter(ex, send, winner, write_timeout)
-    watchdog.watch(writer)
-    try:
+    if watchdog is None:
         await pump(ex, winner, writer, usage_filter, error_line, max_bytes)
-    finally:
-        watchdog.forget(writer)
+    else:
+        watchdog.watch(writer)
+        try:
+            await pump(ex, winner, writer, usage_filter, error_line, max_bytes)
+        finally:
+            watchdog.forget(writer)
     if not ex.client_gone:
         await finish(ex, send)
 
@@ -124,8 +127,15 @@ class _ClientWriter:
         if ex.client_gone:
             return
         self.since = trio.current_time()
-        await self.send({"type": "http.response.body", "body": data, "more_body": True})
-        self.since = None
+        try:
+            await self.send({"type": "http.response.body", "body": data, "more_body": True})
+        except trio.BusyResourceError:  # the client hung up while Hypercorn wrote (see ``finish``)
+            ex.client_gone = True
+            if ex.outcome == "ok":
+                ex.outcome = "client_disconnect"
+            return
+        finally:
+            self.since = None
         ex.bytes_out += len(data)
         if self.index == ex.first_content_index:
             ex.ttft_ms = (trio.current_time() - ex.arrival) * 1000
@@ -253,7 +263,14 @@ async def finish(ex: Exchange, send: Send, body: bytes = b"") -> None:
     ex.bytes_out += len(body)
     if ex.captured is not None:
         ex.captured += body[:CAPTURE_LIMIT]
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    try:
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except trio.BusyResourceError:
+        # Hypercorn's race, not ours: a client that hangs up as soon as it has read the body
+        # makes Hypercorn send EOF (outside its send lock) while it writes this message's
+        # (empty) end. Everything was sent; the connection is going away. (Not ``ended``: the
+        # disconnect watcher is cancelled as for any unfinished exchange.)
+        return
     ex.ended = True
 
 

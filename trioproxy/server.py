@@ -245,8 +245,9 @@ async def main(
                             service.cancel_scope.cancel()
 
                         binds = await service.start(serve)
-                        # Everything built so far lives as long as the process: keep it out of the
-                        # cyclic GC's full passes, which would otherwise rescan it under load.
+                        # What start-up built mostly lives as long as the gateway: keep it out of the
+                        # cyclic GC's full passes, which would otherwise rescan it under load. (What a
+                        # reload drops is still freed by refcounting; only its cycles wait for unfreeze.)
                         gc.freeze()
                         if link is not None:
                             service.start_soon(link.run, shutdown, reload_send)
@@ -260,6 +261,7 @@ async def main(
                         )
                 logger.info("stopped serving; writing the last usage records")
     finally:
+        gc.unfreeze()  # several gateways in one process (tests): none keeps another's objects frozen
         with trio.CancelScope(shield=True):
             for runtime in {**runtimes, **(live[0].runtimes if live else {})}.values():
                 await runtime.pool.aclose()

@@ -58,5 +58,6 @@ class Services:
     rr: int = 0
     #: Model listings fetched from upstreams: key → (fetched_at, names or entries).
     catalog_cache: dict[str, tuple[float, Any]] = field(factory=dict)
-    #: The one watchdog of every relayed stream's client writes and upstream reads (``server.main`` runs it).
-    watchdog: Watchdog = field(factory=Watchdog)
+    #: The one watchdog of every relayed stream's client writes and upstream reads, run by
+    #: ``server.main`` (None only in tests that build Services by hand: no write timeout then).
+    watchdog: Watchdog | None = None

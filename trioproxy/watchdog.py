@@ -28,6 +28,7 @@ import math
 from typing import Protocol
 
 import trio
+from loguru import logger
 
 __all__ = ["Watchdog", "Watched"]
 
@@ -71,7 +72,10 @@ class Watchdog:
                 due = min(due, now + entry.timeout)
             elif now - since >= entry.timeout:
                 self._entries.discard(entry)
-                entry.expire()
+                try:
+                    entry.expire()
+                except Exception:  # one stream's cleanup must not stop the gateway's watchdog
+                    logger.exception("watchdog: expiring a wait failed")
             else:
                 due = min(due, since + entry.timeout)
         return due
