@@ -635,9 +635,11 @@ async def test_connect_timeout(autojump_clock: trio.testing.MockClock, monkeypat
     assert trio.current_time() == pytest.approx(2.5)
 
 
-async def test_first_byte_and_idle_timeouts_are_exact(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def socketpair_connects(monkeypatch: pytest.MonkeyPatch) -> list[socket.socket]:
+    """Make the pool "connect" to one end of a socketpair; the returned list gets the other ends.
+
+    No real listener: under MockClock only the pool's own deadlines move time.
+    """
     peers: list[socket.socket] = []
 
     async def socketpair_end(family: int, sockaddr: object) -> socket.socket:
@@ -647,6 +649,13 @@ async def test_first_byte_and_idle_timeouts_are_exact(
         return ours
 
     monkeypatch.setattr(pool_module, "connect_socket", socketpair_end)
+    return peers
+
+
+async def test_first_byte_and_idle_timeouts_are_exact(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peers = socketpair_connects(monkeypatch)
     with trio.fail_after(60):
         async with make_pool(9) as pool:
             with pytest.raises(UpstreamTimeout):
@@ -733,15 +742,7 @@ def test_base_url_validation() -> None:
 async def test_a_watched_idle_timeout_is_exact_and_keeps_no_scope_per_wait(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    peers: list[socket.socket] = []
-
-    async def socketpair_end(family: int, sockaddr: object) -> socket.socket:
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        peers.append(theirs)
-        return ours
-
-    monkeypatch.setattr(pool_module, "connect_socket", socketpair_end)
+    peers = socketpair_connects(monkeypatch)
     watchdog = Watchdog()
     scopes: list[float] = []
     real_move_on_at = trio.move_on_at
