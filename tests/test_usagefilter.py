@@ -172,3 +172,40 @@ def test_filter_passes_oversize_lines_untouched_however_they_arrive() -> None:
         assert out == line
         if cut > 50:
             assert outs[0] == line[:cut]  # past the cap nothing is held back
+
+
+_FRAGMENTS = [
+    b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}',
+    b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}',
+    b'data: {"usage":null,"id":"c"}',
+    b'data: {"id":"c" , "usage" : null}',
+    b'data: [DONE]',
+    b': keep-alive ,"usage":null',
+    b'id: 7,"usage":null',
+    b'event: message',
+    b"",
+    b"\r",
+    b'data: {"a":1,"usage":null,"usage":null}',
+    b'data: ' + b"x" * 60 + b',"usage":null}',
+]
+
+
+def _line_by_line(block: bytes, max_line_bytes: int) -> bytes:
+    slow = UsageEventFilter(max_line_bytes=max_line_bytes)
+    slow._all_on_data_lines = lambda block: False  # type: ignore[method-assign]
+    return slow.feed(block) + slow.flush()
+
+
+@given(st.lists(st.sampled_from(_FRAGMENTS), min_size=1, max_size=12), st.sampled_from([40, 1 << 20]))
+def test_filter_fast_path_gives_the_bytes_of_the_line_by_line_path(lines: list[bytes], max_line: int) -> None:
+    """The one-pass replace for blocks of compact null members must equal rewriting each line."""
+    block = b"\n".join(lines) + b"\n"
+    fast = UsageEventFilter(max_line_bytes=max_line)
+    assert fast.feed(block) + fast.flush() == _line_by_line(block, max_line)
+
+
+def test_filter_fast_path_takes_a_block_of_vllm_chunks_in_one_pass() -> None:
+    block = b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n' * 3
+    f = UsageEventFilter()
+    f._rewrite = None  # type: ignore[assignment,method-assign]  # the line path would call it
+    assert f.feed(block) == b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n' * 3
