@@ -202,7 +202,9 @@ class ProxyApp:
                 # the last body send, so it returns by itself (pinned by test_gateway.py).
                 request.start_soon(_watch_disconnect, receive, limit, ex)
                 try:
-                    await self._answer(plan, outgoing, send, ex, route, inject_usage, config, runtimes)
+                    answer = self._answer(plan, outgoing, send, ex, route, inject_usage, config, runtimes)
+                    del outgoing  # _answer drops it once the race is won (see there)
+                    await answer
                 finally:
                     # Once the last body message is out, the watcher's receive() is already
                     # answered (http.disconnect) and it returns by itself: waking it is one task
@@ -251,6 +253,9 @@ class ProxyApp:
             ex.upstream, ex.model_served = exc.upstream, _served(ex, exc.upstream)
             await _pass_through(send, ex, exc)
             return
+        # The race is over: the decoded request it kept for re-sends (~1 KiB) need not live as
+        # long as the stream (_proxy no longer holds it either).
+        del outgoing
         ex.hedged = race.hedged
         ex.upstream, ex.model_served = winner.target.upstream, winner.target.model
         ex.queue_ms = round(winner.queue_s * 1000, 3)

@@ -110,7 +110,7 @@ class UpstreamResponse:
     """
 
     __slots__ = (
-        *("status", "reason", "headers", "content_length", "chunked", "head"),
+        *("status", "reason", "headers", "content_length", "chunked"),
         *("_pool", "_conn", "_parser", "_idle_timeout", "_idle"),
     )
 
@@ -122,8 +122,6 @@ class UpstreamResponse:
         self.headers = head.headers
         self.content_length = head.content_length
         self.chunked = head.chunked
-        #: The full parsed head (http_version, keep_alive...).
-        self.head = head
         self._pool = pool
         self._conn: Connection | None = conn
         self._parser = parser
@@ -229,6 +227,10 @@ class UpstreamResponse:
                 raise UpstreamProtocolError(too_large, upstream=self._pool.upstream_id)
             pieces.append(piece)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def forget_headers(self) -> None:
+        """Drop the header list once it has been relayed: a stream would hold it for its whole life."""
+        self.headers = []
 
     def release(self) -> None:
         """Give the connection back if the body ended cleanly, else close it. Sync, idempotent."""

@@ -91,6 +91,7 @@ async def relay_stream(
     headers = client_response_headers(
         response.headers, request_id=ex.request_id, upstream_id=winner.target.upstream.encode(), streamed=True
     )
+    response.forget_headers()
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     ex.status = response.status
     ex.response_started = True
