@@ -153,55 +153,52 @@ class UpstreamResponse:
             piece = parser.next_body_piece()
         except ProtocolError as exc:
             raise UpstreamProtocolError(str(exc), upstream=self._pool.upstream_id) from exc
-        if piece is None:
-            piece = await self._receive_more(parser)
+        if piece is None:  # (inline, not a helper: a waiting stream holds one coroutine frame fewer)
+            conn = self._conn
+            assert conn is not None  # checked above; release() while we wait closes the socket under us
+            upstream = self._pool.upstream_id
+            watchdog = self._pool._watchdog
+            idle = self._idle
+            if idle is None and watchdog is not None and type(conn) is RawConnection:
+                # Watched: no cancel scope per wait (one per relayed chunk otherwise); the watchdog
+                # closes the connection if a wait lasts idle_timeout. release() forgets it.
+                idle = self._idle = _IdleWait(self, self._idle_timeout)
+                watchdog.watch(idle)
+            deadline = math.inf if idle is not None else trio.current_time() + self._idle_timeout
+            while True:  # bounded: each pass feeds bytes or EOF, or raises on the deadline
+                if idle is not None:
+                    idle.since = trio.current_time()
+                try:
+                    data = await conn.receive(deadline)
+                except OSError as exc:
+                    if idle is not None and idle.expired:  # closed by the watchdog before this read ran
+                        data = None
+                    else:
+                        raise UpstreamConnectError(f"connection closed mid-body ({_reason(exc)})", upstream=upstream) from exc
+                except trio.ClosedResourceError:
+                    if idle is None or not idle.expired:
+                        raise  # released by its owner meanwhile
+                    data = None
+                finally:
+                    if idle is not None:
+                        idle.since = None
+                if data is None:
+                    raise UpstreamTimeout(f"no body data for {self._idle_timeout:g}s", upstream=upstream, phase="idle")
+                if data:
+                    parser.feed(data)
+                else:
+                    parser.feed_eof()
+                try:
+                    piece = parser.next_body_piece()
+                except IncompleteMessage as exc:
+                    raise UpstreamConnectError("connection closed mid-body", upstream=upstream) from exc
+                except ProtocolError as exc:
+                    raise UpstreamProtocolError(str(exc), upstream=upstream) from exc
+                if piece is not None:
+                    break
         if self._conn is not None and parser.complete:
             self.release()  # clean end: hand the socket back before the caller even asks
         return piece
-
-    async def _receive_more(self, parser: ResponseParser) -> bytes:
-        conn = self._conn
-        assert conn is not None  # receive_some checked; release() while we wait closes the socket under us
-        upstream = self._pool.upstream_id
-        watchdog = self._pool._watchdog
-        idle = self._idle
-        if idle is None and watchdog is not None and type(conn) is RawConnection:
-            # Watched: no cancel scope per wait (one per relayed chunk otherwise); the watchdog
-            # closes the connection if a wait lasts idle_timeout. release() forgets it.
-            idle = self._idle = _IdleWait(self, self._idle_timeout)
-            watchdog.watch(idle)
-        deadline = math.inf if idle is not None else trio.current_time() + self._idle_timeout
-        while True:  # bounded: each pass feeds bytes or EOF, or raises on the deadline
-            if idle is not None:
-                idle.since = trio.current_time()
-            try:
-                data = await conn.receive(deadline)
-            except OSError as exc:
-                if idle is not None and idle.expired:  # closed by the watchdog before this read ran
-                    data = None
-                else:
-                    raise UpstreamConnectError(f"connection closed mid-body ({_reason(exc)})", upstream=upstream) from exc
-            except trio.ClosedResourceError:
-                if idle is None or not idle.expired:
-                    raise  # released by its owner meanwhile
-                data = None
-            finally:
-                if idle is not None:
-                    idle.since = None
-            if data is None:
-                raise UpstreamTimeout(f"no body data for {self._idle_timeout:g}s", upstream=upstream, phase="idle")
-            if data:
-                parser.feed(data)
-            else:
-                parser.feed_eof()
-            try:
-                piece = parser.next_body_piece()
-            except IncompleteMessage as exc:
-                raise UpstreamConnectError("connection closed mid-body", upstream=upstream) from exc
-            except ProtocolError as exc:
-                raise UpstreamProtocolError(str(exc), upstream=upstream) from exc
-            if piece is not None:
-                return piece
 
     async def read_all(self, *, max_bytes: int) -> bytes:
         """Read and return the whole body.
