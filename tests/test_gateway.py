@@ -392,3 +392,23 @@ async def test_the_total_timeout_ends_a_slow_answer(
     else:
         assert response.status_code == 504
         assert "longer than 0.3 s" in response.json()["error"]["message"]
+
+
+async def test_an_upstream_silent_mid_stream_is_cut_at_idle_ms(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    """``timeouts.idle_ms`` through the real server: the watchdog closes the silent upstream
+    connection, and the stream ends with an in-band error after what had been relayed."""
+    with trio.fail_after(30):
+        mock = await start_mock(tokens=3, ttft_ms=0, token_delay_ms=10_000)  # one token, then silence
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra="[upstreams.timeouts]\nidle_ms = 300\n")
+        )
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+            await mock.wait_disconnects(1)  # the gateway closed its connection to the silent upstream
+        await stop(gw)
+    assert response.status_code == 200
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["message"] == "upstream 'm': no body data for 0.3s; the answer is incomplete"
+    assert any(json.loads(e).get("choices") for e in events[:-1])  # the first token came through
+    (record,) = read_records(gw)
+    assert record["outcome"] == "upstream_error" and "no body data for 0.3s" in record["error"]
