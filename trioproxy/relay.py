@@ -96,13 +96,12 @@ async def relay_stream(
     ex.status = response.status
     ex.response_started = True
     writer = _ClientWriter(ex, send, winner, write_timeout)
-    if watchdog is None:
-        await pump(ex, winner, writer, usage_filter, error_line, max_bytes)
-    else:
+    if watchdog is not None:
         watchdog.watch(writer)
-        try:
-            await pump(ex, winner, writer, usage_filter, error_line, max_bytes)
-        finally:
+    try:
+        await pump(ex, winner, writer, usage_filter, error_line, max_bytes)
+    finally:
+        if watchdog is not None:
             watchdog.forget(writer)
     if not ex.client_gone:
         await finish(ex, send)
