@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -180,6 +181,24 @@ async def measure_memory(driver: Driver, streams: int, top: int) -> None:
               f"{frame.filename.split('site-packages/')[-1].split('/work/main/')[-1]}:{frame.lineno}")
 
 
+async def measure_garbage(driver: Driver, n: int, concurrency: int, top: int) -> None:
+    """Reference cycles left per request: what only the cyclic GC frees, by type."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        await measure(driver, n, concurrency)
+        found = gc.collect()
+        kinds = Counter(type(o).__qualname__ for o in gc.garbage)
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+        gc.enable()
+    print(f"--- concurrency {concurrency}: {found / n:.1f} objects in reference cycles per request ---")
+    for kind, count in kinds.most_common(top):
+        print(f"{count / n:8.2f}  {kind}")
+
+
 async def run(args: argparse.Namespace) -> None:
     port = _free_port()
     tokens = 64 if args.stream else 16
@@ -218,6 +237,9 @@ async def run(args: argparse.Namespace) -> None:
                                                       first_byte_timeout=10, idle_timeout=10) as response:
                             await response.read_all(max_bytes=1 << 20)
                     print(f"pool alone: {(time.perf_counter() - wall0) / n * 1e6:7.1f} µs wall per request")
+                if args.garbage:
+                    for concurrency in args.concurrency:
+                        await measure_garbage(driver, args.garbage, concurrency, args.top)
                 if args.memory:
                     await measure_memory(driver, args.memory, args.top)
                 for concurrency in args.concurrency:
@@ -250,6 +272,8 @@ if __name__ == "__main__":
     parser.add_argument("--stream", action="store_true", help="streamed answers (64 tokens)")
     parser.add_argument("--token-delay-ms", type=float, default=0.0, help="mock token spacing with --stream")
     parser.add_argument("--memory", type=int, default=0, metavar="N", help="first: memory per stream with N streams open")
+    parser.add_argument("--garbage", type=int, default=0, metavar="N",
+                        help="first: over N requests, the objects only the cyclic GC frees, by type")
     parser.add_argument("--top", type=int, default=30, help="rows of --memory's breakdown")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile each run; print the top N")
     args = parser.parse_args()

@@ -3,9 +3,9 @@
 The gateway is an ASGI app served by Hypercorn on Trio; whatever Hypercorn and
 Trio cost to serve a client is a cost no gateway built on them can go below. This
 app measures that floor in the same run: the same Hypercorn settings as the
-gateway (``trioproxy.server.hypercorn_config`` over the same profiles), no
-upstream, no routing, no telemetry: it reads the request body and answers from
-memory.
+gateway (``trioproxy.server.hypercorn_config`` over the same profiles) and the
+same GC settings (``settle_gc``), no upstream, no routing, no telemetry: it reads
+the request body and answers from memory.
 
 - Non-streamed (``"stream": true`` absent): one fixed JSON body the size of the
   mock's small answer, with its Content-Length, in one ASGI message.
@@ -32,7 +32,7 @@ import trio
 from hypercorn.trio import serve
 
 from trioproxy.config import load_profiles
-from trioproxy.server import hypercorn_config
+from trioproxy.server import hypercorn_config, settle_gc
 
 # The shape and size of the mock's 16-token chat completion (~290 bytes).
 BODY = (
@@ -115,6 +115,7 @@ async def main(profiles: list[str], port: int) -> None:
 
         nursery.start_soon(watch_signals)
         binds = await nursery.start(partial(serve, app, hypercorn_config(config), shutdown_trigger=shutdown.wait))
+        settle_gc()  # the gateway's GC settings too, so the floor stays the floor
         print(f"floor listening on {binds[0]}", file=sys.stderr, flush=True)
         await shutdown.wait()
         # serve returns once shutdown is set; the signal watcher has already returned.

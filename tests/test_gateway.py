@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from typing import Any
@@ -12,6 +13,8 @@ import openai
 import pytest
 import trio
 import trio.testing
+
+from trioproxy.server import GC_GEN0_THRESHOLD
 
 from .conftest import StartGateway, StartMock, read_records, stop, upstream_toml
 
@@ -73,6 +76,26 @@ async def test_a_finished_request_ends_on_its_own_while_its_connection_stays_ope
         await stop(gw)
     records = read_records(gw)
     assert [r["outcome"] for r in records] == ["ok"] * 4
+
+
+async def test_the_gc_is_settled_while_serving_and_restored_by_the_last_gateway_out(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    assert before[0] != GC_GEN0_THRESHOLD
+    with trio.fail_after(30):
+        mock = await start_mock(tokens=1, token_delay_ms=0, ttft_ms=0)
+        first = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}"))
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *before[1:])
+        assert gc.get_freeze_count() > frozen
+        second = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}"))
+        await stop(first)
+        assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD  # the second still serves
+        async with httpx.AsyncClient(base_url=second.url, timeout=10) as client:
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        await stop(second)
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == frozen
 
 
 async def test_ollama_client_through_the_gateway(start_mock: StartMock, start_gateway: StartGateway) -> None:

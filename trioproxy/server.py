@@ -66,6 +66,12 @@ from .workers import WorkerLink
 
 #: Hypercorn closes keep-alive client connections after this many requests by default (1,000); a proxy should not.
 KEEP_ALIVE_MAX_REQUESTS = 2**31
+#: The cyclic GC's first threshold while serving (CPython's default is 700). Requests make
+#: almost no reference cycles (``loadtest/bench_app.py --garbage``), so each young-generation
+#: pass frees nothing and rescans every in-flight request's frames; at 700 that was ~12 % of
+#: the gateway's CPU under 256 connections (perf). 50,000 net allocations between passes
+#: cut ~7-11 % CPU per request and left memory per open stream unchanged (docs/benchmarks.md).
+GC_GEN0_THRESHOLD = 50_000
 
 
 @frozen
@@ -82,6 +88,32 @@ class RunningServer:
     @property
     def url(self) -> str:
         return self.binds[0]
+
+
+#: How many gateways in this process have settled the GC, and the thresholds from before the first.
+_gc_settled: list[tuple[int, int, int]] = []
+
+
+def settle_gc() -> None:
+    """After start-up: freeze what start-up built, space the young-generation passes out.
+
+    What start-up built mostly lives as long as the process, so ``gc.freeze`` keeps it out
+    of the full passes (what a reload drops is still freed by refcounting; only its cycles
+    wait for the unfreeze). Pair with ``unsettle_gc``; several gateways in one process
+    (tests) nest: the last one out restores CPython's settings.
+    """
+    _gc_settled.append(gc.get_threshold())
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *_gc_settled[0][1:])
+
+
+def unsettle_gc() -> None:
+    """Undo ``settle_gc`` once the last gateway of this process that settled it stops."""
+    first = _gc_settled[0]
+    _gc_settled.pop()
+    if not _gc_settled:
+        gc.unfreeze()
+        gc.set_threshold(*first)
 
 
 def hypercorn_config(config: Config, listen_fd: int | None = None) -> HyperConfig:
@@ -163,6 +195,7 @@ async def main(
     sink = TelemetrySink(records_send)
     runtimes: dict[str, UpstreamRuntime] = {}
     live: list[Services] = []  # the metrics collector reads the running services, once they exist
+    settled = False
     multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if link is not None else None
     metrics = Metrics(lambda: live[0] if live else None, multiprocess_dir=multiprocess_dir)
     feed = Broadcaster()
@@ -245,10 +278,8 @@ async def main(
                             service.cancel_scope.cancel()
 
                         binds = await service.start(serve)
-                        # What start-up built mostly lives as long as the gateway: keep it out of the
-                        # cyclic GC's full passes, which would otherwise rescan it under load. (What a
-                        # reload drops is still freed by refcounting; only its cycles wait for unfreeze.)
-                        gc.freeze()
+                        settle_gc()
+                        settled = True
                         if link is not None:
                             service.start_soon(link.run, shutdown, reload_send)
                             service.start_soon(refresh_every, metrics)
@@ -261,7 +292,8 @@ async def main(
                         )
                 logger.info("stopped serving; writing the last usage records")
     finally:
-        gc.unfreeze()  # several gateways in one process (tests): none keeps another's objects frozen
+        if settled:
+            unsettle_gc()
         with trio.CancelScope(shield=True):
             for runtime in {**runtimes, **(live[0].runtimes if live else {})}.values():
                 await runtime.pool.aclose()
