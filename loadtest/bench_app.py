@@ -161,6 +161,19 @@ def print_shares(stats: pstats.Stats) -> None:
         print(f"{own / total * 100:5.1f}%  {group}")
 
 
+def _task_census() -> Counter[str]:
+    """Every live Trio task, by the function it runs."""
+    census: Counter[str] = Counter()
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        if task is None:
+            continue
+        census[task.coro.cr_code.co_qualname if hasattr(task.coro, "cr_code") else type(task.coro).__name__] += 1
+        todo.extend(t for nursery in task.child_nurseries for t in nursery.child_tasks)
+    return census
+
+
 async def measure_memory(driver: Driver, streams: int, top: int) -> None:
     """Python memory held per open stream: a tracemalloc snapshot while ``streams`` are open at once."""
     driver.want_open = streams
@@ -171,10 +184,12 @@ async def measure_memory(driver: Driver, streams: int, top: int) -> None:
             nursery.start_soon(driver.one)
         await driver.all_open.wait()
         during = tracemalloc.take_snapshot()
+        tasks = _task_census()
     tracemalloc.stop()
     diff = during.compare_to(before, "lineno")
     held = sum(d.size_diff for d in diff)
     print(f"--- {streams} streams open at once: {held / streams / 1024:.1f} KiB of Python memory per stream ---")
+    print("tasks alive, per stream: " + ", ".join(f"{n / streams:.2f} {name}" for name, n in tasks.most_common() if n >= streams // 2))
     for d in sorted(diff, key=lambda d: -d.size_diff)[:top]:
         frame = d.traceback[0]
         print(f"{d.size_diff / streams:8.0f} B/stream  {d.count_diff / streams:6.1f} blocks  "
@@ -252,6 +267,8 @@ async def run(args: argparse.Namespace) -> None:
                         print(f"--- concurrency {concurrency}: cProfile (inflates every call) ---")
                         stats = pstats.Stats(profiler)
                         stats.sort_stats("tottime").print_stats(args.profile)
+                        if os.environ.get("BENCH_CALLERS"):
+                            stats.print_callers(os.environ["BENCH_CALLERS"])
                         print_shares(stats)
                     print(f"concurrency {concurrency:4d}: {us:7.1f} µs gateway CPU per request, "
                           f"{driver.wall_us:7.1f} µs wall per request ({args.n} requests, {driver.errors} errors)",
