@@ -105,6 +105,12 @@ class ProxyApp:
             await self._proxy(route, scope, receive, send, ex)
         except ClientGone:
             ex.outcome, ex.client_gone = "client_disconnect", True
+        except trio.Cancelled:
+            # Cut from outside: Hypercorn cancels what is still running once the shutdown grace
+            # is over. (A client that hung up is caught inside, by the disconnect watcher.)
+            if ex.outcome == "ok" and not ex.finished:
+                ex.outcome = "cancelled"
+            raise
         except TrioproxyError as exc:
             if not ex.response_started:
                 await _send_error(send, ex, route, exc)
@@ -195,22 +201,32 @@ class ProxyApp:
                 if limit.cancel_called:  # the deadline passed as the last piece came: too late all the same
                     raise RequestError("the request body did not arrive in time", code="request_timeout", status_hint=408)
                 plan, outgoing, inject_usage = _prepare(route, scope, ex, body, services, config, runtimes)
-                limit.deadline = trio.current_time() + total_s
-                # Started only now that the body is read (STYLE.md §2). Unlike STYLE.md's
-                # "whoever finishes the work cancels the scope", a complete answer does not
-                # cancel it: Hypercorn (0.17, 0.18; h11 and h2) queues http.disconnect during
-                # the last body send, so it returns by itself (pinned by test_gateway.py).
-                request.start_soon(_watch_disconnect, receive, limit, ex)
+                del body  # a stream would hold the prompt (often KBs) for its whole life; the race has its copy
+                now = trio.current_time()
+                limit.deadline = now + total_s
+                # The disconnect watcher: only now that the body is read (STYLE.md §2), and only
+                # once the request has run server.disconnect_watch_after_ms (the watchdog starts
+                # it then): most answers are out before that and need no task of their own.
+                watch = _DisconnectWatch(request, receive, ex, now, config.server.disconnect_watch_after_ms / 1000)
+                watchdog = services.watchdog
+                if watchdog is None or watch.timeout <= 0:
+                    watchdog = None
+                    watch.expire()
+                else:
+                    watchdog.watch(watch)
                 try:
                     answer = self._answer(plan, outgoing, send, ex, route, inject_usage, config, runtimes)
                     del outgoing  # _answer drops it once the race is won (see there)
                     await answer
                 finally:
-                    # Once the last body message is out, the watcher's receive() is already
-                    # answered (http.disconnect) and it returns by itself: waking it is one task
-                    # switch, cancelling it cost ~10-25 µs more per request (loadtest/bench_app.py,
-                    # docs/benchmarks.md). Otherwise the work ended without a complete response:
-                    # cancel the watcher.
+                    if watchdog is not None:
+                        watchdog.forget(watch)  # (no checkpoint since the answer: it cannot start now)
+                    # Unlike STYLE.md's "whoever finishes the work cancels the scope", a complete
+                    # answer does not cancel a started watcher: Hypercorn (0.17, 0.18; h11 and h2)
+                    # queues http.disconnect during the last body send, so the watcher returns by
+                    # itself (pinned by test_gateway.py); cancelling it cost ~10-25 µs more per
+                    # request (loadtest/bench_app.py). Otherwise the work ended without a complete
+                    # response: cancel the watcher, if it started.
                     if not ex.ended:
                         limit.cancel()
         except BaseExceptionGroup as group:
@@ -400,6 +416,30 @@ def _served(ex: Exchange, upstream: str) -> str | None:
 
 def _asks_usage(options: object) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
+
+
+class _DisconnectWatch:
+    """A request not yet watched for a client that hangs up (``Watchdog`` entry).
+
+    Once the request has run ``timeout`` seconds, the watchdog calls :meth:`expire`, which
+    starts ``_watch_disconnect`` in the request's own nursery (open: the request forgets
+    this entry before it leaves that nursery). A client gone before then is noticed then:
+    Hypercorn has queued its ``http.disconnect``, so the watcher's first ``receive()``
+    returns it at once.
+    """
+
+    __slots__ = ("request", "receive", "ex", "since", "timeout")
+
+    def __init__(self, request: trio.Nursery, receive: Receive, ex: Exchange, since: float, timeout: float) -> None:
+        self.request, self.receive, self.ex, self.timeout = request, receive, ex, timeout
+        #: When the request began to run unwatched (a ``Watched`` wait that ends only by expiring or being forgotten).
+        self.since: float | None = since
+
+    def expire(self) -> None:
+        # A constant name: trio would otherwise format one per task (~0.2 KiB held per stream).
+        self.request.start_soon(
+            _watch_disconnect, self.receive, self.request.cancel_scope, self.ex, name="disconnect watcher"
+        )
 
 
 async def _watch_disconnect(receive: Receive, request_scope: trio.CancelScope, ex: Exchange) -> None:

@@ -99,6 +99,8 @@ def validate(config: Config) -> list[str]:
         problems.append(
             "$.server: max_concurrent_requests >= 1, client_write_timeout_s > 0 and max_header_bytes >= 1024 expected"
         )
+    if server.disconnect_watch_after_ms < 0:
+        problems.append("$.server.disconnect_watch_after_ms: expected 0 (watch at once) or more")
     t = config.telemetry
     if t.queue_capacity < 1 or t.batch_max < 1 or t.flush_ms < 1:
         problems.append("$.telemetry: queue_capacity, batch_max and flush_ms must be 1 or more")

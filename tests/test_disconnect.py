@@ -1,0 +1,169 @@
+"""A client that hangs up: when the gateway looks for it (``server.disconnect_watch_after_ms``).
+
+``ProxyApp`` is driven by a small ASGI client (as Hypercorn calls it) against a real upstream
+socket served here, with the gateway's real ``Watchdog`` running, under a ``MockClock`` that
+only moves when a test jumps it: so each test can say exactly when the hang-up was noticed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from trioproxy import app as app_module
+from trioproxy.app import ProxyApp
+from trioproxy.breaker import HedgeBudget
+from trioproxy.config import load_config
+from trioproxy.health import HealthBoard
+from trioproxy.server import build_runtimes
+from trioproxy.services import Services
+from trioproxy.telemetry import Record, TelemetrySink
+from trioproxy.watchdog import Watchdog
+
+from .conftest import upstream_toml
+
+NO_PROBES = "[upstreams.health]\nenabled = false\n"
+BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+ANSWER = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}]}'
+SCOPE = {
+    "type": "http",
+    "asgi": {"version": "3.0"},
+    "http_version": "1.1",
+    "method": "POST",
+    "scheme": "http",
+    "path": "/v1/chat/completions",
+    "raw_path": b"/v1/chat/completions",
+    "query_string": b"",
+    "root_path": "",
+    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())],
+    "client": ("127.0.0.1", 50000),
+    "server": ("127.0.0.1", 8080),
+}
+
+
+@attrs.define
+class Upstream:
+    """One-connection HTTP upstream: reads a request, then answers at once or never."""
+
+    answer: bool
+    got_request: trio.Event = attrs.field(factory=trio.Event)
+    closed: trio.Event = attrs.field(factory=trio.Event)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:  # bounded by the client's one request
+            data += await stream.receive_some(65536)
+        self.got_request.set()
+        if self.answer:
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(ANSWER)
+            await stream.send_all(head + ANSWER)
+        while await stream.receive_some(65536):  # until the gateway closes (or reuses) the connection
+            pass
+        self.closed.set()
+
+
+@pytest.fixture
+async def services(nursery: trio.Nursery) -> AsyncIterator[Any]:
+    async def make(upstream: Upstream, watch_after_ms: int) -> tuple[Services, trio.MemoryReceiveChannel[Record]]:
+        listeners = await nursery.start(partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        config = load_config(
+            upstream_toml("u", f"http://127.0.0.1:{port}", models='["m"]', extra=NO_PROBES)
+            + f"[server]\ndisconnect_watch_after_ms = {watch_after_ms}\n",
+            source="test",
+        )
+        watchdog = Watchdog()
+        nursery.start_soon(watchdog.run)
+        records_send, records_recv = trio.open_memory_channel[Record](16)
+        made = Services(
+            config=config,
+            runtimes=build_runtimes(config, watchdog=watchdog),
+            sink=TelemetrySink(records_send),
+            http=http,
+            board=HealthBoard(rise={"u": 1}, fall={"u": 1}),
+            hedge_budget=HedgeBudget(percent=config.routing.hedge_budget_percent),
+            watchdog=watchdog,
+        )
+        return made, records_recv
+
+    async with httpx.AsyncClient() as http:
+        yield make
+
+
+class Client:
+    """The ASGI side of one request: the body at once, then connected until ``hang_up()``."""
+
+    def __init__(self) -> None:
+        self.gone = trio.Event()
+        self.sent: list[dict[str, Any]] = []
+        self.given = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.given:
+            self.given = True
+            return {"type": "http.request", "body": BODY, "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.gone.set()  # as Hypercorn: http.disconnect once the response is sent
+
+
+@pytest.mark.parametrize("watch_after_ms", [1_000, 0])
+async def test_a_client_gone_mid_request_is_noticed_once_the_request_has_run_watch_after_ms(
+    services: Any, mock_clock: trio.testing.MockClock, watch_after_ms: int
+) -> None:
+    upstream = Upstream(answer=False)
+    made, records = await services(upstream, watch_after_ms)
+    client = Client()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ProxyApp(made), SCOPE, client.receive, client.send)
+            await upstream.got_request.wait()
+            client.gone.set()  # hangs up at t=0, the upstream still thinking
+            await trio.testing.wait_all_tasks_blocked()
+            if watch_after_ms:
+                assert not upstream.closed.is_set() and made.active == 1  # not looked for yet
+                mock_clock.jump(watch_after_ms / 1000 - 0.001)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not upstream.closed.is_set() and made.active == 1
+                mock_clock.jump(0.001)
+            await upstream.closed.wait()  # the watcher cancelled the request: its upstream connection closed
+        assert trio.current_time() == pytest.approx(watch_after_ms / 1000)
+    (record,) = [records.receive_nowait()]
+    assert record.outcome == "client_disconnect" and record.status == 0
+    assert client.sent == []
+
+
+@pytest.mark.parametrize(("watch_after_ms", "watchers"), [(1_000, 0), (0, 1)])
+async def test_an_answer_out_before_watch_after_ms_starts_no_watcher(
+    services: Any, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, watch_after_ms: int, watchers: int
+) -> None:
+    started: list[float] = []
+    real_watch = app_module._watch_disconnect
+
+    async def counting(*args: Any) -> None:
+        started.append(trio.current_time())
+        await real_watch(*args)
+
+    monkeypatch.setattr(app_module, "_watch_disconnect", counting)
+    made, records = await services(Upstream(answer=True), watch_after_ms)
+    client = Client()
+    with trio.fail_after(60):
+        await ProxyApp(made)(SCOPE, client.receive, client.send)
+    assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"]
+    assert client.sent[1]["body"] == ANSWER
+    assert len(started) == watchers
+    assert made.watchdog is not None and len(made.watchdog) == 0  # the request forgot its entry
+    (record,) = [records.receive_nowait()]
+    assert record.outcome == "ok" and record.status == 200
