@@ -6,6 +6,7 @@ by ``trioproxy bench`` on a quiet machine, never in a timed test.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -19,7 +20,8 @@ import trio
 
 from trioproxy.bench import hotspots, probes, procstat
 from trioproxy.bench.loadgen import LoadPlan, Recorder, RoundResult, run_load
-from trioproxy.bench.report import analyze, markdown
+from trioproxy.bench.chart import write_chart
+from trioproxy.bench.report import analyze, markdown, write_outputs
 from trioproxy.bench.runner import ScenarioRun, TargetRound, count_usage_records, primary_mock_argv
 from trioproxy.bench.scenarios import (
     Load,
@@ -359,6 +361,25 @@ def test_analyze_pools_rounds_compares_and_judges_targets() -> None:
     assert verdicts == {"added_ttft_p50_ms": True, "added_ttft_p99_ms": True, "gateway_cpu_us": False}
     table = markdown(result)
     assert "| gateway |" in table and "**no**" in table
+
+
+def test_the_outputs_are_json_markdown_and_a_png_redrawable_from_the_json(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")  # the bench extra; `make` installs it
+    scenario = load_scenario(str(REPO / "loadtest/scenarios/stream-64.toml"))
+    run = ScenarioRun(scenario=scenario, targets=["direct", "gateway"], rounds=[], rounds_n=1, duration_s=1.0,
+                      warmup_s=0.0)
+    run.rounds.append(_round("direct", 0, [300.0] * 10, [1.0] * 10, 0.2))
+    run.rounds.append(_round("gateway", 0, [301.0] * 10, [2.5] * 10, 0.03))
+    result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
+    paths = write_outputs(result, tmp_path, "20260101-000000")
+    assert sorted(paths) == ["json", "md", "png"]
+    assert paths["png"].name == "20260101-000000-stream-64.png"
+    png = paths["png"].read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    again = tmp_path / "again.png"
+    assert write_chart(json.loads(paths["json"].read_text(encoding="utf-8")), again)
+    assert again.read_bytes().startswith(b"\x89PNG")
+    assert "| gateway |" in paths["md"].read_text(encoding="utf-8")
 
 
 def test_count_usage_records_counts_lines_of_every_usage_file(tmp_path: Path) -> None:

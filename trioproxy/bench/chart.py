@@ -37,18 +37,23 @@ def write_chart(result: dict[str, Any], path: Path) -> bool:
     side_key, side_label = ("gaps", "gap between tokens (ms)") if stream else ("headers", "time to headers (ms)")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, xlabel in ((axes[0], main_key, main_label), (axes[1], side_key, side_label)):
+        drawn = 0
         for label, t in result["targets"].items():
             points = t["cdf"].get(key) or []
             if points:
                 xs = [max(p, LOG_AXIS_FLOOR_MS) for p in points]
                 ax.plot(xs, [q * 100 for q in CDF_QUANTILES[: len(points)]], label=label, linewidth=1.6)
+                drawn += 1
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=True))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel + (" (0 drawn at 0.01)" if key == "gaps" else ""))
         ax.set_ylabel("percentile")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right")
+        if drawn:
+            ax.legend(loc="lower right")
+        else:  # e.g. no gaps: every stream's tokens came in one read
+            ax.text(0.5, 0.5, "no samples", transform=ax.transAxes, ha="center", va="center", alpha=0.6)
     if "failover" in result:
         f = result["failover"]
         ax = axes[1]

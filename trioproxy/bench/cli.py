@@ -112,6 +112,8 @@ async def _main(scenarios: list[Scenario], options: BenchOptions, out: Path, run
             paths = write_outputs(result, out, stamp)
             print(markdown(result))
             _progress("wrote " + ", ".join(str(p) for p in paths.values()))
+            if "png" not in paths:
+                _progress("chart skipped: matplotlib is not installed (pip install 'trioproxy[bench]')")
             results.append(result)
         root.cancel_scope.cancel()
     if len(results) > 1:
