@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from trioproxy import app as app_module
-from trioproxy.app import ProxyApp
+from trioproxy.app import ProxyApp, single_error
 from trioproxy.breaker import HedgeBudget
 from trioproxy.config import load_config
 from trioproxy.health import HealthBoard
@@ -31,6 +31,10 @@ from trioproxy.watchdog import Watchdog
 from .conftest import upstream_toml
 
 NO_PROBES = "[upstreams.health]\nenabled = false\n"
+#: Virtual time stands still unless a test jumps it; if every task stays blocked this many real
+#: seconds (a regression waiting on something that never comes), the clock jumps to the
+#: test's fail_after deadline instead of hanging. Far above any loopback round trip.
+HANG_GUARD_S = 5.0
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 ANSWER = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}]}'
 SCOPE = {
@@ -123,6 +127,7 @@ class Client:
 async def test_a_client_gone_mid_request_is_noticed_once_the_request_has_run_watch_after_ms(
     services: Any, mock_clock: trio.testing.MockClock, watch_after_ms: int
 ) -> None:
+    mock_clock.autojump_threshold = HANG_GUARD_S
     upstream = Upstream(answer=False)
     made, records = await services(upstream, watch_after_ms)
     client = Client()
@@ -138,9 +143,13 @@ async def test_a_client_gone_mid_request_is_noticed_once_the_request_has_run_wat
                 await trio.testing.wait_all_tasks_blocked()
                 assert not upstream.closed.is_set() and made.active == 1
                 mock_clock.jump(0.001)
-            await upstream.closed.wait()  # the watcher cancelled the request: its upstream connection closed
-        assert trio.current_time() == pytest.approx(watch_after_ms / 1000)
+                await trio.testing.wait_all_tasks_blocked()
+            assert made.active == 0  # the watcher saw the hang-up and cancelled the request
+            assert trio.current_time() == pytest.approx(watch_after_ms / 1000)
+            await upstream.closed.wait()  # ...which closed its upstream connection
     (record,) = [records.receive_nowait()]
+    with pytest.raises(trio.WouldBlock):
+        records.receive_nowait()  # exactly one record
     assert record.outcome == "client_disconnect" and record.status == 0
     assert client.sent == []
 
@@ -157,6 +166,7 @@ async def test_an_answer_out_before_watch_after_ms_starts_no_watcher(
         await real_watch(*args)
 
     monkeypatch.setattr(app_module, "_watch_disconnect", counting)
+    mock_clock.autojump_threshold = HANG_GUARD_S
     made, records = await services(Upstream(answer=True), watch_after_ms)
     client = Client()
     with trio.fail_after(60):
@@ -166,4 +176,27 @@ async def test_an_answer_out_before_watch_after_ms_starts_no_watcher(
     assert len(started) == watchers
     assert made.watchdog is not None and len(made.watchdog) == 0  # the request forgot its entry
     (record,) = [records.receive_nowait()]
+    with pytest.raises(trio.WouldBlock):
+        records.receive_nowait()
     assert record.outcome == "ok" and record.status == 200
+
+
+async def test_a_request_and_its_watcher_cancelled_from_outside_raise_one_cancelled() -> None:
+    """The shutdown grace over: the request and its watcher both raise ``Cancelled``, in one group;
+    ``single_error`` gives one of them (so ``ProxyApp`` records the request as cancelled), and
+    the scope that cancelled still absorbs it."""
+    seen: list[BaseException] = []
+    with trio.CancelScope() as outside:
+        try:
+            async with trio.open_nursery() as request:
+                request.start_soon(trio.sleep_forever)  # the watcher
+                outside.cancel()
+                await trio.sleep_forever()  # the request
+        except BaseExceptionGroup as group:
+            assert len(group.exceptions) == 2
+            seen.append(single_error(group))
+            raise seen[0] from None
+    assert outside.cancelled_caught
+    assert len(seen) == 1 and isinstance(seen[0], trio.Cancelled)
+    error = ValueError("real")
+    assert single_error(BaseExceptionGroup("two", [error, KeyError("other")])).exceptions[0] is error  # type: ignore[attr-defined]

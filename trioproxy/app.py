@@ -208,19 +208,18 @@ class ProxyApp:
                 # once the request has run server.disconnect_watch_after_ms (the watchdog starts
                 # it then): most answers are out before that and need no task of their own.
                 watch = _DisconnectWatch(request, receive, ex, now, config.server.disconnect_watch_after_ms / 1000)
-                watchdog = services.watchdog
-                if watchdog is None or watch.timeout <= 0:
-                    watchdog = None
-                    watch.expire()
-                else:
+                watchdog = services.watchdog if watch.timeout > 0 else None
+                if watchdog is not None:
                     watchdog.watch(watch)
+                else:  # watched at once (or no watchdog: tests that build Services by hand)
+                    watch.expire()
                 try:
                     answer = self._answer(plan, outgoing, send, ex, route, inject_usage, config, runtimes)
                     del outgoing  # _answer drops it once the race is won (see there)
                     await answer
                 finally:
                     if watchdog is not None:
-                        watchdog.forget(watch)  # (no checkpoint since the answer: it cannot start now)
+                        watchdog.forget(watch)  # (no checkpoint since the answer: it cannot start after this)
                     # Unlike STYLE.md's "whoever finishes the work cancels the scope", a complete
                     # answer does not cancel a started watcher: Hypercorn (0.17, 0.18; h11 and h2)
                     # queues http.disconnect during the last body send, so the watcher returns by
@@ -378,7 +377,11 @@ def _plan(
 
 
 def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one real error inside a nursery's group (the watcher never raises), or the group itself."""
+    """The one real error inside a nursery's group, or the group itself.
+
+    The disconnect watcher raises nothing of its own; cancelled from outside (the shutdown
+    grace is over), it and the request both raise ``Cancelled``: one of them stands for both.
+    """
     leaves: list[BaseException] = []
     pending: list[BaseException] = [group]
     while pending:
@@ -387,7 +390,9 @@ def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             pending.extend(exc.exceptions)
         else:
             leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else group
+    if len(leaves) == 1 or all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
+        return leaves[0]
+    return group
 
 
 def _take_usage(ex: Exchange, scanner: SSEScanner | NDJSONScanner) -> None:
@@ -421,11 +426,14 @@ def _asks_usage(options: object) -> bool:
 class _DisconnectWatch:
     """A request not yet watched for a client that hangs up (``Watchdog`` entry).
 
-    Once the request has run ``timeout`` seconds, the watchdog calls :meth:`expire`, which
-    starts ``_watch_disconnect`` in the request's own nursery (open: the request forgets
-    this entry before it leaves that nursery). A client gone before then is noticed then:
-    Hypercorn has queued its ``http.disconnect``, so the watcher's first ``receive()``
-    returns it at once.
+    Once the request has run ``timeout`` seconds (from the end of its body), the watchdog
+    calls :meth:`expire`, which starts ``_watch_disconnect`` in the request's own nursery
+    (open: the request forgets this entry before it leaves that nursery). A client gone
+    before then is noticed then: Hypercorn has queued its ``http.disconnect``, so the
+    watcher's first ``receive()`` returns it at once. An answer complete before then is
+    recorded ``ok`` even if its client had left: Hypercorn drops writes to a closed
+    connection silently, so nothing else tells. (The watcher runs in the watchdog's
+    context, not the request's: trioproxy keeps no context variables.)
     """
 
     __slots__ = ("request", "receive", "ex", "since", "timeout")
