@@ -121,6 +121,14 @@ weight = 0
     assert len(errors) == 4, errors
 
 
+def test_disconnect_watch_after_ms_is_zero_or_more() -> None:
+    upstream = '[[upstreams]]\nid = "a"\nbase_url = "http://127.0.0.1:1"\n'
+    assert load_config(upstream + "[server]\ndisconnect_watch_after_ms = 0\n").server.disconnect_watch_after_ms == 0
+    assert load_config(upstream).server.disconnect_watch_after_ms == 1_000
+    errors = problems(upstream + "[server]\ndisconnect_watch_after_ms = -1\n")
+    assert errors == ["$.server.disconnect_watch_after_ms: expected 0 (watch at once) or more"]
+
+
 def test_not_toml() -> None:
     assert problems("[server\n")[0].startswith("not valid TOML")
 
