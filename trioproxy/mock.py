@@ -23,11 +23,14 @@ Faults (``FaultPlan`` for the run, ``x-mock-fault`` per request):
 Task tree::
 
     serve_mock
-    └─ connections nursery
-       └─ _serve_connection × N                   owns its socket; requests in order
-          └─ response nursery (waiting answers only: streams, ttft > 0, cut)
-             ├─ _wait_eof: EOF or reset → cancel the response, count a disconnect
-             └─ [body] _emit: events on schedule (absolute deadlines: no drift)
+    └─ clock nursery
+       ├─ Pacer.run: writes every stream's due tokens (mockpace; one task for all)
+       └─ connections nursery
+          └─ _serve_connection × N                owns its socket; requests in order
+             └─ response nursery (waiting answers only: streams, ttft > 0, cut)
+                ├─ _wait_eof: EOF or reset → cancel the response, count a disconnect
+                └─ [body] _emit: head and opening, then the tokens through the
+                   Pacer (absolute deadlines: no drift), then the closing events
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import random
 import struct
 import time
 from collections import deque
+from functools import partial
 from typing import Literal
 
 import attrs
@@ -48,6 +52,7 @@ from attrs.validators import ge, in_, le
 
 from .config import MockConfig, MockKind
 from .mockhttp import CONTINUE, ParseError, Request, RequestParser, response_head
+from .mockpace import Pacer, PacedStream
 from .mockpayloads import error_format, error_reply
 from .mockreply import Generation, GenerationRenderer, Static, Timings, rfc3339
 from .mockwire import parse_overrides, plan_reply
@@ -193,6 +198,8 @@ class MockUpstream:
         self._draining = False
         self._accept_scope: trio.CancelScope | None = None
         self._idle_scopes: set[trio.CancelScope] = set()
+        #: Writes every stream's timed tokens from one task (``serve_mock`` runs it).
+        self._pacer = Pacer()
 
     def drain(self) -> None:
         """Stop gracefully, as a server being shut down does.
@@ -411,16 +418,14 @@ class MockUpstream:
                              keep_alive=keep_alive, http10=request.http10)
         await _send_all(sock, head + render.opening())
         due = start + ttft
-        first: float | None = None  # when the first token actually left: Ollama's prompt/eval split
-        for i in range(gen.tokens if cut is None else min(cut, gen.tokens)):
-            await trio.sleep_until(due + i * delay)
-            first = trio.current_time() if first is None else first
-            await _send_all(sock, render.token(i, created_at=rfc3339(time.time()) if ollama else ""))
+        token = (lambda i: render.token(i, created_at=rfc3339(time.time()))) if ollama else render.token
+        paced = PacedStream(sock.fileno(), token, gen.tokens if cut is None else min(cut, gen.tokens), due, delay)
+        await self._pacer.stream(paced, partial(_send_all, sock))
         if cut is not None:
             return False  # the caller closes: no finish event, no terminating chunk
         await trio.sleep_until(due)  # zero tokens: the prompt still "takes" ttft
         end = trio.current_time()
-        first = end if first is None else first
+        first = end if paced.first_at is None else paced.first_at  # Ollama's prompt/eval split
         timings = Timings(int((end - start) * 1e9), int((first - start) * 1e9), int((end - first) * 1e9))
         for piece in render.closing(timings, created_at=rfc3339(time.time()) if ollama else ""):
             await _send_all(sock, piece)
@@ -478,6 +483,9 @@ async def serve_mock(
             task_status.started(mock)
             await trio.sleep_forever()
         listener.listen(BACKLOG)
-        async with trio.open_nursery() as connections:
-            task_status.started(mock)
-            await mock._accept(listener, connections)
+        async with trio.open_nursery() as clock:
+            clock.start_soon(mock._pacer.run)
+            async with trio.open_nursery() as connections:
+                task_status.started(mock)
+                await mock._accept(listener, connections)
+            clock.cancel_scope.cancel()  # drained: no stream is left to pace
