@@ -13,6 +13,7 @@ import trio.testing
 
 from trioproxy import server
 from trioproxy.config import load_profiles
+from trioproxy.mock import MockUpstream
 from trioproxy.server import RunningServer
 
 from .conftest import StartMock, read_records, stop, upstream_toml
@@ -108,3 +109,68 @@ async def test_watch_asks_for_a_reload_when_a_profile_changes(autojump_clock: tr
         path.unlink()  # a missing file is a change too (the reload then refuses it)
         await reload_recv.receive()
         nursery.cancel_scope.cancel()
+
+
+def mock_profile(tmp_path: Path, *, tokens: int, priority: int = 0, auth: str = "") -> str:
+    return (
+        f'[[upstreams]]\nid = "a"\nkind = "openai"\nmodels = ["*"]\npriority = {priority}\n'
+        f'[upstreams.mock]\nkind = "openai"\nmodels = ["*"]\ntokens = {tokens}\ntoken_delay_ms = 0\nttft_ms = 0\n'
+        f"{NO_PROBES}{auth}"
+        f'[telemetry]\ndir = "{tmp_path / "logs"}"\n'
+    )
+
+
+async def _refuses(url: str) -> bool:
+    """Whether nothing listens at ``url`` any more (once every task has settled)."""
+    await trio.testing.wait_all_tasks_blocked()
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+async def test_a_reload_stops_the_embedded_mocks_no_upstream_names_any_more(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gw.toml"
+    monkeypatch.delenv("TRIOPROXY_TEST_UNSET_KEY", raising=False)
+    drained: list[int] = []
+    drain = MockUpstream.drain
+
+    def drain_and_note(mock: MockUpstream) -> None:
+        drained.append(mock.port)
+        drain(mock)
+
+    monkeypatch.setattr(MockUpstream, "drain", drain_and_note)
+    with trio.fail_after(30):
+        path.write_text(mock_profile(tmp_path, tokens=2))
+        gw = await start_from_file(nursery, path)
+        first = gw.services.runtimes["a"].cfg.base_url
+        async with httpx.AsyncClient(timeout=30) as client:
+            # Only routing settings change: the upstream is rebuilt on the same running mock.
+            path.write_text(mock_profile(tmp_path, tokens=2, priority=5))
+            assert (await client.post(f"{gw.url}/_/reload")).status_code == 200
+            assert gw.services.runtimes["a"].cfg.base_url == first
+            # The mock's own settings change: a new mock, and the old one stops.
+            path.write_text(mock_profile(tmp_path, tokens=3))
+            assert (await client.post(f"{gw.url}/_/reload")).status_code == 200
+            second = gw.services.runtimes["a"].cfg.base_url
+            assert second != first
+            assert await _refuses(first)
+            assert [f"http://127.0.0.1:{port}" for port in drained] == [first]
+            answer = await client.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": False})
+            # A refused reload (a key variable unset) stops the mock it had started for nothing.
+            auth = '[[auth.keys]]\nid = "k"\nkey_env = "TRIOPROXY_TEST_UNSET_KEY"\n'
+            path.write_text(mock_profile(tmp_path, tokens=4, auth=auth))
+            refused = await client.post(f"{gw.url}/_/reload")
+            assert refused.status_code == 400, refused.text
+            assert gw.services.runtimes["a"].cfg.base_url == second
+            assert len(drained) == 2 and f"http://127.0.0.1:{drained[1]}" not in (first, second)
+            assert await _refuses(f"http://127.0.0.1:{drained[1]}")
+            assert not await _refuses(second)
+        await stop(gw)
+    assert answer.status_code == 200
+    assert answer.json()["usage"]["completion_tokens"] == 3

@@ -12,7 +12,10 @@ errors go back to whoever asked (and to the log). Otherwise it:
   between: a request takes both once when it starts (``app.ProxyApp._proxy``), so new
   requests see the new profile and in-flight ones finish on their old upstreams;
 - cancels the checkers of removed upstreams and closes their pools (a response still
-  open on a closed pool closes its own connection when it is released).
+  open on a closed pool closes its own connection when it is released);
+- drains the embedded mocks no upstream names any more (removed, or replaced by a
+  changed one): they stop accepting, and stop once the answers they are writing end.
+  A refused reload drains the mocks it had started.
 
 The listening address, workers and other ``[server]`` settings need a restart:
 a reload that changes them keeps the running ones and says so.
@@ -34,6 +37,7 @@ from .auth import AdminGate, KeyTable
 from .config import Config, load_profiles
 from .errors import ConfigError
 from .health import HealthBoard, run_checker
+from .mock import MockUpstream
 from .services import Services
 from .upstream import UpstreamRuntime
 
@@ -60,8 +64,10 @@ class Reloader:
     #: Builds the runtime of a new upstream (``server.build_runtime``).
     build: Callable[[Config, Any], UpstreamRuntime]
     #: Starts the embedded mocks a config names (``server.start_embedded_mocks``).
-    start_mocks: Callable[[Config, trio.Nursery], Any]
+    start_mocks: Callable[[Config, trio.Nursery, dict[str, MockUpstream]], Any]
     checkers: dict[str, tuple[UpstreamRuntime, trio.CancelScope]] = field(factory=dict)
+    #: The embedded mocks running, by base_url (started at start-up or by a reload).
+    mocks: dict[str, MockUpstream] = field(factory=dict)
 
     def start_checker(self, runtime: UpstreamRuntime) -> None:
         if not (runtime.cfg.health.enabled or runtime.cfg.discovers):
@@ -93,12 +99,21 @@ class Reloader:
                 u = attrs.evolve(u, base_url=previous.cfg.base_url)  # the embedded mock's address
             if previous is not None and previous.cfg == u:
                 kept[u.id] = previous
-            elif u.mock is not None:
-                u = attrs.evolve(u, base_url="")  # a new or changed embedded mock: started below
+            elif u.mock is not None and (previous is None or previous.cfg.mock != u.mock):
+                u = attrs.evolve(u, base_url="")  # a new embedded mock, or new mock settings: started below
             upstreams.append(u)
-        config = await self.start_mocks(attrs.evolve(new, upstreams=tuple(upstreams), server=old.server), self.nursery)
-        keys = KeyTable.from_config(config.auth)  # raises ConfigError before anything changes
-        admin = AdminGate.from_config(config.admin)
+        started: dict[str, MockUpstream] = {}
+        try:
+            config = await self.start_mocks(
+                attrs.evolve(new, upstreams=tuple(upstreams), server=old.server), self.nursery, started
+            )
+            keys = KeyTable.from_config(config.auth)  # raises ConfigError before anything changes
+            admin = AdminGate.from_config(config.admin)
+        except BaseException:
+            for mock in started.values():  # refused (or cancelled): the new mocks serve nobody
+                mock.drain()
+            raise
+        self.mocks.update(started)
         runtimes = {u.id: kept.get(u.id) or self.build(config, u) for u in config.upstreams}
         for u in config.upstreams:
             self.board.rise[u.id], self.board.fall[u.id] = u.health.rise, u.health.fall
@@ -113,6 +128,10 @@ class Reloader:
             if runtime.cfg.id not in self.checkers:
                 self.start_checker(runtime)
         removed = [uid for uid, rt in old_runtimes.items() if runtimes.get(uid) is not rt]
+        named = {u.base_url for u in config.upstreams if u.mock is not None}
+        for url in [url for url in self.mocks if url not in named]:
+            self.mocks.pop(url).drain()  # in-flight answers on the old upstream still finish
+            logger.info("embedded mock upstream on {} stopped: the profile no longer names it", url)
         for uid in removed:
             await old_runtimes[uid].pool.aclose()
         summary = {

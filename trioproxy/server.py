@@ -55,7 +55,7 @@ from .health import HealthBoard
 from .reload import PENDING_RELOADS, Reloader, ReloadRequest, run_reloader, watch_profiles
 from .feed import Broadcaster, follow_usage_files, watch_upstreams
 from .metrics import Metrics, refresh_every
-from .mock import MockSettings, serve_mock
+from .mock import MockSettings, MockUpstream, serve_mock
 from .pool import ConnectionPool
 from .services import Services
 from .telemetry import Record, TelemetrySink
@@ -160,14 +160,23 @@ def build_runtimes(config: Config, *, watchdog: Watchdog | None = None) -> dict[
     return {u.id: build_runtime(config, u, watchdog=watchdog) for u in config.upstreams}
 
 
-async def start_embedded_mocks(config: Config, nursery: trio.Nursery) -> Config:
-    """Start the profile's embedded mock upstreams; return the config with their addresses filled in."""
+async def start_embedded_mocks(
+    config: Config, nursery: trio.Nursery, started: dict[str, MockUpstream] | None = None
+) -> Config:
+    """Start the profile's embedded mock upstreams; return the config with their addresses filled in.
+
+    Args:
+      started: receives each mock started, by its ``base_url`` (the reloader stops a mock
+        once no upstream of the running profile names it).
+    """
     upstreams = []
     for u in config.upstreams:
         if u.mock is not None and not u.base_url:  # (a reload keeps the mocks already running)
             mock = await nursery.start(partial(serve_mock, MockSettings.from_config(u.mock), host="127.0.0.1", port=0))
             u = attrs.evolve(u, base_url=f"http://127.0.0.1:{mock.port}")
             logger.info("embedded mock upstream {} ({}) on {}", u.id, u.mock.kind if u.mock else "", u.base_url)
+            if started is not None:
+                started[u.base_url] = mock
         upstreams.append(u)
     return attrs.evolve(config, upstreams=tuple(upstreams))
 
@@ -221,7 +230,8 @@ async def main(
                     root.start_soon(_discard, records_recv, sink, observe)
                 async with records_send:
                     async with trio.open_nursery() as service:
-                        config = await start_embedded_mocks(config, service)
+                        mocks: dict[str, MockUpstream] = {}
+                        config = await start_embedded_mocks(config, service, mocks)
                         # Started first: the pools' body reads and the relay's client writes rely on it.
                         watchdog = Watchdog()
                         service.start_soon(watchdog.run)
@@ -257,6 +267,7 @@ async def main(
                             http=http,
                             build=partial(build_runtime, watchdog=watchdog),
                             start_mocks=start_embedded_mocks,
+                            mocks=mocks,
                         )
                         for runtime in runtimes.values():
                             reloader.start_checker(runtime)
