@@ -6,6 +6,7 @@ by ``trioproxy bench`` on a quiet machine, never in a timed test.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -13,10 +14,12 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import h11
 import pytest
 import trio
+import trio.testing
 
 from trioproxy.bench import hotspots, probes, procstat
 from trioproxy.bench.loadgen import LoadPlan, Recorder, RoundResult, run_load
@@ -411,3 +414,88 @@ async def test_a_small_round_against_the_mock_is_counted_exactly(start_mock: Sta
             else:
                 assert all(math.isnan(t) for t in rec.ttft_ms) and rec.gaps_ms == []
         assert mock.statistics().connections == 8  # opened up front, kept alive, never reopened
+
+
+async def test_the_floor_app_streams_the_mocks_events_on_time_and_stops_cleanly() -> None:
+    """``loadtest/floor_app.py``, the bench's floor row: real Hypercorn, a real client.
+
+    Its streams are paced by one clock task; a client that leaves mid-stream must not
+    disturb the others, and SIGINT stops it gracefully (exit status 0).
+    """
+    import signal
+
+    import httpx
+
+    argv = [sys.executable, str(REPO / "loadtest" / "floor_app.py"), "--port", "0",
+            "--config", str(REPO / "loadtest" / "profiles" / "bench.toml")]
+    stream_body = {"model": "m", "stream": True, "messages": []}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            floor = await nursery.start(partial(trio.run_process, argv, stderr=subprocess.PIPE, check=False))
+            seen = b""
+            while b"floor listening on " not in seen or not seen.endswith(b"\n"):
+                chunk = await floor.stderr.receive_some()
+                assert chunk, seen
+                seen += chunk
+            url = seen.split(b"floor listening on ")[1].split()[0].decode()
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                whole = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+
+                async def leave_early() -> None:  # reads the role event, then hangs up
+                    async with client.stream("POST", "/v1/chat/completions", json=stream_body,
+                                             headers={"x-mock-tokens": "100", "x-mock-token-delay-ms": "5"}) as r:
+                        async for _ in r.aiter_raw():
+                            return
+
+                async def full(results: list[bytes]) -> None:
+                    r = await client.post("/v1/chat/completions", json=stream_body,
+                                          headers={"x-mock-tokens": "5", "x-mock-token-delay-ms": "2"})
+                    assert r.status_code == 200
+                    results.append(r.content)
+
+                results: list[bytes] = []
+                async with trio.open_nursery() as streams:
+                    streams.start_soon(leave_early)
+                    for _ in range(3):
+                        streams.start_soon(full, results)
+            floor.send_signal(signal.SIGINT)
+            assert await floor.wait() == 0
+    assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == 16
+    assert len(results) == 3
+    for body in results:
+        events = [e for e in body.split(b"\n\n") if e]
+        assert len(events) == 1 + 5 + 2  # the role chunk, 5 content events, the finish event and [DONE]
+        assert events[-1] == b"data: [DONE]"
+        assert all(b'"content":" tok"' in e for e in events[1:6])
+
+
+def _floor_module() -> Any:
+    spec = importlib.util.spec_from_file_location("floor_app", REPO / "loadtest" / "floor_app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_floor_clock_wakes_each_stream_at_its_due_time_and_skips_a_cancelled_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    clock = _floor_module()._Clock()
+    woke: list[tuple[str, float]] = []
+
+    async def wait(name: str, due: float) -> None:
+        await clock.wait_until(due)
+        woke.append((name, trio.current_time()))
+
+    with trio.fail_after(1000):  # virtual seconds: a lost wake-up fails instead of hanging
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(clock.run)
+            t0 = trio.current_time()
+            nursery.start_soon(wait, "late", t0 + 10)
+            with trio.move_on_after(3):  # cancelled while parked: the clock must drop it
+                await clock.wait_until(t0 + 5)
+            nursery.start_soon(wait, "early", t0 + 4)  # earlier than what the clock sleeps for
+            await trio.sleep(20)
+            nursery.cancel_scope.cancel()
+    assert [name for name, _ in woke] == ["early", "late"]
+    assert [at - t0 for _, at in woke] == pytest.approx([4, 10])
