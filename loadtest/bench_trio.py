@@ -77,30 +77,36 @@ async def _drainer(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
 
 
 async def per_task_sleep(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
-    async def one(sock: socket.socket) -> None:
+    async def one(k: int, sock: socket.socket) -> None:
         stream = trio.socket.from_stdlib_socket(sock)
-        start = trio.current_time()
+        start = trio.current_time() + DELAY_S * k / STREAMS  # staggered, as streams that started apart
         for i in range(TOKENS):
             await trio.sleep_until(start + i * DELAY_S)
             await stream.send(EVENT)
 
     async with trio.open_nursery() as nursery:
-        for a, _ in pairs:
-            nursery.start_soon(one, a)
+        for k, (a, _) in enumerate(pairs):
+            nursery.start_soon(one, k, a)
 
 
 async def one_pacer(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
     pacer = Pacer()
 
     async def send_all(sock: socket.socket, data: bytes) -> None:
-        await trio.socket.from_stdlib_socket(sock).send(data)
+        view = memoryview(data)
+        while view:
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                pass
 
     async with trio.open_nursery() as clock:
         clock.start_soon(pacer.run)
         async with trio.open_nursery() as nursery:
             start = trio.current_time()
-            for a, _ in pairs:
-                paced = PacedStream(a.fileno(), lambda i: EVENT, TOKENS, start, DELAY_S)
+            for k, (a, _) in enumerate(pairs):  # staggered, as streams that started apart
+                paced = PacedStream(a.fileno(), lambda i: EVENT, TOKENS, start + DELAY_S * k / STREAMS, DELAY_S)
                 nursery.start_soon(pacer.stream, paced, partial(send_all, a))
         clock.cancel_scope.cancel()
 

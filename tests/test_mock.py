@@ -698,3 +698,29 @@ async def test_cli_runs_until_sigint() -> None:
             assert await proc.wait() == 0
         finally:
             proc.kill()
+
+
+async def test_drain_lets_a_paced_stream_finish_then_serve_mock_returns() -> None:
+    """``drain()``: no new connections, the stream in flight ends with [DONE], then
+    ``serve_mock`` returns (its token clock included): what a reload relies on to stop a mock."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            stopped = trio.Event()
+
+            async def serve(task_status: trio.TaskStatus[MockUpstream]) -> None:
+                await serve_mock(MockSettings(tokens=20, token_delay_ms=5, ttft_ms=0), task_status=task_status)
+                stopped.set()
+
+            mock: MockUpstream = await nursery.start(serve)
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", mock.port))
+            body = json.dumps({**CHAT, "stream": True}).encode()
+            await sock.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            data = await read_until(sock, b'"content":"Hello"')  # the first token is out: the stream is paced now
+            mock.drain()
+            data += await read_all(sock)  # the mock closes once the stream has ended
+            sock.close()
+            await stopped.wait()
+    assert data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the last event, then the last chunk
+    assert data.count(b'"content":') == 1 + 20  # the role chunk's empty content, then 20 tokens

@@ -177,3 +177,33 @@ async def test_a_cancelled_stream_gets_no_more_writes(pair: tuple[socket.socket,
     assert [e.split("@")[0] for e in _events(_read(b))] == ["s0", "s1", "s2"]
     assert paced.cancelled
     assert pacer.written == 3
+
+
+async def test_a_stream_with_no_delay_yields_between_its_events(pair: tuple[socket.socket, socket.socket]) -> None:
+    # Embedded mocks share the gateway's event loop: 200 events due at once must not be
+    # written in one burst that starves every other task.
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    pacer = Pacer()
+    during: list[int] = []
+    done = False
+
+    async def other_task() -> None:  # runs once per scheduler round; notes how far the stream got
+        while not done:
+            during.append(pacer.written)
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(10):  # real time, only against a hang
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pacer.run)
+            nursery.start_soon(other_task)
+            await pacer.stream(PacedStream(a.fileno(), partial(_stamp, "s"), 200, trio.current_time(), 0.0), partial(_writer, a))
+            done = True
+            nursery.cancel_scope.cancel()
+    assert len(_events(_read(b))) == 200
+    steps = [later - earlier for earlier, later in zip(during, during[1:])]
+    # One event per scheduler round; trio may run the two tasks in either order within a
+    # round, so up to two events can fall between two looks of the other task.
+    assert max(steps) <= 2, "the stream was written in a burst while another task waited"
+    assert len(during) >= 100

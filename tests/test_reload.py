@@ -171,6 +171,15 @@ async def test_a_reload_stops_the_embedded_mocks_no_upstream_names_any_more(
             assert len(drained) == 2 and f"http://127.0.0.1:{drained[1]}" not in (first, second)
             assert await _refuses(f"http://127.0.0.1:{drained[1]}")
             assert not await _refuses(second)
+            # Refused later, while the upstreams are built (their api_key_env unset): the same.
+            monkeypatch.delenv("TRIOPROXY_TEST_UNSET_UPSTREAM_KEY", raising=False)
+            keyed = mock_profile(tmp_path, tokens=5).replace('priority = 0\n', 'priority = 0\napi_key_env = "TRIOPROXY_TEST_UNSET_UPSTREAM_KEY"\n')
+            path.write_text(keyed)
+            refused = await client.post(f"{gw.url}/_/reload")
+            assert refused.status_code == 400 and "TRIOPROXY_TEST_UNSET_UPSTREAM_KEY" in refused.text, refused.text
+            assert gw.services.runtimes["a"].cfg.base_url == second
+            assert len(drained) == 3 and await _refuses(f"http://127.0.0.1:{drained[2]}")
+            assert not await _refuses(second)
         await stop(gw)
     assert answer.status_code == 200
     assert answer.json()["usage"]["completion_tokens"] == 3

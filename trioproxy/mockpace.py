@@ -16,7 +16,11 @@ absolute (``first_due + i * delay``), so a late tick does not shift later tokens
 
 Cancellation is lazy: a stream whose task is cancelled (its client hung up) marks
 itself ``cancelled`` in a ``finally`` before its socket is closed, and the pacer drops
-it when it comes up, without writing to it.
+it when it comes up. (Between the cancellation and that ``finally`` the pacer may still
+write one event: the socket is still open then.)
+
+Each pass writes at most one event per stream, then yields: with a token delay of 0 a
+stream is written one event per scheduler round, as when each stream slept in its own task.
 """
 
 from __future__ import annotations
@@ -99,8 +103,13 @@ class Pacer:
                 await trio.sleep_forever()
             self._sleep = None
             now = trio.current_time()
+            # One event per stream per pass: a stream still due after it (token delay 0, or
+            # behind schedule) waits for the next pass, after the other tasks have run. The
+            # embedded mocks share the gateway's event loop; an unbounded burst would stall it.
+            due: list[PacedStream] = []
             while heap and heap[0][0] <= now:  # bounded: each pass pops one entry
-                _, _, paced = heapq.heappop(heap)
+                due.append(heapq.heappop(heap)[2])
+            for paced in due:
                 if not paced.cancelled:
                     self._write(paced, now)
 

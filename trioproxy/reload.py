@@ -109,12 +109,14 @@ class Reloader:
             )
             keys = KeyTable.from_config(config.auth)  # raises ConfigError before anything changes
             admin = AdminGate.from_config(config.admin)
+            # Raises ConfigError too (an api_key_env variable unset). The pools built before
+            # that have opened no connection yet: nothing to close.
+            runtimes = {u.id: kept.get(u.id) or self.build(config, u) for u in config.upstreams}
         except BaseException:
             for mock in started.values():  # refused (or cancelled): the new mocks serve nobody
                 mock.drain()
             raise
         self.mocks.update(started)
-        runtimes = {u.id: kept.get(u.id) or self.build(config, u) for u in config.upstreams}
         for u in config.upstreams:
             self.board.rise[u.id], self.board.fall[u.id] = u.health.rise, u.health.fall
         # The swap: no await between these lines.
