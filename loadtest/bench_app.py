@@ -239,7 +239,7 @@ async def run(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             config = load_profiles([str(ROOT / "loadtest/profiles/bench.toml")])
             upstreams = tuple(attrs.evolve(u, base_url=f"http://127.0.0.1:{port}") for u in config.upstreams)
-            telemetry = attrs.evolve(config.telemetry, dir=tmp)
+            telemetry = attrs.evolve(config.telemetry, dir=tmp, enabled=not args.telemetry_off)
             server = attrs.evolve(config.server, port=0)
             config = attrs.evolve(config, upstreams=upstreams, telemetry=telemetry, server=server)
             async with trio.open_nursery() as nursery:
@@ -300,6 +300,7 @@ if __name__ == "__main__":
     parser.add_argument("--garbage", type=int, default=0, metavar="N",
                         help="first: over N requests, the objects only the cyclic GC frees, by type")
     parser.add_argument("--top", type=int, default=30, help="rows of --memory's breakdown")
+    parser.add_argument("--telemetry-off", action="store_true", help="the usage log disabled (records still feed the metrics)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile each run; print the top N")
     args = parser.parse_args()
     args.concurrency = args.concurrency or [1, 64]
