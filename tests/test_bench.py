@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import h11
 import pytest
 import trio
@@ -499,3 +500,26 @@ async def test_the_floor_clock_wakes_each_stream_at_its_due_time_and_skips_a_can
             nursery.cancel_scope.cancel()
     assert [name for name, _ in woke] == ["early", "late"]
     assert [at - t0 for _, at in woke] == pytest.approx([4, 10])
+
+
+async def test_streams_cut_or_too_slow_are_errors_and_the_others_still_count(start_mock: StartMock) -> None:
+    """The shared stream reader's failure paths: a body cut by EOF, a body past the timeout."""
+    from trioproxy.mock import FaultPlan
+
+    with trio.fail_after(30):
+        cut = await start_mock(kind="openai", models=("*",), ttft_ms=0.0,
+                               fault=FaultPlan("cut", every=2, cut_after_tokens=3))
+        slow = await start_mock(kind="openai", models=("*",), ttft_ms=0.0)
+        load = Load(connections=2, stream=True, tokens=8, token_delay_ms=1.0, max_requests=10)
+        address = parse_target(f"http://127.0.0.1:{cut.port}")
+        result = await run_load(address, build_request(load, address.host_header),
+                                LoadPlan.from_scenario(load, duration_s=20.0, warmup_s=0.0))
+        assert result.recorder.error_counts() == {"incomplete": 5}  # every 2nd of 10, cut after 3 tokens
+        assert result.recorder.count == 10
+        assert cut.statistics().connections == 2 + 4  # a cut connection is replaced (the 10th's: no request left)
+        load = attrs.evolve(load, max_requests=2, request_timeout_s=0.5, token_delay_ms=2000.0)  # (sent as x-mock-*)
+        address = parse_target(f"http://127.0.0.1:{slow.port}")
+        result = await run_load(address, build_request(load, address.host_header),
+                                LoadPlan.from_scenario(load, duration_s=0.1, warmup_s=0.0))
+        assert result.recorder.error_counts() == {"timeout": 2}
+        assert all(t > 0 for t in result.recorder.ttft_ms)  # the first token came before the timeout

@@ -13,8 +13,15 @@ One round::
     └─ round nursery (hard deadline: window end + request timeout + grace)
        ├─ on_window(window_start, window_end)   the caller's probes: /proc samples, a kill
        ├─ client_cpu                              this process's CPU over the window
+       ├─ StreamReader.run                        streams only: reads every streamed body
        └─ workers nursery
           └─ run_worker × connections             request, answer, repeat until the window ends
+
+A streamed body is read by one ``StreamReader`` task for all connections: it waits on
+its own epoll set and takes each ready connection's bytes where they land, so an event
+costs one ``recv`` and a parse, not a task switch and an ``epoll_ctl`` as well (at 512
+streams the load generator would otherwise be the bottleneck of its core). The worker
+sends the request, reads the head, hands the body over and waits for its end.
 
 A request counts if it *started* inside the measured window ``[start + warmup,
 start + warmup + duration)``; requests started during the warm-up or the drain
@@ -28,6 +35,7 @@ from __future__ import annotations
 import errno
 import math
 import random
+import select
 import socket
 import time
 from collections import Counter
@@ -202,6 +210,111 @@ def _close(sock: socket.socket | None) -> None:
         sock.close()
 
 
+class _Body:
+    """One streamed body being read: its parser, its watcher and what it has shown so far."""
+
+    __slots__ = ("done", "error", "gaps", "last_token", "parser", "sock", "t0", "ttft", "watcher")
+
+    def __init__(self, sock: socket.socket, parser: ResponseParser, watcher: StreamWatcher, t0: float) -> None:
+        self.sock = sock
+        self.parser = parser
+        self.watcher = watcher
+        self.t0 = t0
+        self.ttft = math.nan
+        self.last_token = math.nan
+        self.gaps: list[float] = []
+        #: Set once the body has ended, cleanly or not (``error`` says which).
+        self.done = trio.Event()
+        self.error: Exception | None = None
+
+    def consume(self) -> bool:
+        """Take every complete body piece the parser holds; True once the body has ended.
+
+        Raises:
+          IncompleteMessage, ProtocolError: from the parser.
+        """
+        parser, watcher = self.parser, self.watcher
+        while True:  # bounded by the bytes fed
+            piece = parser.next_body_piece()
+            if piece is None:
+                return False
+            if not piece:
+                return True
+            if n := watcher.feed(piece):
+                t = _now()
+                if self.ttft != self.ttft:  # NaN: this is the first content
+                    self.ttft = (t - self.t0) * 1000
+                else:
+                    self.gaps.append((t - self.last_token) * 1000)
+                if n > 1:  # arrived in one read: the client sees them at the same instant
+                    self.gaps.extend([0.0] * (n - 1))
+                self.last_token = t
+
+    def take(self, data: bytes) -> bool:
+        """Feed what one ``recv`` gave (b"": EOF); True once the body has ended (or failed)."""
+        try:
+            if data:
+                self.parser.feed(data)
+            else:
+                self.parser.feed_eof()
+            return self.consume()
+        except (IncompleteMessage, ProtocolError) as exc:
+            self.error = exc
+            return True
+
+
+class StreamReader:
+    """Reads every streamed body of a round from one task (``run``), on its own epoll set."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._bodies: dict[int, _Body] = {}
+
+    async def follow(self, body: _Body) -> None:
+        """Read ``body`` until it ends; raises what reading it raised (OSError, parser errors)."""
+        fd = body.sock.fileno()
+        self._bodies[fd] = body
+        self._epoll.register(fd, select.EPOLLIN)
+        try:
+            await body.done.wait()
+        finally:
+            self._forget(fd)
+        if body.error is not None:
+            raise body.error
+
+    def _forget(self, fd: int) -> None:
+        if self._bodies.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # already closed
+
+    async def run(self) -> None:
+        """Until cancelled: wait until a followed connection is readable, read each one once."""
+        epoll, bodies = self._epoll, self._bodies
+        try:
+            while True:  # bounded by cancellation (the round's end)
+                await _wait_readable(epoll.fileno())
+                for fd, _ in epoll.poll(0):
+                    body = bodies.get(fd)
+                    if body is None:
+                        continue
+                    try:
+                        data = body.sock.recv(RECV_SIZE)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        body.error = exc
+                        ended = True
+                    else:
+                        ended = body.take(data)
+                    if ended:
+                        self._forget(fd)
+                        body.done.set()
+        finally:
+            epoll.close()
+
+
 class _Round:
     """The shared state of one round: the window, the counters, the recorder."""
 
@@ -217,6 +330,8 @@ class _Round:
         self.sent_total = 0
         self.in_window = 0
         self.rng = random.Random(RETRY_JITTER_SEED)
+        #: Reads the streamed bodies (None: non-streamed answers, read by each worker).
+        self.reader = StreamReader() if plan.stream else None
 
     async def run_worker(self, index: int, sock: socket.socket | None) -> None:
         plan = self.plan
@@ -260,7 +375,6 @@ class _Round:
         watcher = StreamWatcher() if stream else None
         parser = ResponseParser()
         t_head = ttft = math.nan
-        last_token = math.nan
         gaps: list[float] = []
         status = 0
         error: str | None = None
@@ -278,26 +392,22 @@ class _Round:
                         break
                 t_head = _now()
                 status = head.status
-                while True:
-                    piece = parser.next_body_piece()
-                    if piece is None:
-                        data = await _receive(sock)
-                        if data:
-                            parser.feed(data)
-                        else:
-                            parser.feed_eof()
-                        continue
-                    if not piece:
-                        break
-                    if watcher is not None and (n := watcher.feed(piece)):
-                        t = _now()
-                        if ttft != ttft:  # NaN: this is the first content
-                            ttft = (t - t0) * 1000
-                        else:
-                            gaps.append((t - last_token) * 1000)
-                        if n > 1:  # arrived in one read: the client sees them at the same instant
-                            gaps.extend([0.0] * (n - 1))
-                        last_token = t
+                if watcher is not None:
+                    body = _Body(sock, parser, watcher, t0)
+                    try:
+                        if not body.consume():  # what came with the head, then the reader's task
+                            assert self.reader is not None
+                            await self.reader.follow(body)
+                    finally:
+                        ttft, gaps = body.ttft, body.gaps
+                else:  # a whole answer: read here
+                    while (piece := parser.next_body_piece()) != b"":  # bounded by the request's timeout scope
+                        if piece is None:
+                            data = await _receive(sock)
+                            if data:
+                                parser.feed(data)
+                            else:
+                                parser.feed_eof()
             except IncompleteMessage:
                 error = "incomplete" if status else "eof_before_response"
             except ProtocolError:
@@ -378,6 +488,8 @@ async def run_load(
         with trio.move_on_at(hard_deadline):
             async with trio.open_nursery() as round_:
                 round_.start_soon(rnd.client_cpu, cpu)
+                if rnd.reader is not None:
+                    round_.start_soon(rnd.reader.run)
                 if on_window is not None:
                     round_.start_soon(on_window, rnd.window_start, rnd.window_end)
                 async with trio.open_nursery() as workers:
