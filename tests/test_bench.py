@@ -523,3 +523,18 @@ async def test_streams_cut_or_too_slow_are_errors_and_the_others_still_count(sta
                                 LoadPlan.from_scenario(load, duration_s=0.1, warmup_s=0.0))
         assert result.recorder.error_counts() == {"timeout": 2}
         assert all(t > 0 for t in result.recorder.ttft_ms)  # the first token came before the timeout
+
+
+async def test_a_streamed_round_ends_when_its_requests_do_not_at_the_hard_deadline(start_mock: StartMock) -> None:
+    # The stream reader runs until the workers are done. Were it left to the round's hard
+    # deadline (window + request timeout 30 s + grace), this would take over 30 s: the bound
+    # below is that deadline's, not a speed limit (the round itself takes about a second).
+    mock = await start_mock(kind="openai", models=("*",), ttft_ms=0.0)
+    address = parse_target(f"http://127.0.0.1:{mock.port}")
+    load = Load(connections=4, stream=True, tokens=8, token_delay_ms=1.0, request_timeout_s=30.0)
+    with trio.fail_after(25):
+        result = await run_load(address, build_request(load, address.host_header),
+                                LoadPlan.from_scenario(load, duration_s=0.3, warmup_s=0.0))
+    rec = result.recorder
+    assert rec.count > 0 and rec.error_counts() == {}
+    assert all(0 < ttft <= total for ttft, total in zip(rec.ttft_ms, rec.total_ms))

@@ -13,9 +13,10 @@ One round::
     └─ round nursery (hard deadline: window end + request timeout + grace)
        ├─ on_window(window_start, window_end)   the caller's probes: /proc samples, a kill
        ├─ client_cpu                              this process's CPU over the window
-       ├─ StreamReader.run                        streams only: reads every streamed body
-       └─ workers nursery
-          └─ run_worker × connections             request, answer, repeat until the window ends
+       └─ reading nursery (cancelled once the workers are done)
+          ├─ StreamReader.run                     streams only: reads every streamed body
+          └─ workers nursery
+             └─ run_worker × connections          request, answer, repeat until the window ends
 
 A streamed body is read by one ``StreamReader`` task for all connections: it waits on
 its own epoll set and takes each ready connection's bytes where they land, so an event
@@ -213,7 +214,7 @@ def _close(sock: socket.socket | None) -> None:
 class _Body:
     """One streamed body being read: its parser, its watcher and what it has shown so far."""
 
-    __slots__ = ("done", "error", "gaps", "last_token", "parser", "sock", "t0", "ttft", "watcher")
+    __slots__ = ("done", "error", "gaps", "last_token", "parser", "sock", "t0", "t_end", "ttft", "watcher")
 
     def __init__(self, sock: socket.socket, parser: ResponseParser, watcher: StreamWatcher, t0: float) -> None:
         self.sock = sock
@@ -223,9 +224,10 @@ class _Body:
         self.ttft = math.nan
         self.last_token = math.nan
         self.gaps: list[float] = []
-        #: Set once the body has ended, cleanly or not (``error`` says which).
+        #: Set once the body has ended, cleanly or not (``error`` says which), at ``t_end``.
         self.done = trio.Event()
         self.error: Exception | None = None
+        self.t_end = math.nan
 
     def consume(self) -> bool:
         """Take every complete body piece the parser holds; True once the body has ended.
@@ -239,6 +241,7 @@ class _Body:
             if piece is None:
                 return False
             if not piece:
+                self.t_end = _now()  # when the end was parsed, not when the worker next runs
                 return True
             if n := watcher.feed(piece):
                 t = _now()
@@ -259,7 +262,7 @@ class _Body:
                 self.parser.feed_eof()
             return self.consume()
         except (IncompleteMessage, ProtocolError) as exc:
-            self.error = exc
+            self.error, self.t_end = exc, _now()
             return True
 
 
@@ -273,14 +276,19 @@ class StreamReader:
     async def follow(self, body: _Body) -> None:
         """Read ``body`` until it ends; raises what reading it raised (OSError, parser errors)."""
         fd = body.sock.fileno()
-        self._bodies[fd] = body
-        self._epoll.register(fd, select.EPOLLIN)
         try:
+            self._epoll.register(fd, select.EPOLLIN)
+            self._bodies[fd] = body
             await body.done.wait()
         finally:
             self._forget(fd)
         if body.error is not None:
             raise body.error
+
+    def close(self) -> None:
+        """Close the epoll set (``run_load``, once no worker is left)."""
+        self._bodies.clear()
+        self._epoll.close()
 
     def _forget(self, fd: int) -> None:
         if self._bodies.pop(fd, None) is not None:
@@ -290,29 +298,30 @@ class StreamReader:
                 pass  # already closed
 
     async def run(self) -> None:
-        """Until cancelled: wait until a followed connection is readable, read each one once."""
+        """Until cancelled (once the workers are done): read each readable connection once per pass."""
         epoll, bodies = self._epoll, self._bodies
-        try:
-            while True:  # bounded by cancellation (the round's end)
-                await _wait_readable(epoll.fileno())
-                for fd, _ in epoll.poll(0):
-                    body = bodies.get(fd)
-                    if body is None:
-                        continue
+        while True:  # bounded by cancellation
+            await _wait_readable(epoll.fileno())
+            for fd, _ in epoll.poll(0):
+                body = bodies.get(fd)
+                if body is None:  # (cannot happen: both are updated together) never spin on it
                     try:
-                        data = body.sock.recv(RECV_SIZE)
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        body.error = exc
-                        ended = True
-                    else:
-                        ended = body.take(data)
-                    if ended:
-                        self._forget(fd)
-                        body.done.set()
-        finally:
-            epoll.close()
+                        epoll.unregister(fd)
+                    except (OSError, ValueError):
+                        pass
+                    continue
+                try:
+                    data = body.sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    body.error, body.t_end = exc, _now()
+                    ended = True
+                else:
+                    ended = body.take(data)
+                if ended:
+                    self._forget(fd)
+                    body.done.set()
 
 
 class _Round:
@@ -374,7 +383,7 @@ class _Round:
         stream = self.plan.stream
         watcher = StreamWatcher() if stream else None
         parser = ResponseParser()
-        t_head = ttft = math.nan
+        t_head = ttft = t_body_end = math.nan
         gaps: list[float] = []
         status = 0
         error: str | None = None
@@ -399,7 +408,7 @@ class _Round:
                             assert self.reader is not None
                             await self.reader.follow(body)
                     finally:
-                        ttft, gaps = body.ttft, body.gaps
+                        ttft, gaps, t_body_end = body.ttft, body.gaps, body.t_end
                 else:  # a whole answer: read here
                     while (piece := parser.next_body_piece()) != b"":  # bounded by the request's timeout scope
                         if piece is None:
@@ -414,7 +423,9 @@ class _Round:
                 error = "protocol"
             except OSError as exc:
                 error = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else f"os_{exc.errno}"
-        t_end = _now()
+        # A streamed body's end as the reader parsed it; else (a whole answer, a failure before
+        # the body, a timeout) now.
+        t_end = t_body_end if t_body_end == t_body_end and not scope.cancelled_caught else _now()
         if scope.cancelled_caught:
             error = "timeout"
         elif error is None:
@@ -488,14 +499,16 @@ async def run_load(
         with trio.move_on_at(hard_deadline):
             async with trio.open_nursery() as round_:
                 round_.start_soon(rnd.client_cpu, cpu)
-                if rnd.reader is not None:
-                    round_.start_soon(rnd.reader.run)
                 if on_window is not None:
                     round_.start_soon(on_window, rnd.window_start, rnd.window_end)
-                async with trio.open_nursery() as workers:
-                    for i, sock in enumerate(socks):
-                        socks[i] = None  # the worker owns (and closes) it from here on
-                        workers.start_soon(rnd.run_worker, i, sock)
+                async with trio.open_nursery() as reading:
+                    if rnd.reader is not None:
+                        reading.start_soon(rnd.reader.run)
+                    async with trio.open_nursery() as workers:
+                        for i, sock in enumerate(socks):
+                            socks[i] = None  # the worker owns (and closes) it from here on
+                            workers.start_soon(rnd.run_worker, i, sock)
+                    reading.cancel_scope.cancel()  # every body has been read
                 if rnd.stopped_at is not None:
                     # max_requests ended the window early: the probes waiting for its
                     # planned end have nothing left to measure.
@@ -503,6 +516,8 @@ async def run_load(
     finally:
         for s in socks:
             _close(s)
+        if rnd.reader is not None:
+            rnd.reader.close()
     end = rnd.stopped_at if rnd.stopped_at is not None else rnd.window_end
     return RoundResult(
         recorder=rnd.recorder,
