@@ -120,6 +120,62 @@ async def test_batches_respect_batch_max_and_flush_ms(
             assert trio.current_time() == pytest.approx(0.4)
 
 
+class _OtherSteps(trio.abc.Instrument):
+    """Counts the steps of every task but the one that made it (here: the writer's)."""
+
+    def __init__(self) -> None:
+        self.me = trio.lowlevel.current_task()
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is not self.me:
+            self.steps += 1
+
+
+async def test_the_writer_wakes_once_per_batch_not_once_per_record(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    steps = _OtherSteps()
+    with trio.fail_after(60):
+        async with writing(config(tmp_path, batch_max=1_000, flush_ms=200)) as sink:
+            sink.submit(record(0))
+            await trio.testing.wait_all_tasks_blocked()  # the writer took it and waits for company
+            trio.lowlevel.add_instrument(steps)
+            for i in range(1, 100):  # 99 records, one per ms, all within the flush window
+                sink.submit(record(i))
+                await trio.sleep(0.001)
+            assert steps.steps == 0  # they wait in the channel: no wake-up per record
+            await trio.sleep(0.2)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.remove_instrument(steps)
+            assert (sink.statistics().batches, sink.statistics().written) == (1, 100)
+            assert steps.steps <= 3  # woken by the deadline, written (one checkpoint), back to waiting
+
+
+async def test_a_batch_that_fills_is_written_before_the_flush_deadline(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(60):
+        async with writing(config(tmp_path, batch_max=3, flush_ms=200)) as sink:
+            sink.submit(record(0))
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.05)
+            sink.submit(record(1))
+            await trio.testing.wait_all_tasks_blocked()
+            assert sink.statistics().in_flight == 1  # one more is not a full batch: still waiting
+            await trio.sleep(0.05)
+            sink.submit(record(2))  # the third fills the batch: the sink ends the writer's wait
+            await trio.testing.wait_all_tasks_blocked()
+            assert (sink.statistics().batches, sink.statistics().written) == (1, 3)
+            assert trio.current_time() == pytest.approx(0.1)
+            # A fourth waits for company; closing the sink ends that wait at once.
+            sink.submit(record(3))
+            await trio.testing.wait_all_tasks_blocked()
+            assert sink.statistics().in_flight == 1
+        assert sink.statistics().written == 4  # closing the sink ended the last wait: written, not lost
+    assert trio.current_time() == pytest.approx(0.1)
+
+
 async def test_rotation_by_size_keeps_files_under_the_limit(
     tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
 ) -> None:

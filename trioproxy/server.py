@@ -6,7 +6,7 @@
     └─ async with httpx.AsyncClient() as http           probes and model discovery; closes last
        └─ root nursery
           ├─ usagelog.run_writer(records_recv, ...)      drains until records_send is closed
-          └─ [body] async with records_send:            closing it is the writer's stop signal
+          └─ [body] async with sink:                    closing it (records_send) is the writer's stop signal
              └─ service nursery
                 ├─ mock.serve_mock(...) × embedded mock  (the demo profile's upstreams)
                 ├─ health.run_checker(upstream) × N      loop until cancelled
@@ -228,7 +228,7 @@ async def main(
                     root.start_soon(writer)
                 else:
                     root.start_soon(_discard, records_recv, sink, observe)
-                async with records_send:
+                async with sink:  # closes records_send: the writer's stop signal
                     async with trio.open_nursery() as service:
                         mocks: dict[str, MockUpstream] = {}
                         config = await start_embedded_mocks(config, service, mocks)

@@ -218,6 +218,14 @@ class TelemetrySink:
         #: Everyone else reads statistics().
         self.counters = Counters()
         self._observed_lot = trio.lowlevel.ParkingLot()
+        #: The writer's wait for a batch to fill (``usagelog._collect``), and the ``submitted``
+        #: count that ends it early: the writer is not woken once per record.
+        self._flush_wait: trio.CancelScope | None = None
+        self._flush_at = 0
+
+    def wake_writer(self, wait: trio.CancelScope | None, after: int = 0) -> None:
+        """(The writer.) Cancel ``wait`` once ``after`` more records are submitted, or on close; None: forget it."""
+        self._flush_wait, self._flush_at = wait, self.counters.submitted + after
 
     def note_observed(self, n: int) -> None:
         """The writer handed ``n`` more records to the observers (metrics)."""
@@ -231,13 +239,17 @@ class TelemetrySink:
 
     def submit(self, rec: Record) -> None:
         """Queue ``rec`` for the writer, or count it as dropped; O(1), no await, no raise."""
-        self.counters.submitted += 1
+        counters = self.counters
+        counters.submitted += 1
         try:
             self._records_send.send_nowait(rec)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             # Full: the writer is behind (slow or broken disk). Closed: shutdown already
             # began, or the writer is gone. Either way the request must not notice.
-            self.counters.dropped += 1
+            counters.dropped += 1
+        if self._flush_wait is not None and counters.submitted >= self._flush_at:
+            self._flush_wait.cancel()  # sync, not a checkpoint: fine inside a cancelled scope
+            self._flush_wait = None
 
     def statistics(self) -> TelemetryStatistics:
         c = self.counters
@@ -256,6 +268,9 @@ class TelemetrySink:
     def close(self) -> None:
         """Close the send end (idempotent): the writer drains what is queued and returns."""
         self._records_send.close()
+        if self._flush_wait is not None:
+            self._flush_wait.cancel()
+            self._flush_wait = None
 
     async def __aenter__(self) -> TelemetrySink:
         return self

@@ -242,11 +242,16 @@ class _Writer:
             self.dropped_reported = dropped
 
 
-async def _collect(records_recv: trio.MemoryReceiveChannel[Record], batch: list[Record], *, batch_max: int, flush_s: float) -> bool:
+async def _collect(
+    records_recv: trio.MemoryReceiveChannel[Record], batch: list[Record], sink: TelemetrySink, *, batch_max: int, flush_s: float
+) -> bool:
     """Fill ``batch`` with the next batch; False once every send end is closed (and drained).
 
     Waits for one record, takes what is already queued, then, unless the batch is full,
-    waits up to ``flush_s`` for more.
+    waits up to ``flush_s`` for more. That wait sleeps: the records pile up in the channel
+    and the sink ends the wait once enough were submitted to fill the batch (or on close),
+    so the writer wakes once per batch, not once per record (``loadtest/bench_app.py
+    --instructions``).
     """
 
     def take_ready() -> None:
@@ -259,12 +264,15 @@ async def _collect(records_recv: trio.MemoryReceiveChannel[Record], batch: list[
     try:
         batch.append(await records_recv.receive())
         take_ready()
-        if len(batch) < batch_max:
-            # receive() is cancel-safe: a record is either in the batch or still queued.
-            with trio.move_on_after(flush_s):
-                while len(batch) < batch_max:
-                    batch.append(await records_recv.receive())
-                    take_ready()
+        deadline = trio.current_time() + flush_s
+        while len(batch) < batch_max and trio.current_time() < deadline:  # bounded: each pass waits, at most to the deadline
+            with trio.CancelScope(deadline=deadline) as wait:
+                sink.wake_writer(wait, batch_max - len(batch))
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    sink.wake_writer(None)
+            take_ready()
     except trio.EndOfChannel:
         return False
     return True
@@ -302,7 +310,7 @@ async def run_writer(
     try:
         more = True
         while more:
-            more = await _collect(records_recv, batch, batch_max=cfg.batch_max, flush_s=cfg.flush_ms / 1000)
+            more = await _collect(records_recv, batch, sink, batch_max=cfg.batch_max, flush_s=cfg.flush_ms / 1000)
             if batch and observe is not None:
                 observe(batch)
                 sink.note_observed(len(batch))
