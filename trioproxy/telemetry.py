@@ -25,6 +25,7 @@ import math
 import time
 from typing import Any
 
+import orjson
 import trio
 from attrs import define, field, frozen
 
@@ -115,7 +116,21 @@ def encode_record(rec: Record) -> bytes:
         TypeError, ValueError: only when a field holds a value of the wrong type (a bug in
             the caller); the writer counts such a record as lost.
     """
-    obj: dict[str, Any] = {
+    obj = _as_dict(rec)
+    if rec.payload is None:
+        # The fast path: the same JSON as the json module's (the same bytes, but for floats of
+        # 1e16 and more), about 10x faster. It refuses a lone surrogate (from a client's
+        # "\\ud800" in a model name) and an int beyond 64 bits: those, and payloads (whose NaN
+        # must be refused, see below), take the json module's path.
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:
+            pass
+    return _encode_with_json(obj, has_payload=rec.payload is not None)
+
+
+def _as_dict(rec: Record) -> dict[str, Any]:
+    return {
         "schema": SCHEMA_VERSION,
         "request_id": rec.request_id,
         "ts": _iso_utc(rec.ts),
@@ -146,10 +161,14 @@ def encode_record(rec: Record) -> bytes:
         "worker": rec.worker,
         "payload": rec.payload,
     }
+
+
+def _encode_with_json(obj: dict[str, Any], *, has_payload: bool) -> bytes:
+    """The json module's encoding: every record the fast path refuses, and every payload."""
     try:
         text = _STRICT.encode(obj)
     except (TypeError, ValueError) as exc:
-        if rec.payload is None:
+        if not has_payload:
             raise
         try:
             text = _LENIENT.encode(obj)
