@@ -25,7 +25,7 @@ import trio.testing
 from trioproxy.bench import hotspots, probes, procstat
 from trioproxy.bench.loadgen import LoadPlan, Recorder, RoundResult, run_load
 from trioproxy.bench.chart import write_chart
-from trioproxy.bench.report import analyze, markdown, write_outputs
+from trioproxy.bench.report import analyze, machine_info, markdown, write_outputs
 from trioproxy.bench.runner import ScenarioRun, TargetRound, count_usage_records, primary_mock_argv
 from trioproxy.bench.scenarios import (
     Load,
@@ -384,6 +384,16 @@ def test_the_outputs_are_json_markdown_and_a_png_redrawable_from_the_json(tmp_pa
     assert write_chart(json.loads(paths["json"].read_text(encoding="utf-8")), again)
     assert again.read_bytes().startswith(b"\x89PNG")
     assert "| gateway |" in paths["md"].read_text(encoding="utf-8")
+
+
+def test_the_results_name_the_interpreter_that_ran_them() -> None:
+    machine = machine_info()
+    assert machine["python_executable"] == os.path.realpath(sys.executable)
+    assert machine["python_build"]  # its build tag and date: two builds of one version differ in speed
+    scenario = load_scenario(str(REPO / "loadtest/scenarios/sequential.toml"))
+    run = ScenarioRun(scenario=scenario, targets=["direct"], rounds=[], rounds_n=1, duration_s=1.0, warmup_s=0.0)
+    run.rounds.append(_round("direct", 0, [1.0] * 10, [0.5] * 10, 0.01))
+    assert f"({machine['python_executable']})" in markdown(analyze(run, machine=machine))
 
 
 def test_count_usage_records_counts_lines_of_every_usage_file(tmp_path: Path) -> None:

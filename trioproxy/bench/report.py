@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -108,6 +109,10 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
+        # Which build: the same version differs by 20-30 % in CPU per request between, say,
+        # pyenv's default build and Debian's optimized one (docs/benchmarks.md).
+        "python_executable": os.path.realpath(sys.executable),
+        "python_build": " ".join(platform.python_build()),
         "libraries": versions,
     }
 
@@ -366,7 +371,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{run['rounds']} rounds × {run['duration_s']:g} s measured (after {run['warmup_s']:g} s warm-up), "
         f"order {' → '.join(run['order'])} each round; {m['cores']} cores ({m['cpu_model']}), "
-        f"Python {m['python']}.",
+        f"Python {m['python']}" + (f" ({m['python_executable']})." if m.get("python_executable") else "."),
         "",
     ]
     head = "| target | req/s (rounds) | errors | headers p50/p99 ms |"
