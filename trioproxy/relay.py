@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import trio
 
+from . import jsonread
 from .errors import UpstreamError
 from .headers import client_response_headers
 from .upstream import Winner
@@ -284,7 +285,7 @@ def facts_from_body(body: bytes) -> tuple[int | None, int | None, str | None]:
     if not body.startswith(b"{") or (b'"usage"' not in body and b"eval_count" not in body):
         return None, None, None
     try:
-        doc = json.loads(body)
+        doc = jsonread.loads(body)
     except ValueError:
         return None, None, None
     if not isinstance(doc, dict):

@@ -59,6 +59,8 @@ from typing import Any, Final
 
 from attrs import frozen
 
+from . import jsonread
+
 #: Longest line kept while waiting for its end: bounds memory per stream; 1 MiB
 #: holds any real event, even Ollama's /api/generate done line with ``context``.
 DEFAULT_MAX_LINE_BYTES: Final = 1 << 20
@@ -217,7 +219,7 @@ class _LineScanner:
     def _decode(self, data: bytes) -> dict[str, Any] | None:
         self._decoded += 1
         try:
-            obj = json.loads(data)
+            obj = jsonread.loads(data)
         except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
             return None
         return obj if isinstance(obj, dict) else None
