@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import itertools
 
-from trioproxy.config import load_config
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trioproxy.config import Config, Upstream, load_config
 from trioproxy.errors import RoutingError
 from trioproxy.routing import UpstreamState, plan_any, plan_route, public_models
 
@@ -111,3 +115,55 @@ def test_public_models() -> None:
         "mistral",
         "qwen2.5",
     ]
+
+
+# --- the order, against a plain statement of the rules ---------------------------------------
+
+def _reference(config: Config, states: dict[str, UpstreamState], model: str, rr: int) -> list[str]:
+    """Rules 1-4 of routing.py as directly as they read: a stable sort, then each tie group rotated."""
+    idle = UpstreamState()
+    candidates = [u for u in config.upstreams if u.serves(model)]
+
+    def key(u: Upstream) -> tuple[bool, int, float]:
+        s = states.get(u.id, idle)
+        return (not s.usable, u.priority, s.in_flight / u.weight)
+
+    ordered: list[Upstream] = []
+    for _, group in itertools.groupby(sorted(candidates, key=key), key=key):
+        members = list(group)
+        slot = rr % sum(u.weight for u in members)
+        for start, u in enumerate(members):
+            slot -= u.weight
+            if slot < 0:
+                members = members[start:] + members[:start]
+                break
+        ordered.extend(members)
+    return [u.id for u in ordered[: config.routing.max_attempts]]
+
+
+_upstream = st.tuples(
+    st.integers(0, 2),  # priority
+    st.integers(1, 3),  # weight
+    st.booleans(),  # healthy
+    st.integers(0, 4),  # in flight
+    st.booleans(),  # serves the model
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(_upstream, min_size=1, max_size=6), st.integers(0, 50), st.integers(1, 6))
+def test_the_plan_follows_the_rules_for_any_upstreams(ups: list[tuple[int, int, bool, int, bool]], rr: int, attempts: int) -> None:
+    blocks = [f"[routing]\nmax_attempts = {attempts}"]
+    for i, (priority, weight, _, _, serves) in enumerate(ups):
+        blocks.append(
+            f'[[upstreams]]\nid = "u{i}"\nkind = "vllm"\nbase_url = "http://127.0.0.1:{8000 + i}"\n'
+            f'models = ["{"m" if serves else "other"}"]\npriority = {priority}\nweight = {weight}'
+        )
+    config = load_config("\n".join(blocks))
+    states = {f"u{i}": UpstreamState(healthy=healthy, in_flight=busy) for i, (_, _, healthy, busy, _) in enumerate(ups)}
+    expected = _reference(config, states, "m", rr)
+    if not expected:
+        with pytest.raises(RoutingError):
+            plan_route("m", "openai", config, states, rr=rr)
+        return
+    assert [t.upstream for t in plan_route("m", "openai", config, states, rr=rr).attempts] == expected

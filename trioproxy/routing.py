@@ -51,6 +51,10 @@ class UpstreamState:
         return self.healthy and self.available and not self.saturated
 
 
+#: The state of an upstream missing from the snapshot: healthy and idle.
+_IDLE = UpstreamState()
+
+
 @frozen
 class Target:
     """One attempt: this upstream, asked for this model name."""
@@ -95,8 +99,8 @@ def plan_route(
         RoutingError: no configured upstream serves ``model`` (404 ``model_not_found``).
     """
     served_name = config.routing.aliases.get(model, model)
-    default = UpstreamState()
-    route = match_route(served_name, config.routes)
+    default = _IDLE
+    route = match_route(served_name, config.routes) if config.routes else None
     if route is not None:
         targets = [
             Target(t.upstream, served_name if t.model == "{model}" else t.model)
@@ -109,24 +113,26 @@ def plan_route(
         targets.sort(key=lambda t: not states.get(t.upstream, default).usable)
         attempts = tuple(targets[: config.routing.max_attempts])
     else:
-        candidates = [
-            u
-            for u in config.upstreams
-            if eligible(u, family) and u.serves(served_name, states.get(u.id, default).discovered)
-        ]
-        if not candidates:
-            raise RoutingError(_not_found_message(model, family, config))
-
-        def key(u: Upstream) -> tuple[bool, int, float]:
+        # (sort key, configured position, upstream): each key computed once; the position
+        # keeps the sort stable and never lets it compare two Upstreams.
+        keyed: list[tuple[tuple[bool, int, float], int, Upstream]] = []
+        for position, u in enumerate(config.upstreams):
             state = states.get(u.id, default)
-            return (not state.usable, u.priority, state.in_flight / u.weight)
-
+            if eligible(u, family) and u.serves(served_name, state.discovered):
+                keyed.append(((not state.usable, u.priority, state.in_flight / u.weight), position, u))
+        if not keyed:
+            raise RoutingError(_not_found_message(model, family, config))
+        keyed.sort()
         ordered: list[Upstream] = []
-        for _, group in itertools.groupby(sorted(candidates, key=key), key=key):
-            ordered.extend(_rotate_weighted(list(group), rr))
+        for _, group in itertools.groupby(keyed, key=_first):
+            ordered.extend(_rotate_weighted([u for _, _, u in group], rr))
         attempts = tuple(Target(u.id, served_name) for u in ordered[: config.routing.max_attempts])
     hedge = config.routing.hedge_after_ms
     return RoutePlan(attempts=attempts, stagger=hedge / 1000 if hedge > 0 else float("inf"))
+
+
+def _first(item: tuple[tuple[bool, int, float], int, Upstream]) -> tuple[bool, int, float]:
+    return item[0]
 
 
 def match_route(model: str, routes: Sequence[ModelRoute]) -> ModelRoute | None:
@@ -158,7 +164,7 @@ def plan_any(family: ApiFamily, config: Config, states: Mapping[str, UpstreamSta
     Raises:
         RoutingError: no upstream speaks that API (404).
     """
-    default = UpstreamState()
+    default = _IDLE
     ordered = sorted(
         (u for u in config.upstreams if eligible(u, family)),
         key=lambda u: (not states.get(u.id, default).usable, u.priority),
