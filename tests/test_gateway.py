@@ -156,6 +156,32 @@ async def test_usage_injection_is_invisible_to_the_client(start_mock: StartMock,
     assert record["request_id"] == through.headers["x-request-id"]
 
 
+async def test_a_rewritten_body_keeps_every_number_as_the_client_wrote_it(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    # The gateway reads requests with orjson (an integer beyond 64 bits would come back a float);
+    # a body it rewrites (here: usage asked for) is decoded again exactly. One it does not
+    # rewrite goes out byte for byte.
+    with trio.fail_after(30):
+        mock = await start_mock(tokens=2, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}"))
+        big = b"123456789012345678901234567890"
+        streamed = b'{"model":"mock-llama","messages":[{"role":"user","content":"hi"}],"stream":true,"seed":%s}' % big
+        whole = b'{"model":"mock-llama","messages":[],"seed":%s,  "top_p":0.10}' % big
+        async with httpx.AsyncClient() as client:
+            first = await client.post(f"{gw.url}/v1/chat/completions", content=streamed,
+                                      headers={"content-type": "application/json"})
+            rewritten = mock.requests[-1].body
+            second = await client.post(f"{gw.url}/v1/chat/completions", content=whole,
+                                       headers={"content-type": "application/json"})
+            untouched = mock.requests[-1].body
+        assert first.status_code == 200 and second.status_code == 200
+        assert b'"seed":%s' % big in rewritten
+        assert json.loads(rewritten)["stream_options"] == {"include_usage": True}
+        assert untouched == whole
+        await stop(gw)
+
+
 async def test_client_disconnect_mid_stream_closes_the_upstream(
     start_mock: StartMock, start_gateway: StartGateway
 ) -> None:

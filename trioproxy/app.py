@@ -322,8 +322,8 @@ def _prepare(
     model = model_of(doc) if route.needs_model else None
     ex.model_requested = model
     if config.telemetry.log_payloads:  # the operator opted in: keep the prompt, never a key
-        try:
-            ex.payload, ex.captured = {"request": redact(doc)}, bytearray()
+        try:  # (decoded again, exactly: the record keeps every number as the client wrote it)
+            ex.payload, ex.captured = {"request": redact(decode_json(body, exact=True) if body else {})}, bytearray()
         except RecursionError:
             ex.payload, ex.captured = {"request": "(not logged: nested too deeply)"}, bytearray()
     stream = doc.get("stream")
@@ -341,14 +341,21 @@ def _prepare(
         and not _asks_usage(doc.get("stream_options"))
     )
     bodies: dict[str, bytes] = {}
+    # A body rewritten for some target (another model name, or usage asked for) is decoded again
+    # by the json module, which keeps every number exactly as the client wrote it.
+    exact = (
+        decode_json(body, exact=True)
+        if model is not None and (inject_usage or any(t.model != model for t in plan.attempts))
+        else doc
+    )
 
     def body_for(target: Target) -> bytes:
         if model is None or (target.model == model and not inject_usage):
             return body
         if target.model not in bodies:
-            edited = dict(doc, model=target.model)
+            edited = dict(exact, model=target.model)
             if inject_usage:
-                options = doc.get("stream_options")
+                options = exact.get("stream_options")
                 edited["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
             bodies[target.model] = json.dumps(edited, separators=(",", ":")).encode()  # ASCII: a lone surrogate stays an escape
         return bodies[target.model]

@@ -7,8 +7,9 @@ exactly what ``json.loads`` accepts, and raises ``ValueError`` where it raises o
 One difference, harmless to a reader of token counts and finish reasons: an integer
 beyond 64 bits comes back as a float.
 
-Not for a request body that may be re-serialized and sent upstream (``exchange.decode_json``):
-there every number must survive as the client wrote it.
+So it is for reading only. A request body is read with it (``exchange.decode_json``), and
+decoded again with the json module when it must be rewritten for an upstream or logged
+(``app._prepare``): there every number must survive as the client wrote it.
 """
 
 from __future__ import annotations
