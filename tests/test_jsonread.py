@@ -63,3 +63,10 @@ def test_it_refuses_exactly_what_the_json_module_refuses(data: bytes) -> None:
 def test_an_integer_beyond_64_bits_reads_as_a_float() -> None:
     # The one documented difference; callers read token counts, which ``_int`` then ignores.
     assert jsonread.loads(b'{"n": 123456789012345678901234567890}') == {"n": 1.2345678901234568e29}
+
+
+def test_nesting_is_read_to_orjsons_depth_and_deeper_is_a_value_error() -> None:
+    # The json module gives up (RecursionError) somewhat below 1,000 levels; orjson reads 1,024.
+    assert jsonread.loads(b"[" * 1_010 + b"]" * 1_010) is not None
+    with pytest.raises(ValueError, match="nested too deeply"):
+        jsonread.loads(b"[" * 100_000 + b"]" * 100_000)

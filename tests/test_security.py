@@ -280,6 +280,28 @@ async def test_payloads_are_logged_only_when_opted_in_and_keys_stay_redacted(
         assert payload["response"] == response.text
 
 
+async def test_a_request_too_deep_to_log_is_still_relayed_and_its_record_says_why(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    # Requests are read with orjson (1,024 levels); the logged copy is decoded by the json
+    # module, which gives up below that: the request goes on, its payload is not logged.
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES) + "[telemetry]\nlog_payloads = true\n"
+        )
+        depth = 1_010
+        body = b'{"model":"m","messages":[],"x":' + b"[" * depth + b"]" * depth + b"}"
+        async with httpx.AsyncClient() as client:
+            response = await client.post(f"{gw.url}/v1/chat/completions", content=body,
+                                         headers={"content-type": "application/json"})
+        await stop(gw)
+    assert mock.requests[-1].body == body  # relayed as sent (the mock itself refuses it)
+    (record,) = read_records(gw)
+    assert record["payload"]["request"] == "(not logged: nested too deeply)"
+    assert record["status"] == response.status_code
+
+
 def test_admin_gate() -> None:
     from trioproxy.auth import AdminGate
     from trioproxy.config import Admin

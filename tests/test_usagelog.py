@@ -176,6 +176,22 @@ async def test_a_batch_that_fills_is_written_before_the_flush_deadline(
     assert trio.current_time() == pytest.approx(0.1)
 
 
+async def test_a_queue_smaller_than_a_batch_is_drained_before_it_fills(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The writer sleeps while records wait in the channel: with queue_capacity below batch_max
+    # the sink must wake it before the channel is full, or records arriving one by one would drop.
+    with trio.fail_after(60):
+        async with writing(config(tmp_path, queue_capacity=4, batch_max=100, flush_ms=200)) as sink:
+            sink.submit(record(0))
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(1, 50):
+                sink.submit(record(i))
+                await trio.sleep(0.001)
+            assert sink.statistics().dropped == 0 and accounted(sink)
+    assert (sink.statistics().written, sink.statistics().dropped) == (50, 0)
+
+
 async def test_rotation_by_size_keeps_files_under_the_limit(
     tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
 ) -> None:

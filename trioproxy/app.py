@@ -323,8 +323,8 @@ def _prepare(
     ex.model_requested = model
     if config.telemetry.log_payloads:  # the operator opted in: keep the prompt, never a key
         try:  # (decoded again, exactly: the record keeps every number as the client wrote it)
-            ex.payload, ex.captured = {"request": redact(decode_json(body, exact=True) if body else {})}, bytearray()
-        except RecursionError:
+            ex.payload, ex.captured = {"request": redact(json.loads(body) if body else {})}, bytearray()
+        except RecursionError:  # (the json module gives up below orjson's depth limit)
             ex.payload, ex.captured = {"request": "(not logged: nested too deeply)"}, bytearray()
     stream = doc.get("stream")
     if stream is None:  # absent or null: the route's default, as OpenAI, vLLM and Ollama take it

@@ -114,7 +114,9 @@ def encode_record(rec: Record) -> bytes:
 
     Raises:
         TypeError, ValueError: only when a field holds a value of the wrong type (a bug in
-            the caller); the writer counts such a record as lost.
+            the caller) that neither encoder can write; the writer counts such a record as
+            lost. (orjson writes some wrong types the json module refused: a datetime, a
+            UUID or an enum as its value, a NaN in an int field as null.)
     """
     obj = _as_dict(rec)
     if rec.payload is None:

@@ -265,9 +265,12 @@ async def _collect(
         batch.append(await records_recv.receive())
         take_ready()
         deadline = trio.current_time() + flush_s
+        # Woken once the batch could be full, or the channel half full (a queue_capacity below
+        # batch_max): the records wait in the channel, and a full one would drop them.
+        capacity = records_recv.statistics().max_buffer_size
         while len(batch) < batch_max and trio.current_time() < deadline:  # bounded: each pass waits, at most to the deadline
             with trio.CancelScope(deadline=deadline) as wait:
-                sink.wake_writer(wait, batch_max - len(batch))
+                sink.wake_writer(wait, int(min(batch_max - len(batch), max(1, capacity // 2))))
                 try:
                     await trio.sleep_forever()
                 finally:
