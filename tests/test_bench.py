@@ -10,6 +10,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from functools import partial
@@ -394,6 +396,25 @@ def test_the_results_name_the_interpreter_that_ran_them() -> None:
     run = ScenarioRun(scenario=scenario, targets=["direct"], rounds=[], rounds_n=1, duration_s=1.0, warmup_s=0.0)
     run.rounds.append(_round("direct", 0, [1.0] * 10, [0.5] * 10, 0.01))
     assert f"({machine['python_executable']})" in markdown(analyze(run, machine=machine))
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (scripts/system-deps installs it)")
+def test_bench_app_counts_the_gateways_instructions_per_request_under_callgrind() -> None:
+    # loadtest/bench_app.py --instructions: the A/B measure of the gateway's own code
+    # (docs/benchmarks-history.md). A small run end to end: valgrind, the counter switched on
+    # only around the measured requests, the dumps read back.
+    run = subprocess.run(
+        [sys.executable, str(REPO / "loadtest/bench_app.py"), "-n", "30", "--concurrency", "1", "--instructions"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    pool = re.search(r"pool alone: .* ([\d,]+) instructions", run.stdout)
+    app = re.search(r"concurrency +1: .* ([\d,]+) instructions \(30 requests, 0 errors\)", run.stdout)
+    assert pool and app, run.stdout
+    per_request = int(app[1].replace(",", ""))
+    # Counted over the requests only: a whole Python start-up would be tens of millions.
+    assert 100_000 < int(pool[1].replace(",", "")) < per_request < 5_000_000
+    assert "usage records written: 60" in run.stdout  # the warm-up's 30 and the measured 30
 
 
 def test_count_usage_records_counts_lines_of_every_usage_file(tmp_path: Path) -> None:
