@@ -22,7 +22,7 @@ test: $(STAMP) system-deps  ## the whole suite: lint, types, then every test
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q $(ARGS)
 
-system-deps:  ## Chromium and nginx for the browser and load-balancer tests (Debian packages)
+system-deps:  ## Chromium, nginx and valgrind for the browser, load-balancer and instruction-count tests (Debian packages)
 	@sh scripts/system-deps
 
 lint: $(STAMP)
