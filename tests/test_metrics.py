@@ -5,10 +5,15 @@ from __future__ import annotations
 import hashlib
 
 import httpx
+import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
-from trioproxy.metrics import families
+from trioproxy.metrics import Metrics, families
 from trioproxy.mock import FaultPlan
+from trioproxy.telemetry import AttemptRecord, Record
 
 from .conftest import StartGateway, StartMock, stop, upstream_toml
 
@@ -120,3 +125,43 @@ def test_hedges_and_failovers_are_counted_from_the_records() -> None:
     assert values[("trioproxy_hedges_total", (("result", "cancelled"),))] == 1
     assert values[("trioproxy_failovers_total", (("model", "llama3:8b"),))] == 3  # answered by another than the first
     assert values[("trioproxy_upstream_attempts_total", (("outcome", "lost_race"), ("upstream", "a")))] == 2
+
+
+# --- counting a batch at once ---------------------------------------------------------------
+
+_names = st.sampled_from(["a", "b"])
+_attempt = st.builds(AttemptRecord, _names, st.just("m"), st.sampled_from(["ok", "status", "lost_race"]),
+                     st.none() | st.just(200), st.floats(0, 100))
+_record = st.builds(
+    Record,
+    request_id=st.just("r"),
+    ts=st.just(0.0),
+    route=st.sampled_from(["/v1/chat/completions", "/api/chat", "/nowhere"]),
+    method=st.just("POST"),
+    model_served=st.none() | st.just("m"),
+    upstream=st.none() | _names,
+    attempts=st.lists(_attempt, max_size=3).map(tuple),
+    hedged=st.booleans(),
+    outcome=st.sampled_from(["ok", "upstream_error"]),
+    ttft_ms=st.none() | st.floats(0, 5_000),
+    total_ms=st.floats(0, 60_000),
+    prompt_tokens=st.none() | st.integers(0, 1_000),
+    completion_tokens=st.none() | st.integers(0, 1_000),
+    token_source=st.sampled_from(["upstream", "estimate"]),
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(_record, max_size=30))
+def test_a_batch_counts_as_its_records_one_by_one(batch: list[Record]) -> None:
+    # observe() sums counters over a batch before incrementing: the same exposition as
+    # observing each record on its own.
+    together, one_by_one = Metrics(lambda: None), Metrics(lambda: None)
+    together.observe(batch)
+    for rec in batch:
+        one_by_one.observe([rec])
+
+    def exposition(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {k: v for k, v in samples(generate_latest(m.registry).decode()).items() if not k[0].endswith("_created")}
+
+    assert exposition(together) == pytest.approx(exposition(one_by_one))

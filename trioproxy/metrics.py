@@ -109,8 +109,15 @@ class Metrics:
         self._attempt_children: dict[tuple[str, str], Counter] = {}
 
     def observe(self, batch: list[Record]) -> None:
-        """Count a batch of usage records (the writer's ``observe`` hook)."""
+        """Count a batch of usage records (the writer's ``observe`` hook).
+
+        Counters are summed over the batch first and incremented once per label set (each
+        ``inc`` takes a lock); histograms take each record's value.
+        """
         children = self._children
+        requests: dict[Counter, int] = {}
+        tokens: dict[tuple[str, str, str, str], int] = {}
+        attempts: dict[tuple[str, str], int] = {}
         for rec in batch:
             route = rec.route if rec.route in ROUTES else "other"
             model, upstream = rec.model_served or "", rec.upstream or ""
@@ -121,8 +128,8 @@ class Metrics:
                     self.requests.labels(route, model, upstream, rec.outcome),
                     self.latency.labels(route, model, upstream),
                 )
-            requests, latency = per_request
-            requests.inc()
+            counter, latency = per_request
+            requests[counter] = requests.get(counter, 0) + 1
             latency.observe(rec.total_ms / 1000)
             if rec.ttft_ms is not None:
                 ttft = self._ttft_children.get((model, upstream))
@@ -130,23 +137,30 @@ class Metrics:
                     ttft = self._ttft_children[(model, upstream)] = self.ttft.labels(model, upstream)
                 ttft.observe(rec.ttft_ms / 1000)
             if rec.prompt_tokens:
-                self._tokens(model, upstream, "prompt", rec.token_source).inc(rec.prompt_tokens)
+                key4 = (model, upstream, "prompt", rec.token_source)
+                tokens[key4] = tokens.get(key4, 0) + rec.prompt_tokens
             if rec.completion_tokens:
-                self._tokens(model, upstream, "completion", rec.token_source).inc(rec.completion_tokens)
-            attempt_children = self._attempt_children
+                key4 = (model, upstream, "completion", rec.token_source)
+                tokens[key4] = tokens.get(key4, 0) + rec.completion_tokens
             for attempt in rec.attempts:
-                attempts = attempt_children.get((attempt.upstream, attempt.outcome))
-                if attempts is None:
-                    attempts = attempt_children[(attempt.upstream, attempt.outcome)] = self.attempts.labels(
-                        attempt.upstream, attempt.outcome
-                    )
-                attempts.inc()
+                key2 = (attempt.upstream, attempt.outcome)
+                attempts[key2] = attempts.get(key2, 0) + 1
             if rec.attempts and rec.upstream and rec.attempts[0].upstream != rec.upstream:
                 self.failovers.labels(model).inc()
             if rec.hedged and rec.attempts:
                 # Losers are cancelled when the winner is decided, so the attempt that ran longest started first.
                 first = max(rec.attempts, key=lambda a: a.ms).upstream
                 self.hedges.labels("won" if rec.upstream and rec.upstream != first else "cancelled").inc()
+        for counter, n in requests.items():
+            counter.inc(n)
+        for key4, n in tokens.items():
+            self._tokens(*key4).inc(n)
+        attempt_children = self._attempt_children
+        for key2, n in attempts.items():
+            child = attempt_children.get(key2)
+            if child is None:
+                child = attempt_children[key2] = self.attempts.labels(*key2)
+            child.inc(n)
 
     def _tokens(self, model: str, upstream: str, direction: str, source: str) -> Counter:
         key = (model, upstream, direction, source)
