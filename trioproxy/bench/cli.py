@@ -6,6 +6,7 @@
     trioproxy bench -s stream-64 -s throughput --rounds 3 --duration 5
     trioproxy bench -s stream-64 --target-upstream http://127.0.0.1:11434 --upstream-kind ollama --model llama3.2:1b
     trioproxy bench -s throughput --target-gateway http://127.0.0.1:8080 --gateway-pid 1234
+    trioproxy bench -s sequential -s throughput --baseline HEAD~1   # did the last commit make it faster?
 
 The load generator pins itself to ``--client-cpu`` (core 1), the mock upstream
 joins it there, and the gateway and the floor get ``--gateway-cpu`` (core 0): the
@@ -26,6 +27,8 @@ from typing import Any
 import trio
 
 from ..errors import ConfigError
+from .baseline import Baseline
+from .baseline import prepare as prepare_baseline
 from .processes import BenchError, open_fleet
 from .report import analyze, machine_info, markdown, timestamp, write_outputs
 from .runner import BenchOptions, run_scenario
@@ -64,9 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--profile-dir", type=Path, metavar="DIR",
         help="also run one unmeasured round per gateway under py-spy; collapsed stacks go here")
     add("--keep-logs", action="store_true", help="keep the processes' logs and usage logs (printed path)")
+    add("--baseline", metavar="REV",
+        help="also measure the gateway as committed at git revision REV, in the same interleaved rounds "
+             "(needs a git checkout)")
 
 
-def _options(args: argparse.Namespace, pin: bool) -> BenchOptions:
+def _options(args: argparse.Namespace, pin: bool, baseline: Baseline | None = None) -> BenchOptions:
     return BenchOptions(
         rounds=args.rounds,
         duration_s=args.duration,
@@ -80,6 +86,7 @@ def _options(args: argparse.Namespace, pin: bool) -> BenchOptions:
         gateway_cpu=args.gateway_cpu,
         client_cpu=args.client_cpu,
         profile_dir=args.profile_dir,
+        baseline=baseline,
     )
 
 
@@ -159,11 +166,16 @@ def run_from_args(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, {args.client_cpu})  # the load generator itself
     elif not args.no_pin:
         _progress(f"{cores} core(s): not pinning; the client and the gateway share the CPU")
+    if args.baseline is not None and args.target_gateway:
+        print("trioproxy bench: --baseline starts a gateway of its own: it does not go with --target-gateway",
+              file=sys.stderr)
+        return 2
     run_dir = Path(tempfile.mkdtemp(prefix="trioproxy-bench-"))
     received: list[int] = []
     failed = True
     try:
-        trio.run(_main, scenarios, _options(args, pin), args.out, run_dir, received)
+        baseline = prepare_baseline(args.baseline, run_dir) if args.baseline is not None else None
+        trio.run(_main, scenarios, _options(args, pin, baseline), args.out, run_dir, received)
         failed = bool(received)
     except BaseException as exc:  # the command's edge: nurseries wrap what they raise in groups
         leaves = _leaves(exc)

@@ -25,7 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -101,8 +101,11 @@ class Fleet:
     pin: bool = True
     children: list[Child] = field(factory=list)
 
-    async def start(self, name: str, argv: Sequence[str], *, cpu: int | None, ready_timeout: float = READY_TIMEOUT_S) -> Child:
-        """Start ``argv`` pinned to ``cpu`` and wait for its "listening on URL" line.
+    async def start(
+        self, name: str, argv: Sequence[str], *, cpu: int | None, env: Mapping[str, str] | None = None,
+        ready_timeout: float = READY_TIMEOUT_S,
+    ) -> Child:
+        """Start ``argv`` pinned to ``cpu`` (with ``env``, else ours) and wait for its "listening on URL" line.
 
         Raises:
           BenchError: it exited, or did not say it listens within ``ready_timeout``.
@@ -120,6 +123,7 @@ class Fleet:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_preexec(cpu, use_taskset),
+                env=env,
             )
         child = Child(name=name, process=process, argv=full, log_path=log_path, cpu=cpu)
         self.children.append(child)

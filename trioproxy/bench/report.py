@@ -10,6 +10,8 @@ three outputs cannot disagree:
   open stream (RSS rise from just before a round to its peak ÷ connections);
 - per gateway: what it adds over ``direct`` (or over the first variant, in mode
   ``compare``), percentile by percentile;
+- with ``--baseline``: each gateway against its twin as committed at that
+  revision (CPU and requests/s as ratios, latency percentile by percentile);
 - the issue's targets, where the scenario has one, as met / not met;
 - failover: errors and TTFT before the kill, in flight at the kill, after it,
   and TTFT over time in buckets.
@@ -266,6 +268,24 @@ def _gateway_metrics(g: dict[str, Any], c: dict[str, Any] | None) -> dict[str, f
     return metrics
 
 
+def _against_baseline(label: str, twin: str, targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """This checkout's gateway against the same variant as committed at the baseline revision."""
+    t, b = targets[label], targets[twin]
+    cpu, cpu_b = t["server_cpu_us_per_request"], b["server_cpu_us_per_request"]
+    # Round i of each ran back to back: the spread of these ratios is the comparison's noise.
+    per_round = [x["server_cpu_us"] / y["server_cpu_us"] for x, y in zip(t["rounds"], b["rounds"])
+                 if x["server_cpu_us"] is not None and y["server_cpu_us"]]
+    return {
+        "target": label,
+        "baseline": twin,
+        "cpu_ratio": cpu / cpu_b if cpu is not None and cpu_b else None,
+        "cpu_ratio_rounds": per_round,
+        "rps_ratio": t["rps"] / b["rps"] if b["rps"] else None,
+        "added_ttft_ms": added(Summary(**t["ttft_ms"]), Summary(**b["ttft_ms"])),
+        "added_total_ms": added(Summary(**t["total_ms"]), Summary(**b["total_ms"])),
+    }
+
+
 def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the outputs show, as plain data (the JSON file's content)."""
     s = run.scenario
@@ -305,6 +325,12 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
             result["notes"] = [*result["notes"], (
                 f"{label}: a kept round still had {foreign:.0%} of a core busy with other load on the "
                 "machine: treat its numbers with care, or run again")]
+    if run.baseline is not None and run.baselines:
+        result["baseline"] = {
+            "revision": run.baseline.revision,
+            "commit": run.baseline.commit,
+            "pairs": [_against_baseline(label, twin, targets) for label, twin in run.baselines.items()],
+        }
     if s.mode == "failover":
         result["failover"] = _failover(run)
         metrics["errors_after_kill"] = sum(result["failover"]["phases"]["after"]["errors"].values())
@@ -410,6 +436,22 @@ def markdown(result: dict[str, Any]) -> str:
                 row += f"{_signed(c['added_ttft_ms'])} | "
             row += f"{_signed(c['added_total_ms'])} | {_f(c['rps_ratio'], 2)} |"
             lines.append(row)
+    if "baseline" in result:
+        base = result["baseline"]
+        lines += ["", f"Against the baseline, {base['revision']} ({base['commit'][:12]}), measured in the same rounds "
+                  "(this checkout's gateway minus the baseline's; CPU and req/s as ratios):", "",
+                  "| target | baseline | server CPU µs/req | CPU ratio (rounds) | req/s ratio | "
+                  + ("TTFT p50/p90/p99 ms | " if stream else "") + "total p50/p90/p99 ms |",
+                  "|---|---|---|---:|---:|" + ("---|" if stream else "") + "---|"]
+        for pair in base["pairs"]:
+            cpus = [result["targets"][pair[k]]["server_cpu_us_per_request"] for k in ("target", "baseline")]
+            rounds = pair["cpu_ratio_rounds"]
+            spread = f" ({_f(min(rounds), 3)}–{_f(max(rounds), 3)})" if len(rounds) > 1 else ""
+            row = (f"| {pair['target']} | {pair['baseline']} | {' vs '.join(_f(c, 0) for c in cpus)} | "
+                   f"{_f(pair['cpu_ratio'], 3)}{spread} | {_f(pair['rps_ratio'], 3)} | ")
+            if stream:
+                row += f"{_signed(pair['added_ttft_ms'])} | "
+            lines.append(row + f"{_signed(pair['added_total_ms'])} |")
     if "failover" in result:
         f = result["failover"]
         lines += ["", f"Primary killed at {', '.join(_f(k, 2) + ' s' for k in f['kill_at_s'])} into the window:", "",

@@ -27,6 +27,7 @@ import trio
 from attrs import define, field, frozen
 
 from ..config import load_profiles
+from .baseline import Baseline
 from .probes import Probe, foreign_load, rss
 from .loadgen import LoadPlan, RoundResult, run_load
 from .processes import BenchError, Child, Fleet, override_profile, python_argv
@@ -65,6 +66,8 @@ class BenchOptions:
     client_cpu: int = 1
     #: Where py-spy writes one profile per scenario (None: no profiling round).
     profile_dir: Path | None = None
+    #: ``--baseline``: each gateway variant is also measured as committed at this revision.
+    baseline: Baseline | None = None
 
 
 @define
@@ -116,6 +119,9 @@ class ScenarioRun:
     notes: list[str] = field(factory=list)
     #: Collapsed py-spy stacks file per gateway label, when profiled.
     profiles: dict[str, str] = field(factory=dict)
+    #: ``--baseline``: the revision measured, and each gateway variant's label → its twin's label.
+    baseline: Baseline | None = None
+    baselines: dict[str, str] = field(factory=dict)
     #: The cores the servers and the client were pinned to (None: not pinned).
     server_core: int | None = None
     client_core: int | None = None
@@ -149,20 +155,25 @@ def _upstream_ids_by_priority(paths: list[Path]) -> list[str]:
 
 async def _start_gateway(
     fleet: Fleet, label: str, paths: list[Path], base_urls: dict[str, str], options: BenchOptions, run_dir: Path,
-    workers: int = 1,
+    workers: int = 1, baseline: Baseline | None = None,
 ) -> tuple[Child, Path]:
+    """Start one gateway variant: this checkout's trioproxy, or ``baseline``'s."""
     telemetry_dir = run_dir / f"usage-{label}"
     override = override_profile(
         run_dir / f"override-{label}.toml", base_urls=base_urls, telemetry_dir=telemetry_dir,
         upstream_kind=options.upstream_kind,
     )
-    argv = python_argv("-m", "trioproxy", "--log-level", "INFO", "serve")
+    args = ["-m", "trioproxy", "--log-level", "INFO", "serve"]
     for p in [*paths, override]:
-        argv += ["--config", str(p)]
-    argv += ["--port", "0"]
+        args += ["--config", str(p)]
+    args += ["--port", "0"]
     if workers > 1:  # every core: the workers share them with the client and the upstream
-        argv += ["--workers", str(workers)]
-    child = await fleet.start(label, argv, cpu=options.gateway_cpu if workers == 1 else None)
+        args += ["--workers", str(workers)]
+    argv = baseline.argv(*args) if baseline is not None else python_argv(*args)
+    env = baseline.env() if baseline is not None else None
+    child = await fleet.start(label, argv, cpu=options.gateway_cpu if workers == 1 else None, env=env)
+    if baseline is not None:  # what to type to start it again by hand
+        child.argv = [f"PYTHONPATH={baseline.source}", *child.argv]
     return child, telemetry_dir
 
 
@@ -246,11 +257,19 @@ async def run_scenario(
             base_urls = {uid: (mocks[0].url if i == 0 else mocks[1].url) for i, uid in enumerate(ids)}
         else:
             base_urls = {uid: upstream_url for uid in ids}
-        child, telemetry_dir = await _start_gateway(fleet, variant.label, paths, base_urls, options, run_dir,
-                                                    variant.workers)
-        run.commands[variant.label] = child.argv
-        targets.append(Target(variant.label, parse_target(child.url), child, child.pid, mock_pids, telemetry_dir,
-                              pinned=variant.workers == 1))
+        sources: list[Baseline | None] = [None] if options.baseline is None else [None, options.baseline]
+        for source in sources:  # this checkout's gateway, then (--baseline) the same as committed at REV
+            label = variant.label + (source.suffix if source is not None else "")
+            child, telemetry_dir = await _start_gateway(fleet, label, paths, base_urls, options, run_dir,
+                                                        variant.workers, source)
+            run.commands[label] = child.argv
+            targets.append(Target(label, parse_target(child.url), child, child.pid, mock_pids, telemetry_dir,
+                                  pinned=variant.workers == 1))
+            if source is not None:
+                run.baseline = source
+                run.baselines[variant.label] = label
+                run.notes.append(f"{label}: trioproxy as committed at {source.revision} ({source.commit}), "
+                                 f"with the same interpreter, profiles and pinning as {variant.label}")
         if variant.workers > 1:
             run.notes.append(f"{variant.label}: {variant.workers} workers, not pinned: they share both cores with "
                              "the load generator and the upstream; its CPU is the supervisor's and workers' together")

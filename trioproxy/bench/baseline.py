@@ -1,0 +1,109 @@
+"""``--baseline REV``: the gateway as committed at a git revision, measured beside this one.
+
+This guest's speed moves by tens of percent between runs, so two builds compared in
+two runs tell more about the machine than about the change. A baseline is measured
+in the same run instead: its gateway is one more target in the interleaved rounds
+(direct, gateway, gateway@REV, floor, …), started from the same interpreter, with
+the same profiles and pinning, only its ``trioproxy`` package taken from ``REV``.
+
+How: ``git archive REV trioproxy`` is unpacked into the run's directory, and that
+gateway is started as ``python -P -m trioproxy …`` with ``PYTHONPATH`` pointing
+there (``-P``: no working directory ahead of it). :func:`prepare` then starts the
+interpreter once the same way and checks that ``import trioproxy`` really finds
+the unpacked copy, not the installed one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from attrs import frozen
+
+from .processes import BenchError
+
+__all__ = ["Baseline", "prepare"]
+
+#: The source checkout this package runs from (where ``.git`` is, when it is one).
+REPO = Path(__file__).resolve().parents[2]
+#: ``git`` and the import check each get this long (an archive of the package is a few hundred KB).
+GIT_TIMEOUT_S = 60.0
+
+
+@frozen
+class Baseline:
+    """A revision's ``trioproxy`` package, unpacked and checked to be the one a child imports."""
+
+    #: As given on the command line (``HEAD~3``, ``v0.1``, a commit).
+    revision: str
+    #: The full commit id it names.
+    commit: str
+    #: The directory holding the unpacked ``trioproxy/``: the baseline gateway's ``PYTHONPATH``.
+    source: Path
+
+    @property
+    def suffix(self) -> str:
+        """Appended to a gateway's label for its baseline twin: ``gateway@1a2b3c4``."""
+        return "@" + self.commit[:7]
+
+    def argv(self, *args: str) -> list[str]:
+        """This interpreter, isolated from the working directory, with ``args``."""
+        return [sys.executable, "-P", *args]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(self.source)}
+
+
+def _git(repo: Path, *args: str, failed: str) -> bytes:
+    try:
+        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=GIT_TIMEOUT_S,
+                              check=False)
+    except FileNotFoundError:
+        raise BenchError("--baseline needs git, and git is not installed") from None
+    if done.returncode:
+        detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise BenchError(f"--baseline: {failed}" + (f" ({detail[-1]})" if detail else ""))
+    return done.stdout
+
+
+def prepare(revision: str, into: Path, *, repo: Path = REPO) -> Baseline:
+    """Unpack ``revision``'s ``trioproxy`` package under ``into`` and check a child imports it.
+
+    Raises:
+      BenchError: not a git checkout, an unknown revision, a revision without the
+        package, or an interpreter that imports another ``trioproxy`` all the same
+        (an import hook of some editable installs comes before ``PYTHONPATH``).
+    """
+    if not (repo / ".git").exists():
+        raise BenchError(f"--baseline needs a git checkout of trioproxy; {repo} is not one")
+    if revision.startswith("-"):  # never an option to git
+        raise BenchError(f"--baseline: {revision!r} is not a revision")
+    commit = _git(repo, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}",
+                  failed=f"{revision!r} names no commit in {repo}").decode().strip()
+    source = into / f"baseline-{commit[:12]}"
+    archive = _git(repo, "archive", "--format=tar", commit, "--", "trioproxy",
+                   failed=f"revision {revision} ({commit[:12]}) has no trioproxy package")
+    source.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        if hasattr(tarfile, "data_filter"):  # 3.11.4+: refuse links and paths out of the directory
+            tar.extractall(source, filter="data")
+        else:  # pragma: no cover - older 3.11 patch releases; the archive is our own repository's
+            tar.extractall(source)
+    if not (source / "trioproxy" / "__init__.py").is_file():
+        raise BenchError(f"--baseline: revision {revision} ({commit[:12]}) has no trioproxy package")
+    baseline = Baseline(revision=revision, commit=commit, source=source)
+    probe = subprocess.run(baseline.argv("-c", "import trioproxy; print(trioproxy.__file__)"), env=baseline.env(),
+                           capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False)
+    if probe.returncode:
+        lines = probe.stderr.strip().splitlines()
+        raise BenchError(f"--baseline: revision {revision}'s trioproxy does not import here: "
+                         f"{lines[-1] if lines else f'exit status {probe.returncode}'}")
+    imported = Path(probe.stdout.strip()).resolve()
+    if not imported.is_relative_to(source.resolve()):
+        raise BenchError(f"--baseline: the interpreter imported trioproxy from {imported}, not from {source} "
+                         "(an import hook ahead of PYTHONPATH?)")
+    return baseline
