@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -149,7 +150,39 @@ async def test_the_writer_wakes_once_per_batch_not_once_per_record(
             await trio.testing.wait_all_tasks_blocked()
             trio.lowlevel.remove_instrument(steps)
             assert (sink.statistics().batches, sink.statistics().written) == (1, 100)
-            assert steps.steps <= 3  # woken by the deadline, written (one checkpoint), back to waiting
+            # Woken by the deadline, a checkpoint between slices, written (one checkpoint), back to waiting.
+            assert steps.steps <= 3 + math.ceil(100 / usagelog.SLICE) - 1
+
+
+async def test_a_big_batch_is_encoded_a_slice_at_a_time_and_requests_run_in_between(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    ticks = 0  # steps of a stand-in for the request path, always ready to run
+    seen: list[tuple[int, int]] = []  # per slice handed to the metrics: (records, ticks so far)
+
+    async def request_path() -> None:
+        nonlocal ticks
+        while True:  # bounded by the cancel below
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    n = 100
+    with trio.fail_after(60):
+        async with trio.open_nursery() as outside:
+            async with writing(config(tmp_path, batch_max=n), observe=lambda part: seen.append((len(part), ticks))) as sink:
+                for i in range(n):
+                    sink.submit(record(i))  # a full batch: written at once
+                outside.start_soon(request_path)
+                await sink.wait_observed(n)
+            outside.cancel_scope.cancel()
+    sizes = [size for size, _ in seen]
+    assert sizes == [usagelog.SLICE] * (n // usagelog.SLICE) + ([n % usagelog.SLICE] if n % usagelog.SLICE else [])
+    # One slice per turn of the scheduler, the request path's step in each turn (Trio shuffles
+    # the order within a turn, hence the one turn of slack): not the whole batch in one go.
+    at = [t for _, t in seen]
+    assert at[-1] - at[0] >= len(at) - 2, seen
+    [rows] = lines_of(tmp_path / "logs").values()
+    assert ids(rows) == [f"req-{i:06d}" for i in range(n)]  # in order, once each
 
 
 async def test_a_batch_that_fills_is_written_before_the_flush_deadline(

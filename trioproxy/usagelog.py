@@ -2,10 +2,11 @@
 
 The file side of ``telemetry`` (which holds the record, its encoding and the sink)::
 
-    records_recv ──► _collect: one batch ──► _Writer.write ──► _offload(_Appender.append) ──► usage-*.jsonl
-                     (batch_max, flush_ms)   retries with        one worker-thread hop,
-                                             backoff, then       one O_APPEND write(2)
-                                             lost += n
+    records_recv ──► _collect: one batch ──► _prepare ──► _Writer.write ──► _offload(_Appender.append) ──► usage-*.jsonl
+                     (batch_max, flush_ms)   metrics and   retries with     one worker-thread hop,
+                                             JSONL, SLICE  backoff, then    one O_APPEND write(2)
+                                             records at a  lost += n
+                                             time
 
 Files are ``<dir>/usage-YYYYMMDD[-tag][.N].jsonl`` (``file_name``): rotated by UTC day
 and by size, reopened when the directory or the file is moved away. ``run_writer`` is
@@ -39,6 +40,13 @@ BACKOFF_MAX_S = 5.0
 LOG_INTERVAL_S = 60.0
 #: On cancellation the writer makes one shielded last write of what it holds, this long at most.
 CLEANUP_TIMEOUT_S = 5.0
+#: Records handed to the metrics and encoded between two checkpoints of the writer. It runs
+#: on the Trio thread between requests: a request that arrives meanwhile waits for one slice
+#: (~10 µs per record on a slow guest), not for a whole batch. Encoding in the worker thread
+#: instead held the GIL for the whole batch, which a request then waited for: +2.5 ms at p99
+#: one request at a time (docs/benchmarks-history.md). A checkpoint per 16 records is <1 % of
+#: their cost.
+SLICE = 16
 
 _T = TypeVar("_T")
 
@@ -79,27 +87,18 @@ class _Appender:
     _size: int = 0
     _dev_ino: tuple[int, int] = (0, 0)
 
-    def append(self, batch: Sequence[Record], now: float) -> tuple[int, int]:
-        """Encode and append one batch; returns (records written, records not encodable).
+    def append(self, data: bytes, now: float) -> None:
+        """Append one encoded batch (whole JSONL lines) to the day's file, rotating first if due.
 
         Raises:
             OSError: nothing of the batch is left in the file (it is truncated back), and
                 the file is closed so that the next call reopens it.
         """
-        lines: list[bytes] = []
-        for rec in batch:
-            try:
-                lines.append(encode_record(rec))
-            except (TypeError, ValueError):
-                pass  # counted as lost by the caller; the other records still go out
-        data = b"".join(lines)
-        if data:
-            try:
-                self._write(data, _utc_day(now))
-            except OSError:
-                self.close()
-                raise
-        return len(lines), len(batch) - len(lines)
+        try:
+            self._write(data, _utc_day(now))
+        except OSError:
+            self.close()
+            raise
 
     def _write(self, data: bytes, day: str) -> None:
         if self._fd is None or not self._still_ours():
@@ -192,12 +191,15 @@ class _Writer:
     dropped_reported: int = 0
     failing: bool = False
 
-    async def write(self, batch: list[Record], *, tries: int = WRITE_TRIES) -> None:
-        """Write ``batch`` (then empty it), retrying with backoff; give up after ``tries``."""
+    async def write(self, batch: list[Record], encoded: tuple[bytes, int], *, tries: int = WRITE_TRIES) -> None:
+        """Write ``batch``, as ``_prepare`` encoded it (then empty it), retrying with backoff; give up after ``tries``."""
+        data, unencodable = encoded
+        written = len(batch) - unencodable
         delay = BACKOFF_FIRST_S
         for attempt in range(1, tries + 1):
             try:
-                written, unencodable = await _offload(self.appender.append, batch, self.now())
+                if data:
+                    await _offload(self.appender.append, data, self.now())
             except OSError as exc:
                 self.counters.write_errors += 1
                 self._report_error(exc, attempt, tries, len(batch))
@@ -281,6 +283,30 @@ async def _collect(
     return True
 
 
+async def _prepare(
+    batch: Sequence[Record], observe: Callable[[list[Record]], None] | None, sink: TelemetrySink
+) -> tuple[bytes, int]:
+    """Hand ``batch`` to ``observe`` and encode it, ``SLICE`` records at a time with a checkpoint between.
+
+    Returns the JSONL lines and how many records could not be encoded (counted as lost; the
+    others still go out).
+    """
+    lines: list[bytes] = []
+    for start in range(0, len(batch), SLICE):
+        if start:
+            await trio.lowlevel.checkpoint()  # let the requests that came meanwhile run
+        part = list(batch[start : start + SLICE])
+        if observe is not None:
+            observe(part)
+            sink.note_observed(len(part))
+        for rec in part:
+            try:
+                lines.append(encode_record(rec))
+            except (TypeError, ValueError):
+                pass
+    return b"".join(lines), len(batch) - len(lines)
+
+
 async def run_writer(
     records_recv: trio.MemoryReceiveChannel[Record],
     sink: TelemetrySink,
@@ -314,11 +340,8 @@ async def run_writer(
         more = True
         while more:
             more = await _collect(records_recv, batch, sink, batch_max=cfg.batch_max, flush_s=cfg.flush_ms / 1000)
-            if batch and observe is not None:
-                observe(batch)
-                sink.note_observed(len(batch))
             if batch:
-                await writer.write(batch)
+                await writer.write(batch, await _prepare(batch, observe, sink))
     finally:
         # Empty on a normal return. After a cancellation: what we hold plus what is queued.
         with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
@@ -327,8 +350,8 @@ async def run_writer(
                     batch.append(records_recv.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            if batch:
-                await writer.write(batch, tries=1)
+            if batch:  # (not shown to the metrics: the process is going down)
+                await writer.write(batch, await _prepare(batch, None, sink), tries=1)
         counters.lost += len(batch)  # only if the last write was cut short
         batch.clear()
         records_recv.close()  # later submits count as dropped instead of piling up
