@@ -322,9 +322,11 @@ def test_parse_status_reads_rss_and_peak_in_bytes() -> None:
 
 
 def test_hotspots_aggregate_lines_into_functions() -> None:
+    checkout = hotspots.REPO
+    baseline = "/tmp/trioproxy-bench-x/baseline-0123456789ab"  # a --baseline gateway's source: the same names
     raw = (
-        "main (/v/site-packages/trio/_core/_run.py:10);send (/work/main/trioproxy/relay.py:5) 30\n"
-        "main (/v/site-packages/trio/_core/_run.py:10);send (/work/main/trioproxy/relay.py:9) 10\n"
+        f"main (/v/site-packages/trio/_core/_run.py:10);send ({checkout}/trioproxy/relay.py:5) 30\n"
+        f"main (/v/site-packages/trio/_core/_run.py:10);send ({baseline}/trioproxy/relay.py:9) 10\n"
         "main (/v/site-packages/trio/_core/_run.py:12) 60\n"
         "garbage line\n"
     )

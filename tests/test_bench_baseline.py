@@ -16,11 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from trioproxy.bench.baseline import Baseline, prepare
+from trioproxy.bench.baseline import Baseline, resolve, unpack
 from trioproxy.bench.loadgen import Recorder, RoundResult
 from trioproxy.bench.processes import BenchError, open_fleet
 from trioproxy.bench.report import analyze, markdown
-from trioproxy.bench.runner import BenchOptions, ScenarioRun, TargetRound, count_usage_records, run_scenario
+from trioproxy.bench.runner import (
+    BenchOptions,
+    ScenarioRun,
+    Target,
+    TargetRound,
+    _round_order,
+    count_usage_records,
+    run_scenario,
+)
+from trioproxy.bench.wire import parse_target
 from trioproxy.bench.scenarios import load_scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +40,10 @@ pytestmark = pytest.mark.skipif(not (REPO / ".git").exists(), reason="--baseline
 def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
                           check=True, capture_output=True, text=True).stdout
+
+
+def prepare(revision: str, into: Path, *, repo: Path = REPO) -> Baseline:
+    return unpack(revision, resolve(revision, repo=repo), into, repo=repo)
 
 
 def _repo_with(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -59,12 +72,25 @@ def test_a_revisions_package_is_unpacked_and_a_child_imports_it_from_there(tmp_p
                                    capture_output=True, check=False).stdout
         if committed:  # (bench/baseline.py is new in the commit that adds it)
             assert (baseline.source / "trioproxy" / name).read_bytes() == committed
-    child = subprocess.run(baseline.argv("-m", "trioproxy", "--help"), env=baseline.env(), cwd=REPO,
+    child = subprocess.run([sys.executable, "-m", "trioproxy", "--help"], env=baseline.env(), cwd=REPO,
                            capture_output=True, text=True, check=False)
     assert child.returncode == 0 and "serve" in child.stdout
-    where = subprocess.run(baseline.argv("-c", "import trioproxy; print(trioproxy.__file__)"), env=baseline.env(),
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    assert Path(where).is_relative_to(baseline.source)  # -P: the working directory's copy does not win
+    # From the checkout's directory, where `python -m` / `-c` would find its own trioproxy first;
+    # and in a process that one starts (serve --workers N): the environment carries over.
+    where = "import trioproxy; print(trioproxy.__file__)"
+    grandchild = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {where!r}], check=True)"
+    for code in (where, grandchild):
+        out = subprocess.run([sys.executable, "-c", code], env=baseline.env(), cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert Path(out).is_relative_to(baseline.source), code
+
+
+def test_the_users_pythonpath_is_kept_after_the_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    baseline = Baseline(revision="HEAD", commit="0" * 40, source=tmp_path / "src")
+    monkeypatch.setenv("PYTHONPATH", "/opt/patched")
+    assert baseline.env()["PYTHONPATH"] == f"{tmp_path / 'src'}:/opt/patched"
+    monkeypatch.delenv("PYTHONPATH")
+    assert baseline.env_changes() == {"PYTHONPATH": str(tmp_path / "src"), "PYTHONSAFEPATH": "1"}
 
 
 def test_an_older_revision_is_unpacked_as_it_was_then(tmp_path: Path) -> None:
@@ -78,15 +104,24 @@ def test_an_older_revision_is_unpacked_as_it_was_then(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("revision", ["no-such-branch", "0" * 40, "--help", "-x"])
-def test_a_revision_that_names_no_commit_is_refused_by_name(tmp_path: Path, revision: str) -> None:
+def test_a_revision_that_names_no_commit_is_refused_by_name(revision: str) -> None:
     with pytest.raises(BenchError, match=re.escape(revision)):
-        prepare(revision, tmp_path)
-    assert not any(tmp_path.iterdir())  # nothing unpacked
+        resolve(revision)
+
+
+def test_the_command_line_refuses_an_unknown_revision_before_starting_anything(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "trioproxy", "bench", "-s", "sequential", "--baseline", "no-such-branch",
+         "--out", str(tmp_path)], capture_output=True, text=True, check=False, cwd=REPO, timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "'no-such-branch' names no commit" in done.stderr and "Traceback" not in done.stderr
+    assert "logs kept" not in done.stderr and not any(tmp_path.iterdir())
 
 
 def test_outside_a_git_checkout_it_says_so(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="needs a git checkout"):
-        prepare("HEAD", tmp_path / "run", repo=tmp_path)
+        resolve("HEAD", repo=tmp_path)
 
 
 def test_a_revision_without_the_package_is_refused(tmp_path: Path) -> None:
@@ -145,6 +180,7 @@ def test_each_gateway_is_compared_with_its_twin_round_by_round() -> None:
     assert any(v["target"].startswith(twin + ":") for v in result["verdicts"])
     table = markdown(result)
     assert "Against the baseline, HEAD~1 (1a2b3c400000)" in table
+    assert "order direct → gateway → gateway@1a2b3c4 in the first round, each gateway and its baseline swapped" in table
     assert f"| gateway | {twin} | 900 vs 1,000 | 0.900 (0.800–1.000) | 1.000 | -0.50 / -0.50 / -0.50 |" in table
     assert json.loads(json.dumps(base)) == base  # (the JSON file holds exactly this)
 
@@ -162,9 +198,12 @@ def test_without_a_baseline_the_report_has_no_such_section() -> None:
 
 _SCENARIO = """
 name = "baseline-smoke"
-description = "a few small requests through this gateway and the committed one"
+description = "a few small streams through this gateway and the committed one, two workers each"
 mode = "ab"
 floor = false
+[[gateways]]
+label = "gateway"
+workers = 2
 [load]
 connections = 2
 stream = true
@@ -175,28 +214,116 @@ duration_s = 0.4
 warmup_s = 0.1
 """
 
+_MARKER = "baseline-marker: imported from the unpacked revision"
 
-async def test_both_gateways_serve_the_same_rounds_and_log_every_request(tmp_path: Path) -> None:
+
+async def test_both_gateways_serve_the_same_rounds_and_every_baseline_process_runs_the_revision(
+    tmp_path: Path,
+) -> None:
     baseline = prepare("HEAD", tmp_path)
+    # Tell the unpacked copy from the checkout's: every process that imports it says so.
+    init = baseline.source / "trioproxy" / "__init__.py"
+    init.write_text(init.read_text() + f"\nimport sys as _s\n_s.stderr.write({_MARKER!r} + '\\n')\n")
     scenario = parse_scenario(_SCENARIO)
     options = BenchOptions(pin=False, baseline=baseline)
-    (tmp_path / "logs").mkdir()
-    async with open_fleet(tmp_path / "logs", pin=False) as fleet:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    async with open_fleet(logs, pin=False) as fleet:
         run = await run_scenario(scenario, options, fleet, tmp_path)
     twin = "gateway" + baseline.suffix
     assert run.targets == ["direct", "gateway", twin]
-    assert [r.target for r in run.rounds] == ["direct", "gateway", twin] * 2  # interleaved, round by round
+    # Interleaved round by round, the gateway and its baseline swapping places every other round.
+    assert [r.target for r in run.rounds] == ["direct", "gateway", twin, "direct", twin, "gateway"]
     for r in run.rounds:
         assert r.result.recorder.count > 0 and not r.result.recorder.error_counts()
-    assert run.commands[twin][0] == f"PYTHONPATH={baseline.source}"
-    assert run.commands[twin][1:3] == [sys.executable, "-P"]
+    # The supervisor and both workers of the baseline imported the revision; none of the other's did.
+    assert (logs / f"{twin}.log").read_text().count(_MARKER) == 3
+    assert _MARKER not in (logs / "gateway.log").read_text()
+    assert run.commands[twin][:2] == [f"PYTHONPATH={baseline.source}", "PYTHONSAFEPATH=1"]
     assert run.commands["gateway"][0] == sys.executable
     for label in ("gateway", twin):  # each its own usage log, complete once stopped
         assert run.usage[label]["usage_records"] == run.usage[label]["requests_sent"] > 0
     assert count_usage_records(tmp_path / f"usage-{twin}") == run.usage[twin]["usage_records"]
+    assert run.unpinned == {"gateway", twin}
     result = analyze(run)
     assert result["baseline"]["pairs"][0]["baseline"] == twin
     assert len(result["baseline"]["pairs"][0]["cpu_ratio_rounds"]) == 2
+
+
+def test_a_baseline_of_an_unpinned_variant_gets_no_noise_check_either() -> None:
+    scenario = load_scenario(str(REPO / "loadtest/scenarios/throughput-workers.toml"))
+    run = ScenarioRun(scenario=scenario, targets=["workers-1", "workers-2", "workers-2@1"], rounds=[], rounds_n=1,
+                      duration_s=1.0, warmup_s=0.0, server_core=0, client_core=1)
+    run.unpinned = {"workers-2", "workers-2@1"}
+    for label in run.targets:
+        r = _round(label, 0, 1.0, 0.01)
+        r.core_busy = {0: 0.9, 1: 0.9}  # far more than the target's own 1 % of a core
+        run.rounds.append(r)
+    targets = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})["targets"]
+    assert targets["workers-1"]["foreign_load_max"] > 0.5  # pinned: checked, and flagged
+    assert targets["workers-2"]["foreign_load_max"] is None
+    assert targets["workers-2@1"]["foreign_load_max"] is None
+
+
+def _target(label: str) -> Target:
+    return Target(label, parse_target("http://127.0.0.1:9"), None, None)
+
+
+def test_a_gateway_and_its_baseline_swap_places_every_other_round() -> None:
+    targets = [_target(x) for x in ("direct", "a", "a@1", "b", "b@1", "floor")]
+    baselines = {"a": "a@1", "b": "b@1"}
+    labels = [[t.label for t in _round_order(targets, baselines, i)] for i in range(3)]
+    assert labels == [["direct", "a", "a@1", "b", "b@1", "floor"],
+                      ["direct", "a@1", "a", "b@1", "b", "floor"],
+                      ["direct", "a", "a@1", "b", "b@1", "floor"]]
+    assert _round_order(targets[:2], {}, 1) == targets[:2]
+
+
+def _failover_round(target: str, index: int, errors_after: int) -> TargetRound:
+    rec = Recorder()
+    for i in range(10):  # starts at 0.0, 0.1, ... 0.9 s; the kill at 0.5 s
+        err = "stream_error" if i >= 6 and i - 6 < errors_after else None
+        rec.add(i * 0.1, i * 0.1 + 0.05, 0.01, 1.0, 50.0, err, 200)
+    result = RoundResult(recorder=rec, window_s=1.0, sent_total=10, client_cpu_s=0.1, window_start=0.0, window_end=1.0)
+    return TargetRound(target=target, index=index, result=result, server_cpu_s=0.01, upstream_cpu_s=0.01,
+                       rss_baseline=None, rss_peak=None, killed_at_s=0.5)
+
+
+def test_in_failover_each_gateway_has_its_own_phases_and_check() -> None:
+    scenario = load_scenario(str(REPO / "loadtest/scenarios/failover.toml"))
+    twin = "gateway@1a2b3c4"
+    run = ScenarioRun(scenario=scenario, targets=["gateway", twin], rounds=[], rounds_n=1, duration_s=1.0,
+                      warmup_s=0.0)
+    run.baseline = Baseline(revision="v1", commit="1a2b3c4" + "0" * 33, source=Path("/tmp/x"))
+    run.baselines = {"gateway": twin}
+    run.rounds += [_failover_round("gateway", 0, 0), _failover_round(twin, 0, 3)]
+    result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
+    by = result["failover_by_gateway"]
+    assert by["gateway"]["phases"]["after"]["errors"] == {}
+    assert by[twin]["phases"]["after"]["errors"] == {"stream_error": 3}
+    assert result["failover"] == by["gateway"]
+    met = {v["target"]: (v["value"], v["met"]) for v in result["verdicts"]}
+    assert met["gateway: zero errors for requests started after the kill"] == (0, True)
+    assert met[f"{twin}: zero errors for requests started after the kill"] == (3, False)
+    table = markdown(result)
+    assert "gateway: primary killed at 0.50 s" in table and f"{twin}: primary killed at 0.50 s" in table
+
+
+def test_in_mode_compare_each_build_is_compared_with_its_own_first_variant() -> None:
+    scenario = load_scenario(str(REPO / "loadtest/scenarios/telemetry-on-off.toml"))
+    run = ScenarioRun(scenario=scenario, targets=["telemetry-on", "telemetry-on@1", "telemetry-off", "telemetry-off@1"],
+                      rounds=[], rounds_n=1, duration_s=1.0, warmup_s=0.0)
+    run.baseline = Baseline(revision="v1", commit="1" * 40, source=Path("/tmp/x"))
+    run.baselines = {"telemetry-on": "telemetry-on@1", "telemetry-off": "telemetry-off@1"}
+    for label in run.targets:
+        run.rounds.append(_round(label, 0, 1.0, 0.01))
+    result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
+    assert {label: c["versus"] for label, c in result["comparisons"].items()} == {
+        "telemetry-off": "telemetry-on", "telemetry-off@1": "telemetry-on@1",
+    }
+    assert [(p["target"], p["baseline"]) for p in result["baseline"]["pairs"]] == [
+        ("telemetry-on", "telemetry-on@1"), ("telemetry-off", "telemetry-off@1"),
+    ]
 
 
 def test_the_command_line_refuses_a_baseline_with_a_gateway_it_did_not_start() -> None:

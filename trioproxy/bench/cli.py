@@ -27,8 +27,8 @@ from typing import Any
 import trio
 
 from ..errors import ConfigError
+from . import baseline as baseline_source
 from .baseline import Baseline
-from .baseline import prepare as prepare_baseline
 from .processes import BenchError, open_fleet
 from .report import analyze, machine_info, markdown, timestamp, write_outputs
 from .runner import BenchOptions, run_scenario
@@ -167,15 +167,22 @@ def run_from_args(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, {args.client_cpu})  # the load generator itself
     elif not args.no_pin:
         _progress(f"{cores} core(s): not pinning; the client and the gateway share the CPU")
-    if args.baseline is not None and args.target_gateway:
-        print("trioproxy bench: --baseline starts a gateway of its own: it does not go with --target-gateway",
-              file=sys.stderr)
-        return 2
+    commit = None
+    if args.baseline is not None:
+        if args.target_gateway:
+            print("trioproxy bench: --baseline starts a gateway of its own: it does not go with --target-gateway",
+                  file=sys.stderr)
+            return 2
+        try:
+            commit = baseline_source.resolve(args.baseline)
+        except BenchError as exc:
+            print(f"trioproxy bench: {exc}", file=sys.stderr)
+            return 2
     run_dir = Path(tempfile.mkdtemp(prefix="trioproxy-bench-"))
     received: list[int] = []
     failed = True
     try:
-        baseline = prepare_baseline(args.baseline, run_dir) if args.baseline is not None else None
+        baseline = baseline_source.unpack(args.baseline, commit, run_dir) if commit is not None else None
         trio.run(_main, scenarios, _options(args, pin, baseline), args.out, run_dir, received)
         failed = bool(received)
     except BaseException as exc:  # the command's edge: nurseries wrap what they raise in groups

@@ -14,6 +14,7 @@ are dropped here so a function is one row however many lines of it were sampled.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from collections import Counter
 
 from attrs import frozen
@@ -22,8 +23,12 @@ __all__ = ["Hotspot", "parse_collapsed", "top_functions"]
 
 # "name (path/to/file.py:123)" → "name (path/to/file.py)"; frames without a location stay as they are.
 _LINE = re.compile(r"^(.*) \((.*?):\d+\)$")
+#: The source checkout this package runs from.
+REPO = Path(__file__).resolve().parents[2]
 #: Paths are shortened to what follows the last of these (site-packages/trio/_core/... → trio/_core/...).
-_ROOTS = ("site-packages/", "lib/python3.", "/work/main/")
+_ROOTS = ("site-packages/", "lib/python3.", f"{REPO}/")
+#: A ``--baseline`` gateway's unpacked source (``<run dir>/baseline-<commit>/trioproxy/...``).
+_BASELINE_ROOT = re.compile(r"/baseline-[0-9a-f]{12}/")
 
 
 @frozen
@@ -40,6 +45,9 @@ def _short(frame: str) -> str:
     if not match:
         return frame
     name, path = match[1], match[2]
+    baseline = _BASELINE_ROOT.search(path)
+    if baseline:
+        return f"{name} ({path[baseline.end():]})"
     for root in _ROOTS:
         i = path.rfind(root)
         if i >= 0:

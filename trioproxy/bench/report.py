@@ -168,7 +168,8 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
         for r in rounds
         if r.rss_peak is not None and r.rss_baseline is not None
     ]
-    spread = any(g.label == label and g.workers > 1 for g in run.scenario.gateways)  # unpinned: no noise check
+    # Unpinned (several workers on every core): no noise check.
+    spread = label in run.unpinned or any(g.label == label and g.workers > 1 for g in run.scenario.gateways)
     noise = [n for r in rounds if not spread
              and (n := foreign_load(r, server_core=run.server_core, client_core=run.client_core)) is not None]
     per_round: list[dict[str, Any]] = []
@@ -216,13 +217,16 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
     }
 
 
-def _failover(run: ScenarioRun) -> dict[str, Any]:
+def _failover(run: ScenarioRun, label: str) -> dict[str, Any]:
+    """One gateway's requests before the kill, in flight at it, and after it; TTFT over time."""
     assert run.scenario.failover is not None
     bucket = run.scenario.failover.bucket_s
     phases: dict[str, dict[str, list[Any]]] = {p: {"ttft": [], "errors": []} for p in ("before", "in_flight", "after")}
     series: dict[int, dict[str, Any]] = {}
     kills = []
     for r in run.rounds:
+        if r.target != label:
+            continue
         rec, k = r.result.recorder, r.killed_at_s
         kills.append(k)
         for start, end, ttft, err in zip(rec.starts, rec.ends, rec.ttft_ms, rec.errors):
@@ -291,14 +295,18 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
     s = run.scenario
     targets = {label: _target_stats(run, label) for label in run.targets}
     reference = "direct" if "direct" in targets else (run.targets[0] if s.mode == "compare" else None)
+    # In mode compare, a baseline's variants are compared with the baseline's first variant:
+    # each build against itself, never across builds (that is the "baseline" table's job).
+    twins = set(run.baselines.values())
     comparisons: dict[str, dict[str, Any]] = {}
     if reference is not None:
-        ref = targets[reference]
         for label, st in targets.items():
-            if label == reference:
+            versus = run.baselines.get(reference, reference) if label in twins and reference != "direct" else reference
+            if label == versus:
                 continue
+            ref = targets[versus]
             comparisons[label] = {
-                "versus": reference,
+                "versus": versus,
                 "added_headers_ms": added(Summary(**st["headers_ms"]), Summary(**ref["headers_ms"])),
                 "added_ttft_ms": added(Summary(**st["ttft_ms"]), Summary(**ref["ttft_ms"])),
                 "added_total_ms": added(Summary(**st["total_ms"]), Summary(**ref["total_ms"])),
@@ -332,8 +340,12 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
             "pairs": [_against_baseline(label, twin, targets) for label, twin in run.baselines.items()],
         }
     if s.mode == "failover":
-        result["failover"] = _failover(run)
-        metrics["errors_after_kill"] = sum(result["failover"]["phases"]["after"]["errors"].values())
+        per_gateway = {label: _failover(run, label) for label in gateways}
+        result["failover"] = per_gateway[gateways[0]]
+        if len(per_gateway) > 1:  # (--baseline) each its own phases and check
+            result["failover_by_gateway"] = per_gateway
+        for label, f in per_gateway.items():
+            metrics_by_gateway[label]["errors_after_kill"] = sum(f["phases"]["after"]["errors"].values())
     if len(gateways) > 1:  # every variant against the scenario's targets, each labelled
         result["verdicts"] = [{**v, "target": f"{label}: {v['target']}"} for label in gateways
                               for v in _verdicts(s.name, metrics_by_gateway[label])]
@@ -396,7 +408,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"### {s['name']}: {s['description']}",
         "",
         f"{run['rounds']} rounds × {run['duration_s']:g} s measured (after {run['warmup_s']:g} s warm-up), "
-        f"order {' → '.join(run['order'])} each round; {m['cores']} cores ({m['cpu_model']}), "
+        f"order {' → '.join(run['order'])} "
+        + ("in the first round, each gateway and its baseline swapped every other round; " if "baseline" in result
+           else "each round; ")
+        + f"{m['cores']} cores ({m['cpu_model']}), "
         f"Python {m['python']}" + (f" ({m['python_executable']})." if m.get("python_executable") else "."),
         "",
     ]
@@ -452,10 +467,11 @@ def markdown(result: dict[str, Any]) -> str:
             if stream:
                 row += f"{_signed(pair['added_ttft_ms'])} | "
             lines.append(row + f"{_signed(pair['added_total_ms'])} |")
-    if "failover" in result:
-        f = result["failover"]
-        lines += ["", f"Primary killed at {', '.join(_f(k, 2) + ' s' for k in f['kill_at_s'])} into the window:", "",
-                  "| phase | requests | errors | TTFT p50/p90/p99/max ms |", "|---|---:|---|---|"]
+    failovers = result.get("failover_by_gateway") or ({"": result["failover"]} if "failover" in result else {})
+    for label, f in failovers.items():
+        whose = f"{label}: p" if label else "P"
+        lines += ["", f"{whose}rimary killed at {', '.join(_f(k, 2) + ' s' for k in f['kill_at_s'])} into the window:",
+                  "", "| phase | requests | errors | TTFT p50/p90/p99/max ms |", "|---|---:|---|---|"]
         for name, p in f["phases"].items():
             errors = ", ".join(f"{k} {v}" for k, v in sorted(p["errors"].items())) or "0"
             lines.append(f"| {name.replace('_', ' ')} | {p['requests']} | {errors} | {_quad(p['ttft_ms'])} |")

@@ -122,6 +122,8 @@ class ScenarioRun:
     #: ``--baseline``: the revision measured, and each gateway variant's label → its twin's label.
     baseline: Baseline | None = None
     baselines: dict[str, str] = field(factory=dict)
+    #: Gateways with several workers, on every core (no noise check for them).
+    unpinned: set[str] = field(factory=set)
     #: The cores the servers and the client were pinned to (None: not pinned).
     server_core: int | None = None
     client_core: int | None = None
@@ -169,11 +171,10 @@ async def _start_gateway(
     args += ["--port", "0"]
     if workers > 1:  # every core: the workers share them with the client and the upstream
         args += ["--workers", str(workers)]
-    argv = baseline.argv(*args) if baseline is not None else python_argv(*args)
     env = baseline.env() if baseline is not None else None
-    child = await fleet.start(label, argv, cpu=options.gateway_cpu if workers == 1 else None, env=env)
-    if baseline is not None:  # what to type to start it again by hand
-        child.argv = [f"PYTHONPATH={baseline.source}", *child.argv]
+    child = await fleet.start(label, python_argv(*args), cpu=options.gateway_cpu if workers == 1 else None, env=env)
+    if baseline is not None:  # what to type to start it again by hand (with --keep-logs: the source is kept)
+        child.argv = [f"{k}={v}" for k, v in baseline.env_changes().items()] + child.argv
     return child, telemetry_dir
 
 
@@ -265,11 +266,14 @@ async def run_scenario(
             run.commands[label] = child.argv
             targets.append(Target(label, parse_target(child.url), child, child.pid, mock_pids, telemetry_dir,
                                   pinned=variant.workers == 1))
+            if variant.workers > 1:
+                run.unpinned.add(label)
             if source is not None:
                 run.baseline = source
                 run.baselines[variant.label] = label
-                run.notes.append(f"{label}: trioproxy as committed at {source.revision} ({source.commit}), "
-                                 f"with the same interpreter, profiles and pinning as {variant.label}")
+                run.notes.append(f"{label}: trioproxy as committed at {source.revision} ({source.commit}), with "
+                                 f"the same interpreter, profiles and pinning as {variant.label}; the two swap "
+                                 "places every other round")
         if variant.workers > 1:
             run.notes.append(f"{variant.label}: {variant.workers} workers, not pinned: they share both cores with "
                              "the load generator and the upstream; its CPU is the supervisor's and workers' together")
@@ -289,7 +293,7 @@ async def run_scenario(
     primary_port = int(mocks[0].url.rsplit(":", 1)[1]) if mocks else 0
     redone: dict[str, int] = {}
     for index in range(rounds_n):
-        for target in targets:
+        for target in _round_order(targets, run.baselines, index):
             while True:  # bounded: a disturbed round is run again at most MAX_REDO times per target
                 tr = await _one_round(s, options, fleet, run, target, index, rounds_n, plan, requests, mocks,
                                       primary_port, progress)
@@ -320,6 +324,22 @@ async def run_scenario(
                 "usage_records": count_usage_records(target.telemetry_dir),
             }
     return run
+
+
+def _round_order(targets: list[Target], baselines: dict[str, str], index: int) -> list[Target]:
+    """The targets in round ``index``'s order: a gateway and its baseline swap places every other
+    round, so that neither always runs right after the other (A B, then B A)."""
+    if index % 2 == 0 or not baselines:
+        return targets
+    by_label = {t.label: t for t in targets}
+    twins = set(baselines.values())
+    order: list[Target] = []
+    for t in targets:
+        if t.label in baselines:
+            order += [by_label[baselines[t.label]], t]
+        elif t.label not in twins:
+            order.append(t)
+    return order
 
 
 async def _one_round(
