@@ -192,6 +192,18 @@ class Driver:
                 print(f"first error: status {status}", file=sys.stderr)
 
 
+async def settle_usage(driver: Driver) -> None:
+    """Every usage record submitted so far taken by the writer (handed to the metrics, encoded).
+
+    Called at both ends of a measurement, so that it holds the writing of its own records,
+    no more, no less: otherwise a batch lands in a window or not by the ``flush_ms`` clock.
+    """
+    sink = driver.app.services.sink
+    taken = sink.counters.submitted - sink.counters.dropped
+    sink.flush()
+    await sink.wait_observed(taken)
+
+
 async def measure(driver: Driver, n: int, concurrency: int, *, count: bool = False) -> float:
     """Gateway CPU µs per request over ``n`` requests from ``concurrency`` tasks.
 
@@ -204,12 +216,14 @@ async def measure(driver: Driver, n: int, concurrency: int, *, count: bool = Fal
             await driver.one()
 
     counter = COUNTER if count else None
+    await settle_usage(driver)
     if counter is not None:
         counter.start()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
             nursery.start_soon(worker)
+    await settle_usage(driver)
     done = per_task * concurrency
     if counter is not None:
         driver.instructions = counter.stop() / done

@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,62 @@ async def test_a_batch_that_fills_is_written_before_the_flush_deadline(
             assert sink.statistics().in_flight == 1
         assert sink.statistics().written == 4  # closing the sink ended the last wait: written, not lost
     assert trio.current_time() == pytest.approx(0.1)
+
+
+async def test_flush_has_the_writer_take_what_is_queued_without_waiting_for_the_deadline(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(60):
+        async with writing(config(tmp_path, batch_max=100, flush_ms=200)) as sink:
+            sink.submit(record(0))
+            sink.submit(record(1))
+            await trio.testing.wait_all_tasks_blocked()
+            assert sink.statistics().in_flight == 2  # waiting for a fuller batch
+            sink.flush()
+            await sink.wait_observed(2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (sink.statistics().batches, sink.statistics().written) == (1, 2)
+            assert trio.current_time() == 0  # not at the 200 ms deadline
+            # Asked while the writer holds no wait (here: waiting for a first record), the
+            # flush ends the next batch's wait as soon as it would start, and only that one.
+            sink.flush()
+            await trio.testing.wait_all_tasks_blocked()
+            sink.submit(record(2))
+            await sink.wait_observed(3)
+            assert trio.current_time() == 0
+            sink.submit(record(3))
+            await trio.testing.wait_all_tasks_blocked()
+            assert sink.statistics().in_flight == 1  # the usual wait again
+            await trio.sleep(0.2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sink.statistics().written == 4
+    assert trio.current_time() == pytest.approx(0.2)
+
+
+async def test_with_the_log_disabled_records_reach_the_metrics_batched_as_the_writer_batches_them(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    cfg = config(tmp_path, enabled=False, batch_max=100, flush_ms=200)
+    seen: list[tuple[float, int]] = []  # (when, records) per call
+    sink, records_recv = open_telemetry(cfg)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(usagelog.run_discarder, records_recv, sink, cfg,
+                                       observe=lambda part: seen.append((trio.current_time(), len(part)))))
+            async with sink:
+                for i in range(50):  # one per ms: all within one flush window
+                    sink.submit(record(i))
+                    await trio.sleep(0.001)
+                assert seen == []  # no wake-up per record
+                await sink.wait_observed(50)
+                assert [n for _, n in seen] == [16, 16, 16, 2]  # the writer's slices
+                assert all(t == pytest.approx(0.2) for t, _ in seen), seen  # at the flush deadline, not later
+                sink.submit(record(50))
+                sink.flush()
+                await sink.wait_observed(51)
+                sink.submit(record(51))  # then closed: observed at once, not lost
+    assert sum(n for _, n in seen) == 52 and sink.counters.observed == 52
+    assert not (tmp_path / "logs").exists()  # nothing written
 
 
 async def test_a_queue_smaller_than_a_batch_is_drained_before_it_fills(

@@ -34,7 +34,6 @@ from __future__ import annotations
 import gc
 import os
 import signal
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -59,7 +58,7 @@ from .mock import MockSettings, MockUpstream, serve_mock
 from .pool import ConnectionPool
 from .services import Services
 from .telemetry import Record, TelemetrySink
-from .usagelog import run_writer
+from .usagelog import run_discarder, run_writer
 from .upstream import UpstreamRuntime
 from .watchdog import Watchdog
 from .workers import WorkerLink
@@ -227,7 +226,7 @@ async def main(
                     )
                     root.start_soon(writer)
                 else:
-                    root.start_soon(_discard, records_recv, sink, observe)
+                    root.start_soon(partial(run_discarder, records_recv, sink, config.telemetry, observe=observe))
                 async with sink:  # closes records_send: the writer's stop signal
                     async with trio.open_nursery() as service:
                         mocks: dict[str, MockUpstream] = {}
@@ -321,16 +320,6 @@ async def main(
 
 def _file_tag(config: Config) -> str:
     return str(os.getpid()) if config.server.workers > 1 else ""
-
-
-async def _discard(
-    records_recv: trio.MemoryReceiveChannel[Record], sink: TelemetrySink, observe: Callable[[list[Record]], None]
-) -> None:
-    """Telemetry disabled: nothing is written, but the records still feed the metrics and the live feed."""
-    async with records_recv:
-        async for record in records_recv:
-            observe([record])
-            sink.note_observed(1)
 
 
 async def _watch_signals(

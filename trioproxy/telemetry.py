@@ -221,7 +221,7 @@ class Counters:
     current_file: str | None = None
     #: The writer's current batch, shared so that statistics() sees records in its hands.
     in_hand: list[Record] = field(factory=list)
-    #: Records handed to the observers (metrics) so far.
+    #: Records the writer has taken and handed to the observers (metrics), if any, so far.
     observed: int = 0
 
 
@@ -243,10 +243,28 @@ class TelemetrySink:
         #: count that ends it early: the writer is not woken once per record.
         self._flush_wait: trio.CancelScope | None = None
         self._flush_at = 0
+        #: ``flush`` was called: the writer's next look (``take_flush``) ends its batch there.
+        self._flush_requested = False
 
     def wake_writer(self, wait: trio.CancelScope | None, after: int = 0) -> None:
         """(The writer.) Cancel ``wait`` once ``after`` more records are submitted, or on close; None: forget it."""
         self._flush_wait, self._flush_at = wait, self.counters.submitted + after
+
+    def flush(self) -> None:
+        """Have the writer take what is queued now, without waiting ``flush_ms`` for a fuller batch.
+
+        Sync, no checkpoint. For measurements that must include the writing of their own
+        records (``loadtest/bench_app.py``); ``wait_observed`` tells when they were taken.
+        """
+        self._flush_requested = True
+        if self._flush_wait is not None:
+            self._flush_wait.cancel()
+            self._flush_wait = None
+
+    def take_flush(self) -> bool:
+        """(The writer.) Whether ``flush`` was called since the last look; resets it."""
+        requested, self._flush_requested = self._flush_requested, False
+        return requested
 
     def note_observed(self, n: int) -> None:
         """The writer handed ``n`` more records to the observers (metrics)."""

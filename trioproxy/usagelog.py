@@ -249,8 +249,8 @@ async def _collect(
 ) -> bool:
     """Fill ``batch`` with the next batch; False once every send end is closed (and drained).
 
-    Waits for one record, takes what is already queued, then, unless the batch is full,
-    waits up to ``flush_s`` for more. That wait sleeps: the records pile up in the channel
+    Waits for one record, takes what is already queued, then, unless the batch is full (or
+    ``sink.flush`` was called), waits up to ``flush_s`` for more. That wait sleeps: the records pile up in the channel
     and the sink ends the wait once enough were submitted to fill the batch (or on close),
     so the writer wakes once per batch, not once per record (``loadtest/bench_app.py
     --instructions``).
@@ -271,6 +271,8 @@ async def _collect(
         # batch_max): the records wait in the channel, and a full one would drop them.
         capacity = records_recv.statistics().max_buffer_size
         while len(batch) < batch_max and trio.current_time() < deadline:  # bounded: each pass waits, at most to the deadline
+            if sink.take_flush():
+                break
             with trio.CancelScope(deadline=deadline) as wait:
                 sink.wake_writer(wait, int(min(batch_max - len(batch), max(1, capacity // 2))))
                 try:
@@ -284,27 +286,54 @@ async def _collect(
 
 
 async def _prepare(
-    batch: Sequence[Record], observe: Callable[[list[Record]], None] | None, sink: TelemetrySink
+    batch: Sequence[Record], observe: Callable[[list[Record]], None] | None, sink: TelemetrySink,
+    *, encode: bool = True,
 ) -> tuple[bytes, int]:
     """Hand ``batch`` to ``observe`` and encode it, ``SLICE`` records at a time with a checkpoint between.
 
     Returns the JSONL lines and how many records could not be encoded (counted as lost; the
-    others still go out).
+    others still go out). ``encode=False``: only observe (the log is disabled).
     """
     lines: list[bytes] = []
+    unencodable = 0
     for start in range(0, len(batch), SLICE):
         if start:
             await trio.lowlevel.checkpoint()  # let the requests that came meanwhile run
         part = list(batch[start : start + SLICE])
         if observe is not None:
             observe(part)
-            sink.note_observed(len(part))
-        for rec in part:
-            try:
-                lines.append(encode_record(rec))
-            except (TypeError, ValueError):
-                pass
-    return b"".join(lines), len(batch) - len(lines)
+        sink.note_observed(len(part))
+        if encode:
+            for rec in part:
+                try:
+                    lines.append(encode_record(rec))
+                except (TypeError, ValueError):
+                    unencodable += 1
+    return b"".join(lines), unencodable
+
+
+async def run_discarder(
+    records_recv: trio.MemoryReceiveChannel[Record],
+    sink: TelemetrySink,
+    cfg: Telemetry,
+    *,
+    observe: Callable[[list[Record]], None],
+) -> None:
+    """The usage log disabled: nothing is written, but the records still feed ``observe`` (the
+    metrics, the live feed), batched as the writer batches them, at most ``flush_ms`` behind.
+
+    One record at a time cost 48k instructions more per small request than writing the log
+    did (``loadtest/bench_app.py --instructions --telemetry-off``): the metrics sum their
+    counters per batch, and the task wakes once per batch. Returns once the channel ends.
+    """
+    batch: list[Record] = []
+    async with records_recv:
+        more = True
+        while more:
+            more = await _collect(records_recv, batch, sink, batch_max=cfg.batch_max, flush_s=cfg.flush_ms / 1000)
+            if batch:
+                await _prepare(batch, observe, sink, encode=False)
+                batch.clear()
 
 
 async def run_writer(
