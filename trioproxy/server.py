@@ -6,6 +6,7 @@
     └─ async with httpx.AsyncClient() as http           probes and model discovery; closes last
        └─ root nursery
           ├─ usagelog.run_writer(records_recv, ...)      drains until records_send is closed
+          │  (run_discarder when the log is disabled: the same batches, to the metrics only)
           └─ [body] async with sink:                    closing it (records_send) is the writer's stop signal
              └─ service nursery
                 ├─ mock.serve_mock(...) × embedded mock  (the demo profile's upstreams)
