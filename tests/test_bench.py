@@ -28,7 +28,7 @@ from trioproxy.bench import hotspots, probes, procstat
 from trioproxy.bench.loadgen import LoadPlan, Recorder, RoundResult, run_load
 from trioproxy.bench.chart import write_chart
 from trioproxy.bench.report import analyze, machine_info, markdown, write_outputs
-from trioproxy.bench.runner import ScenarioRun, TargetRound, count_usage_records, primary_mock_argv
+from trioproxy.bench.runner import ScenarioRun, Target, TargetRound, count_usage_records, primary_mock_argv
 from trioproxy.bench.scenarios import (
     Load,
     PrimaryFault,
@@ -208,6 +208,18 @@ def test_worker_scenarios_measure_one_pinned_worker_against_two(name: str) -> No
         parse_scenario('name = "x"\n[load]\nconnections = 4\nstream = true\n[[gateways]]\nworkers = 0\n')
 
 
+async def test_the_probe_keeps_the_peak_of_the_whole_round_and_the_samples_of_the_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    target = Target("gateway", parse_target("http://127.0.0.1:9"), None, os.getpid())
+    probe = probes.Probe(target)
+    await probe(1.0, 2.0)  # warm-up from 0 to 1 s, then the measured window
+    window_samples = round(1.0 / probes.SAMPLE_S)
+    assert window_samples <= len(probe.rss_window) <= window_samples + 1  # none from the warm-up
+    assert probe.rss_peak is not None and probe.rss_peak >= max(probe.rss_window)
+    assert probe.server_cpu is not None
+
+
 async def test_a_gateways_cpu_and_memory_include_its_workers() -> None:
     """``--workers N``: the supervisor's children are part of the gateway the probes read."""
     async with trio.open_nursery() as nursery:
@@ -349,7 +361,7 @@ def _round(target: str, index: int, totals: list[float], ttfts: list[float], cpu
     result = RoundResult(recorder=rec, window_s=1.0, sent_total=len(totals), client_cpu_s=0.1,
                          window_start=0.0, window_end=1.0)
     return TargetRound(target=target, index=index, result=result, server_cpu_s=cpu, upstream_cpu_s=0.05,
-                       rss_baseline=10 * 2**20, rss_peak=10 * 2**20 + 64 * 1024)
+                       rss_baseline=10 * 2**20, rss_peak=10 * 2**20 + 64 * 1024, rss_held=10 * 2**20 + 32 * 1024)
 
 
 def test_analyze_pools_rounds_compares_and_judges_targets() -> None:
@@ -364,6 +376,7 @@ def test_analyze_pools_rounds_compares_and_judges_targets() -> None:
     assert gateway["requests"] == 20 and gateway["rps"] == 10.0
     assert gateway["server_cpu_us_per_request"] == pytest.approx(3000.0)
     assert gateway["mem_per_stream_kb"] == pytest.approx(1.0)  # 64 KiB over 64 connections
+    assert gateway["mem_held_per_stream_kb"] == pytest.approx(0.5)  # the window's median: 32 KiB
     assert result["comparisons"]["gateway"]["added_ttft_ms"]["p50"] == pytest.approx(1.5)
     verdicts = {v["metric"]: v["met"] for v in result["verdicts"]}
     assert verdicts == {"added_ttft_p50_ms": True, "added_ttft_p99_ms": True, "gateway_cpu_us": False}

@@ -60,6 +60,8 @@ class Probe:
         self.target = target
         self.kill = kill
         self.rss_peak: int | None = None
+        #: RSS samples inside the measured window (every stream of a closed loop open).
+        self.rss_window: list[int] = []
         self.server_cpu: float | None = None
         self.upstream_cpu: float | None = None
         self.killed_at: float | None = None
@@ -94,6 +96,8 @@ class Probe:
             now_rss = rss(pid)
             if now_rss is not None and (self.rss_peak is None or now_rss > self.rss_peak):
                 self.rss_peak = now_rss
+            if now_rss is not None and cpu0 is not None:
+                self.rss_window.append(now_rss)
             wake = now + SAMPLE_S
             if cpu0 is None:
                 wake = min(wake, window_start)

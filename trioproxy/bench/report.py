@@ -7,7 +7,9 @@ three outputs cannot disagree:
   windows ÷ the windows' length), errors by kind, time to headers, TTFT, gaps
   between tokens and total latency (p50/p90/p99/max), server CPU per request
   (user+sys over the windows ÷ requests), peak RSS and, for streams, memory per
-  open stream (RSS rise from just before a round to its peak ÷ connections);
+  open stream: the RSS rise from just before a round to its peak ÷ connections (the
+  issue's target; the JSON also has the rise to the median of the window's samples, what is
+  held while every stream is open: on this guest it moved between runs as much as the peak);
 - per gateway: what it adds over ``direct`` (or over the first variant, in mode
   ``compare``), percentile by percentile;
 - with ``--baseline``: each gateway against its twin as committed at that
@@ -168,6 +170,13 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
         for r in rounds
         if r.rss_peak is not None and r.rss_baseline is not None
     ]
+    # What the process holds while every stream is open (the window's median), same baseline:
+    # the peak also catches a fresh process's ramp-up (measured: not steadier between runs).
+    held_per_stream = [
+        (r.rss_held - r.rss_baseline) / run.scenario.load.connections
+        for r in rounds
+        if r.rss_held is not None and r.rss_baseline is not None
+    ]
     # Unpinned (several workers on every core): no noise check.
     spread = label in run.unpinned or any(g.label == label and g.workers > 1 for g in run.scenario.gateways)
     noise = [n for r in rounds if not spread
@@ -187,6 +196,8 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
             "ttft_p99_ms": summarize(rec.ttft_ms).p99,
             "server_cpu_us": (r.server_cpu_s / n * 1e6) if r.server_cpu_s is not None and n else None,
             "rss_peak_mb": r.rss_peak / 2**20 if r.rss_peak is not None else None,
+            "rss_baseline_mb": r.rss_baseline / 2**20 if r.rss_baseline is not None else None,
+            "rss_held_mb": r.rss_held / 2**20 if r.rss_held is not None else None,
             "core_busy": {str(k): v for k, v in sorted(r.core_busy.items())},
         })
     return {
@@ -212,6 +223,8 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
         } if rounds else {},
         "rps_range": [min(round_rps), max(round_rps)] if round_rps else None,
         "mem_per_stream_kb": max(per_stream) / 1024 if per_stream and run.scenario.load.stream else None,
+        "mem_held_per_stream_kb": (max(held_per_stream) / 1024
+                                   if held_per_stream and run.scenario.load.stream else None),
         "rounds": per_round,
         "cdf": {k: _cdf(v) for k, v in pooled.items()},
     }

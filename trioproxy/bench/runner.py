@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -101,6 +102,8 @@ class TargetRound:
     killed_at_s: float | None = None
     #: Per core, the share of the window it was busy (any process): noise shows up here.
     core_busy: dict[int, float] = field(factory=dict)
+    #: The median of the RSS samples inside the measured window (None: none taken).
+    rss_held: int | None = None
 
 
 @define
@@ -366,6 +369,7 @@ async def _one_round(
     return TargetRound(
         target=target.label, index=index, result=result, server_cpu_s=probe.server_cpu,
         upstream_cpu_s=probe.upstream_cpu, rss_baseline=baseline, rss_peak=probe.rss_peak,
+        rss_held=int(statistics.median(probe.rss_window)) if probe.rss_window else None,
         killed_at_s=probe.killed_at, core_busy=probe.core_busy,
     )
 
