@@ -220,6 +220,25 @@ async def test_the_probe_keeps_the_peak_of_the_whole_round_and_the_samples_of_th
     assert probe.server_cpu is not None
 
 
+async def test_the_probe_sleeps_between_samples_even_when_the_server_cannot_be_read(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads = 0
+
+    def counted_rss(pid: int | None) -> int | None:
+        nonlocal reads
+        reads += 1
+        if reads > 1_000:  # a spin never lets the mock clock move: fail instead of hanging
+            raise AssertionError("the probe spins")
+        return None
+
+    monkeypatch.setattr(probes, "rss", counted_rss)
+    probe = probes.Probe(Target("gateway", parse_target("http://127.0.0.1:9"), None, None))  # --target-gateway, no pid
+    await probe(1.0, 2.0)
+    assert reads <= round(2.0 / probes.SAMPLE_S) + 2  # one per sample, not a spin through the window
+    assert probe.server_cpu is None and probe.rss_window == []
+
+
 async def test_a_gateways_cpu_and_memory_include_its_workers() -> None:
     """``--workers N``: the supervisor's children are part of the gateway the probes read."""
     async with trio.open_nursery() as nursery:

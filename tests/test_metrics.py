@@ -27,13 +27,16 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-async def test_metrics_count_a_known_sequence(start_mock: StartMock, start_gateway: StartGateway) -> None:
+@pytest.mark.parametrize("usage_log", [True, False], ids=["usage-log-on", "usage-log-off"])
+async def test_metrics_count_a_known_sequence(start_mock: StartMock, start_gateway: StartGateway, usage_log: bool) -> None:
+    # With the usage log off the records still feed the metrics (usagelog.run_discarder).
     with trio.fail_after(30):
         down = await start_mock(models=("*",), fault=FaultPlan(kind="status", status=503))
         good = await start_mock(models=("*",), tokens=5, token_delay_ms=0, ttft_ms=0)
         gw = await start_gateway(
             upstream_toml("down", f"http://127.0.0.1:{down.port}", extra="priority = 0\n" + NO_PROBES)
             + upstream_toml("good", f"http://127.0.0.1:{good.port}", extra="priority = 1\n" + NO_PROBES)
+            + ("" if usage_log else "[telemetry]\nenabled = false\n")
         )
         url = f"{gw.url}/v1/chat/completions"
         async with httpx.AsyncClient() as client:
@@ -45,6 +48,8 @@ async def test_metrics_count_a_known_sequence(start_mock: StartMock, start_gatew
             await gw.services.sink.wait_observed(6)
             text = (await client.get(f"{gw.url}/metrics")).text
         await stop(gw)
+    stats = gw.services.sink.statistics()  # the scrape's own record too, once stopped
+    assert (stats.submitted, stats.written) == (7, 7 if usage_log else 0)
     values = samples(text)
 
     def v(name: str, **labels: str) -> float:

@@ -21,7 +21,7 @@ from loguru import logger
 
 from trioproxy import usagelog
 from trioproxy.config import Telemetry
-from trioproxy.telemetry import TelemetrySink, encode_record, open_telemetry
+from trioproxy.telemetry import Record, TelemetrySink, encode_record, open_telemetry
 from trioproxy.usagelog import run_writer
 
 from .logrecords import T0, record
@@ -224,20 +224,66 @@ async def test_flush_has_the_writer_take_what_is_queued_without_waiting_for_the_
             await trio.testing.wait_all_tasks_blocked()
             assert (sink.statistics().batches, sink.statistics().written) == (1, 2)
             assert trio.current_time() == 0  # not at the 200 ms deadline
-            # Asked while the writer holds no wait (here: waiting for a first record), the
-            # flush ends the next batch's wait as soon as it would start, and only that one.
+            # With nothing pending, a flush changes nothing: the next record waits as usual.
             sink.flush()
-            await trio.testing.wait_all_tasks_blocked()
             sink.submit(record(2))
-            await sink.wait_observed(3)
-            assert trio.current_time() == 0
+            await trio.testing.wait_all_tasks_blocked()
+            assert sink.statistics().in_flight == 1
+            # Asked while the writer is busy writing, it still covers what was submitted
+            # before it: those are taken at once after that write, the later ones wait again.
             sink.submit(record(3))
+            sink.flush()
+            await sink.wait_observed(4)
+            assert trio.current_time() == 0
+            sink.submit(record(4))
             await trio.testing.wait_all_tasks_blocked()
             assert sink.statistics().in_flight == 1  # the usual wait again
             await trio.sleep(0.2)
             await trio.testing.wait_all_tasks_blocked()
-            assert sink.statistics().written == 4
+            assert sink.statistics().written == 5
     assert trio.current_time() == pytest.approx(0.2)
+
+
+async def test_a_cancelled_writer_counts_what_was_submitted_during_its_last_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    cfg = config(tmp_path, batch_max=100, flush_ms=200)
+    sink, records_recv = open_telemetry(cfg)
+
+    async def write_while_a_request_ends(fn: Callable[..., Any], *args: Any) -> Any:
+        sink.submit(record(999))  # a request that finishes while the last write is under way
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(usagelog, "_offload", write_while_a_request_ends)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_writer, records_recv, sink, cfg, now=lambda: T0))
+            for i in range(5):
+                sink.submit(record(i))
+            await trio.testing.wait_all_tasks_blocked()  # the writer holds them, waiting for company
+            nursery.cancel_scope.cancel()  # from outside, as a forced shutdown does
+    stats = sink.statistics()
+    assert (stats.written, stats.lost, stats.queued, stats.in_flight) == (5, 1, 0, 0)
+    assert stats.submitted == stats.written + stats.dropped + stats.lost  # nothing unaccounted
+    assert sink.counters.observed == 0  # none reached the metrics: not counted as observed
+
+
+async def test_a_cancelled_discarder_still_hands_what_it_holds_to_the_metrics(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    cfg = config(tmp_path, enabled=False, batch_max=100, flush_ms=200)
+    seen: list[Record] = []
+    sink, records_recv = open_telemetry(cfg)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(usagelog.run_discarder, records_recv, sink, cfg, observe=seen.extend))
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(5):
+                sink.submit(record(i))
+            await trio.testing.wait_all_tasks_blocked()  # it holds them, waiting for company
+            nursery.cancel_scope.cancel()
+    assert [r.request_id for r in seen] == [f"req-{i:06d}" for i in range(5)] and sink.counters.observed == 5
 
 
 async def test_with_the_log_disabled_records_reach_the_metrics_batched_as_the_writer_batches_them(

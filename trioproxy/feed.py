@@ -38,7 +38,8 @@ from .telemetry import Record, encode_record
 if TYPE_CHECKING:
     from .services import Services
 
-#: Events a subscriber may fall behind before it is dropped: a few seconds of a busy gateway.
+#: Events a subscriber may fall behind before it is dropped, at least (``server.main`` gives it
+#: two of the writer's batches, ``2 * telemetry.batch_max``: they are published in bursts).
 SUBSCRIBER_BUFFER = 256
 #: Seconds between two looks at the upstreams' health and circuits (state-change events).
 UPSTREAM_POLL_S = 0.25

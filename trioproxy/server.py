@@ -53,7 +53,7 @@ from .config import Config, Upstream, resolve_profile
 from .errors import ConfigError
 from .health import HealthBoard
 from .reload import PENDING_RELOADS, Reloader, ReloadRequest, run_reloader, watch_profiles
-from .feed import Broadcaster, follow_usage_files, watch_upstreams
+from .feed import SUBSCRIBER_BUFFER, Broadcaster, follow_usage_files, watch_upstreams
 from .metrics import Metrics, refresh_every
 from .mock import MockSettings, MockUpstream, serve_mock
 from .pool import ConnectionPool
@@ -207,7 +207,9 @@ async def main(
     settled = False
     multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if link is not None else None
     metrics = Metrics(lambda: live[0] if live else None, multiprocess_dir=multiprocess_dir)
-    feed = Broadcaster()
+    # The writer publishes a batch (up to batch_max records) within a few turns of the loop:
+    # a subscriber's buffer holds two, so only one that stays behind is dropped.
+    feed = Broadcaster(buffer=max(SUBSCRIBER_BUFFER, 2 * config.telemetry.batch_max))
 
     # Several workers with a usage log: the feed reads every worker's records back from the files.
     feed_from_files = link is not None and config.telemetry.enabled

@@ -243,8 +243,8 @@ class TelemetrySink:
         #: count that ends it early: the writer is not woken once per record.
         self._flush_wait: trio.CancelScope | None = None
         self._flush_at = 0
-        #: ``flush`` was called: the writer's next look (``take_flush``) ends its batch there.
-        self._flush_requested = False
+        #: ``flush``: records up to this many observed, the writer does not wait for more.
+        self._flush_until = 0
 
     def wake_writer(self, wait: trio.CancelScope | None, after: int = 0) -> None:
         """(The writer.) Cancel ``wait`` once ``after`` more records are submitted, or on close; None: forget it."""
@@ -253,18 +253,19 @@ class TelemetrySink:
     def flush(self) -> None:
         """Have the writer take what is queued now, without waiting ``flush_ms`` for a fuller batch.
 
+        Applies to the records submitted so far (and not dropped): once they have all been
+        observed, the writer waits as usual again; with none pending it changes nothing.
         Sync, no checkpoint. For measurements that must include the writing of their own
         records (``loadtest/bench_app.py``); ``wait_observed`` tells when they were taken.
         """
-        self._flush_requested = True
-        if self._flush_wait is not None:
+        self._flush_until = self.counters.submitted - self.counters.dropped
+        if self._flush_wait is not None and self.counters.observed < self._flush_until:
             self._flush_wait.cancel()
             self._flush_wait = None
 
     def take_flush(self) -> bool:
-        """(The writer.) Whether ``flush`` was called since the last look; resets it."""
-        requested, self._flush_requested = self._flush_requested, False
-        return requested
+        """(The writer.) Whether records a ``flush`` covers are still to be observed."""
+        return self.counters.observed < self._flush_until
 
     def note_observed(self, n: int) -> None:
         """The writer handed ``n`` more records to the observers (metrics)."""

@@ -287,12 +287,12 @@ async def _collect(
 
 async def _prepare(
     batch: Sequence[Record], observe: Callable[[list[Record]], None] | None, sink: TelemetrySink,
-    *, encode: bool = True,
+    *, note: bool = True,
 ) -> tuple[bytes, int]:
     """Hand ``batch`` to ``observe`` and encode it, ``SLICE`` records at a time with a checkpoint between.
 
     Returns the JSONL lines and how many records could not be encoded (counted as lost; the
-    others still go out). ``encode=False``: only observe (the log is disabled).
+    others still go out). ``note``: count the records as observed (``sink.wait_observed``).
     """
     lines: list[bytes] = []
     unencodable = 0
@@ -302,13 +302,13 @@ async def _prepare(
         part = list(batch[start : start + SLICE])
         if observe is not None:
             observe(part)
-        sink.note_observed(len(part))
-        if encode:
-            for rec in part:
-                try:
-                    lines.append(encode_record(rec))
-                except (TypeError, ValueError):
-                    unencodable += 1
+        if note:
+            sink.note_observed(len(part))
+        for rec in part:
+            try:
+                lines.append(encode_record(rec))
+            except (TypeError, ValueError):
+                unencodable += 1
     return b"".join(lines), unencodable
 
 
@@ -324,16 +324,33 @@ async def run_discarder(
 
     One record at a time cost 48k instructions more per small request than writing the log
     did (``loadtest/bench_app.py --instructions --telemetry-off``): the metrics sum their
-    counters per batch, and the task wakes once per batch. Returns once the channel ends.
+    counters per call (a slice of up to ``SLICE`` records), and the task wakes once per batch.
+    Returns once the channel ends; cancelled, it still hands what it holds and what is
+    queued to ``observe`` (sync) before it returns.
     """
     batch: list[Record] = []
-    async with records_recv:
+    try:
         more = True
         while more:
             more = await _collect(records_recv, batch, sink, batch_max=cfg.batch_max, flush_s=cfg.flush_ms / 1000)
-            if batch:
-                await _prepare(batch, observe, sink, encode=False)
-                batch.clear()
+            while batch:  # a slice at a time, taken off the batch as it goes: what is left is unseen
+                part = batch[:SLICE]
+                del batch[:SLICE]
+                observe(part)
+                sink.note_observed(len(part))
+                if batch:
+                    await trio.lowlevel.checkpoint()
+    finally:
+        # Cancelled: what it holds and what is queued still reach the metrics (sync, no checkpoint).
+        while True:
+            try:
+                batch.append(records_recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        if batch:
+            observe(batch)
+            sink.note_observed(len(batch))
+        records_recv.close()
 
 
 async def run_writer(
@@ -357,8 +374,9 @@ async def run_writer(
     Args:
         file_tag: added to file names when several workers share ``cfg.dir`` (their pid).
         now: the wall clock used to date files (tests pass a fake one).
-        observe: called with each batch before it is written (the metrics), in this task:
-            off the request path, at most ``flush_ms`` behind it.
+        observe: called with each batch before it is written (the metrics, the live feed),
+            ``SLICE`` records at a time, in this task: off the request path, ``flush_ms``
+            behind it when it keeps up.
     """
     counters = sink.counters
     tag = _TAG_UNSAFE.sub("_", file_tag)
@@ -379,10 +397,18 @@ async def run_writer(
                     batch.append(records_recv.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            if batch:  # (not shown to the metrics: the process is going down)
-                await writer.write(batch, await _prepare(batch, None, sink), tries=1)
+            if batch:  # (not shown to the metrics, nor noted as observed: the process is going down)
+                await writer.write(batch, await _prepare(batch, None, sink, note=False), tries=1)
         counters.lost += len(batch)  # only if the last write was cut short
         batch.clear()
+        # Submitted during that last write's checkpoints: nobody will write them. Counted
+        # here, with no checkpoint before the close, so the statistics still add up.
+        while True:
+            try:
+                records_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            counters.lost += 1
         records_recv.close()  # later submits count as dropped instead of piling up
         writer.appender.close()
         writer.report_drops()

@@ -85,9 +85,11 @@ class Probe:
         pid = self.target.server_pid
         cpu0 = up0 = None
         cores0: dict[int, tuple[int, int]] = {}
+        in_window = False  # (not "cpu0 is not None": a target's CPU may be unreadable)
         while True:  # bounded: ends at window_end
             now = trio.current_time()
-            if cpu0 is None and now >= window_start:
+            if not in_window and now >= window_start:
+                in_window = True
                 cpu0 = cpu(pid)
                 up0 = [cpu(p) for p in self.target.upstream_pids]
                 cores0 = procstat.core_ticks()
@@ -96,15 +98,15 @@ class Probe:
             now_rss = rss(pid)
             if now_rss is not None and (self.rss_peak is None or now_rss > self.rss_peak):
                 self.rss_peak = now_rss
-            if now_rss is not None and cpu0 is not None:
+            if now_rss is not None and in_window:
                 self.rss_window.append(now_rss)
             wake = now + SAMPLE_S
-            if cpu0 is None:
+            if not in_window:
                 wake = min(wake, window_start)
             await trio.sleep_until(min(wake, window_end))
         cpu1 = cpu(pid)
         cores1 = procstat.core_ticks()
-        if cpu0 is not None:
+        if in_window:
             for core, (busy1, total1) in cores1.items():
                 busy0, total0 = cores0.get(core, (busy1, total1))
                 if total1 > total0:
