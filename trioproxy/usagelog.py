@@ -250,10 +250,10 @@ async def _collect(
     """Fill ``batch`` with the next batch; False once every send end is closed (and drained).
 
     Waits for one record, takes what is already queued, then, unless the batch is full (or
-    ``sink.flush`` was called), waits up to ``flush_s`` for more. That wait sleeps: the records pile up in the channel
-    and the sink ends the wait once enough were submitted to fill the batch (or on close),
-    so the writer wakes once per batch, not once per record (``loadtest/bench_app.py
-    --instructions``).
+    ``sink.flush`` asks for what is pending), waits up to ``flush_s`` for more. That wait
+    sleeps: the records pile up in the channel and the sink ends the wait once enough were
+    submitted to fill the batch (or on close), so the writer wakes once per batch, not once
+    per record (``loadtest/bench_app.py --instructions``).
     """
 
     def take_ready() -> None:
