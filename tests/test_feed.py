@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from trioproxy.feed import Broadcaster, parse_event
@@ -64,6 +65,31 @@ async def test_two_websocket_subscribers_see_every_request(start_mock: StartMock
                 await ws.get_message()
         await stop(gw)
     assert seen == [ids, ids]
+
+
+async def test_a_usage_batch_larger_than_the_minimum_buffer_reaches_a_subscriber(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """The writer publishes a batch in bursts of slices: a subscriber that keeps up is not dropped."""
+    n = 300  # one batch, over the 256 events a subscriber's buffer used to hold
+    with trio.fail_after(60):
+        mock = await start_mock(models=("*",), tokens=1, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES)
+                                 + "[telemetry]\nflush_ms = 600000\nbatch_max = 1024\n")
+        async with open_websocket_url(gw.url.replace("http://", "ws://") + "/_/live") as ws:
+            assert parse_event(await ws.get_message())["type"] == "upstream"  # type: ignore[arg-type]
+            async with httpx.AsyncClient() as client:
+                for _ in range(n):  # held by the writer: its flush wait is ten minutes
+                    assert (await client.post(f"{gw.url}/v1/chat/completions", json={"model": "m"})).status_code == 200
+            await trio.testing.wait_all_tasks_blocked()  # the last request's record is submitted too
+            assert (gw.services.sink.counters.submitted, gw.services.sink.counters.observed) == (n, 0)
+            gw.services.sink.flush()  # the whole batch at once
+            got = 0
+            while got < n:
+                assert parse_event(await ws.get_message())["type"] == "record"  # type: ignore[arg-type]
+                got += 1
+        assert gw.services.feed is not None and gw.services.feed.statistics().dropped_subscribers == 0
+        await stop(gw)
 
 
 async def test_a_subscriber_does_not_hold_up_shutdown(start_mock: StartMock, start_gateway: StartGateway) -> None:
