@@ -159,7 +159,10 @@ async def main(profiles: list[str], port: int) -> None:
                         return
 
             nursery.start_soon(watch_signals)
-            binds = await nursery.start(partial(serve, app, hypercorn_config(config), shutdown_trigger=shutdown.wait))
+            # (Hypercorn types the app with its own ASGI TypedDicts; ours takes plain dicts, as server.py's.)
+            binds = await nursery.start(
+                partial(serve, app, hypercorn_config(config), shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+            )
             settle_gc()  # the gateway's GC settings too, so the floor stays the floor
             print(f"floor listening on {binds[0]}", file=sys.stderr, flush=True)
             await shutdown.wait()
