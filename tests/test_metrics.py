@@ -8,6 +8,7 @@ import httpx
 import pytest
 import trio
 from hypothesis import given, settings
+from loguru import logger
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
@@ -47,9 +48,18 @@ async def test_metrics_count_a_known_sequence(start_mock: StartMock, start_gatew
             assert (await client.get(f"{gw.url}/no/such/route")).status_code == 404
             await gw.services.sink.wait_observed(6)
             text = (await client.get(f"{gw.url}/metrics")).text
-        await stop(gw)
+        said: list[str] = []
+        handler = logger.add(lambda m: said.append(str(m)), level="INFO", format="{message}")
+        try:
+            await stop(gw)
+        finally:
+            logger.remove(handler)
     stats = gw.services.sink.statistics()  # the scrape's own record too, once stopped
     assert (stats.submitted, stats.written) == (7, 7 if usage_log else 0)
+    # What the operator reads at shutdown: with the log off, no "0 written" that looks like a loss.
+    assert (["usage records: 7 submitted, 7 written, 0 dropped, 0 lost\n"] if usage_log
+            else ["usage log disabled: 7 records counted in the metrics, none written\n"]) == [
+        line for line in said if line.startswith("usage ")]
     values = samples(text)
 
     def v(name: str, **labels: str) -> float:

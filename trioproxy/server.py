@@ -303,7 +303,8 @@ async def main(
                         task_status.started(
                             RunningServer(binds=binds, shutdown=shutdown, stopped=stopped, services=services)
                         )
-                logger.info("stopped serving; writing the last usage records")
+                logger.info("stopped serving; writing the last usage records" if config.telemetry.enabled
+                            else "stopped serving")
     finally:
         if settled:
             unsettle_gc()
@@ -312,13 +313,16 @@ async def main(
                 await runtime.pool.aclose()
         stopped.set()
     stats = sink.statistics()
-    logger.info(
-        "usage records: {} submitted, {} written, {} dropped, {} lost",
-        stats.submitted,
-        stats.written,
-        stats.dropped,
-        stats.lost,
-    )
+    if config.telemetry.enabled:
+        logger.info(
+            "usage records: {} submitted, {} written, {} dropped, {} lost",
+            stats.submitted,
+            stats.written,
+            stats.dropped,
+            stats.lost,
+        )
+    else:  # (not "0 written": nothing was lost, nothing was meant to be written)
+        logger.info("usage log disabled: {} records counted in the metrics, none written", sink.counters.observed)
 
 
 def _file_tag(config: Config) -> str:
