@@ -43,9 +43,9 @@ CLEANUP_TIMEOUT_S = 5.0
 #: Records handed to the metrics and encoded between two checkpoints of the writer. It runs
 #: on the Trio thread between requests: a request that arrives meanwhile waits for one slice
 #: (~10 µs per record on a slow guest), not for a whole batch. Encoding in the worker thread
-#: instead held the GIL for the whole batch, which a request then waited for: +2.5 ms at p99
-#: one request at a time (docs/benchmarks-history.md). A checkpoint per 16 records is <1 % of
-#: their cost.
+#: instead held the GIL for the whole batch, which a request then waited for, and cost
+#: 4-10 % more CPU per request (docs/benchmarks-history.md). A checkpoint per 16 records is
+#: <1 % of their cost.
 SLICE = 16
 
 _T = TypeVar("_T")
