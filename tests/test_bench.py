@@ -30,6 +30,7 @@ from trioproxy.bench.chart import write_chart
 from trioproxy.bench.report import analyze, machine_info, markdown, write_outputs
 from trioproxy.bench.runner import ScenarioRun, Target, TargetRound, count_usage_records, primary_mock_argv
 from trioproxy.bench.scenarios import (
+    CHECKOUT,
     Load,
     PrimaryFault,
     known_scenarios,
@@ -353,7 +354,7 @@ def test_parse_status_reads_rss_and_peak_in_bytes() -> None:
 
 
 def test_hotspots_aggregate_lines_into_functions() -> None:
-    checkout = hotspots.REPO
+    checkout = CHECKOUT
     baseline = "/tmp/trioproxy-bench-x/baseline-0123456789ab"  # a --baseline gateway's source: the same names
     raw = (
         f"main (/v/site-packages/trio/_core/_run.py:10);send ({checkout}/trioproxy/relay.py:5) 30\n"

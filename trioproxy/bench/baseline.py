@@ -29,11 +29,10 @@ from typing import Any
 from attrs import frozen
 
 from .processes import BenchError
+from .scenarios import CHECKOUT
 
 __all__ = ["Baseline", "resolve", "unpack"]
 
-#: The source checkout this package runs from (where ``.git`` is, when it is one).
-REPO = Path(__file__).resolve().parents[2]
 #: ``git`` and the import check each get this long (an archive of the package is a few hundred KB).
 GIT_TIMEOUT_S = 60.0
 
@@ -81,7 +80,7 @@ def _git(repo: Path, *args: str, failed: str) -> bytes:
     return done.stdout
 
 
-def resolve(revision: str, *, repo: Path = REPO) -> str:
+def resolve(revision: str, *, repo: Path = CHECKOUT) -> str:
     """The full commit id ``revision`` names in ``repo``.
 
     Raises:
@@ -95,7 +94,7 @@ def resolve(revision: str, *, repo: Path = REPO) -> str:
                 failed=f"{revision!r} names no commit in {repo}").decode().strip()
 
 
-def unpack(revision: str, commit: str, into: Path, *, repo: Path = REPO) -> Baseline:
+def unpack(revision: str, commit: str, into: Path, *, repo: Path = CHECKOUT) -> Baseline:
     """Unpack ``commit``'s ``trioproxy`` package under ``into`` and check a child imports it from there.
 
     Raises:

@@ -14,19 +14,18 @@ are dropped here so a function is one row however many lines of it were sampled.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from collections import Counter
 
 from attrs import frozen
+
+from .scenarios import CHECKOUT
 
 __all__ = ["Hotspot", "parse_collapsed", "top_functions"]
 
 # "name (path/to/file.py:123)" → "name (path/to/file.py)"; frames without a location stay as they are.
 _LINE = re.compile(r"^(.*) \((.*?):\d+\)$")
-#: The source checkout this package runs from.
-REPO = Path(__file__).resolve().parents[2]
 #: Paths are shortened to what follows the last of these (site-packages/trio/_core/... → trio/_core/...).
-_ROOTS = ("site-packages/", "lib/python3.", f"{REPO}/")
+_ROOTS = ("site-packages/", "lib/python3.", f"{CHECKOUT}/")
 #: A ``--baseline`` gateway's unpacked source (``<run dir>/baseline-<commit>/trioproxy/...``).
 _BASELINE_ROOT = re.compile(r"/baseline-[0-9a-f]{12}/")
 

@@ -32,13 +32,13 @@ from .baseline import Baseline
 from .probes import Probe, foreign_load, rss
 from .loadgen import LoadPlan, RoundResult, run_load
 from .processes import BenchError, Child, Fleet, override_profile, python_argv
-from .scenarios import Load, PrimaryFault, Scenario, resolve_bench_profile
+from .scenarios import CHECKOUT, Load, PrimaryFault, Scenario, resolve_bench_profile
 from .wire import Address, build_request, parse_target
 
 __all__ = ["BenchOptions", "ScenarioRun", "TargetRound", "foreign_load", "run_scenario"]
 
 #: The floor app lives beside the scenarios, in the source checkout.
-FLOOR_APP = Path(__file__).resolve().parents[2] / "loadtest" / "floor_app.py"
+FLOOR_APP = CHECKOUT / "loadtest" / "floor_app.py"
 #: More than this share of a core busy with other load during a window: the round is run again.
 NOISE_LIMIT = 0.15
 #: Re-runs of disturbed rounds allowed per target and scenario (then the round is kept, with a note).

@@ -247,12 +247,13 @@ def validate(s: Scenario) -> list[str]:
 
 # --- finding scenarios on disk (thin I/O) ---------------------------------------------
 
-_REPO_DIR = Path(__file__).resolve().parents[2]
+#: The source checkout this package runs from (its loadtest/, and .git when it is a clone).
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def scenario_dirs() -> list[Path]:
     """Where a scenario NAME is looked up: ./loadtest/scenarios, then the source checkout's."""
-    dirs = [Path.cwd() / "loadtest" / "scenarios", _REPO_DIR / "loadtest" / "scenarios"]
+    dirs = [Path.cwd() / "loadtest" / "scenarios", CHECKOUT / "loadtest" / "scenarios"]
     return list(dict.fromkeys(d.resolve() for d in dirs))
 
 
@@ -290,7 +291,7 @@ def resolve_bench_profile(name: str) -> Path:
         if path.is_file():
             return path.resolve()
         raise ConfigError([f"no such profile file: {name}"], source=name)
-    for d in (Path.cwd() / "loadtest" / "profiles", _REPO_DIR / "loadtest" / "profiles"):
+    for d in (Path.cwd() / "loadtest" / "profiles", CHECKOUT / "loadtest" / "profiles"):
         candidate = d / f"{name}.toml"
         if candidate.is_file():
             return candidate.resolve()
