@@ -404,6 +404,9 @@ if __name__ == "__main__":
     parser.add_argument("--instructions", action="store_true",
                         help="run under valgrind's callgrind and count instructions per request (deterministic, ~30x slower)")
     args = parser.parse_args()
+    if args.memory and (not args.stream or args.token_delay_ms <= 0):
+        # Unpaced, a 5,000-token stream ends before the last of N has opened: it would wait forever.
+        parser.error("--memory needs paced streams that stay open, e.g. --stream --token-delay-ms 20")
     if args.instructions and COUNTER is None:
         sys.exit(run_under_callgrind(sys.argv))
     args.concurrency = args.concurrency or [1, 64]
