@@ -28,6 +28,7 @@ import trio
 
 from ..errors import ConfigError
 from . import baseline as baseline_source
+from . import hop
 from .baseline import Baseline
 from .processes import BenchError, open_fleet
 from .report import analyze, machine_info, markdown, timestamp, write_outputs
@@ -107,6 +108,8 @@ async def _watch_termination(scope: trio.CancelScope, received: list[int]) -> No
 async def _main(scenarios: list[Scenario], options: BenchOptions, out: Path, run_dir: Path,
                 received: list[int]) -> list[dict[str, Any]]:
     machine = machine_info()
+    if options.pin:  # what crossing between the two cores costs here, before any load
+        machine["loopback_us"] = await trio.to_thread.run_sync(hop.loopback, options.client_cpu, options.gateway_cpu)
     stamp = timestamp()
     results: list[dict[str, Any]] = []
     async with trio.open_nursery() as root:

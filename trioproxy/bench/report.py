@@ -413,6 +413,18 @@ def _signed(d: dict[str, Any], keys: tuple[str, ...] = ("p50", "p90", "p99")) ->
     return " / ".join(("+" if d[k] >= 0 else "") + _f(d[k], 2) for k in keys)
 
 
+def _loopback_sentence(loopback: dict[str, Any] | None) -> str:
+    """" Loopback round trip p50 (p99): ... on one core, ... across the two cores (idle: ...)." or ""."""
+    if not loopback or not loopback.get("same_core"):
+        return ""
+    parts = []
+    for key, where in (("same_core", "on one core"), ("across_cores", "across the two cores")):
+        if rt := loopback.get(key):
+            parts.append(f"{rt['p50']:,.0f} µs ({rt['p99']:,.0f}) {where}")
+    idle = f" (idle: {loopback['cpuidle']})" if loopback.get("cpuidle") else ""
+    return " Loopback round trip p50 (p99): " + ", ".join(parts) + idle + "."
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The scenario's results table(s), the gateway's added cost and the targets, in markdown."""
     s, run, m = result["scenario"], result["run"], result["machine"]
@@ -425,7 +437,8 @@ def markdown(result: dict[str, Any]) -> str:
         + ("in the first round, each gateway and its baseline swapped every other round; " if "baseline" in result
            else "each round; ")
         + f"{m['cores']} cores ({m['cpu_model']}), "
-        f"Python {m['python']}" + (f" ({m['python_executable']})." if m.get("python_executable") else "."),
+        f"Python {m['python']}" + (f" ({m['python_executable']})." if m.get("python_executable") else ".")
+        + _loopback_sentence(m.get("loopback_us")),
         "",
     ]
     head = "| target | req/s (rounds) | errors | headers p50/p99 ms |"
