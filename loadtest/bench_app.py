@@ -325,7 +325,7 @@ async def run(args: argparse.Namespace) -> None:
             os.sched_setaffinity(mock.pid, {1})
         _pin(0)
         with tempfile.TemporaryDirectory() as tmp:
-            config = load_profiles([str(ROOT / "loadtest/profiles/bench.toml")])
+            config = load_profiles([str(ROOT / "loadtest/profiles/bench.toml"), *args.config])
             upstreams = tuple(attrs.evolve(u, base_url=f"http://127.0.0.1:{port}") for u in config.upstreams)
             telemetry = attrs.evolve(config.telemetry, dir=tmp, enabled=not args.telemetry_off)
             server = attrs.evolve(config.server, port=0)
@@ -399,6 +399,9 @@ if __name__ == "__main__":
     parser.add_argument("--garbage", type=int, default=0, metavar="N",
                         help="first: over N requests, the objects only the cyclic GC frees, by type")
     parser.add_argument("--top", type=int, default=30, help="rows of --memory's breakdown")
+    parser.add_argument("--config", action="append", default=[], metavar="PROFILE",
+                        help="a profile merged over loadtest/profiles/bench.toml (repeatable; "
+                             "the upstreams' base_url is the mock's all the same)")
     parser.add_argument("--telemetry-off", action="store_true", help="the usage log disabled (records still feed the metrics)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile each run; print the top N")
     parser.add_argument("--instructions", action="store_true",

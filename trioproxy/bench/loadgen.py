@@ -1,4 +1,4 @@
-"""The load generator: closed-loop keep-alive clients on raw trio sockets.
+"""The load generator: keep-alive clients on raw trio sockets, closed or open loop.
 
 Cheap enough not to be what is measured: every connection is opened before the
 round starts, a request is one pre-built ``bytes`` object sent with one
@@ -24,7 +24,14 @@ costs one ``recv`` and a parse, not a task switch and an ``epoll_ctl`` as well (
 streams the load generator would otherwise be the bottleneck of its core). The worker
 sends the request, reads the head, hands the body over and waits for its end.
 
-A request counts if it *started* inside the measured window ``[start + warmup,
+Closed loop, a connection sends its next request as soon as its last answer is in. Open
+loop (``rate``), requests are due on a fixed schedule spread over the connections, and a
+request's times count from when it was due: if its connection is still busy then, the
+wait is part of its latency, as it would be for a user (wrk2's correction for
+coordinated omission; the load generator's own timer lateness is left out). ``late_ms``
+records how long each was held up that way.
+
+A request counts if it *started* (open loop: was due) inside the measured window ``[start + warmup,
 start + warmup + duration)``; requests started during the warm-up or the drain
 are sent and answered like the others, but only counted in ``sent_total``.
 Every loop is bounded: by the window's end (no request starts after it), by
@@ -78,6 +85,8 @@ class LoadPlan:
     ramp_s: float = 0.0
     request_timeout_s: float = 30.0
     max_requests: int = 0
+    #: Open loop: requests due per second over all connections (0: closed loop).
+    rate: float = 0.0
 
     @classmethod
     def from_scenario(cls, load: Load, *, duration_s: float, warmup_s: float) -> LoadPlan:
@@ -89,6 +98,7 @@ class LoadPlan:
             ramp_s=load.ramp_s,
             request_timeout_s=load.request_timeout_s,
             max_requests=load.max_requests,
+            rate=load.rate,
         )
 
 
@@ -108,6 +118,9 @@ class Recorder:
     errors: list[str | None] = field(factory=list)
     #: Gaps between consecutive content events of a stream; 0 for events that came in one read.
     gaps_ms: list[float] = field(factory=list)
+    #: Open loop only: how long each request was held up past when it was due by its
+    #: connection's previous answer (counted in its latency).
+    late_ms: list[float] = field(factory=list)
     statuses: Counter[int] = field(factory=Counter)
 
     def add(
@@ -344,18 +357,37 @@ class _Round:
 
     async def run_worker(self, index: int, sock: socket.socket | None) -> None:
         plan = self.plan
+        # Open loop: this connection's k-th request is due at first_due + k * every.
+        every = plan.connections / plan.rate if plan.rate else 0.0
+        due = self.start + index / plan.rate if plan.rate else 0.0
+        free_at = -math.inf  # open loop: when this connection's last answer ended
         try:
             if plan.ramp_s:
                 await trio.sleep_until(self.start + plan.ramp_s * index / plan.connections)
             while True:  # bounded: no request starts after the window's end or past max_requests
-                t0 = _now()
-                if t0 >= self.window_end or self.stopped_at is not None:
-                    return
-                counted = t0 >= self.window_start
+                if every:
+                    if due >= self.window_end or self.stopped_at is not None:
+                        return
+                    if _now() < due:
+                        await trio.sleep_until(due)
+                    # The latency counts from when it was due, less the load generator's own
+                    # lateness (its timer wakes up to ~1 ms late): what the target's last
+                    # answer on this connection held it up by stays in.
+                    now = _now()
+                    held = max(0.0, min(free_at, now) - due)
+                    t0, window_time, due = now - held, due, due + every
+                else:
+                    t0 = window_time = _now()
+                    if t0 >= self.window_end or self.stopped_at is not None:
+                        return
+                    held = 0.0
+                counted = window_time >= self.window_start
                 if counted:
                     self.in_window += 1
                     if plan.max_requests and self.in_window >= plan.max_requests:
-                        self.stopped_at = t0
+                        self.stopped_at = window_time
+                    if every:
+                        self.recorder.late_ms.append(held * 1000)
                 if sock is None:
                     try:
                         sock = await _connect(self.address)
@@ -367,6 +399,7 @@ class _Round:
                         await trio.sleep(CONNECT_BACKOFF_S)
                         continue
                 reusable, failed = await self._exchange(sock, t0, counted)
+                free_at = _now()
                 if not reusable:
                     _close(sock)
                     sock = None
@@ -387,7 +420,8 @@ class _Round:
         gaps: list[float] = []
         status = 0
         error: str | None = None
-        with trio.move_on_at(t0 + self.plan.request_timeout_s) as scope:
+        # Open loop, a request held up still gets its whole timeout (closed loop: t0 is now).
+        with trio.move_on_at(max(t0, _now()) + self.plan.request_timeout_s) as scope:
             try:
                 await _send_all(sock, self.request)
                 while True:  # _receive waits first: at least one real checkpoint per request

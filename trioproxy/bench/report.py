@@ -212,6 +212,9 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
         "ttft_ms": summarize(pooled["ttft"]).as_dict(),
         "gap_ms": summarize(pooled["gaps"]).as_dict(),
         "total_ms": summarize(pooled["total"]).as_dict(),
+        # Open loop: how long the requests were held up by their connection's previous answer.
+        "late_ms": (summarize([v for r in rounds for v in r.result.recorder.late_ms]).as_dict()
+                    if run.scenario.load.rate else None),
         "server_cpu_us_per_request": server_cpu / requests * 1e6 if server_cpu is not None and requests else None,
         "server_core_utilisation": server_cpu / window if server_cpu is not None and window else None,
         "client_core_utilisation": client_core / window if window else None,
@@ -441,6 +444,12 @@ def markdown(result: dict[str, Any]) -> str:
         + _loopback_sentence(m.get("loopback_us")),
         "",
     ]
+    rate = s["load"].get("rate") or 0.0
+    if rate:
+        lines += [f"Open loop: {rate:,.0f} requests/s due over {s['load']['connections']} connections; "
+                  "each request's times count from when it was due if its connection was still busy "
+                  "then (that wait is the target's), else from when it was sent (the load generator's "
+                  "own timer lateness is not).", ""]
     head = "| target | req/s (rounds) | errors | headers p50/p99 ms |"
     rule = "|---|---:|---:|---|"
     if stream:
@@ -466,6 +475,10 @@ def markdown(result: dict[str, Any]) -> str:
         if stream:
             row += f" {_f(t['mem_per_stream_kb'], 1)} |"
         lines.append(row)
+    if rate:
+        lines += ["", "Held up past when they were due by the connection's previous answer (ms, p50 / p99 / max; "
+                  "counted in the latency): " + "; ".join(f"{label} {_quad(t['late_ms'], ('p50', 'p99', 'max'))}"
+                                           for label, t in result["targets"].items() if t.get("late_ms"))]
     if result["comparisons"]:
         lines += ["", "Added by going through it (percentile minus percentile, ms):", "",
                   "| target | vs | headers p50/p99 | " + ("TTFT p50/p90/p99 | " if stream else "")

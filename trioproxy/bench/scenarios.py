@@ -61,7 +61,14 @@ MAX_CONNECTIONS = 4096
 
 @frozen
 class Load:
-    """What one round offers: ``connections`` closed-loop clients, each one request at a time."""
+    """What one round offers: ``connections`` clients, each one request at a time.
+
+    Closed loop (``rate = 0``): each sends its next request as soon as its last answer
+    is in, so the load is whatever the target can take. Open loop (``rate > 0``): the
+    requests are due on a fixed schedule, ``rate`` per second over all connections, and
+    each one's latency counts from when it was due, not from when it could be sent (as
+    wrk2 does): a target that falls behind shows it in its latency.
+    """
 
     connections: int
     stream: bool
@@ -79,6 +86,9 @@ class Load:
     #: Connection i sends its first request ``ramp_s * i / connections`` after the start,
     #: so long streams are spread over time instead of arriving as one herd.
     ramp_s: float = 0.0
+    #: Open loop: requests due per second, all connections together (0: closed loop).
+    #: Connection i's requests are due at ``(i + k * connections) / rate`` after the start.
+    rate: float = 0.0
     #: A request still unanswered after this long is an error of kind ``timeout``.
     request_timeout_s: float = 30.0
     #: Per round and target; 0: bounded by time alone.
@@ -197,7 +207,9 @@ def validate(s: Scenario) -> list[str]:
         problems.append("$.load.max_requests: expected 0 (no limit) or more")
     if not load.path.startswith("/"):
         problems.append(f"$.load.path: expected a path starting with '/', got {load.path!r}")
-    for name in ("token_delay_ms", "ttft_ms", "ramp_s"):
+    if load.rate and load.ramp_s:
+        problems.append("$.load.ramp_s: not with a rate (the schedule already spreads the connections)")
+    for name in ("token_delay_ms", "ttft_ms", "ramp_s", "rate"):
         value = getattr(load, name)
         if not math.isfinite(value) or value < 0:
             problems.append(f"$.load.{name}: expected a finite number >= 0, got {value!r}")
