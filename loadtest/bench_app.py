@@ -327,7 +327,7 @@ async def run(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             config = load_profiles([str(ROOT / "loadtest/profiles/bench.toml"), *args.config])
             upstreams = tuple(attrs.evolve(u, base_url=f"http://127.0.0.1:{port}") for u in config.upstreams)
-            telemetry = attrs.evolve(config.telemetry, dir=tmp, enabled=not args.telemetry_off)
+            telemetry = attrs.evolve(config.telemetry, dir=tmp, enabled=config.telemetry.enabled and not args.telemetry_off)
             server = attrs.evolve(config.server, port=0)
             if COUNTER is not None:  # what runs by the clock runs as often per request as without valgrind
                 upstreams = tuple(
