@@ -177,6 +177,7 @@ class Driver:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 self.open += 1
+                self.peak_open = max(self.peak_open, self.open)
                 if self.want_open and self.open >= self.want_open:
                     self.all_open.set()
             else:
@@ -209,7 +210,7 @@ async def measure(driver: Driver, n: int, concurrency: int, *, count: bool = Fal
 
     ``count``: under callgrind, also count instructions (``driver.instructions``).
     """
-    per_task = n // concurrency
+    per_task = max(1, n // concurrency)  # at least one request per task (-n below the concurrency)
 
     async def worker() -> None:
         for _ in range(per_task):
@@ -266,6 +267,8 @@ def _task_census() -> Counter[str]:
 #: that the first stream is still open when the last one starts, however slow the machine is
 #: with tracemalloc on. The streams are cut once the snapshot is taken.
 MEMORY_STREAM_TOKENS = 5_000
+#: --memory gives up (with a message) if the streams are not all open after this long.
+MEMORY_OPEN_TIMEOUT_S = 120.0
 
 
 async def measure_memory(driver: Driver, streams: int, top: int) -> None:
@@ -277,11 +280,16 @@ async def measure_memory(driver: Driver, streams: int, top: int) -> None:
     async with trio.open_nursery() as nursery:
         for _ in range(streams):
             nursery.start_soon(long.one)
-        await long.all_open.wait()
-        during = tracemalloc.take_snapshot()
-        tasks = _task_census()
+        with trio.move_on_after(MEMORY_OPEN_TIMEOUT_S):
+            await long.all_open.wait()
+        if long.all_open.is_set():
+            during = tracemalloc.take_snapshot()
+            tasks = _task_census()
         nursery.cancel_scope.cancel()  # the client goes away: every stream ends now
     tracemalloc.stop()
+    if not long.all_open.is_set():
+        sys.exit(f"--memory: at most {long.peak_open} of {streams} streams were open at once after "
+                 f"{MEMORY_OPEN_TIMEOUT_S:g} s (did streams end before the last opened? a longer --token-delay-ms)")
     diff = during.compare_to(before, "lineno")
     held = sum(d.size_diff for d in diff)
     print(f"--- {streams} streams open at once: {held / streams / 1024:.1f} KiB of Python memory per stream ---")
@@ -308,6 +316,17 @@ async def measure_garbage(driver: Driver, n: int, concurrency: int, top: int) ->
     print(f"--- concurrency {concurrency}: {found / n:.1f} objects in reference cycles per request ---")
     for kind, count in kinds.most_common(top):
         print(f"{count / n:8.2f}  {kind}")
+
+
+def _first_exit(exc: BaseException) -> SystemExit | None:
+    """The first ``SystemExit`` inside (possibly nested) exception groups."""
+    if isinstance(exc, SystemExit):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _first_exit(inner)) is not None:
+                return found
+    return None
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -413,4 +432,9 @@ if __name__ == "__main__":
     if args.instructions and COUNTER is None:
         sys.exit(run_under_callgrind(sys.argv))
     args.concurrency = args.concurrency or [1, 64]
-    trio.run(run, args)
+    try:
+        trio.run(run, args)
+    except BaseExceptionGroup as group:  # a sys.exit() with a message, from inside the gateway's nursery
+        if (exit_ := _first_exit(group)) is None:
+            raise
+        raise exit_ from None

@@ -65,3 +65,8 @@ def test_the_report_header_gives_the_round_trips() -> None:
     machine["loopback_us"] = {"same_core": rt, "across_cores": across, "cpuidle": "haltpoll, halt polling 0 ns"}
     assert ("Loopback round trip p50 (p99): 22 µs (42) on one core, 145 µs (957) across the two cores "
             "(idle: haltpoll, halt polling 0 ns).") in markdown(analyze(run, machine=machine))
+
+
+def test_a_core_the_echo_may_not_use_leaves_that_side_unmeasured() -> None:
+    # The echo pins itself and exits when it may not; the bench runs on without the number.
+    assert hop.loopback(0, 4095)["across_cores"] is None

@@ -98,3 +98,65 @@ def test_the_report_says_open_loop_and_how_long_requests_were_held() -> None:
     closed.rounds.append(_round("direct", 0, [1.0] * 10, [0.5] * 10, 0.01))
     result = analyze(closed, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
     assert result["targets"]["direct"]["late_ms"] is None and "Open loop" not in markdown(result)
+
+
+async def test_max_requests_stops_an_open_loop_at_exactly_that_many(start_mock: StartMock) -> None:
+    # Workers asleep until their next due time when the limit is reached must not send it.
+    with trio.fail_after(30):
+        mock = await start_mock(kind="openai", models=("*",), ttft_ms=0.0)
+        address = parse_target(f"http://127.0.0.1:{mock.port}")
+        load = Load(connections=8, stream=False, tokens=2, rate=100.0, max_requests=10)
+        result = await run_load(address, build_request(load, address.host_header),
+                                LoadPlan.from_scenario(load, duration_s=20.0, warmup_s=0.0))
+    assert result.recorder.count == 10 == len(result.recorder.late_ms)
+    assert result.window_s == pytest.approx(0.09)  # request 10 was due at 90 ms
+
+
+async def test_a_target_that_cannot_keep_up_gets_every_due_request_recorded(start_mock: StartMock) -> None:
+    # One connection due every 10 ms, answers of at least 300 ms, a 1 s timeout: the backlog
+    # grows by ~0.29 s a request. Requests held past their timeout are timeouts, whether
+    # they were sent or not, and every one of the 50 due in the window is recorded.
+    with trio.fail_after(30):
+        mock = await start_mock(kind="openai", models=("*",), ttft_ms=0.0)
+        address = parse_target(f"http://127.0.0.1:{mock.port}")
+        load = Load(connections=1, stream=False, tokens=2, ttft_ms=300.0, rate=100.0, request_timeout_s=1.0)
+        result = await run_load(address, build_request(load, address.host_header),
+                                LoadPlan.from_scenario(load, duration_s=0.495, warmup_s=0.0))
+    rec = result.recorder
+    assert rec.count == 50 == len(rec.late_ms)
+    assert set(rec.error_counts()) == {"timeout"}
+    assert rec.error_counts()["timeout"] >= 40
+    assert all(total <= 1000.0 + 50.0 for total in rec.total_ms)  # none waits past its timeout (+ a margin)
+
+
+async def test_an_open_loop_against_a_refusing_port_is_paced_by_its_schedule() -> None:
+    import socket
+
+    with socket.socket() as bound:  # bound, never listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        address = parse_target(f"http://127.0.0.1:{bound.getsockname()[1]}")
+        load = Load(connections=4, stream=False, rate=1000.0)
+        with trio.fail_after(30):
+            result = await run_load(address, build_request(load, address.host_header),
+                                    LoadPlan.from_scenario(load, duration_s=0.1995, warmup_s=0.0))
+    assert result.recorder.count == 200 == result.sent_total
+    assert result.recorder.error_counts() == {"connect": 200}
+    # Closed loop backs off 50 ms after each refusal: a connection's 50 due requests would
+    # then end at least 49 x 50 ms = 2.45 s after the window opened. Paced by the schedule,
+    # the last is tried when due, at 0.2 s.
+    assert max(result.recorder.ends) < 2.0
+
+
+def test_a_target_that_fell_behind_the_offered_rate_is_named() -> None:
+    scenario = load_scenario("open-loop-200")
+    run = ScenarioRun(scenario=scenario, targets=["direct", "gateway"], rounds=[], rounds_n=1, duration_s=1.0,
+                      warmup_s=0.0)
+    run.rounds.append(_round("direct", 0, [1.0] * 10, [0.5] * 10, 0.01))  # every answer inside the window
+    run.rounds.append(_round("gateway", 0, [2000.0] * 10, [0.5] * 10, 0.01))  # every answer after it
+    result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
+    assert result["targets"]["direct"]["served_rps"] == 10.0
+    assert result["targets"]["gateway"]["served_rps"] == 0.0
+    text = markdown(result)
+    assert "Answered without error inside the windows: direct 10/s; gateway 0/s" in text
+    assert "Note: gateway answered less than the rate offered" in text
+    assert "Note: direct" not in text

@@ -9,13 +9,14 @@ hypervisor and one round trip can cost more than a small request's code. The ben
 measures it once per run, so a one-at-a-time latency can be read against it:
 plain blocking sockets, a one-byte ping and its echo, ``ROUND_TRIPS`` times.
 
-The echo is a child process pinned to a core (``python -c``); the pinger is a
-thread of the bench, on the load generator's core. Bounded in count and time.
+The echo is a child process that pins itself to a core (``python -c``); the pinger is a
+thread of the bench, on the load generator's core. Bounded in count and time. Measured
+only when the bench pins its processes (two or more cores, no ``--no-pin``).
 """
 
 from __future__ import annotations
 
-import os
+import select
 import socket
 import subprocess
 import sys
@@ -31,9 +32,14 @@ __all__ = ["ROUND_TRIPS", "cpuidle", "loopback", "round_trips"]
 ROUND_TRIPS = 2000
 #: A measurement stops after this long, however many round trips it made.
 BUDGET_S = 3.0
-#: The echo: a listening socket on 127.0.0.1, its port on stdout, then one connection echoed until EOF.
+#: Seconds the echo has to say its port, and to accept or wait for a byte.
+ECHO_TIMEOUT_S = 10.0
+#: The echo: pinned to the core in argv[1] ("-": not pinned), a listening socket on
+#: 127.0.0.1, its port on stdout, then one connection echoed until EOF.
 ECHO = """\
-import socket, sys
+import os, socket, sys
+if sys.argv[1] != "-":
+    os.sched_setaffinity(0, {int(sys.argv[1])})
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(1)
@@ -52,22 +58,27 @@ def round_trips(echo_cpu: int | None, *, n: int = ROUND_TRIPS, budget_s: float =
 
     Blocking; the caller's thread keeps its own affinity (the bench pins itself to
     the client's core). Returns at most ``n`` round trips, fewer if ``budget_s`` ran out.
+    Bounded: the echo has ``ECHO_TIMEOUT_S`` to say its port and to answer each byte.
 
     Raises:
       OSError: the echo could not be started or reached.
     """
-    cores = {echo_cpu} if echo_cpu is not None else None
+    # Pinned by itself (no preexec_fn: this runs in a thread, where forking then running
+    # Python before exec is unsafe); a core it may not use fails it, and the caller goes on.
     echo = subprocess.Popen(
-        [sys.executable, "-c", ECHO], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+        [sys.executable, "-c", ECHO, "-" if echo_cpu is None else str(echo_cpu)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         assert echo.stdout is not None
-        line = echo.stdout.readline()
+        ready, _, _ = select.select([echo.stdout], [], [], ECHO_TIMEOUT_S)
+        line = echo.stdout.readline() if ready else b""
         if not line.strip().isdigit():
             raise OSError("the echo process did not say its port")
         times: list[float] = []
-        with socket.create_connection(("127.0.0.1", int(line)), timeout=5) as conn:
+        with socket.create_connection(("127.0.0.1", int(line)), timeout=ECHO_TIMEOUT_S) as conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             deadline = time.monotonic() + budget_s
             clock = time.perf_counter_ns
@@ -84,7 +95,11 @@ def round_trips(echo_cpu: int | None, *, n: int = ROUND_TRIPS, budget_s: float =
         echo.kill()
         raise
     finally:
-        echo.wait(timeout=10)  # it exits on the EOF of the closed connection
+        try:
+            echo.wait(timeout=ECHO_TIMEOUT_S)  # it exits on the EOF of the closed connection
+        except subprocess.TimeoutExpired:
+            echo.kill()
+            echo.wait()
         if echo.stdout is not None:
             echo.stdout.close()
 
@@ -114,7 +129,7 @@ def loopback(client_cpu: int, server_cpu: int) -> dict[str, Any]:
     def measured(echo_cpu: int | None) -> dict[str, float | int] | None:
         try:
             return summarize(round_trips(echo_cpu)).as_dict()
-        except (OSError, subprocess.TimeoutExpired):
+        except (OSError, subprocess.SubprocessError):
             return None
 
     return {

@@ -132,7 +132,11 @@ class Recorder:
         total_ms: float,
         error: str | None,
         status: int,
+        late_ms: float | None = None,
     ) -> None:
+        """One request; ``late_ms`` (open loop only) how long it was held up past when it was due."""
+        if late_ms is not None:
+            self.late_ms.append(late_ms)
         self.starts.append(start)
         self.ends.append(end)
         self.headers_ms.append(headers_ms)
@@ -361,6 +365,7 @@ class _Round:
         every = plan.connections / plan.rate if plan.rate else 0.0
         due = self.start + index / plan.rate if plan.rate else 0.0
         free_at = -math.inf  # open loop: when this connection's last answer ended
+        late: float | None = None  # open loop: ms the request was held up (None: closed loop)
         try:
             if plan.ramp_s:
                 await trio.sleep_until(self.start + plan.ramp_s * index / plan.connections)
@@ -370,24 +375,32 @@ class _Round:
                         return
                     if _now() < due:
                         await trio.sleep_until(due)
+                        if self.stopped_at is not None:  # max_requests reached while this one slept
+                            return
                     # The latency counts from when it was due, less the load generator's own
                     # lateness (its timer wakes up to ~1 ms late): what the target's last
                     # answer on this connection held it up by stays in.
                     now = _now()
                     held = max(0.0, min(free_at, now) - due)
-                    t0, window_time, due = now - held, due, due + every
+                    t0, window_time, due, late = now - held, due, due + every, held * 1000
                 else:
                     t0 = window_time = _now()
                     if t0 >= self.window_end or self.stopped_at is not None:
                         return
-                    held = 0.0
                 counted = window_time >= self.window_start
                 if counted:
                     self.in_window += 1
                     if plan.max_requests and self.in_window >= plan.max_requests:
                         self.stopped_at = window_time
-                    if every:
-                        self.recorder.late_ms.append(held * 1000)
+                if every and _now() >= t0 + plan.request_timeout_s:
+                    # Held up past its whole timeout before it could be sent: a timeout, not
+                    # sent (so the backlog of a target that cannot keep up stays bounded).
+                    if counted:
+                        ws = self.window_start
+                        self.recorder.add(t0 - ws, _now() - ws, math.nan, math.nan, (_now() - t0) * 1000,
+                                          "timeout", 0, late)
+                    await trio.lowlevel.checkpoint()  # a run of these must not hold the other tasks up
+                    continue
                 if sock is None:
                     try:
                         sock = await _connect(self.address)
@@ -395,11 +408,13 @@ class _Round:
                         self.sent_total += 1
                         if counted:
                             self.recorder.add(t0 - self.window_start, _now() - self.window_start,
-                                              math.nan, math.nan, math.nan, "connect", 0)
-                        await trio.sleep(CONNECT_BACKOFF_S)
+                                              math.nan, math.nan, math.nan, "connect", 0, late)
+                        if every:  # paced by the schedule: the next try is the next due request
+                            free_at = _now()
+                        else:
+                            await trio.sleep(CONNECT_BACKOFF_S)
                         continue
-                reusable, failed = await self._exchange(sock, t0, counted)
-                free_at = _now()
+                reusable, failed, free_at = await self._exchange(sock, t0, counted, late)
                 if not reusable:
                     _close(sock)
                     sock = None
@@ -410,8 +425,13 @@ class _Round:
         finally:
             _close(sock)
 
-    async def _exchange(self, sock: socket.socket, t0: float, counted: bool) -> tuple[bool, bool]:
-        """One request and its whole answer; records it; returns (connection reusable, request failed)."""
+    async def _exchange(
+        self, sock: socket.socket, t0: float, counted: bool, late_ms: float | None = None
+    ) -> tuple[bool, bool, float]:
+        """One request and its whole answer; records it.
+
+        Returns (connection reusable, request failed, when its answer ended).
+        """
         self.sent_total += 1
         stream = self.plan.stream
         watcher = StreamWatcher() if stream else None
@@ -420,8 +440,8 @@ class _Round:
         gaps: list[float] = []
         status = 0
         error: str | None = None
-        # Open loop, a request held up still gets its whole timeout (closed loop: t0 is now).
-        with trio.move_on_at(max(t0, _now()) + self.plan.request_timeout_s) as scope:
+        # From t0: open loop, a request held up has that much less of its timeout left.
+        with trio.move_on_at(t0 + self.plan.request_timeout_s) as scope:
             try:
                 await _send_all(sock, self.request)
                 while True:  # _receive waits first: at least one real checkpoint per request
@@ -471,11 +491,13 @@ class _Round:
                 error = "stream_incomplete"
         if counted:
             ws = self.window_start
-            self.recorder.add(t0 - ws, t_end - ws, (t_head - t0) * 1000, ttft, (t_end - t0) * 1000, error, status)
+            self.recorder.add(t0 - ws, t_end - ws, (t_head - t0) * 1000, ttft, (t_end - t0) * 1000, error, status,
+                              late_ms)
             if gaps:
                 self.recorder.gaps_ms.extend(gaps)
         # An error status or a stream that ended badly still ended cleanly at the HTTP level.
-        return parser.reusable and (error is None or error.startswith(("http_", "stream_"))), error is not None
+        reusable = parser.reusable and (error is None or error.startswith(("http_", "stream_")))
+        return reusable, error is not None, t_end
 
     async def client_cpu(self, out: list[float]) -> None:
         await trio.sleep_until(self.window_start)

@@ -212,6 +212,11 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
         "ttft_ms": summarize(pooled["ttft"]).as_dict(),
         "gap_ms": summarize(pooled["gaps"]).as_dict(),
         "total_ms": summarize(pooled["total"]).as_dict(),
+        # Open loop: "rps" is the rate offered (requests due in the windows); this is what
+        # was answered without error inside them. Below the offer, the target fell behind.
+        "served_rps": (sum(sum(1 for e, err in zip(r.result.recorder.ends, r.result.recorder.errors)
+                               if err is None and 0 <= e < r.result.window_s) for r in rounds) / window
+                       if run.scenario.load.rate and window else None),
         # Open loop: how long the requests were held up by their connection's previous answer.
         "late_ms": (summarize([v for r in rounds for v in r.result.recorder.late_ms]).as_dict()
                     if run.scenario.load.rate else None),
@@ -418,7 +423,7 @@ def _signed(d: dict[str, Any], keys: tuple[str, ...] = ("p50", "p90", "p99")) ->
 
 def _loopback_sentence(loopback: dict[str, Any] | None) -> str:
     """" Loopback round trip p50 (p99): ... on one core, ... across the two cores (idle: ...)." or ""."""
-    if not loopback or not loopback.get("same_core"):
+    if not loopback or not (loopback.get("same_core") or loopback.get("across_cores")):
         return ""
     parts = []
     for key, where in (("same_core", "on one core"), ("across_cores", "across the two cores")):
@@ -476,9 +481,17 @@ def markdown(result: dict[str, Any]) -> str:
             row += f" {_f(t['mem_per_stream_kb'], 1)} |"
         lines.append(row)
     if rate:
-        lines += ["", "Held up past when they were due by the connection's previous answer (ms, p50 / p99 / max; "
+        targets = result["targets"]
+        lines += ["", "req/s is the rate offered. Answered without error inside the windows: "
+                  + "; ".join(f"{label} {_f(t.get('served_rps'), 0)}/s" for label, t in targets.items()) + ". "
+                  "Held up past when they were due by the connection's previous answer (ms, p50 / p99 / max; "
                   "counted in the latency): " + "; ".join(f"{label} {_quad(t['late_ms'], ('p50', 'p99', 'max'))}"
-                                           for label, t in result["targets"].items() if t.get("late_ms"))]
+                                                         for label, t in targets.items() if t.get("late_ms"))]
+        behind = [label for label, t in targets.items()
+                  if t.get("served_rps") is not None and t["served_rps"] < 0.98 * t["rps"]]
+        if behind:
+            lines += ["", f"Note: {', '.join(behind)} answered less than the rate offered: its CPU per request is "
+                      "per request offered, and its latencies include the wait of a schedule it could not keep."]
     if result["comparisons"]:
         lines += ["", "Added by going through it (percentile minus percentile, ms):", "",
                   "| target | vs | headers p50/p99 | " + ("TTFT p50/p90/p99 | " if stream else "")
