@@ -65,9 +65,10 @@ class Load:
 
     Closed loop (``rate = 0``): each sends its next request as soon as its last answer
     is in, so the load is whatever the target can take. Open loop (``rate > 0``): the
-    requests are due on a fixed schedule, ``rate`` per second over all connections, and
-    each one's latency counts from when it was due, not from when it could be sent (as
-    wrk2 does): a target that falls behind shows it in its latency.
+    requests are due on a fixed schedule, ``rate`` per second over all connections. A
+    request whose connection is still busy when it is due counts its latency from when it
+    was due (wrk2's correction), else from when it was sent: a target that falls behind
+    shows it in its latency, the load generator's timer does not.
     """
 
     connections: int
