@@ -160,3 +160,39 @@ def test_a_target_that_fell_behind_the_offered_rate_is_named() -> None:
     assert "Answered without error inside the windows: direct 10/s; gateway 0/s" in text
     assert "Note: gateway answered less than the rate offered" in text
     assert "Note: direct" not in text
+
+
+def test_any_scenario_runs_open_loop_with_a_rate_given_on_the_command_line() -> None:
+    from trioproxy.bench.scenarios import with_rate
+
+    s = with_rate(load_scenario("stream-64"), 50.0)
+    assert s.load.rate == 50.0 and s.load.ramp_s == 0.0  # the schedule spreads the connections
+    assert s.description.endswith("[--rate: open loop at 50 requests/s]")
+    assert s.load.connections == 64 and s.load.stream  # the rest of the load as it was
+    for bad in (0.0, -5.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="--rate: expected a positive number"):
+            with_rate(s, bad)
+
+
+def test_bench_rejects_a_bad_rate_before_starting_anything() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "trioproxy", "bench", "-s", "sequential", "--rate", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--rate: expected a positive number of requests per second" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_issues_closed_loop_targets_are_not_judged_at_a_rate() -> None:
+    from trioproxy.bench.scenarios import with_rate
+
+    for scenario, judged in ((load_scenario("sequential"), True), (with_rate(load_scenario("sequential"), 50.0), False)):
+        run = ScenarioRun(scenario=scenario, targets=["direct", "gateway"], rounds=[], rounds_n=1, duration_s=1.0,
+                          warmup_s=0.0)
+        run.rounds.append(_round("direct", 0, [1.0] * 10, [0.5] * 10, 0.01))
+        run.rounds.append(_round("gateway", 0, [2.0] * 10, [0.5] * 10, 0.01))
+        result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
+        assert bool(result["verdicts"]) is judged
+        assert ("not judged open loop" in markdown(result)) is not judged

@@ -33,7 +33,7 @@ from .baseline import Baseline
 from .processes import BenchError, open_fleet
 from .report import analyze, machine_info, markdown, timestamp, write_outputs
 from .runner import BenchOptions, run_scenario
-from .scenarios import Scenario, known_scenarios, load_scenario
+from .scenarios import Scenario, known_scenarios, load_scenario, with_rate
 
 __all__ = ["DESCRIPTION", "add_arguments", "run_from_args"]
 
@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--rounds", type=int, metavar="N", help="rounds per target (default: the scenario's)")
     add("--duration", type=float, metavar="S", help="measured seconds per round (default: the scenario's)")
     add("--warmup", type=float, metavar="S", help="unmeasured seconds before each round's window")
+    add("--rate", type=float, metavar="R",
+        help="run open loop: R requests/s due over the scenario's connections (latency at a load you choose)")
     add("--target-gateway", metavar="URL", help="measure this gateway instead of starting trioproxy's")
     add("--gateway-pid", type=int, metavar="PID", help="with --target-gateway: its pid, to read its CPU and RSS")
     add("--target-upstream", metavar="URL",
@@ -154,6 +156,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         names = args.scenario or [n for n in DEFAULT_ORDER if n in known_scenarios()]
         scenarios = [load_scenario(n) for n in names]
+        if args.rate is not None:
+            scenarios = [with_rate(s, args.rate) for s in scenarios]
     except ConfigError as exc:
         print(f"trioproxy bench: {exc}", file=sys.stderr)
         return 2

@@ -372,6 +372,10 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
                               for v in _verdicts(s.name, metrics_by_gateway[label])]
     else:
         result["verdicts"] = _verdicts(s.name, metrics)
+    if s.load.rate and result["verdicts"]:  # the targets are the closed-loop scenario's (--rate changed it)
+        result["verdicts"] = []
+        result["notes"] = [*result["notes"], "the issue's targets for this scenario are for its closed loop: "
+                           "not judged open loop"]
     if run.profiles:
         result["hotspots"] = {}
         for label, path in run.profiles.items():

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 import cattrs
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.v import transform_error
 
@@ -50,6 +50,7 @@ __all__ = [
     "resolve_bench_profile",
     "resolve_scenario",
     "scenario_dirs",
+    "with_rate",
 ]
 
 Mode = Literal["ab", "failover", "compare"]
@@ -256,6 +257,23 @@ def validate(s: Scenario) -> list[str]:
     if s.mode == "compare" and len(s.gateways) < 2:
         problems.append("$.gateways: mode 'compare' needs two or more gateway variants")
     return problems
+
+
+def with_rate(s: Scenario, rate: float) -> Scenario:
+    """``s`` run open loop at ``rate`` requests/s (``trioproxy bench --rate``), its ramp dropped.
+
+    Raises:
+      ConfigError: ``rate`` is not a positive finite number, or the result is not a valid scenario.
+    """
+    if not (math.isfinite(rate) and rate > 0):
+        raise ConfigError([f"--rate: expected a positive number of requests per second, got {rate!r}"],
+                          source=s.source)
+    changed = evolve(s, load=evolve(s.load, rate=rate, ramp_s=0.0),
+                     description=f"{s.description} [--rate: open loop at {rate:g} requests/s]")
+    problems = validate(changed)
+    if problems:
+        raise ConfigError(problems, source=s.source)
+    return changed
 
 
 # --- finding scenarios on disk (thin I/O) ---------------------------------------------
