@@ -12,6 +12,7 @@ child process on the other core.
     .venv/bin/python loadtest/bench_app.py --stream              # 64-token streams
     .venv/bin/python loadtest/bench_app.py --profile 30          # cProfile: the top 30 by own time
     .venv/bin/python loadtest/bench_app.py -n 300 --instructions # instructions per request (valgrind)
+    .venv/bin/python loadtest/bench_app.py -n 300 --instructions --config my.toml  # a profile over bench.toml
 
 It prints µs of gateway CPU (user+sys, every thread) per request. Not a test; compare
 rows of the same run only.
