@@ -423,6 +423,23 @@ def test_the_outputs_are_json_markdown_and_a_png_redrawable_from_the_json(tmp_pa
     assert "| gateway |" in paths["md"].read_text(encoding="utf-8")
 
 
+def test_memory_per_stream_counts_from_the_idle_process_to_its_highest_round() -> None:
+    # As measured on 2026-12-07: the first round grows the process part of the way, the
+    # second, from a higher start, takes it to its full size. From each round's own start
+    # the figure was the first round's (less); from the idle process it is the whole growth.
+    scenario = load_scenario(str(REPO / "loadtest/scenarios/stream-64.toml"))  # 64 streams
+    run = ScenarioRun(scenario=scenario, targets=["gateway"], rounds=[], rounds_n=2, duration_s=1.0, warmup_s=0.0)
+    mib = 2**20
+    for index, (base, peak, held) in enumerate(((48 * mib, 60 * mib, 59 * mib), (59 * mib, 64 * mib, 63 * mib))):
+        r = _round("gateway", index, [300.0] * 10, [1.0] * 10, 0.03)
+        r.rss_baseline, r.rss_peak, r.rss_held, r.rss_start = base, peak, held, 48 * mib
+        run.rounds.append(r)
+    gateway = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})["targets"]["gateway"]
+    assert gateway["mem_per_stream_kb"] == pytest.approx(16 * 1024 / 64)  # 64 - 48 MiB over 64 streams
+    assert gateway["mem_held_per_stream_kb"] == pytest.approx(15 * 1024 / 64)
+    assert gateway["mem_round_growth_kb"] == pytest.approx(12 * 1024 / 64)  # the former measure: round 1's rise
+
+
 def test_the_results_name_the_interpreter_that_ran_them() -> None:
     machine = machine_info()
     assert machine["python_executable"] == os.path.realpath(sys.executable)

@@ -85,6 +85,8 @@ class Target:
     #: False for a gateway with several workers, spread over every core (no noise check then).
     pinned: bool = True
     sent_total: int = 0
+    #: Its RSS before its first round: the idle process the memory per stream grows from.
+    rss_start: int | None = None
 
 
 @define
@@ -104,6 +106,8 @@ class TargetRound:
     core_busy: dict[int, float] = field(factory=dict)
     #: The median of the RSS samples inside the measured window (None: none taken).
     rss_held: int | None = None
+    #: The target's RSS before its first round (``Target.rss_start``), the same in every round.
+    rss_start: int | None = None
 
 
 @define
@@ -364,13 +368,15 @@ async def _one_round(
     progress(f"{s.name}: round {index + 1}/{rounds_n}, {target.label}")
     probe = Probe(target, kill=kill)
     baseline = rss(target.server_pid)
+    if target.rss_start is None:
+        target.rss_start = baseline
     result = await run_load(target.address, requests[target.label], plan, on_window=probe)
     target.sent_total += result.sent_total
     return TargetRound(
         target=target.label, index=index, result=result, server_cpu_s=probe.server_cpu,
         upstream_cpu_s=probe.upstream_cpu, rss_baseline=baseline, rss_peak=probe.rss_peak,
         rss_held=int(statistics.median(probe.rss_window)) if probe.rss_window else None,
-        killed_at_s=probe.killed_at, core_busy=probe.core_busy,
+        killed_at_s=probe.killed_at, core_busy=probe.core_busy, rss_start=target.rss_start,
     )
 
 
