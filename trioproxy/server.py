@@ -52,6 +52,7 @@ from .breaker import HedgeBudget
 from .config import Config, Upstream, resolve_profile
 from .errors import ConfigError
 from .health import HealthBoard
+from . import hypercorn_fix
 from .reload import PENDING_RELOADS, Reloader, ReloadRequest, run_reloader, watch_profiles
 from .feed import SUBSCRIBER_BUFFER, Broadcaster, follow_usage_files, watch_upstreams
 from .metrics import Metrics, refresh_every
@@ -114,6 +115,11 @@ def unsettle_gc() -> None:
     if not _gc_settled:
         gc.unfreeze()
         gc.set_threshold(*first)
+
+
+# Whatever serves with Hypercorn through this module (the gateway, each worker, the bench's
+# floor app) closes a connection its client closed while idle at once (hypercorn_fix.py).
+hypercorn_fix.apply()
 
 
 def hypercorn_config(config: Config, listen_fd: int | None = None) -> HyperConfig:

@@ -1,0 +1,45 @@
+"""Close a keep-alive connection as soon as its client closes it between requests.
+
+Hypercorn (0.17 and 0.18 on Trio) does not. When the client's EOF arrives while no
+request is in flight, its h11 protocol sees ``ConnectionClosed`` and does nothing more:
+the connection's task then waits in its task group for the idle timer, which closes the
+socket only ``keep_alive_timeout`` later (75 s by default here). Meanwhile the socket
+stays in CLOSE-WAIT and the connection's objects stay in memory. Every client that
+opens a connection per request and closes it once it is idle (curl, a new SDK client
+per call) leaves one behind: 50 of 50 in a test, and 8 MB per 512 connections
+(docs/benchmarks-history.md, 2026-12-07). Under a steady stream of such clients the
+process would run out of file descriptors.
+
+The fix: when the protocol is told the connection closed and it has no request in
+flight, it also says the connection is no longer idle, which stops the idle timer.
+The task group then ends, and the connection task closes the socket as it always does
+at its end. Any other path is untouched. :func:`apply` installs it once; ``server.py``
+calls it before serving, so the gateway and the bench's floor app (Hypercorn with the
+gateway's set-up) both get it. ``tests/test_keepalive_close.py`` checks it against the
+real Hypercorn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypercorn.events import Closed, Event, Updated
+from hypercorn.protocol.h11 import H11Protocol
+
+__all__ = ["apply"]
+
+_original_handle = H11Protocol.handle
+
+
+async def _handle(self: Any, event: Event) -> None:
+    await _original_handle(self, event)
+    if isinstance(event, Closed) and self.stream is None:
+        # No request in flight: the connection is over. Stop its idle timer, whose task
+        # would otherwise keep the connection (and its socket) for keep_alive_timeout.
+        await self.send(Updated(idle=False))
+
+
+def apply() -> None:
+    """Install the fix on Hypercorn's h11 protocol (idempotent)."""
+    if H11Protocol.handle is not _handle:
+        H11Protocol.handle = _handle  # type: ignore[method-assign]
