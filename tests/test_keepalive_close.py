@@ -10,7 +10,10 @@ timer on that EOF.
 
 Real sockets, the real Hypercorn, in virtual time (``mock_clock``): the clock stands still
 unless every task stays blocked ``HANG_GUARD_S`` real seconds, so a connection closed by
-its idle timer would show as time passed; closed on the EOF, none does.
+its idle timer would show as time passed; closed on the EOF, none does. (The gateway's
+upstream watcher wakes every 0.25 s of virtual time, so the clock moves in steps that
+small: without the fix, the first test fails once its 5 s keep-alive has passed, after
+about 20 x HANG_GUARD_S real seconds.)
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from .conftest import StartGateway, StartMock, read_records, stop, upstream_toml
 
 NO_PROBES = "[upstreams.health]\nenabled = false\n"
 HOUR = "[server]\nkeep_alive_timeout_s = 3600.0\n"
-#: Real seconds every task must stay blocked before the virtual clock jumps: a regression
-#: then fails at the fail_after deadline instead of hanging.
+FIVE_S = "[server]\nkeep_alive_timeout_s = 5.0\n"
+#: Real seconds every task must stay blocked before the virtual clock moves on to the next
+#: deadline (never while a loopback answer is still on its way).
 HANG_GUARD_S = 2.0
 BODY = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
 REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
@@ -58,9 +62,9 @@ async def test_a_connection_its_client_closed_between_requests_is_closed_at_once
 ) -> None:
     mock_clock.autojump_threshold = HANG_GUARD_S
     mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
-    gw = await start_gateway(HOUR + upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
+    gw = await start_gateway(FIVE_S + upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
     port = int(gw.url.rsplit(":", 1)[1])
-    with trio.fail_after(600):
+    with trio.fail_after(60):
         for _ in range(3):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
@@ -69,7 +73,7 @@ async def test_a_connection_its_client_closed_between_requests_is_closed_at_once
                 now = trio.current_time()
                 stream.socket.shutdown(socket.SHUT_WR)  # the client is finished with it
                 assert await _until_eof(stream) == b""  # the gateway closes its side...
-                assert trio.current_time() == now  # ...on the EOF, not when its idle timer runs out
+                assert trio.current_time() == now  # ...on the EOF, not when its idle timer ran out (5 s)
     await stop(gw)
     assert len(read_records(gw)) == 3
 

@@ -13,7 +13,9 @@ process would run out of file descriptors.
 The fix: when the protocol is told the connection closed and it has no request in
 flight, it also says the connection is no longer idle, which stops the idle timer.
 The task group then ends, and the connection task closes the socket as it always does
-at its end. Any other path is untouched. :func:`apply` installs it once; ``server.py``
+at its end. Any other path is untouched. Not covered: a connection upgraded to HTTP/2
+(``Upgrade: h2c`` or prior knowledge), whose ``H2Protocol`` behaves as before; the clients
+here speak HTTP/1.1. :func:`apply` installs it once; ``server.py``
 calls it before serving, so the gateway and the bench's floor app (Hypercorn with the
 gateway's set-up) both get it. ``tests/test_keepalive_close.py`` checks it against the
 real Hypercorn.
