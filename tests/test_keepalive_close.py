@@ -23,6 +23,8 @@ import socket
 import trio
 import trio.testing
 
+from trioproxy.server import RunningServer
+
 from .conftest import StartGateway, StartMock, read_records, stop, upstream_toml
 
 NO_PROBES = "[upstreams.health]\nenabled = false\n"
@@ -57,13 +59,20 @@ async def _until_eof(stream: trio.SocketStream) -> bytes:
     return rest
 
 
+async def _gateway(
+    start_mock: StartMock, start_gateway: StartGateway, clock: trio.testing.MockClock, server: str
+) -> tuple[RunningServer, int]:
+    """A gateway with the ``[server]`` table given, before the mock upstream, in virtual time."""
+    clock.autojump_threshold = HANG_GUARD_S
+    mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
+    gw = await start_gateway(server + upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
+    return gw, int(gw.url.rsplit(":", 1)[1])
+
+
 async def test_a_connection_its_client_closed_between_requests_is_closed_at_once(
     start_mock: StartMock, start_gateway: StartGateway, mock_clock: trio.testing.MockClock
 ) -> None:
-    mock_clock.autojump_threshold = HANG_GUARD_S
-    mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
-    gw = await start_gateway(FIVE_S + upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
-    port = int(gw.url.rsplit(":", 1)[1])
+    gw, port = await _gateway(start_mock, start_gateway, mock_clock, FIVE_S)
     with trio.fail_after(60):
         for _ in range(3):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -82,10 +91,7 @@ async def test_a_kept_connection_still_serves_its_next_request_after_idling(
     start_mock: StartMock, start_gateway: StartGateway, mock_clock: trio.testing.MockClock
 ) -> None:
     # The fix acts on the client's EOF only: an idle connection kept open is reused as before.
-    mock_clock.autojump_threshold = HANG_GUARD_S
-    mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
-    gw = await start_gateway(HOUR + upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
-    port = int(gw.url.rsplit(":", 1)[1])
+    gw, port = await _gateway(start_mock, start_gateway, mock_clock, HOUR)
     with trio.fail_after(600):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
