@@ -52,7 +52,7 @@ from .breaker import HedgeBudget
 from .config import Config, Upstream, resolve_profile
 from .errors import ConfigError
 from .health import HealthBoard
-from . import hypercorn_fix
+from . import hypercorn_fast, hypercorn_fix
 from .reload import PENDING_RELOADS, Reloader, ReloadRequest, run_reloader, watch_profiles
 from .feed import SUBSCRIBER_BUFFER, Broadcaster, follow_usage_files, watch_upstreams
 from .metrics import Metrics, refresh_every
@@ -118,8 +118,11 @@ def unsettle_gc() -> None:
 
 
 # Whatever serves with Hypercorn through this module (the gateway, each worker, the bench's
-# floor app) closes a connection its client closed while idle at once (hypercorn_fix.py).
+# floor app) closes a connection its client closed while idle at once (hypercorn_fix.py), and
+# does its plain-TCP I/O with fewer trips through the scheduler (hypercorn_fast.py; not with
+# TRIOPROXY_STOCK_HYPERCORN=1, nor on a Hypercorn release it was not written for).
 hypercorn_fix.apply()
+hypercorn_fast.apply()
 
 
 def hypercorn_config(config: Config, listen_fd: int | None = None) -> HyperConfig:

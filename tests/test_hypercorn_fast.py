@@ -1,0 +1,254 @@
+"""``trioproxy.hypercorn_fast``: Hypercorn's plain-TCP I/O with fewer trips through the scheduler.
+
+Against the real Hypercorn (``hypercorn.trio.serve``) with a small echo app, over real
+sockets: bytes arrive intact in both directions under concurrency (the read buffer is
+shared by every connection; a write the socket cannot take at once is finished under the
+lock), and the keep-alive timer (one task per connection, re-armed per request) closes an
+idle connection exactly when Hypercorn's own timer would, never one with a request in
+flight, and at once on a graceful shutdown. Timing runs in virtual time (``mock_clock``,
+with a hang guard so the clock never jumps while loopback bytes are on their way).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+from importlib import metadata
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve
+
+from trioproxy import hypercorn_fast
+from trioproxy.server import hypercorn_config  # noqa: F401  (importing server.py applies the fast paths)
+
+#: Real seconds every task must stay blocked before the virtual clock jumps.
+HANG_GUARD_S = 0.5
+
+
+async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Echo the request body; ``/sleep/S`` first waits S seconds; ``x-repeat: N`` sends it N times."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if scope["path"].startswith("/sleep/"):
+        await trio.sleep(float(scope["path"].rsplit("/", 1)[1]))
+    repeat = int(dict(scope["headers"]).get(b"x-repeat", b"1"))
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"%d" % (len(body) * repeat))]})
+    for i in range(repeat):
+        await send({"type": "http.response.body", "body": body, "more_body": i < repeat - 1})
+
+
+@asynccontextmanager
+async def serving(keep_alive_s: float = 5.0, read_timeout_s: float | None = None) -> AsyncIterator[tuple[int, trio.Event]]:
+    """Hypercorn serving ``echo_app`` on an ephemeral port: (port, shutdown trigger)."""
+    config = HyperConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.keep_alive_timeout = keep_alive_s
+    config.read_timeout = read_timeout_s
+    config.graceful_timeout = 30
+    config.accesslog = None
+    config.errorlog = None
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(lambda task_status: serve(echo_app, config, shutdown_trigger=shutdown.wait,
+                                                              task_status=task_status))
+        yield int(binds[0].rsplit(":", 1)[1]), shutdown
+        shutdown.set()
+
+
+def request(body: bytes, path: str = "/", repeat: int = 1) -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: t\r\nx-repeat: %d\r\nContent-Length: %d\r\n\r\n"
+            % (path.encode(), repeat, len(body))) + body
+
+
+async def read_answer(stream: trio.SocketStream, rest: bytes = b"") -> tuple[bytes, bytes]:
+    """One answer's body (Content-Length), and what came after it."""
+    received = rest
+    while b"\r\n\r\n" not in received:
+        data = await stream.receive_some()
+        assert data, f"closed before the head: {received!r}"
+        received += data
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        data = await stream.receive_some()
+        assert data, "closed mid-body"
+        body += data
+    return body[:length], body[length:]
+
+
+async def until_eof(stream: trio.SocketStream) -> bytes:
+    rest = b""
+    while data := await stream.receive_some():
+        rest += data
+    return rest
+
+
+def test_installed_for_the_supported_hypercorn() -> None:
+    version = metadata.version("hypercorn")
+    assert hypercorn_fast.wanted({}, version), f"Hypercorn {version}: add it to SUPPORTED_VERSIONS once checked"
+    assert hypercorn_fast.applied()
+    assert hypercorn_fast.apply()  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("environ", "version", "expected"),
+    [
+        ({}, "0.17.3", True),
+        ({}, "0.18.0", True),
+        ({"TRIOPROXY_STOCK_HYPERCORN": "0"}, "0.18.0", True),
+        ({"TRIOPROXY_STOCK_HYPERCORN": "1"}, "0.18.0", False),
+        ({}, "0.19.0", False),
+        ({}, "0.16.0", False),
+        ({}, "1.0", False),
+    ],
+)
+def test_wanted(environ: dict[str, str], version: str, expected: bool) -> None:
+    assert hypercorn_fast.wanted(environ, version) is expected
+
+
+async def test_bytes_arrive_intact_both_ways_over_many_connections_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 32 connections at once, 3 requests each: bodies of 1 B to 150 KB sent in random pieces,
+    # echoed up to 3 times (answers up to 450 KB: more than the socket takes at once, so the
+    # write's rest goes out under the lock), to clients with a small receive buffer.
+    rng = random.Random(5)
+    checked = 0
+    writes = {"whole": 0, "partial": 0}
+
+    def write(fd: int, data: bytes) -> int:  # os.write as the module calls it, counted
+        sent = os.write(fd, data)
+        writes["whole" if sent == len(data) else "partial"] += 1
+        return sent
+
+    monkeypatch.setattr(hypercorn_fast, "os", SimpleNamespace(write=write, readv=os.readv))
+    with trio.fail_after(60):
+        async with serving() as (port, _):
+
+            async def client(seed: int) -> None:
+                nonlocal checked
+                local = random.Random(seed)
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+                async with stream:
+                    rest = b""
+                    for _ in range(3):
+                        body = local.randbytes(local.choice([1, 100, 5000, 70_000, 150_000]))
+                        repeat = local.randint(1, 3)
+                        wire = request(body, repeat=repeat)
+                        sent = 0
+                        while sent < len(wire):
+                            piece = local.randint(1, 90_000)
+                            await stream.send_all(wire[sent:sent + piece])
+                            sent += piece
+                            await trio.sleep(0)
+                        answer, rest = await read_answer(stream, rest)
+                        assert answer == body * repeat
+                        checked += 1
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(32):
+                    nursery.start_soon(client, rng.randrange(2**32))
+    assert checked == 32 * 3
+    assert writes["whole"] > 0 and writes["partial"] > 0, writes  # both write paths ran
+
+
+async def test_an_idle_connection_closes_when_its_keep_alive_runs_out(mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = HANG_GUARD_S
+    with trio.fail_after(120):
+        async with serving(keep_alive_s=5.0) as (port, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(request(b"hi"))
+                assert (await read_answer(stream))[0] == b"hi"
+                done = trio.current_time()
+                assert await until_eof(stream) == b""
+                assert trio.current_time() - done == pytest.approx(5.0, abs=0.01)
+
+
+async def test_the_timer_restarts_at_each_answer_and_never_cuts_a_request(mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = HANG_GUARD_S
+    with trio.fail_after(120):
+        async with serving(keep_alive_s=5.0) as (port, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                for _ in range(3):  # idle 4 s between answers: never 5 in a row
+                    await stream.send_all(request(b"again"))
+                    assert (await read_answer(stream))[0] == b"again"
+                    await trio.sleep(4)
+                started = trio.current_time()
+                await stream.send_all(request(b"slow", path="/sleep/12"))  # in flight for 12 s > 5
+                assert (await read_answer(stream))[0] == b"slow"
+                done = trio.current_time()
+                assert done - started == pytest.approx(12.0, abs=0.01)
+                assert await until_eof(stream) == b""
+                assert trio.current_time() - done == pytest.approx(5.0, abs=0.01)  # 5 s idle from the answer
+
+
+async def test_a_graceful_shutdown_closes_idle_connections_at_once_and_busy_ones_after_their_answer(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = HANG_GUARD_S
+    with trio.fail_after(120):
+        async with serving(keep_alive_s=60.0) as (port, shutdown):
+            idle = await trio.open_tcp_stream("127.0.0.1", port)
+            busy = await trio.open_tcp_stream("127.0.0.1", port)
+            async with idle, busy:
+                await idle.send_all(request(b"one"))
+                assert (await read_answer(idle))[0] == b"one"
+                await busy.send_all(request(b"two", path="/sleep/3"))
+                await trio.testing.wait_all_tasks_blocked()
+                started = trio.current_time()
+                shutdown.set()
+                assert await until_eof(idle) == b""
+                assert trio.current_time() == started  # idle: closed at once
+                body, rest = await read_answer(busy)
+                assert body == b"two"  # busy: answered in full first...
+                assert rest + await until_eof(busy) == b""  # ...then closed
+                assert trio.current_time() - started == pytest.approx(3.0, abs=0.01)
+
+
+async def test_read_timeout_still_closes_a_silent_connection(mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = HANG_GUARD_S
+    with trio.fail_after(120):
+        async with serving(keep_alive_s=60.0, read_timeout_s=3.0) as (port, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(request(b"x"))
+                assert (await read_answer(stream))[0] == b"x"
+                done = trio.current_time()
+                assert await until_eof(stream) == b""
+                assert trio.current_time() - done == pytest.approx(3.0, abs=0.01)
+
+
+async def test_a_client_eof_ends_the_connection_and_its_timer_at_once(mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = HANG_GUARD_S
+    with trio.fail_after(120):
+        async with serving(keep_alive_s=60.0) as (port, _):
+            for _ in range(3):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(request(b"bye"))
+                    assert (await read_answer(stream))[0] == b"bye"
+                    await trio.testing.wait_all_tasks_blocked()
+                    now = trio.current_time()
+                    stream.socket.shutdown(socket.SHUT_WR)
+                    assert await until_eof(stream) == b""
+                    assert trio.current_time() == now  # not when a timer ran out: its task ended with the reading

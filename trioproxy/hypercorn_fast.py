@@ -1,0 +1,249 @@
+"""Faster plain-TCP I/O for Hypercorn's Trio server: fewer trips through the scheduler.
+
+Hypercorn (0.17 and 0.18) serves each Trio connection with a ``TCPServer`` whose
+plumbing costs more than the HTTP work it carries, on every request and every
+relayed event (docs/benchmarks.md, "Where the time goes"):
+
+- **each write** takes a ``trio.Lock`` (a schedule point), opens a shielded cancel
+  scope, and goes through ``SocketStream.send_all`` and the trio socket's ``send``,
+  which wraps the syscall in an async context manager and a second schedule point;
+- **each read** opens a cancel scope for ``read_timeout`` (unset here: a deadline of
+  infinity) around ``receive_some``, through the same async context manager;
+- **each request** stops the connection's keep-alive timer task (a lock and a
+  cancellation) and, when its answer is done, starts a new one with
+  ``nursery.start`` (a new task and a hand-off) under the lock again.
+
+On the 2-core guest that was 850 µs of Hypercorn's CPU per small request, one at
+a time, and 14.4 ms per 64-event stream, in the floor app; with this module 550 µs
+and 10.5 ms (docs/benchmarks-history.md, 2026-12-07). What it installs, for plain
+TCP connections only (TLS keeps Hypercorn's own code):
+
+- **write**: when no other write holds the lock, check for cancellation, ``os.write``
+  the bytes, and make one schedule point after (what trio's own socket send does);
+  whatever the socket did not take is sent under the lock, shielded, as before. A
+  cancellation can only arrive before the first byte, as with the lock before.
+- **read**: the same: one ``os.readv`` into a shared buffer, waiting for readiness
+  only when it would block, with a cancel scope only if ``read_timeout`` is set.
+- **keep-alive timer**: one task per connection, started once, whose cancel scope's
+  deadline is moved at each request's start (infinity) and end (``keep_alive_timeout``
+  later). It closes the connection as Hypercorn's timer does: when the deadline
+  passes while idle, or at once when the server is shutting down and the connection
+  is idle. It ends when the connection's reading ends, so a client's EOF also ends
+  it (the leak ``hypercorn_fix`` fixes for the stock timer).
+
+The HTTP handling (h11, the ASGI bridge, the protocol's events) is Hypercorn's,
+untouched. ``apply`` installs this for Hypercorn 0.17 and 0.18 (the versions whose
+``TCPServer`` it was written against and tested with); for any other version, or
+with ``TRIOPROXY_STOCK_HYPERCORN=1`` in the environment, it leaves Hypercorn as it is.
+``server.py`` calls it on import, so the gateway, each worker and the bench's floor
+app get it. ``tests/test_hypercorn_fast.py`` checks it against the real Hypercorn.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from typing import Any
+
+import trio
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio.tcp_server import TCPServer
+
+__all__ = ["STOCK_ENV", "SUPPORTED_VERSIONS", "IdleTimer", "apply", "applied", "wanted"]
+
+#: Hypercorn releases whose Trio ``TCPServer`` this module replaces parts of (major.minor).
+SUPPORTED_VERSIONS = ("0.17", "0.18")
+#: Set to 1 to serve with Hypercorn's own I/O (measurements, or if this module is suspected).
+STOCK_ENV = "TRIOPROXY_STOCK_HYPERCORN"
+
+MAX_RECV = 2**16  # Hypercorn's own read size
+# Reads land here and are copied out at their size: a read of Hypercorn's own allocates
+# 64 KiB and shrinks it, per read. Safe to share: nothing awaits between read and copy,
+# and a process serves from one thread.
+_READ_BUFFER = bytearray(MAX_RECV)
+_READ_VIEW = memoryview(_READ_BUFFER)
+
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+_wait_readable = trio.lowlevel.wait_readable
+
+_stock_init = TCPServer.__init__
+_stock_protocol_send = TCPServer.protocol_send
+_stock_read_data = TCPServer._read_data
+
+
+class IdleTimer:
+    """A connection's keep-alive timer: one task, re-armed per request instead of respawned.
+
+    Stands in for Hypercorn's ``TrioSingleTask`` in ``TCPServer.idle_task`` (the same
+    ``restart``/``stop`` calls). Armed (``restart``), it closes the connection once
+    ``keep_alive_timeout`` passes, or at once if the server is shutting down; disarmed
+    (``stop``, a request in flight), it does nothing. :meth:`close` ends it.
+    """
+
+    __slots__ = ("_closed", "_deadline", "_scope", "_server", "_started")
+
+    def __init__(self, server: TCPServer) -> None:
+        self._server = server
+        #: When to close the connection if still idle; ``inf`` while a request is in flight.
+        self._deadline = math.inf
+        #: The waiting task's scope (None while it is not waiting).
+        self._scope: trio.CancelScope | None = None
+        self._closed = False
+        self._started = False
+
+    async def restart(self, task_group: Any, action: Callable[[], Any] | None = None) -> None:
+        """Arm: the connection is idle from now (``action``, Hypercorn's timer body, is not used)."""
+        if self._closed:
+            return
+        self._deadline = trio.current_time() + self._server.config.keep_alive_timeout
+        if not self._started:
+            self._started = True
+            task_group.spawn(self._run)
+        elif (scope := self._scope) is not None:
+            if self._server.context.terminated.is_set():
+                scope.cancel()  # shutting down: an idle connection closes now
+            else:
+                scope.deadline = self._deadline
+
+    async def stop(self) -> None:
+        """Disarm: a request is in flight."""
+        self._deadline = math.inf
+        if self._scope is not None:
+            self._scope.deadline = math.inf
+
+    def close(self) -> None:
+        """End the timer's task (the connection's reading is over). Idempotent."""
+        self._closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _run(self) -> None:
+        terminated = self._server.context.terminated
+        while not self._closed:  # bounded: each pass waits until re-armed, disarmed or closed
+            with trio.CancelScope(deadline=self._deadline) as scope:
+                self._scope = scope
+                armed = self._deadline < math.inf
+                if not (armed and terminated.is_set()):
+                    if terminated.is_set():
+                        await trio.sleep_forever()  # shutting down with a request in flight: wait for its end
+                    else:
+                        await terminated.wait()
+            self._scope = None
+            if self._closed:
+                return
+            if self._deadline < math.inf and (trio.current_time() >= self._deadline or terminated.is_set()):
+                with trio.CancelScope(shield=True):
+                    await self._server._initiate_server_close()
+                return
+
+
+def _init(self: Any, *args: Any, **kwargs: Any) -> None:
+    _stock_init(self, *args, **kwargs)
+    #: The trio socket of a plain TCP connection (None for TLS: Hypercorn's own I/O).
+    self._fast_socket = self.stream.socket if type(self.stream) is trio.SocketStream else None
+    if self._fast_socket is not None:
+        self.idle_task = IdleTimer(self)
+
+
+async def _protocol_send(self: Any, event: Event) -> None:
+    sock = self._fast_socket
+    if sock is None or type(event) is not RawData or self.send_lock.locked():
+        await _stock_protocol_send(self, event)
+        return
+    await _checkpoint_if_cancelled()  # (as the lock's acquire: a cancellation comes before any byte)
+    data = event.data
+    try:
+        sent = os.write(sock.fileno(), data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:  # reset, or closed meanwhile (fileno -1): as Hypercorn on a broken stream
+        await self.protocol.handle(Closed())
+        return
+    if sent < len(data):  # the socket's buffer is full: the rest as Hypercorn sends, shielded
+        self.send_lock.acquire_nowait()  # (free: checked above, and nothing awaited since)
+        try:
+            with trio.CancelScope(shield=True):
+                await self.stream.send_all(memoryview(data)[sent:])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.protocol.handle(Closed())
+        finally:
+            self.send_lock.release()
+        return
+    await _cancel_shielded_checkpoint()  # the one schedule point of a write
+
+
+async def _read_data(self: Any) -> None:
+    sock = self._fast_socket
+    if sock is None:
+        await _stock_read_data(self)
+        return
+    timeout = self.config.read_timeout or math.inf
+    try:
+        while True:  # bounded by the connection: each pass reads bytes, or ends at EOF or an error
+            await _checkpoint_if_cancelled()
+            try:
+                size = os.readv(sock.fileno(), [_READ_BUFFER])
+            except BlockingIOError:
+                size = -1
+            except OSError:  # reset, or closed by the server meanwhile (fileno -1)
+                break
+            if size >= 0:
+                data = bytes(_READ_VIEW[:size])  # (copied before the yield: the buffer is shared)
+                await _cancel_shielded_checkpoint()  # read at once: one schedule point, as trio's recv
+            else:
+                if not await _wait_for_data(sock, timeout):
+                    break  # closed by the server meanwhile, or read_timeout passed
+                try:
+                    data = bytes(_READ_VIEW[: os.readv(sock.fileno(), [_READ_BUFFER])])
+                except BlockingIOError:
+                    continue  # (a spurious wake-up)
+                except OSError:
+                    break
+            await self.protocol.handle(RawData(data))
+            if not data:
+                break
+        await self.protocol.handle(Closed())
+    finally:
+        if isinstance(self.idle_task, IdleTimer):
+            self.idle_task.close()
+
+
+async def _wait_for_data(sock: trio.socket.SocketType, timeout: float) -> bool:
+    """Wait until ``sock`` is readable: False if it was closed meanwhile or ``timeout`` passed."""
+    try:
+        if timeout == math.inf:
+            await _wait_readable(sock)
+            return True
+        with trio.move_on_after(timeout):
+            await _wait_readable(sock)
+            return True
+        return False
+    except trio.ClosedResourceError:
+        return False
+
+
+def wanted(environ: Mapping[str, str], version: str) -> bool:
+    """Whether to install the fast paths: a supported Hypercorn, and not opted out."""
+    if environ.get(STOCK_ENV, "") not in ("", "0"):
+        return False
+    return ".".join(version.split(".")[:2]) in SUPPORTED_VERSIONS
+
+
+def applied() -> bool:
+    """True once :func:`apply` has installed the fast paths."""
+    return TCPServer.protocol_send is _protocol_send
+
+
+def apply() -> bool:
+    """Install the fast paths on Hypercorn's Trio ``TCPServer`` if :func:`wanted` (idempotent).
+
+    Returns whether they are installed.
+    """
+    if not applied() and wanted(os.environ, metadata.version("hypercorn")):
+        TCPServer.__init__ = _init  # type: ignore[method-assign]
+        TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
+        TCPServer._read_data = _read_data  # type: ignore[method-assign]
+    return applied()
