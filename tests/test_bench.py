@@ -404,6 +404,26 @@ def test_analyze_pools_rounds_compares_and_judges_targets() -> None:
     assert "| gateway |" in table and "**no**" in table
 
 
+def test_the_floors_are_measured_but_never_judged_as_the_gateway() -> None:
+    # --stock-floor adds Hypercorn alone with its own I/O beside the floor: both are
+    # compared with direct, and neither is taken for the gateway the targets judge.
+    scenario = load_scenario(str(REPO / "loadtest/scenarios/stream-64.toml"))
+    run = ScenarioRun(scenario=scenario, targets=["direct", "floor-stock", "floor", "gateway"], rounds=[],
+                      rounds_n=1, duration_s=1.0, warmup_s=0.0)
+    run.rounds.append(_round("direct", 0, [300.0] * 10, [1.0] * 10, 0.2))
+    run.rounds.append(_round("floor-stock", 0, [300.0] * 10, [1.2] * 10, 0.05))
+    run.rounds.append(_round("floor", 0, [300.0] * 10, [1.1] * 10, 0.04))
+    run.rounds.append(_round("gateway", 0, [301.0] * 10, [2.5] * 10, 0.03))
+    result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
+    assert result["comparisons"]["floor-stock"]["added_ttft_ms"]["p50"] == pytest.approx(0.2)
+    assert result["targets"]["floor-stock"]["server_cpu_us_per_request"] == pytest.approx(5000.0)
+    verdicts = {v["metric"]: v["met"] for v in result["verdicts"]}
+    assert verdicts == {"added_ttft_p50_ms": True, "added_ttft_p99_ms": True, "gateway_cpu_us": False}
+    cpu = next(v for v in result["verdicts"] if v["metric"] == "gateway_cpu_us")
+    assert cpu["value"] == pytest.approx(3000.0)  # the gateway's, not a floor's
+    assert not any("floor" in v["target"] for v in result["verdicts"])
+
+
 def test_the_outputs_are_json_markdown_and_a_png_redrawable_from_the_json(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")  # the bench extra; `make` installs it
     scenario = load_scenario(str(REPO / "loadtest/scenarios/stream-64.toml"))

@@ -71,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--profile-dir", type=Path, metavar="DIR",
         help="also run one unmeasured round per gateway under py-spy; collapsed stacks go here")
     add("--keep-logs", action="store_true", help="keep the processes' logs and usage logs (printed path)")
+    add("--stock-floor", action="store_true",
+        help="also measure Hypercorn alone with its own I/O (TRIOPROXY_STOCK_HYPERCORN=1), beside the floor")
     add("--baseline", metavar="REV",
         help="also measure the gateway as committed at git revision REV, in the same interleaved rounds "
              "(needs a git checkout)")
@@ -91,6 +93,7 @@ def _options(args: argparse.Namespace, pin: bool, baseline: Baseline | None = No
         client_cpu=args.client_cpu,
         profile_dir=args.profile_dir,
         baseline=baseline,
+        stock_floor=args.stock_floor,
     )
 
 

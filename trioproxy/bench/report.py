@@ -36,7 +36,7 @@ import attrs
 from . import hotspots
 from .chart import CDF_QUANTILES, write_chart
 from .probes import foreign_load
-from .runner import NOISE_LIMIT, ScenarioRun, TargetRound
+from .runner import NOISE_LIMIT, NOT_GATEWAYS, ScenarioRun, TargetRound
 from .stats import Summary, added, percentile, summarize
 
 __all__ = ["TARGETS", "analyze", "machine_info", "markdown", "write_outputs"]
@@ -338,7 +338,7 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
                 "added_total_ms": added(Summary(**st["total_ms"]), Summary(**ref["total_ms"])),
                 "rps_ratio": st["rps"] / ref["rps"] if ref["rps"] else math.nan,
             }
-    gateways = [label for label in run.targets if label not in ("direct", "floor")]
+    gateways = [label for label in run.targets if label not in NOT_GATEWAYS]
     metrics_by_gateway = {label: _gateway_metrics(targets[label], comparisons.get(label)) for label in gateways}
     metrics: dict[str, float] = metrics_by_gateway[gateways[0]] if gateways else {}
     result: dict[str, Any] = {

@@ -17,6 +17,7 @@ them (``ScenarioRun``), so what is measured and how it is shown stay apart.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -28,6 +29,7 @@ import trio
 from attrs import define, field, frozen
 
 from ..config import load_profiles
+from ..hypercorn_fast import STOCK_ENV
 from .baseline import Baseline
 from .probes import Probe, foreign_load, rss
 from .loadgen import LoadPlan, RoundResult, run_load
@@ -39,6 +41,10 @@ __all__ = ["BenchOptions", "ScenarioRun", "TargetRound", "foreign_load", "run_sc
 
 #: The floor app lives beside the scenarios, in the source checkout.
 FLOOR_APP = CHECKOUT / "loadtest" / "floor_app.py"
+#: Hypercorn alone with its own plain-TCP I/O (``TRIOPROXY_STOCK_HYPERCORN=1``; ``--stock-floor``).
+FLOOR_STOCK = "floor-stock"
+#: Targets that are not gateways: the upstream itself and Hypercorn answering by itself.
+NOT_GATEWAYS = ("direct", "floor", FLOOR_STOCK)
 #: More than this share of a core busy with other load during a window: the round is run again.
 NOISE_LIMIT = 0.15
 #: Re-runs of disturbed rounds allowed per target and scenario (then the round is kept, with a note).
@@ -69,6 +75,8 @@ class BenchOptions:
     profile_dir: Path | None = None
     #: ``--baseline``: each gateway variant is also measured as committed at this revision.
     baseline: Baseline | None = None
+    #: ``--stock-floor``: also Hypercorn alone with its own I/O (``FLOOR_STOCK``), where the floor runs.
+    stock_floor: bool = False
 
 
 @define
@@ -291,6 +299,13 @@ async def run_scenario(
             floor = await fleet.start("floor", argv, cpu=options.gateway_cpu)
             run.commands["floor"] = floor.argv
             targets.append(Target("floor", parse_target(floor.url), floor, floor.pid))
+            if options.stock_floor:
+                stock = await fleet.start(FLOOR_STOCK, argv, cpu=options.gateway_cpu,
+                                          env={**os.environ, STOCK_ENV: "1"})
+                run.commands[FLOOR_STOCK] = [f"{STOCK_ENV}=1", *stock.argv]
+                targets.append(Target(FLOOR_STOCK, parse_target(stock.url), stock, stock.pid))
+                run.notes.append(f"{FLOOR_STOCK}: the floor app with Hypercorn's own I/O ({STOCK_ENV}=1); the "
+                                 "floor, and every gateway here, run with trioproxy/hypercorn_fast.py's")
         else:
             run.notes.append(f"floor skipped: {FLOOR_APP} not found (run from a source checkout)")
     run.targets = [t.label for t in targets]
@@ -390,7 +405,7 @@ async def _profile_round(
         return
     profile_dir.mkdir(parents=True, exist_ok=True)
     for target in targets:
-        if target.server is None or target.label in ("direct", "floor"):
+        if target.server is None or target.label in NOT_GATEWAYS:
             continue
         out = profile_dir / f"{run.scenario.name}-{target.label}.txt"
         seconds = max(1, math.ceil(plan.duration_s))
