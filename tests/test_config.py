@@ -121,6 +121,14 @@ weight = 0
     assert len(errors) == 4, errors
 
 
+@pytest.mark.parametrize("value", ["-1.0", "nan"])
+def test_keep_alive_timeout_is_zero_or_more_or_inf(value: str) -> None:
+    upstream = '[[upstreams]]\nid = "a"\nkind = "vllm"\nbase_url = "http://127.0.0.1:1"\nmodels = ["m"]\n'
+    assert load_config(upstream + "[server]\nkeep_alive_timeout_s = inf\n").server.keep_alive_timeout_s == float("inf")
+    errors = problems(upstream + f"[server]\nkeep_alive_timeout_s = {value}\n")
+    assert errors == ["$.server.keep_alive_timeout_s: expected 0 or more seconds (inf: no limit)"]
+
+
 def test_disconnect_watch_after_ms_is_zero_or_more() -> None:
     upstream = '[[upstreams]]\nid = "a"\nbase_url = "http://127.0.0.1:1"\n'
     assert load_config(upstream + "[server]\ndisconnect_watch_after_ms = 0\n").server.disconnect_watch_after_ms == 0

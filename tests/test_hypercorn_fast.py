@@ -11,6 +11,7 @@ with a hang guard so the clock never jumps while loopback bytes are on their way
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -223,6 +224,26 @@ async def test_a_graceful_shutdown_closes_idle_connections_at_once_and_busy_ones
                 assert body == b"two"  # busy: answered in full first...
                 assert rest + await until_eof(busy) == b""  # ...then closed
                 assert trio.current_time() - started == pytest.approx(3.0, abs=0.01)
+
+
+async def test_with_no_keep_alive_limit_an_idle_connection_still_closes_at_once_on_shutdown(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = HANG_GUARD_S
+    with trio.fail_after(7200):  # (virtual: the hour idle below counts)
+        async with serving(keep_alive_s=math.inf) as (port, shutdown):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(request(b"kept"))
+                assert (await read_answer(stream))[0] == b"kept"
+                mock_clock.jump(3600)  # idle an hour: kept
+                await stream.send_all(request(b"still"))
+                assert (await read_answer(stream))[0] == b"still"
+                await trio.testing.wait_all_tasks_blocked()
+                started = trio.current_time()
+                shutdown.set()
+                assert await until_eof(stream) == b""
+                assert trio.current_time() == started  # not after the 30 s grace
 
 
 async def test_read_timeout_still_closes_a_silent_connection(mock_clock: trio.testing.MockClock) -> None:

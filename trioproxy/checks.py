@@ -101,6 +101,8 @@ def validate(config: Config) -> list[str]:
         )
     if server.disconnect_watch_after_ms < 0:
         problems.append("$.server.disconnect_watch_after_ms: expected 0 (watch at once) or more")
+    if not server.keep_alive_timeout_s >= 0:  # (NaN too; inf: idle connections are kept until shutdown)
+        problems.append("$.server.keep_alive_timeout_s: expected 0 or more seconds (inf: no limit)")
     t = config.telemetry
     if t.queue_capacity < 1 or t.batch_max < 1 or t.flush_ms < 1:
         problems.append("$.telemetry: queue_capacity, batch_max and flush_ms must be 1 or more")

@@ -61,7 +61,8 @@ STOCK_ENV = "TRIOPROXY_STOCK_HYPERCORN"
 MAX_RECV = 2**16  # Hypercorn's own read size
 # Reads land here and are copied out at their size: a read of Hypercorn's own allocates
 # 64 KiB and shrinks it, per read. Safe to share: nothing awaits between read and copy,
-# and a process serves from one thread.
+# and a process serves from one thread, as connection.py's receive buffer assumes too (two
+# Trio loops serving Hypercorn in two threads of one process would need one each).
 _READ_BUFFER = bytearray(MAX_RECV)
 _READ_VIEW = memoryview(_READ_BUFFER)
 
@@ -83,11 +84,13 @@ class IdleTimer:
     (``stop``, a request in flight), it does nothing. :meth:`close` ends it.
     """
 
-    __slots__ = ("_closed", "_deadline", "_scope", "_server", "_started")
+    __slots__ = ("_armed", "_closed", "_deadline", "_scope", "_server", "_started")
 
     def __init__(self, server: TCPServer) -> None:
         self._server = server
-        #: When to close the connection if still idle; ``inf`` while a request is in flight.
+        #: Idle: no request in flight (``restart``), until the next one starts (``stop``).
+        self._armed = False
+        #: When to close the connection if still idle (``inf`` with an infinite keep-alive).
         self._deadline = math.inf
         #: The waiting task's scope (None while it is not waiting).
         self._scope: trio.CancelScope | None = None
@@ -95,9 +98,14 @@ class IdleTimer:
         self._started = False
 
     async def restart(self, task_group: Any, action: Callable[[], Any] | None = None) -> None:
-        """Arm: the connection is idle from now (``action``, Hypercorn's timer body, is not used)."""
+        """Arm: the connection is idle from now.
+
+        ``action`` is Hypercorn's timer body (``TCPServer._idle_timeout``); it is not called:
+        :meth:`_run` does what it does (wait for the timeout or the shutdown, then close).
+        """
         if self._closed:
             return
+        self._armed = True
         self._deadline = trio.current_time() + self._server.config.keep_alive_timeout
         if not self._started:
             self._started = True
@@ -110,6 +118,7 @@ class IdleTimer:
 
     async def stop(self) -> None:
         """Disarm: a request is in flight."""
+        self._armed = False
         self._deadline = math.inf
         if self._scope is not None:
             self._scope.deadline = math.inf
@@ -125,8 +134,7 @@ class IdleTimer:
         while not self._closed:  # bounded: each pass waits until re-armed, disarmed or closed
             with trio.CancelScope(deadline=self._deadline) as scope:
                 self._scope = scope
-                armed = self._deadline < math.inf
-                if not (armed and terminated.is_set()):
+                if not (self._armed and terminated.is_set()):
                     if terminated.is_set():
                         await trio.sleep_forever()  # shutting down with a request in flight: wait for its end
                     else:
@@ -134,7 +142,7 @@ class IdleTimer:
             self._scope = None
             if self._closed:
                 return
-            if self._deadline < math.inf and (trio.current_time() >= self._deadline or terminated.is_set()):
+            if self._armed and (trio.current_time() >= self._deadline or terminated.is_set()):
                 with trio.CancelScope(shield=True):
                     await self._server._initiate_server_close()
                 return
@@ -181,6 +189,8 @@ async def _read_data(self: Any) -> None:
         await _stock_read_data(self)
         return
     timeout = self.config.read_timeout or math.inf
+    #: While waiting for bytes: when read_timeout runs out (kept across a spurious wake-up).
+    wait_until: float | None = None
     try:
         while True:  # bounded by the connection: each pass reads bytes, or ends at EOF or an error
             await _checkpoint_if_cancelled()
@@ -194,7 +204,9 @@ async def _read_data(self: Any) -> None:
                 data = bytes(_READ_VIEW[:size])  # (copied before the yield: the buffer is shared)
                 await _cancel_shielded_checkpoint()  # read at once: one schedule point, as trio's recv
             else:
-                if not await _wait_for_data(sock, timeout):
+                if wait_until is None:
+                    wait_until = trio.current_time() + timeout if timeout < math.inf else math.inf
+                if not await _wait_for_data(sock, wait_until):
                     break  # closed by the server meanwhile, or read_timeout passed
                 try:
                     data = bytes(_READ_VIEW[: os.readv(sock.fileno(), [_READ_BUFFER])])
@@ -202,6 +214,7 @@ async def _read_data(self: Any) -> None:
                     continue  # (a spurious wake-up)
                 except OSError:
                     break
+            wait_until = None
             await self.protocol.handle(RawData(data))
             if not data:
                 break
@@ -211,13 +224,13 @@ async def _read_data(self: Any) -> None:
             self.idle_task.close()
 
 
-async def _wait_for_data(sock: trio.socket.SocketType, timeout: float) -> bool:
-    """Wait until ``sock`` is readable: False if it was closed meanwhile or ``timeout`` passed."""
+async def _wait_for_data(sock: trio.socket.SocketType, deadline: float) -> bool:
+    """Wait until ``sock`` is readable: False if it was closed meanwhile or ``deadline`` passed."""
     try:
-        if timeout == math.inf:
+        if deadline == math.inf:
             await _wait_readable(sock)
             return True
-        with trio.move_on_after(timeout):
+        with trio.move_on_at(deadline):
             await _wait_readable(sock)
             return True
         return False
