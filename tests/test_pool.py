@@ -781,6 +781,48 @@ async def test_a_watched_idle_timeout_is_exact_and_keeps_no_scope_per_wait(
         peer.close()
 
 
+async def test_a_watched_first_byte_timeout_is_exact_and_keeps_no_scope(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peers = socketpair_connects(monkeypatch)
+    watchdog = Watchdog()
+    scopes: list[float] = []
+    real_move_on_at = trio.move_on_at
+
+    def counting_move_on_at(deadline: float, **kwargs: Any) -> trio.CancelScope:
+        scopes.append(deadline)
+        return real_move_on_at(deadline, **kwargs)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog.run)
+            async with make_pool(9, watchdog=watchdog) as pool:
+                monkeypatch.setattr(trio, "move_on_at", counting_move_on_at)
+                start = trio.current_time()
+                with pytest.raises(UpstreamTimeout, match="no response headers within 3s") as caught:
+                    await pool.open_response(b"GET", b"/", [], b"", first_byte_timeout=3, idle_timeout=100)
+                assert caught.value.phase == "first_byte"
+                assert trio.current_time() - start == pytest.approx(3)
+                assert len(watchdog) == 0 and pool.statistics().idle == 0  # forgotten, its socket closed
+
+                async def head_in_time() -> None:
+                    await trio.sleep(2)
+                    peers[-1].send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+                nursery.start_soon(head_in_time)
+                start = trio.current_time()
+                response = await pool.open_response(b"GET", b"/", [], b"", first_byte_timeout=3, idle_timeout=100)
+                assert trio.current_time() - start == pytest.approx(2)
+                assert len(watchdog) == 0  # the head's wait is forgotten once the head is in
+                assert await response.read_all(max_bytes=10) == b"ok"
+                assert scopes == []  # both waits were timed by the watchdog
+                await trio.sleep(10)  # the watchdog's wake-up for the first wait passes harmlessly
+                assert pool.statistics().idle == 1  # the answered connection was kept
+            nursery.cancel_scope.cancel()
+    for peer in peers:
+        peer.close()
+
+
 async def test_a_watched_response_read_to_its_end_is_forgotten_and_reused(nursery: trio.Nursery) -> None:
     async def script(stream: Stream, request: Request) -> bool:
         await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")

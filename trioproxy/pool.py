@@ -91,6 +91,27 @@ class _IdleWait:
             conn.close()
 
 
+class _HeadWait:
+    """A plain-HTTP request's wait for its response head, as the pool's ``Watchdog`` sees it.
+
+    One per exchange, watched from the end of sending until the head is parsed: the
+    first-byte timeout without a cancel scope and a deadline in trio's run loop per request
+    (about 25 µs of a small request's 200 on the 2-core guest; docs/benchmarks-history.md).
+    """
+
+    __slots__ = ("conn", "timeout", "since", "expired")
+
+    def __init__(self, conn: Connection, timeout: float) -> None:
+        self.conn, self.timeout = conn, timeout
+        self.since: float | None = trio.current_time()
+        self.expired = False
+
+    def expire(self) -> None:
+        """No head within ``timeout``: close the connection, which wakes the parked read."""
+        self.expired = True
+        self.conn.close()
+
+
 class _StaleConnection(Exception):
     """A reused connection died before any response byte: retry on a fresh one."""
 
@@ -413,39 +434,57 @@ class ConnectionPool:
                 raise UpstreamTimeout(
                     f"request not accepted within {first_byte_timeout:g}s", upstream=upstream, phase="first_byte"
                 )
-            deadline = trio.current_time() + first_byte_timeout
-            # Let other tasks run while the upstream works: under load the head has usually
-            # arrived when we resume, and the recv below succeeds without parking in epoll
-            # (64 concurrent: 18 instead of 32 µs client CPU per request; sequential: no change).
-            await _yield_after_send()
-            got_bytes = False
-            while True:  # bounded: each pass feeds bytes or EOF, or raises on the deadline
-                try:
-                    data = await conn.receive(deadline)
-                except OSError as exc:
-                    if reused and not got_bytes:
-                        raise _StaleConnection from exc
-                    message = f"reset before response headers ({_reason(exc)})"
-                    raise UpstreamConnectError(message, upstream=upstream) from exc
-                if data is None:
-                    raise UpstreamTimeout(
-                        f"no response headers within {first_byte_timeout:g}s", upstream=upstream, phase="first_byte"
-                    )
-                if data:
-                    got_bytes = True
-                    parser.feed(data)
-                elif reused and not got_bytes:
-                    raise _StaleConnection
-                else:
-                    parser.feed_eof()
-                try:
-                    head = parser.next_head()
-                except IncompleteMessage as exc:
-                    raise UpstreamConnectError("closed before response headers", upstream=upstream) from exc
-                except ProtocolError as exc:
-                    raise UpstreamProtocolError(str(exc), upstream=upstream) from exc
-                if head is not None:
-                    break
+            watchdog = self._watchdog
+            if watchdog is not None and type(conn) is RawConnection:
+                # Watched (no cancel scope): the watchdog closes the connection if the head is late.
+                wait = _HeadWait(conn, first_byte_timeout)
+                watchdog.watch(wait)
+                head_wait: _HeadWait | None = wait
+                deadline = math.inf
+            else:
+                head_wait = None
+                deadline = trio.current_time() + first_byte_timeout
+            late = f"no response headers within {first_byte_timeout:g}s"
+            try:
+                # Let other tasks run while the upstream works: under load the head has usually
+                # arrived when we resume, and the recv below succeeds without parking in epoll
+                # (64 concurrent: 18 instead of 32 µs client CPU per request; sequential: no change).
+                await _yield_after_send()
+                got_bytes = False
+                while True:  # bounded: each pass feeds bytes or EOF, or raises on the deadline
+                    try:
+                        data = await conn.receive(deadline)
+                    except (OSError, trio.ClosedResourceError) as exc:
+                        if head_wait is not None and head_wait.expired:  # closed by the watchdog
+                            raise UpstreamTimeout(late, upstream=upstream, phase="first_byte") from None
+                        if isinstance(exc, trio.ClosedResourceError):
+                            raise
+                        if reused and not got_bytes:
+                            raise _StaleConnection from exc
+                        message = f"reset before response headers ({_reason(exc)})"
+                        raise UpstreamConnectError(message, upstream=upstream) from exc
+                    if data is None:
+                        raise UpstreamTimeout(late, upstream=upstream, phase="first_byte")
+                    if head_wait is not None and head_wait.expired:  # (bytes came as the watchdog closed it)
+                        raise UpstreamTimeout(late, upstream=upstream, phase="first_byte")
+                    if data:
+                        got_bytes = True
+                        parser.feed(data)
+                    elif reused and not got_bytes:
+                        raise _StaleConnection
+                    else:
+                        parser.feed_eof()
+                    try:
+                        head = parser.next_head()
+                    except IncompleteMessage as exc:
+                        raise UpstreamConnectError("closed before response headers", upstream=upstream) from exc
+                    except ProtocolError as exc:
+                        raise UpstreamProtocolError(str(exc), upstream=upstream) from exc
+                    if head is not None:
+                        break
+            finally:
+                if head_wait is not None and watchdog is not None:
+                    watchdog.forget(head_wait)
             response = UpstreamResponse(self, conn, parser, head, idle_timeout)
         finally:
             if response is None:
