@@ -163,6 +163,12 @@ async def _protocol_send(self: Any, event: Event) -> None:
         return
     await _checkpoint_if_cancelled()  # (as the lock's acquire: a cancellation comes before any byte)
     data = event.data
+    if not data:  # h11's end of a Content-Length body: no syscall (trio's send_all does none either)
+        if sock.fileno() == -1:
+            await self.protocol.handle(Closed())
+        else:
+            await _cancel_shielded_checkpoint()
+        return
     try:
         sent = os.write(sock.fileno(), data)
     except BlockingIOError:
