@@ -739,18 +739,23 @@ def test_base_url_validation() -> None:
 # --- the watchdog (server.main gives every pool one) ------------------------------------------
 
 
-async def test_a_watched_idle_timeout_is_exact_and_keeps_no_scope_per_wait(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    peers = socketpair_connects(monkeypatch)
-    watchdog = Watchdog()
-    scopes: list[float] = []
+def count_move_on_at(monkeypatch: pytest.MonkeyPatch, scopes: list[float]) -> None:
+    """From now on, every ``trio.move_on_at`` appends its deadline to ``scopes``."""
     real_move_on_at = trio.move_on_at
 
     def counting_move_on_at(deadline: float, **kwargs: Any) -> trio.CancelScope:
         scopes.append(deadline)
         return real_move_on_at(deadline, **kwargs)
 
+    monkeypatch.setattr(trio, "move_on_at", counting_move_on_at)
+
+
+async def test_a_watched_idle_timeout_is_exact_and_keeps_no_scope_per_wait(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peers = socketpair_connects(monkeypatch)
+    watchdog = Watchdog()
+    scopes: list[float] = []
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watchdog.run)
@@ -764,7 +769,7 @@ async def test_a_watched_idle_timeout_is_exact_and_keeps_no_scope_per_wait(
 
                 nursery.start_soon(trickle)
                 response = await pool.open_response(b"GET", b"/", [], b"", first_byte_timeout=3, idle_timeout=7)
-                monkeypatch.setattr(trio, "move_on_at", counting_move_on_at)
+                count_move_on_at(monkeypatch, scopes)
                 start = trio.current_time()
                 for _ in range(5):
                     assert await response.receive_some() == b"ab"
@@ -787,17 +792,11 @@ async def test_a_watched_first_byte_timeout_is_exact_and_keeps_no_scope(
     peers = socketpair_connects(monkeypatch)
     watchdog = Watchdog()
     scopes: list[float] = []
-    real_move_on_at = trio.move_on_at
-
-    def counting_move_on_at(deadline: float, **kwargs: Any) -> trio.CancelScope:
-        scopes.append(deadline)
-        return real_move_on_at(deadline, **kwargs)
-
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watchdog.run)
             async with make_pool(9, watchdog=watchdog) as pool:
-                monkeypatch.setattr(trio, "move_on_at", counting_move_on_at)
+                count_move_on_at(monkeypatch, scopes)
                 start = trio.current_time()
                 with pytest.raises(UpstreamTimeout, match="no response headers within 3s") as caught:
                     await pool.open_response(b"GET", b"/", [], b"", first_byte_timeout=3, idle_timeout=100)

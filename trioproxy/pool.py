@@ -465,8 +465,6 @@ class ConnectionPool:
                         raise UpstreamConnectError(message, upstream=upstream) from exc
                     if data is None:
                         raise UpstreamTimeout(late, upstream=upstream, phase="first_byte")
-                    if head_wait is not None and head_wait.expired:  # (bytes came as the watchdog closed it)
-                        raise UpstreamTimeout(late, upstream=upstream, phase="first_byte")
                     if data:
                         got_bytes = True
                         parser.feed(data)
