@@ -35,7 +35,11 @@ HANG_GUARD_S = 0.5
 
 
 async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Echo the request body; ``/sleep/S`` first waits S seconds; ``x-repeat: N`` sends it N times."""
+    """Echo the request body; ``/sleep/S`` first waits S seconds; ``x-repeat: N`` sends it N times.
+
+    ``/stream/S``: a head without a length, then the body S seconds later (chunked);
+    ``/no-body``: a head declaring 5 bytes, then nothing (the app ends).
+    """
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
@@ -49,6 +53,14 @@ async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             break
     if scope["path"].startswith("/sleep/"):
         await trio.sleep(float(scope["path"].rsplit("/", 1)[1]))
+    if scope["path"].startswith("/stream/"):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await trio.sleep(float(scope["path"].rsplit("/", 1)[1]))
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return
+    if scope["path"] == "/no-body":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        return
     repeat = int(dict(scope["headers"]).get(b"x-repeat", b"1"))
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", b"%d" % (len(body) * repeat))]})
@@ -132,14 +144,7 @@ async def test_bytes_arrive_intact_both_ways_over_many_connections_at_once(monke
     # write's rest goes out under the lock), to clients with a small receive buffer.
     rng = random.Random(5)
     checked = 0
-    writes = {"whole": 0, "partial": 0}
-
-    def write(fd: int, data: bytes) -> int:  # os.write as the module calls it, counted
-        sent = os.write(fd, data)
-        writes["whole" if sent == len(data) else "partial"] += 1
-        return sent
-
-    monkeypatch.setattr(hypercorn_fast, "os", SimpleNamespace(write=write, readv=os.readv))
+    writes = count_writes(monkeypatch)
     with trio.fail_after(60):
         async with serving() as (port, _):
 
@@ -169,6 +174,55 @@ async def test_bytes_arrive_intact_both_ways_over_many_connections_at_once(monke
                     nursery.start_soon(client, rng.randrange(2**32))
     assert checked == 32 * 3
     assert writes["whole"] > 0 and writes["partial"] > 0, writes  # both write paths ran
+
+
+def count_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the module's ``os.write`` calls: whole, or partial (the socket took less)."""
+    writes = {"whole": 0, "partial": 0}
+
+    def write(fd: int, data: bytes) -> int:
+        sent = os.write(fd, data)
+        writes["whole" if sent == len(data) else "partial"] += 1
+        return sent
+
+    monkeypatch.setattr(hypercorn_fast, "os", SimpleNamespace(write=write, readv=os.readv))
+    return writes
+
+
+async def test_a_whole_answer_is_one_write_and_a_streamed_head_goes_out_at_once(
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mock_clock.autojump_threshold = HANG_GUARD_S
+    writes = count_writes(monkeypatch)
+    with trio.fail_after(120):
+        async with serving() as (port, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                for n in range(3):  # head and body of a Content-Length answer: one write each time
+                    await stream.send_all(request(b"whole"))
+                    assert (await read_answer(stream))[0] == b"whole"
+                    assert writes == {"whole": n + 1, "partial": 0}
+                await stream.send_all(request(b"later", path="/stream/5"))
+                started = trio.current_time()
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += await stream.receive_some()
+                assert received.startswith(b"HTTP/1.1 200") and trio.current_time() == started  # the head at once
+                while not received.endswith(b"0\r\n\r\n"):
+                    received += await stream.receive_some()
+                assert b"later" in received and trio.current_time() - started == pytest.approx(5.0, abs=0.01)
+
+
+async def test_a_head_whose_body_never_comes_is_still_written_before_the_close() -> None:
+    # The app declares 5 bytes and ends: as with stock Hypercorn, the client gets the head, then EOF.
+    with trio.fail_after(30):
+        async with serving() as (port, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(request(b"", path="/no-body"))
+                received = await until_eof(stream)
+                assert received.startswith(b"HTTP/1.1 200") and b"content-length: 5" in received.lower()
+                assert received.endswith(b"\r\n\r\n")  # the head, and nothing of a body
 
 
 async def test_an_idle_connection_closes_when_its_keep_alive_runs_out(mock_clock: trio.testing.MockClock) -> None:

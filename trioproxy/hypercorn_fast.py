@@ -24,6 +24,14 @@ TCP connections only (TLS keeps Hypercorn's own code):
   cancellation can only arrive before the first byte, as with the lock before.
 - **read**: the same: one ``os.readv`` into a shared buffer, waiting for readiness
   only when it would block, with a cancel scope only if ``read_timeout`` is set.
+- **a whole answer's head**: when the app's ``http.response.start`` declares a
+  Content-Length (a whole answer, an error), its head is written with the body's first
+  bytes, in one ``write`` (and one TCP segment) instead of two, each with its schedule
+  point. Any other event of the stream writes the head first, as it would have been. A
+  streamed answer's head (no length) is written at once, as before. (A connection that
+  Hypercorn closes between such a head and its body, on a malformed pipelined request,
+  loses the head, which stock Hypercorn wrote before closing: the client sees a broken
+  answer either way.)
 - **keep-alive timer**: one task per connection, started once, whose cancel scope's
   deadline is moved at each request's start (infinity) and end (``keep_alive_timeout``
   later). It closes the connection as Hypercorn's timer does: when the deadline
@@ -47,8 +55,12 @@ from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any
 
+import h11
 import trio
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import Body, EndBody, Response
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
 __all__ = ["STOCK_ENV", "SUPPORTED_VERSIONS", "IdleTimer", "apply", "applied", "wanted"]
@@ -73,6 +85,8 @@ _wait_readable = trio.lowlevel.wait_readable
 _stock_init = TCPServer.__init__
 _stock_protocol_send = TCPServer.protocol_send
 _stock_read_data = TCPServer._read_data
+_stock_stream_send = H11Protocol.stream_send
+_stock_send_h11_event = H11Protocol._send_h11_event
 
 
 class IdleTimer:
@@ -244,6 +258,56 @@ async def _wait_for_data(sock: trio.socket.SocketType, deadline: float) -> bool:
         return False
 
 
+def _declares_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, _ in headers:  # (names as the app gave them; ASGI asks for lowercase)
+        if name.lower() == b"content-length":
+            return True
+    return False
+
+
+async def _h11_stream_send(self: Any, event: StreamEvent) -> None:
+    if type(event) is Response and event.status_code >= 200 and _declares_length(event.headers):
+        # A head whose body has a declared length (a whole answer, an error): framed as
+        # Hypercorn frames it, but kept, and written with the body's first bytes in one write.
+        self._defer_head = True
+        try:
+            await _stock_stream_send(self, event)
+        finally:
+            self._defer_head = False
+        return
+    if self._pending_head is not None and type(event) is not Body and type(event) is not EndBody:
+        await _flush_head(self)  # anything else (the stream closed without a body...) goes after the head
+    await _stock_stream_send(self, event)
+
+
+async def _h11_send_h11_event(self: Any, event: Any) -> None:
+    if self._defer_head:
+        try:
+            self._pending_head = self.connection.send(event)
+        except h11.LocalProtocolError:  # (as Hypercorn's own _send_h11_event)
+            if self.connection.their_state != h11.ERROR:
+                raise
+        return
+    pending = self._pending_head
+    if pending is None:
+        await _stock_send_h11_event(self, event)
+        return
+    self._pending_head = None
+    try:
+        data = self.connection.send(event)
+    except h11.LocalProtocolError:
+        await self.send(RawData(data=pending))
+        if self.connection.their_state != h11.ERROR:
+            raise
+        return
+    await self.send(RawData(data=pending + data))
+
+
+async def _flush_head(self: Any) -> None:
+    pending, self._pending_head = self._pending_head, None
+    await self.send(RawData(data=pending))
+
+
 def wanted(environ: Mapping[str, str], version: str) -> bool:
     """Whether to install the fast paths: a supported Hypercorn, and not opted out."""
     if environ.get(STOCK_ENV, "") not in ("", "0"):
@@ -265,4 +329,8 @@ def apply() -> bool:
         TCPServer.__init__ = _init  # type: ignore[method-assign]
         TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
         TCPServer._read_data = _read_data  # type: ignore[method-assign]
+        H11Protocol._pending_head = None  # type: ignore[attr-defined]
+        H11Protocol._defer_head = False  # type: ignore[attr-defined]
+        H11Protocol.stream_send = _h11_stream_send  # type: ignore[method-assign]
+        H11Protocol._send_h11_event = _h11_send_h11_event  # type: ignore[method-assign]
     return applied()
