@@ -25,9 +25,10 @@ import pytest
 import trio
 import trio.testing
 from hypercorn.config import Config as HyperConfig
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
 
-from trioproxy import hypercorn_fast
+from trioproxy import hypercorn_fast, hypercorn_fix
 from trioproxy.server import hypercorn_config  # noqa: F401  (importing server.py applies the fast paths)
 
 #: Real seconds every task must stay blocked before the virtual clock jumps.
@@ -38,12 +39,19 @@ async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Echo the request body; ``/sleep/S`` first waits S seconds; ``x-repeat: N`` sends it N times.
 
     ``/stream/S``: a head without a length, then the body S seconds later (chunked);
-    ``/no-body``: a head declaring 5 bytes, then nothing (the app ends).
+    ``/no-body``: a head declaring 5 bytes, then nothing (the app ends);
+    ``/head-first``: a head declaring 2 bytes before the body is read, then waits for the
+    disconnect.
     """
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] == "/head-first":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        while (await receive())["type"] != "http.disconnect":
+            pass
         return
     body = b""
     while True:
@@ -120,6 +128,8 @@ def test_installed_for_the_supported_hypercorn() -> None:
     assert hypercorn_fast.wanted({}, version), f"Hypercorn {version}: add it to SUPPORTED_VERSIONS once checked"
     assert hypercorn_fast.applied()
     assert hypercorn_fast.apply()  # idempotent
+    hypercorn_fix.apply()  # (idempotent too: it keeps hypercorn_fast's wrapper of the same method)
+    assert H11Protocol.handle is hypercorn_fast._h11_handle
 
 
 @pytest.mark.parametrize(
@@ -223,6 +233,32 @@ async def test_a_head_whose_body_never_comes_is_still_written_before_the_close()
                 received = await until_eof(stream)
                 assert received.startswith(b"HTTP/1.1 200") and b"content-length: 5" in received.lower()
                 assert received.endswith(b"\r\n\r\n")  # the head, and nothing of a body
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        # the client shuts its side once its request is sent: Hypercorn closes the stream
+        request(b"", path="/head-first"),
+        # a malformed chunk after the head was kept: h11 gives up on the connection and closes it
+        b"POST /head-first HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+    ids=["client-eof", "bad-chunk"],
+)
+async def test_a_kept_head_is_written_before_the_connection_closes(wire: bytes) -> None:
+    # As with stock Hypercorn: the head, then the end of the connection.
+    with trio.fail_after(30):
+        async with serving() as (port, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(wire)
+                if b"chunked" in wire:
+                    await trio.testing.wait_all_tasks_blocked()  # the app has sent its start: the head is kept
+                    await stream.send_all(b"zz\r\n")
+                else:
+                    stream.socket.shutdown(socket.SHUT_WR)
+                received = await until_eof(stream)
+                assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"\r\n\r\n"), received
 
 
 async def test_an_idle_connection_closes_when_its_keep_alive_runs_out(mock_clock: trio.testing.MockClock) -> None:

@@ -15,8 +15,8 @@ relayed event (docs/benchmarks.md, "Where the time goes"):
 
 On the 2-core guest that was 850 µs of Hypercorn's CPU per small request, one at
 a time, and 14.4 ms per 64-event stream, in the floor app; with this module 550 µs
-and 10.5 ms (docs/benchmarks-history.md, 2026-12-07). What it installs, for plain
-TCP connections only (TLS keeps Hypercorn's own code):
+and 10.5 ms (docs/benchmarks-history.md, 2026-12-07). What it installs (the first
+two and the timer for plain TCP connections only: TLS keeps Hypercorn's own I/O):
 
 - **write**: when no other write holds the lock, check for cancellation, ``os.write``
   the bytes, and make one schedule point after (what trio's own socket send does);
@@ -24,14 +24,15 @@ TCP connections only (TLS keeps Hypercorn's own code):
   cancellation can only arrive before the first byte, as with the lock before.
 - **read**: the same: one ``os.readv`` into a shared buffer, waiting for readiness
   only when it would block, with a cancel scope only if ``read_timeout`` is set.
-- **a whole answer's head**: when the app's ``http.response.start`` declares a
-  Content-Length (a whole answer, an error), its head is written with the body's first
-  bytes, in one ``write`` (and one TCP segment) instead of two, each with its schedule
-  point. Any other event of the stream writes the head first, as it would have been. A
-  streamed answer's head (no length) is written at once, as before. (A connection that
-  Hypercorn closes between such a head and its body, on a malformed pipelined request,
-  loses the head, which stock Hypercorn wrote before closing: the client sees a broken
-  answer either way.)
+- **a whole answer's head** (h11, any transport): when the app's ``http.response.start``
+  declares a Content-Length, its head is written with the body's first bytes (up to
+  ``COALESCE_MAX``), in one ``write`` (and one TCP segment) instead of two, each with its
+  schedule point. Any other event of the stream, and the connection's close, write the
+  head first, as it would have been. A streamed answer's head (no length) is written at
+  once, as before. The head waits for the app's next message: trioproxy sends every
+  answer with a declared length in one message right after its start (the gateway's
+  streamed relays drop the upstream's Content-Length), but an app that sent a length and
+  then waited would see its head wait too.
 - **keep-alive timer**: one task per connection, started once, whose cancel scope's
   deadline is moved at each request's start (infinity) and end (``keep_alive_timeout``
   later). It closes the connection as Hypercorn's timer does: when the deadline
@@ -39,8 +40,8 @@ TCP connections only (TLS keeps Hypercorn's own code):
   is idle. It ends when the connection's reading ends, so a client's EOF also ends
   it (the leak ``hypercorn_fix`` fixes for the stock timer).
 
-The HTTP handling (h11, the ASGI bridge, the protocol's events) is Hypercorn's,
-untouched. ``apply`` installs this for Hypercorn 0.17 and 0.18 (the versions whose
+The HTTP handling (h11, the ASGI bridge, the protocol's events) is Hypercorn's; only
+when a head is written changes. ``apply`` installs this for Hypercorn 0.17 and 0.18 (the versions whose
 ``TCPServer`` it was written against and tested with); for any other version, or
 with ``TRIOPROXY_STOCK_HYPERCORN=1`` in the environment, it leaves Hypercorn as it is.
 ``server.py`` calls it on import, so the gateway, each worker and the bench's floor
@@ -71,6 +72,8 @@ SUPPORTED_VERSIONS = ("0.17", "0.18")
 STOCK_ENV = "TRIOPROXY_STOCK_HYPERCORN"
 
 MAX_RECV = 2**16  # Hypercorn's own read size
+#: A kept head is joined to at most this much of the body (a copy); a larger first write goes after it.
+COALESCE_MAX = 2**16
 # Reads land here and are copied out at their size: a read of Hypercorn's own allocates
 # 64 KiB and shrinks it, per read. Safe to share: nothing awaits between read and copy,
 # and a process serves from one thread, as connection.py's receive buffer assumes too (two
@@ -87,6 +90,8 @@ _stock_protocol_send = TCPServer.protocol_send
 _stock_read_data = TCPServer._read_data
 _stock_stream_send = H11Protocol.stream_send
 _stock_send_h11_event = H11Protocol._send_h11_event
+#: ``H11Protocol.handle`` as :func:`apply` found it (with ``hypercorn_fix``'s wrapper, if applied first).
+_inner_handle: Callable[[Any, Event], Any] = H11Protocol.handle
 
 
 class IdleTimer:
@@ -171,6 +176,10 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
 
 
 async def _protocol_send(self: Any, event: Event) -> None:
+    if type(event) is Closed:  # h11 closes (a bad request, say) with a head kept: write it first
+        h11_protocol = getattr(self.protocol, "protocol", None)
+        if getattr(h11_protocol, "_pending_head", None) is not None:
+            await _flush_head(h11_protocol)
     sock = self._fast_socket
     if sock is None or type(event) is not RawData or self.send_lock.locked():
         await _stock_protocol_send(self, event)
@@ -265,6 +274,12 @@ def _declares_length(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
+async def _h11_handle(self: Any, event: Event) -> None:
+    if type(event) is Closed and self._pending_head is not None:
+        await _flush_head(self)  # the client closed its side (or we are closing): the head first, as stock
+    await _inner_handle(self, event)
+
+
 async def _h11_stream_send(self: Any, event: StreamEvent) -> None:
     if type(event) is Response and event.status_code >= 200 and _declares_length(event.headers):
         # A head whose body has a declared length (a whole answer, an error): framed as
@@ -300,6 +315,10 @@ async def _h11_send_h11_event(self: Any, event: Any) -> None:
         if self.connection.their_state != h11.ERROR:
             raise
         return
+    if len(data) > COALESCE_MAX:  # (no copy of a large body: two writes, as stock)
+        await self.send(RawData(data=pending))
+        await self.send(RawData(data=data))
+        return
     await self.send(RawData(data=pending + data))
 
 
@@ -329,6 +348,9 @@ def apply() -> bool:
         TCPServer.__init__ = _init  # type: ignore[method-assign]
         TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
         TCPServer._read_data = _read_data  # type: ignore[method-assign]
+        global _inner_handle
+        _inner_handle = H11Protocol.handle
+        H11Protocol.handle = _h11_handle  # type: ignore[method-assign]
         H11Protocol._pending_head = None  # type: ignore[attr-defined]
         H11Protocol._defer_head = False  # type: ignore[attr-defined]
         H11Protocol.stream_send = _h11_stream_send  # type: ignore[method-assign]

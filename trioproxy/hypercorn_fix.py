@@ -41,7 +41,12 @@ async def _handle(self: Any, event: Event) -> None:
         await self.send(Updated(idle=False))
 
 
+_applied = False
+
+
 def apply() -> None:
-    """Install the fix on Hypercorn's h11 protocol (idempotent)."""
-    if H11Protocol.handle is not _handle:
+    """Install the fix on Hypercorn's h11 protocol (idempotent, also once ``hypercorn_fast`` wraps it)."""
+    global _applied
+    if not _applied:
+        _applied = True
         H11Protocol.handle = _handle  # type: ignore[method-assign]
