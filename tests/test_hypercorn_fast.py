@@ -261,17 +261,24 @@ async def test_a_kept_head_is_written_before_the_connection_closes(wire: bytes) 
                 assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"\r\n\r\n"), received
 
 
-async def test_an_idle_connection_closes_when_its_keep_alive_runs_out(mock_clock: trio.testing.MockClock) -> None:
+@pytest.mark.parametrize(
+    ("keep_alive_s", "read_timeout_s", "closed_after_s"),
+    [(5.0, None, 5.0), (60.0, 3.0, 3.0)],
+    ids=["keep-alive", "read-timeout"],
+)
+async def test_an_idle_connection_closes_when_its_keep_alive_or_read_timeout_runs_out(
+    mock_clock: trio.testing.MockClock, keep_alive_s: float, read_timeout_s: float | None, closed_after_s: float,
+) -> None:
     mock_clock.autojump_threshold = HANG_GUARD_S
     with trio.fail_after(120):
-        async with serving(keep_alive_s=5.0) as (port, _):
+        async with serving(keep_alive_s=keep_alive_s, read_timeout_s=read_timeout_s) as (port, _):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(request(b"hi"))
                 assert (await read_answer(stream))[0] == b"hi"
                 done = trio.current_time()
                 assert await until_eof(stream) == b""
-                assert trio.current_time() - done == pytest.approx(5.0, abs=0.01)
+                assert trio.current_time() - done == pytest.approx(closed_after_s, abs=0.01)
 
 
 async def test_the_timer_restarts_at_each_answer_and_never_cuts_a_request(mock_clock: trio.testing.MockClock) -> None:
@@ -334,19 +341,6 @@ async def test_with_no_keep_alive_limit_an_idle_connection_still_closes_at_once_
                 shutdown.set()
                 assert await until_eof(stream) == b""
                 assert trio.current_time() == started  # not after the 30 s grace
-
-
-async def test_read_timeout_still_closes_a_silent_connection(mock_clock: trio.testing.MockClock) -> None:
-    mock_clock.autojump_threshold = HANG_GUARD_S
-    with trio.fail_after(120):
-        async with serving(keep_alive_s=60.0, read_timeout_s=3.0) as (port, _):
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            async with stream:
-                await stream.send_all(request(b"x"))
-                assert (await read_answer(stream))[0] == b"x"
-                done = trio.current_time()
-                assert await until_eof(stream) == b""
-                assert trio.current_time() - done == pytest.approx(3.0, abs=0.01)
 
 
 async def test_a_client_eof_ends_the_connection_and_its_timer_at_once(mock_clock: trio.testing.MockClock) -> None:
