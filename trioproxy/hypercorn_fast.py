@@ -177,7 +177,7 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
 
 async def _protocol_send(self: Any, event: Event) -> None:
     if type(event) is Closed:  # h11 closes (a bad request, say) with a head kept: write it first
-        h11_protocol = getattr(self.protocol, "protocol", None)
+        h11_protocol = getattr(getattr(self, "protocol", None), "protocol", None)  # (H11 or H2, or not yet)
         if getattr(h11_protocol, "_pending_head", None) is not None:
             await _flush_head(h11_protocol)
     sock = self._fast_socket
