@@ -10,7 +10,8 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -739,6 +740,22 @@ def test_base_url_validation() -> None:
 # --- the watchdog (server.main gives every pool one) ------------------------------------------
 
 
+@asynccontextmanager
+async def watched_pool(
+    monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery,
+) -> AsyncIterator[tuple[ConnectionPool, Watchdog, list[socket.socket]]]:
+    """A pool whose watchdog runs in ``nursery`` and whose connections are socket pairs (the far ends: the list)."""
+    peers = socketpair_connects(monkeypatch)
+    watchdog = Watchdog()
+    nursery.start_soon(watchdog.run)
+    try:
+        async with make_pool(9, watchdog=watchdog) as pool:
+            yield pool, watchdog, peers
+    finally:
+        for peer in peers:
+            peer.close()
+
+
 def count_move_on_at(monkeypatch: pytest.MonkeyPatch, scopes: list[float]) -> None:
     """From now on, every ``trio.move_on_at`` appends its deadline to ``scopes``."""
     real_move_on_at = trio.move_on_at
@@ -753,13 +770,10 @@ def count_move_on_at(monkeypatch: pytest.MonkeyPatch, scopes: list[float]) -> No
 async def test_a_watched_idle_timeout_is_exact_and_keeps_no_scope_per_wait(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    peers = socketpair_connects(monkeypatch)
-    watchdog = Watchdog()
     scopes: list[float] = []
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watchdog.run)
-            async with make_pool(9, watchdog=watchdog) as pool:
+            async with watched_pool(monkeypatch, nursery) as (pool, watchdog, peers):
 
                 async def trickle() -> None:
                     peers[-1].send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -782,20 +796,15 @@ async def test_a_watched_idle_timeout_is_exact_and_keeps_no_scope_per_wait(
                 response.release()
                 assert len(watchdog) == 0 and pool.statistics().idle == 0
             nursery.cancel_scope.cancel()
-    for peer in peers:
-        peer.close()
 
 
 async def test_a_watched_first_byte_timeout_is_exact_and_keeps_no_scope(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    peers = socketpair_connects(monkeypatch)
-    watchdog = Watchdog()
     scopes: list[float] = []
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watchdog.run)
-            async with make_pool(9, watchdog=watchdog) as pool:
+            async with watched_pool(monkeypatch, nursery) as (pool, watchdog, peers):
                 count_move_on_at(monkeypatch, scopes)
                 start = trio.current_time()
                 with pytest.raises(UpstreamTimeout, match="no response headers within 3s") as caught:
@@ -818,8 +827,6 @@ async def test_a_watched_first_byte_timeout_is_exact_and_keeps_no_scope(
                 await trio.sleep(10)  # the watchdog's wake-up for the first wait passes harmlessly
                 assert pool.statistics().idle == 1  # the answered connection was kept
             nursery.cancel_scope.cancel()
-    for peer in peers:
-        peer.close()
 
 
 async def test_a_watched_response_read_to_its_end_is_forgotten_and_reused(nursery: trio.Nursery) -> None:
