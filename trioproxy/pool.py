@@ -112,6 +112,10 @@ class _HeadWait:
         self.conn.close()
 
 
+def _late_head(first_byte_timeout: float, upstream: str) -> UpstreamTimeout:
+    return UpstreamTimeout(f"no response headers within {first_byte_timeout:g}s", upstream=upstream, phase="first_byte")
+
+
 class _StaleConnection(Exception):
     """A reused connection died before any response byte: retry on a fresh one."""
 
@@ -444,7 +448,6 @@ class ConnectionPool:
             else:
                 head_wait = None
                 deadline = trio.current_time() + first_byte_timeout
-            late = f"no response headers within {first_byte_timeout:g}s"
             try:
                 # Let other tasks run while the upstream works: under load the head has usually
                 # arrived when we resume, and the recv below succeeds without parking in epoll
@@ -456,7 +459,7 @@ class ConnectionPool:
                         data = await conn.receive(deadline)
                     except (OSError, trio.ClosedResourceError) as exc:
                         if head_wait is not None and head_wait.expired:  # closed by the watchdog
-                            raise UpstreamTimeout(late, upstream=upstream, phase="first_byte") from None
+                            raise _late_head(first_byte_timeout, upstream) from None
                         if isinstance(exc, trio.ClosedResourceError):
                             raise
                         if reused and not got_bytes:
@@ -464,7 +467,7 @@ class ConnectionPool:
                         message = f"reset before response headers ({_reason(exc)})"
                         raise UpstreamConnectError(message, upstream=upstream) from exc
                     if data is None:
-                        raise UpstreamTimeout(late, upstream=upstream, phase="first_byte")
+                        raise _late_head(first_byte_timeout, upstream)
                     if data:
                         got_bytes = True
                         parser.feed(data)
