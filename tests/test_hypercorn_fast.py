@@ -11,10 +11,12 @@ with a hang guard so the clock never jumps while loopback bytes are on their way
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
 import socket
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -27,6 +29,7 @@ import trio.testing
 from hypercorn.config import Config as HyperConfig
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 
 from trioproxy import hypercorn_fast, hypercorn_fix
 from trioproxy.server import hypercorn_config  # noqa: F401  (importing server.py applies the fast paths)
@@ -357,3 +360,46 @@ async def test_a_client_eof_ends_the_connection_and_its_timer_at_once(mock_clock
                     stream.socket.shutdown(socket.SHUT_WR)
                     assert await until_eof(stream) == b""
                     assert trio.current_time() == now  # not when a timer ran out: its task ended with the reading
+
+
+@pytest.mark.parametrize("how", ["client EOF", "keep-alive timeout", "mid-answer"])
+async def test_a_closed_connection_is_freed_at_once_not_left_to_the_cyclic_gc(
+    how: str, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    """hypercorn_fix drops the references that close cycles through a finished connection."""
+    mock_clock.autojump_threshold = HANG_GUARD_S
+    servers: list[weakref.ref[TCPServer]] = []
+    stock_init = TCPServer.__init__
+
+    def init(self: TCPServer, *args: Any, **kwargs: Any) -> None:
+        stock_init(self, *args, **kwargs)
+        servers.append(weakref.ref(self))
+
+    monkeypatch.setattr(TCPServer, "__init__", init)
+    gc.collect()
+    gc.disable()
+    try:
+        with trio.fail_after(120):
+            async with serving(keep_alive_s=5.0) as (port, _):
+                for _ in range(4):
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    async with stream:
+                        if how == "mid-answer":
+                            await stream.send_all(request(b"x", "/stream/3"))
+                            await stream.receive_some()  # the head: the app now waits 3 s
+                            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                        else:
+                            await stream.send_all(request(b"hi"))
+                            assert (await read_answer(stream))[0] == b"hi"
+                            if how == "client EOF":
+                                stream.socket.shutdown(socket.SHUT_WR)
+                            assert await until_eof(stream) == b""  # (the timeout: 5 s of virtual time)
+                    if how == "mid-answer":
+                        # Reset by the client: the connection ends once the app's next send
+                        # finds it gone (Hypercorn's own I/O waits out the keep-alive first).
+                        await trio.sleep(10)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert servers and servers[-1]() is None, "the connection's objects outlived it"
+                assert len(servers) == 4
+    finally:
+        gc.enable()
