@@ -23,6 +23,7 @@ from trioproxy.app import ProxyApp, single_error
 from trioproxy.breaker import HedgeBudget
 from trioproxy.config import load_config
 from trioproxy.health import HealthBoard
+from trioproxy.hypercorn_fast import DISCONNECT_NOTICE, DisconnectNotice
 from trioproxy.server import build_runtimes
 from trioproxy.services import Services
 from trioproxy.telemetry import Record, TelemetrySink
@@ -103,12 +104,23 @@ async def services(nursery: trio.Nursery) -> AsyncIterator[Any]:
 
 
 class Client:
-    """The ASGI side of one request: the body at once, then connected until ``hang_up()``."""
+    """The ASGI side of one request: the body at once, then connected until ``hang_up()``.
 
-    def __init__(self) -> None:
+    With ``notice``, its scope offers a ``DisconnectNotice``, as trioproxy's Hypercorn I/O does,
+    and a hang-up fires it as well as queueing ``http.disconnect``.
+    """
+
+    def __init__(self, notice: bool = False) -> None:
         self.gone = trio.Event()
         self.sent: list[dict[str, Any]] = []
         self.given = False
+        self.notice = DisconnectNotice() if notice else None
+        self.scope = {**SCOPE, "extensions": {DISCONNECT_NOTICE: self.notice}} if notice else SCOPE
+
+    def hang_up(self) -> None:
+        self.gone.set()
+        if self.notice is not None:
+            self.notice.fire()
 
     async def receive(self) -> dict[str, Any]:
         if not self.given:
@@ -120,22 +132,37 @@ class Client:
     async def send(self, message: dict[str, Any]) -> None:
         self.sent.append(message)
         if message["type"] == "http.response.body" and not message.get("more_body", False):
-            self.gone.set()  # as Hypercorn: http.disconnect once the response is sent
+            self.hang_up()  # as Hypercorn: the stream closes once the response is sent
 
 
+@pytest.fixture
+def watchers(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When each disconnect-watcher task started."""
+    started: list[float] = []
+    real_watch = app_module._watch_disconnect
+
+    async def counting(*args: Any) -> None:
+        started.append(trio.current_time())
+        await real_watch(*args)
+
+    monkeypatch.setattr(app_module, "_watch_disconnect", counting)
+    return started
+
+
+@pytest.mark.parametrize("notice", [False, True], ids=["watcher-task", "notice"])
 @pytest.mark.parametrize("watch_after_ms", [1_000, 0])
 async def test_a_client_gone_mid_request_is_noticed_once_the_request_has_run_watch_after_ms(
-    services: Any, mock_clock: trio.testing.MockClock, watch_after_ms: int
+    services: Any, mock_clock: trio.testing.MockClock, watchers: list[float], watch_after_ms: int, notice: bool
 ) -> None:
     mock_clock.autojump_threshold = HANG_GUARD_S
     upstream = Upstream(answer=False)
     made, records = await services(upstream, watch_after_ms)
-    client = Client()
+    client = Client(notice)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(ProxyApp(made), SCOPE, client.receive, client.send)
+            nursery.start_soon(ProxyApp(made), client.scope, client.receive, client.send)
             await upstream.got_request.wait()
-            client.gone.set()  # hangs up at t=0, the upstream still thinking
+            client.hang_up()  # at t=0, the upstream still thinking
             await trio.testing.wait_all_tasks_blocked()
             if watch_after_ms:
                 assert not upstream.closed.is_set() and made.active == 1  # not looked for yet
@@ -147,6 +174,7 @@ async def test_a_client_gone_mid_request_is_noticed_once_the_request_has_run_wat
             assert made.active == 0  # the watcher saw the hang-up and cancelled the request
             assert trio.current_time() == pytest.approx(watch_after_ms / 1000)
             await upstream.closed.wait()  # ...which closed its upstream connection
+    assert len(watchers) == (0 if notice else 1)  # with a notice, no task
     (record,) = [records.receive_nowait()]
     with pytest.raises(trio.WouldBlock):
         records.receive_nowait()  # exactly one record
@@ -154,26 +182,22 @@ async def test_a_client_gone_mid_request_is_noticed_once_the_request_has_run_wat
     assert client.sent == []
 
 
-@pytest.mark.parametrize(("watch_after_ms", "watchers"), [(1_000, 0), (0, 1)])
+@pytest.mark.parametrize("notice", [False, True], ids=["watcher-task", "notice"])
+@pytest.mark.parametrize(("watch_after_ms", "watched"), [(1_000, False), (0, True)])
 async def test_an_answer_out_before_watch_after_ms_starts_no_watcher(
-    services: Any, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, watch_after_ms: int, watchers: int
+    services: Any, mock_clock: trio.testing.MockClock, watchers: list[float], watch_after_ms: int, watched: bool,
+    notice: bool,
 ) -> None:
-    started: list[float] = []
-    real_watch = app_module._watch_disconnect
-
-    async def counting(*args: Any) -> None:
-        started.append(trio.current_time())
-        await real_watch(*args)
-
-    monkeypatch.setattr(app_module, "_watch_disconnect", counting)
     mock_clock.autojump_threshold = HANG_GUARD_S
     made, records = await services(Upstream(answer=True), watch_after_ms)
-    client = Client()
+    client = Client(notice)
     with trio.fail_after(60):
-        await ProxyApp(made)(SCOPE, client.receive, client.send)
+        await ProxyApp(made)(client.scope, client.receive, client.send)
     assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"]
     assert client.sent[1]["body"] == ANSWER
-    assert len(started) == watchers
+    assert len(watchers) == (1 if watched and not notice else 0)
+    if client.notice is not None:
+        assert client.notice._callback is None  # subscribed (if watched) and let go by the request
     assert made.watchdog is not None and len(made.watchdog) == 0  # the request forgot its entry
     (record,) = [records.receive_nowait()]
     with pytest.raises(trio.WouldBlock):

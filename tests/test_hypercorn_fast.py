@@ -5,8 +5,13 @@ sockets: bytes arrive intact in both directions under concurrency (the read buff
 shared by every connection; a write the socket cannot take at once is finished under the
 lock), and the keep-alive timer (one task per connection, re-armed per request) closes an
 idle connection exactly when Hypercorn's own timer would, never one with a request in
-flight, and at once on a graceful shutdown. Timing runs in virtual time (``mock_clock``,
-with a hang guard so the clock never jumps while loopback bytes are on their way).
+flight, and at once on a graceful shutdown; each HTTP request's disconnect notice fires
+at once when its client hangs up, and at the end of its answer. A finished connection is
+freed without the cyclic GC (``hypercorn_fix``). Timing runs in virtual time
+(``mock_clock``, with a hang guard so the clock never jumps while loopback bytes are on
+their way). With ``TRIOPROXY_STOCK_HYPERCORN=1`` the behaviour tests pass too; the ones
+that check this module's own paths (installed, write paths counted, one write per answer,
+the notice) fail there by design.
 """
 
 from __future__ import annotations
@@ -38,18 +43,30 @@ from trioproxy.server import hypercorn_config  # noqa: F401  (importing server.p
 HANG_GUARD_S = 0.5
 
 
+#: What ``/notice`` received after its notice fired, one per request.
+NOTICED: list[str] = []
+
+
 async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Echo the request body; ``/sleep/S`` first waits S seconds; ``x-repeat: N`` sends it N times.
 
     ``/stream/S``: a head without a length, then the body S seconds later (chunked);
     ``/no-body``: a head declaring 5 bytes, then nothing (the app ends);
     ``/head-first``: a head declaring 2 bytes before the body is read, then waits for the
-    disconnect.
+    disconnect; ``/notice``: a streamed head, then waits for the request's disconnect notice.
     """
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] == "/notice":  # streams a head, then waits for its notice: see NOTICED
+        told = trio.Event()
+        await receive()  # (the empty body)
+        scope["extensions"][hypercorn_fast.DISCONNECT_NOTICE].subscribe(told.set)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await told.wait()
+        NOTICED.append((await receive())["type"])
         return
     if scope["path"] == "/head-first":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
@@ -403,3 +420,60 @@ async def test_a_closed_connection_is_freed_at_once_not_left_to_the_cyclic_gc(
                 assert len(servers) == 4
     finally:
         gc.enable()
+
+
+async def test_a_request_is_told_by_its_disconnect_notice_when_its_client_hangs_up(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The notice fires at once when the client goes, while the app is busy; http.disconnect still follows."""
+    mock_clock.autojump_threshold = HANG_GUARD_S
+    NOTICED.clear()
+    with trio.fail_after(120):
+        async with serving(keep_alive_s=60.0) as (port, _):
+            for hang_up in ("eof", "reset"):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(request(b"", "/notice"))
+                    assert (await stream.receive_some()).startswith(b"HTTP/1.1 200")
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(NOTICED) == (0 if hang_up == "eof" else 1)  # (this request still waits)
+                    now = trio.current_time()
+                    if hang_up == "reset":
+                        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                    else:
+                        stream.socket.shutdown(socket.SHUT_WR)
+                await trio.testing.wait_all_tasks_blocked()
+                assert trio.current_time() == now  # told at once, not by a timer
+                assert NOTICED[-1] == "http.disconnect"
+    assert NOTICED == ["http.disconnect", "http.disconnect"]
+
+
+async def test_a_disconnect_notice_fires_at_the_end_of_a_complete_answer_and_only_for_http() -> None:
+    seen: list[tuple[str, bool | None]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        notice = scope.get("extensions", {}).get(hypercorn_fast.DISCONNECT_NOTICE)
+        seen.append((scope["type"], None if notice is None else notice.closed))
+        if scope["type"] == "lifespan":
+            await echo_app(scope, receive, send)
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        seen.append(("after", notice.closed))
+
+    config = HyperConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = config.errorlog = None
+    shutdown = trio.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(lambda task_status: serve(app, config, shutdown_trigger=shutdown.wait,
+                                                                  task_status=task_status))
+            stream = await trio.open_tcp_stream("127.0.0.1", int(binds[0].rsplit(":", 1)[1]))
+            async with stream:
+                for _ in range(2):
+                    await stream.send_all(request(b""))
+                    assert (await read_answer(stream))[0] == b"ok"
+            shutdown.set()
+    assert seen == [("lifespan", None), ("http", False), ("after", True), ("http", False), ("after", True)]

@@ -45,6 +45,7 @@ from .errors import (
 from .config import Config
 from .exchange import ClientGone, Exchange, decode_json, model_of, read_body, redact, upstream_query
 from .headers import client_response_headers, header_value, upstream_request_headers
+from .hypercorn_fast import DISCONNECT_NOTICE, DisconnectNotice
 from .relay import Send, error_in_body, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
@@ -207,7 +208,10 @@ class ProxyApp:
                 # The disconnect watcher: only now that the body is read (STYLE.md §2), and only
                 # once the request has run server.disconnect_watch_after_ms (the watchdog starts
                 # it then): most answers are out before that and need no task of their own.
-                watch = _DisconnectWatch(request, receive, ex, now, config.server.disconnect_watch_after_ms / 1000)
+                watch = _DisconnectWatch(
+                    request, receive, ex, now, config.server.disconnect_watch_after_ms / 1000,
+                    scope["extensions"].get(DISCONNECT_NOTICE) if "extensions" in scope else None,
+                )
                 watchdog = services.watchdog if watch.timeout > 0 else None
                 if watchdog is not None:
                     watchdog.watch(watch)
@@ -220,6 +224,8 @@ class ProxyApp:
                 finally:
                     if watchdog is not None:
                         watchdog.forget(watch)  # (no checkpoint since the answer: it cannot start after this)
+                    if watch.notice is not None:
+                        watch.notice.unsubscribe()
                     # Unlike STYLE.md's "whoever finishes the work cancels the scope", a complete
                     # answer does not cancel a started watcher: Hypercorn (0.17, 0.18; h11 and h2)
                     # queues http.disconnect during the last body send, so the watcher returns by
@@ -434,36 +440,52 @@ class _DisconnectWatch:
     """A request not yet watched for a client that hangs up (``Watchdog`` entry).
 
     Once the request has run ``timeout`` seconds (from the end of its body), the watchdog
-    calls :meth:`expire`, which starts ``_watch_disconnect`` in the request's own nursery
-    (open: the request forgets this entry before it leaves that nursery). A client gone
-    before then is noticed then: Hypercorn has queued its ``http.disconnect``, so the
-    watcher's first ``receive()`` returns it at once. An answer complete before then is
-    recorded ``ok`` even if its client had left: Hypercorn drops writes to a closed
-    connection silently, so nothing else tells. (The watcher runs in the watchdog's
-    context, not the request's: trioproxy keeps no context variables.)
+    calls :meth:`expire`, which starts watching. Served by trioproxy's Hypercorn I/O
+    (``hypercorn_fast``), the request's scope carries a ``DisconnectNotice``: the watch is
+    a callback on it, no task. Otherwise (Hypercorn's own I/O, another ASGI server) it
+    starts ``_watch_disconnect`` in the request's own nursery (open: the request forgets
+    this entry before it leaves that nursery), parked in ``receive()``. A client gone
+    before then is noticed then: the notice has fired, or Hypercorn has queued its
+    ``http.disconnect``, so the watcher's first ``receive()`` returns it at once. An answer
+    complete before then is recorded ``ok`` even if its client had left: Hypercorn drops
+    writes to a closed connection silently, so nothing else tells. (The watcher runs in
+    the watchdog's context, not the request's: trioproxy keeps no context variables.)
     """
 
-    __slots__ = ("request", "receive", "ex", "since", "timeout")
+    __slots__ = ("request", "receive", "ex", "since", "timeout", "notice")
 
-    def __init__(self, request: trio.Nursery, receive: Receive, ex: Exchange, since: float, timeout: float) -> None:
-        self.request, self.receive, self.ex, self.timeout = request, receive, ex, timeout
+    def __init__(
+        self,
+        request: trio.Nursery,
+        receive: Receive,
+        ex: Exchange,
+        since: float,
+        timeout: float,
+        notice: DisconnectNotice | None,
+    ) -> None:
+        self.request, self.receive, self.ex, self.timeout, self.notice = request, receive, ex, timeout, notice
         #: When the request began to run unwatched (a ``Watched`` wait that ends only by expiring or being forgotten).
         self.since: float | None = since
 
     def expire(self) -> None:
+        if self.notice is not None:
+            self.notice.subscribe(self.client_gone)
+            return
         # A constant name: trio would otherwise format one per task (~0.2 KiB held per stream).
-        self.request.start_soon(
-            _watch_disconnect, self.receive, self.request.cancel_scope, self.ex, name="disconnect watcher"
-        )
+        self.request.start_soon(_watch_disconnect, self.receive, self, name="disconnect watcher")
+
+    def client_gone(self) -> None:
+        """The client's stream closed: if the answer is not complete, cut the request."""
+        if not self.ex.finished:  # after the last body message it only means the exchange is over
+            self.ex.client_gone = True
+            self.request.cancel_scope.cancel()
 
 
-async def _watch_disconnect(receive: Receive, request_scope: trio.CancelScope, ex: Exchange) -> None:
+async def _watch_disconnect(receive: Receive, watch: _DisconnectWatch) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            if not ex.finished:  # after the last body message it only means the exchange is over
-                ex.client_gone = True
-                request_scope.cancel()
+            watch.client_gone()
             return
 
 
