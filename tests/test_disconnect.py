@@ -23,7 +23,7 @@ from trioproxy.app import ProxyApp, single_error
 from trioproxy.breaker import HedgeBudget
 from trioproxy.config import load_config
 from trioproxy.health import HealthBoard
-from trioproxy.hypercorn_fast import DISCONNECT_NOTICE, DisconnectNotice
+from trioproxy.hypercorn_app import DISCONNECT_NOTICE, DisconnectNotice
 from trioproxy.server import build_runtimes
 from trioproxy.services import Services
 from trioproxy.telemetry import Record, TelemetrySink

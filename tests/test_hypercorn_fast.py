@@ -36,7 +36,7 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
-from trioproxy import hypercorn_fast, hypercorn_fix
+from trioproxy import hypercorn_app, hypercorn_fast, hypercorn_fix
 from trioproxy.server import hypercorn_config  # noqa: F401  (importing server.py applies the fast paths)
 
 #: Real seconds every task must stay blocked before the virtual clock jumps.
@@ -63,7 +63,7 @@ async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["path"] == "/notice":  # streams a head, then waits for its notice: see NOTICED
         told = trio.Event()
         await receive()  # (the empty body)
-        scope["extensions"][hypercorn_fast.DISCONNECT_NOTICE].subscribe(told.set)
+        scope["extensions"][hypercorn_app.DISCONNECT_NOTICE].subscribe(told.set)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         await told.wait()
         NOTICED.append((await receive())["type"])
@@ -452,7 +452,7 @@ async def test_a_disconnect_notice_fires_at_the_end_of_a_complete_answer_and_onl
     seen: list[tuple[str, bool | None]] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        notice = scope.get("extensions", {}).get(hypercorn_fast.DISCONNECT_NOTICE)
+        notice = scope.get("extensions", {}).get(hypercorn_app.DISCONNECT_NOTICE)
         seen.append((scope["type"], None if notice is None else notice.closed))
         if scope["type"] == "lifespan":
             await echo_app(scope, receive, send)

@@ -45,7 +45,7 @@ from .errors import (
 from .config import Config
 from .exchange import ClientGone, Exchange, decode_json, model_of, read_body, redact, upstream_query
 from .headers import client_response_headers, header_value, upstream_request_headers
-from .hypercorn_fast import DISCONNECT_NOTICE, DisconnectNotice
+from .hypercorn_app import DISCONNECT_NOTICE, DisconnectNotice
 from .relay import Send, error_in_body, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services

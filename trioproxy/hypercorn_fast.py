@@ -40,13 +40,8 @@ two and the timer for plain TCP connections only: TLS keeps Hypercorn's own I/O)
   is idle. It ends when the connection's reading ends, so a client's EOF also ends
   it (the leak ``hypercorn_fix`` fixes for the stock timer).
 
-- **a disconnect notice** (any transport, HTTP/1.1 and HTTP/2): each HTTP request's ASGI
-  scope carries a :class:`DisconnectNotice` under ``scope["extensions"][DISCONNECT_NOTICE]``,
-  which Hypercorn's stream fires, synchronously, when it closes: when the client hangs up,
-  and at the stream's normal end. An app that must know of a hang-up while it is busy
-  sending (the gateway, relaying a stream) subscribes a callback instead of parking a task
-  in ``receive()`` for ``http.disconnect`` (a task and a wait in the request's channel:
-  ~3 KB per open stream). ``http.disconnect`` is still queued for ``receive()`` as before.
+- **each app call** (any transport): ``hypercorn_app``'s lighter message inbox in place of
+  a trio memory channel, and a disconnect notice in each HTTP request's scope (see there).
 
 The HTTP handling (h11, the ASGI bridge, the protocol's events) is Hypercorn's; only
 when a head is written changes. ``apply`` installs this for Hypercorn 0.17 and 0.18 (the versions whose
@@ -67,23 +62,14 @@ from typing import Any
 import h11
 import trio
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
+from hypercorn.protocol.events import Body, EndBody, Response
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.protocol.http_stream import HTTPStream
-from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 
-__all__ = [
-    "DISCONNECT_NOTICE",
-    "STOCK_ENV",
-    "SUPPORTED_VERSIONS",
-    "DisconnectNotice",
-    "IdleTimer",
-    "apply",
-    "applied",
-    "wanted",
-]
+from . import hypercorn_app
+
+__all__ = ["STOCK_ENV", "SUPPORTED_VERSIONS", "IdleTimer", "apply", "applied", "wanted"]
 
 #: Hypercorn releases whose Trio ``TCPServer`` this module replaces parts of (major.minor).
 SUPPORTED_VERSIONS = ("0.17", "0.18")
@@ -109,59 +95,8 @@ _stock_protocol_send = TCPServer.protocol_send
 _stock_read_data = TCPServer._read_data
 _stock_stream_send = H11Protocol.stream_send
 _stock_send_h11_event = H11Protocol._send_h11_event
-_stock_spawn_app = TaskGroup.spawn_app
-_stock_http_stream_handle = HTTPStream.handle
 #: ``H11Protocol.handle`` as :func:`apply` found it (with ``hypercorn_fix``'s wrapper, if applied first).
 _inner_handle: Callable[[Any, Event], Any] = H11Protocol.handle
-
-
-#: The ASGI scope extension that holds an HTTP request's :class:`DisconnectNotice`.
-DISCONNECT_NOTICE = "trioproxy.disconnect_notice"
-
-
-class DisconnectNotice:
-    """Says, synchronously, that an HTTP request's stream has closed (see the module's docstring).
-
-    Fired once, by Hypercorn's stream when it closes: its client hung up, or its answer is
-    done. :meth:`subscribe` a callback (sync; it must not raise); one subscribed after the
-    firing is called at once. :meth:`unsubscribe` when the request no longer cares.
-    """
-
-    __slots__ = ("_callback", "closed")
-
-    def __init__(self) -> None:
-        self._callback: Callable[[], None] | None = None
-        #: Whether the stream has closed.
-        self.closed = False
-
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        if self.closed:
-            callback()
-        else:
-            self._callback = callback
-
-    def unsubscribe(self) -> None:
-        self._callback = None
-
-    def fire(self) -> None:
-        self.closed = True
-        callback, self._callback = self._callback, None
-        if callback is not None:
-            callback()
-
-
-async def _spawn_app(self: Any, app: Any, config: Any, scope: dict[str, Any], send: Any) -> Any:
-    if scope["type"] == "http":  # (before the app's task starts: it finds the notice in its scope)
-        scope.setdefault("extensions", {})[DISCONNECT_NOTICE] = DisconnectNotice()
-    return await _stock_spawn_app(self, app, config, scope, send)
-
-
-async def _http_stream_handle(self: Any, event: StreamEvent) -> None:
-    if type(event) is StreamClosed and not self.closed and self.app_put is not None:
-        notice = self.scope["extensions"].get(DISCONNECT_NOTICE)
-        if notice is not None:
-            notice.fire()  # (before Hypercorn queues http.disconnect, which may wait for room)
-    await _stock_http_stream_handle(self, event)
 
 
 class IdleTimer:
@@ -425,6 +360,5 @@ def apply() -> bool:
         H11Protocol._defer_head = False  # type: ignore[attr-defined]
         H11Protocol.stream_send = _h11_stream_send  # type: ignore[method-assign]
         H11Protocol._send_h11_event = _h11_send_h11_event  # type: ignore[method-assign]
-        TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
-        HTTPStream.handle = _http_stream_handle  # type: ignore[method-assign]
+        hypercorn_app.install()
     return applied()
