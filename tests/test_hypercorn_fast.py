@@ -320,6 +320,44 @@ async def test_the_timer_restarts_at_each_answer_and_never_cuts_a_request(mock_c
                 assert trio.current_time() - done == pytest.approx(5.0, abs=0.01)  # 5 s idle from the answer
 
 
+def _tasks_named(name: str) -> list[trio.lowlevel.Task]:
+    found, todo = [], [trio.lowlevel.current_root_task()]
+    while todo:  # bounded: the run's task tree
+        task = todo.pop()
+        if task is None:
+            continue
+        found += [task] if task.name == name else []
+        todo += [child for nursery in task.child_nurseries for child in nursery.child_tasks]
+    return found
+
+
+async def test_one_reaper_closes_many_idle_connections_each_at_its_own_deadline(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = HANG_GUARD_S
+    closed: dict[int, float] = {}
+    with trio.fail_after(120):
+        async with serving(keep_alive_s=5.0) as (port, _):
+            async with trio.open_nursery() as nursery:
+                answered: dict[int, float] = {}
+
+                async def client(i: int) -> None:
+                    await trio.sleep(i)  # answers 1 s apart: six different deadlines
+                    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                        await stream.send_all(request(b"%d" % i))
+                        assert (await read_answer(stream))[0] == b"%d" % i
+                        answered[i] = trio.current_time()
+                        assert await until_eof(stream) == b""
+                        closed[i] = trio.current_time() - answered[i]
+
+                for i in range(6):
+                    nursery.start_soon(client, i)
+                await trio.sleep(6)  # every connection answered, the last ones still idle
+                assert len(answered) == 6 and len(closed) < 6
+                assert len(_tasks_named("keep-alive reaper")) == 1  # one task for all of them
+    assert closed == {i: pytest.approx(5.0, abs=0.01) for i in range(6)}
+
+
 async def test_a_graceful_shutdown_closes_idle_connections_at_once_and_busy_ones_after_their_answer(
     mock_clock: trio.testing.MockClock,
 ) -> None:

@@ -33,13 +33,9 @@ two and the timer for plain TCP connections only: TLS keeps Hypercorn's own I/O)
   answer with a declared length in one message right after its start (the gateway's
   streamed relays drop the upstream's Content-Length), but an app that sent a length and
   then waited would see its head wait too.
-- **keep-alive timer**: one task per connection, started once, whose cancel scope's
-  deadline is moved at each request's start (infinity) and end (``keep_alive_timeout``
-  later). It closes the connection as Hypercorn's timer does: when the deadline
-  passes while idle, or at once when the server is shutting down and the connection
-  is idle. It ends when the connection's reading ends, so a client's EOF also ends
-  it (the leak ``hypercorn_fix`` fixes for the stock timer).
-
+- **keep-alive timer**: a deadline per connection, set at each request's end, and one
+  task per server that closes the idle connections whose deadline has passed, as
+  Hypercorn's timer does (``hypercorn_keepalive``: see there).
 - **each app call** (any transport): ``hypercorn_app``'s lighter message inbox in place of
   a trio memory channel, and a disconnect notice in each HTTP request's scope (see there).
 
@@ -68,8 +64,9 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
 from . import hypercorn_app
+from .hypercorn_keepalive import IdleTimer, timer_for
 
-__all__ = ["STOCK_ENV", "SUPPORTED_VERSIONS", "IdleTimer", "apply", "applied", "wanted"]
+__all__ = ["STOCK_ENV", "SUPPORTED_VERSIONS", "apply", "applied", "wanted"]
 
 #: Hypercorn releases whose Trio ``TCPServer`` this module replaces parts of (major.minor).
 SUPPORTED_VERSIONS = ("0.17", "0.18")
@@ -99,85 +96,12 @@ _stock_send_h11_event = H11Protocol._send_h11_event
 _inner_handle: Callable[[Any, Event], Any] = H11Protocol.handle
 
 
-class IdleTimer:
-    """A connection's keep-alive timer: one task, re-armed per request instead of respawned.
-
-    Stands in for Hypercorn's ``TrioSingleTask`` in ``TCPServer.idle_task`` (the same
-    ``restart``/``stop`` calls). Armed (``restart``), it closes the connection once
-    ``keep_alive_timeout`` passes, or at once if the server is shutting down; disarmed
-    (``stop``, a request in flight), it does nothing. :meth:`close` ends it.
-    """
-
-    __slots__ = ("_armed", "_closed", "_deadline", "_scope", "_server", "_started")
-
-    def __init__(self, server: TCPServer) -> None:
-        self._server = server
-        #: Idle: no request in flight (``restart``), until the next one starts (``stop``).
-        self._armed = False
-        #: When to close the connection if still idle (``inf`` with an infinite keep-alive).
-        self._deadline = math.inf
-        #: The waiting task's scope (None while it is not waiting).
-        self._scope: trio.CancelScope | None = None
-        self._closed = False
-        self._started = False
-
-    async def restart(self, task_group: Any, action: Callable[[], Any] | None = None) -> None:
-        """Arm: the connection is idle from now.
-
-        ``action`` is Hypercorn's timer body (``TCPServer._idle_timeout``); it is not called:
-        :meth:`_run` does what it does (wait for the timeout or the shutdown, then close).
-        """
-        if self._closed:
-            return
-        self._armed = True
-        self._deadline = trio.current_time() + self._server.config.keep_alive_timeout
-        if not self._started:
-            self._started = True
-            task_group.spawn(self._run)
-        elif (scope := self._scope) is not None:
-            if self._server.context.terminated.is_set():
-                scope.cancel()  # shutting down: an idle connection closes now
-            else:
-                scope.deadline = self._deadline
-
-    async def stop(self) -> None:
-        """Disarm: a request is in flight."""
-        self._armed = False
-        self._deadline = math.inf
-        if self._scope is not None:
-            self._scope.deadline = math.inf
-
-    def close(self) -> None:
-        """End the timer's task (the connection's reading is over). Idempotent."""
-        self._closed = True
-        if self._scope is not None:
-            self._scope.cancel()
-
-    async def _run(self) -> None:
-        terminated = self._server.context.terminated
-        while not self._closed:  # bounded: each pass waits until re-armed, disarmed or closed
-            with trio.CancelScope(deadline=self._deadline) as scope:
-                self._scope = scope
-                if not (self._armed and terminated.is_set()):
-                    if terminated.is_set():
-                        await trio.sleep_forever()  # shutting down with a request in flight: wait for its end
-                    else:
-                        await terminated.wait()
-            self._scope = None
-            if self._closed:
-                return
-            if self._armed and (trio.current_time() >= self._deadline or terminated.is_set()):
-                with trio.CancelScope(shield=True):
-                    await self._server._initiate_server_close()
-                return
-
-
 def _init(self: Any, *args: Any, **kwargs: Any) -> None:
     _stock_init(self, *args, **kwargs)
     #: The trio socket of a plain TCP connection (None for TLS: Hypercorn's own I/O).
     self._fast_socket = self.stream.socket if type(self.stream) is trio.SocketStream else None
     if self._fast_socket is not None:
-        self.idle_task = IdleTimer(self)
+        self.idle_task = timer_for(self)
 
 
 async def _protocol_send(self: Any, event: Event) -> None:

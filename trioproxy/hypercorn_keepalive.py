@@ -1,0 +1,148 @@
+"""Keep-alive timers for Hypercorn's Trio connections: one task for all, not one per connection.
+
+Hypercorn (0.17, 0.18) times each idle connection with a task of its own, respawned at
+each request's end (``TrioSingleTask``). ``hypercorn_fast`` first made that one task per
+connection, re-armed per request; this module makes it one task per server
+(:class:`Reaper`), and each connection's timer (:class:`IdleTimer`) a small object with a
+deadline: a task, its cancel scope and its wait held ~3 KB per open connection, and moving
+the scope's deadline at each request put an entry on trio's deadline heap.
+
+The behaviour is Hypercorn's: an idle connection (no request in flight) is closed once
+``keep_alive_timeout`` has passed since its last answer, or at once when the server shuts
+down; a connection with a request in flight is never closed by its timer, and is closed at
+once after its answer when the server is shutting down. A connection's timer ends when its
+reading ends (a client's EOF included: the leak ``hypercorn_fix`` fixes for the stock timer).
+
+The reaper runs in the nursery Hypercorn starts its connections' tasks in (the task that
+constructs a connection's ``TCPServer`` is one of them), started by the first connection
+of a server, and ends when the server is shutting down, once it has closed the idle
+connections. It sleeps until the earliest deadline of the idle connections; a request's
+end only sets its connection's deadline (and wakes the reaper only if none was idle).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+__all__ = ["IdleTimer", "Reaper", "timer_for"]
+
+
+class IdleTimer:
+    """A connection's keep-alive timer (``TCPServer.idle_task``, Hypercorn's ``restart``/``stop`` calls).
+
+    Armed (``restart``: the connection is idle), its :class:`Reaper` closes the connection
+    at ``deadline``, or at once if the server is shutting down; disarmed (``stop``: a request
+    in flight), it does nothing. :meth:`close` ends it (the connection's reading is over).
+    """
+
+    __slots__ = ("_reaper", "_server", "armed", "closed", "deadline")
+
+    def __init__(self, server: Any, reaper: Reaper) -> None:
+        self._server = server
+        self._reaper = reaper
+        self.armed = False
+        #: When to close the connection if still idle (``inf`` with an infinite keep-alive).
+        self.deadline = math.inf
+        self.closed = False
+
+    async def restart(self, task_group: Any, action: Callable[[], Any] | None = None) -> None:
+        """Arm: the connection is idle from now.
+
+        ``action`` is Hypercorn's timer body (``TCPServer._idle_timeout``); it is not called:
+        the reaper does what it does (close once the timeout passes, or on shutdown).
+        """
+        if self.closed:
+            return
+        if self._server.context.terminated.is_set():  # shutting down: an idle connection closes now
+            self.closed = True
+            self._reaper.forget(self)
+            task_group.spawn(self.close_connection)
+            return
+        self.armed = True
+        self.deadline = trio.current_time() + self._server.config.keep_alive_timeout
+        self._reaper.armed(self)
+
+    async def stop(self) -> None:
+        """Disarm: a request is in flight."""
+        self.armed = False
+
+    def close(self) -> None:
+        """The connection's reading is over: forget it (idempotent)."""
+        self.closed = True
+        self._reaper.forget(self)
+
+    async def close_connection(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._server._initiate_server_close()
+
+
+class Reaper:
+    """Closes the idle connections of one Hypercorn server once their keep-alive has passed."""
+
+    def __init__(self, terminated: Any) -> None:
+        #: The server's ``WorkerContext.terminated`` (Hypercorn's event wrapper).
+        self._terminated = terminated
+        #: Every open connection's timer that has been armed once (armed or not now).
+        self._timers: set[IdleTimer] = set()
+        #: The running reaper's sleep (None while it is closing connections, or not running).
+        self._wakeup: trio.CancelScope | None = None
+        self.done = False
+
+    def armed(self, timer: IdleTimer) -> None:
+        self._timers.add(timer)
+        wakeup = self._wakeup
+        if wakeup is not None and timer.deadline < wakeup.deadline:
+            wakeup.deadline = timer.deadline  # (only when none was idle: a later arming never comes due sooner)
+
+    def forget(self, timer: IdleTimer) -> None:
+        self._timers.discard(timer)
+
+    def _next_due(self) -> float:
+        return min((t.deadline for t in self._timers if t.armed), default=math.inf)
+
+    async def run(self) -> None:
+        try:
+            while True:  # bounded by the server: each pass closes what came due; ends on shutdown
+                with trio.CancelScope(deadline=self._next_due()) as wakeup:
+                    self._wakeup = wakeup
+                    await self._terminated.wait()
+                self._wakeup = None
+                shutting_down = self._terminated.is_set()
+                await self._close_due(shutting_down)
+                if shutting_down:
+                    return
+        finally:
+            self.done = True
+            self._wakeup = None
+
+    async def _close_due(self, shutting_down: bool) -> None:
+        # (A method of its own: nothing of a closed connection stays in ``run``'s frame.)
+        now = trio.current_time()
+        for timer in [t for t in self._timers if t.armed and (shutting_down or t.deadline <= now)]:
+            # Checked again: while an earlier one closed, this connection may have taken a
+            # request (disarmed) or answered one (a later deadline).
+            if timer.armed and not timer.closed and (shutting_down or timer.deadline <= now):
+                timer.close()
+                await timer.close_connection()
+
+
+def timer_for(server: Any) -> IdleTimer:
+    """A keep-alive timer for ``server`` (a new ``TCPServer``, constructed in its connection's task).
+
+    The first connection of a server (of its ``WorkerContext``) starts the server's reaper
+    in the nursery of its own task, which is Hypercorn's connection nursery.
+    """
+    context = server.context
+    reaper: Reaper | None = getattr(context, "_trioproxy_reaper", None)
+    if reaper is None or reaper.done:
+        reaper = Reaper(context.terminated)
+        context._trioproxy_reaper = reaper
+        nursery = trio.lowlevel.current_task().parent_nursery
+        if nursery is None:  # (a connection's task is never trio's root task)
+            raise RuntimeError("a Hypercorn connection constructed outside a connection task")
+        nursery.start_soon(reaper.run, name="keep-alive reaper")
+    return IdleTimer(server, reaper)
