@@ -205,9 +205,9 @@ class ProxyApp:
                 del body  # a stream would hold the prompt (often KBs) for its whole life; the race has its copy
                 now = trio.current_time()
                 limit.deadline = now + total_s
-                # The disconnect watcher: only now that the body is read (STYLE.md §2), and only
+                # The disconnect watch: only now that the body is read (STYLE.md §2), and only
                 # once the request has run server.disconnect_watch_after_ms (the watchdog starts
-                # it then): most answers are out before that and need no task of their own.
+                # it then): most answers are out before that and need no watch of their own.
                 watch = _DisconnectWatch(
                     request, receive, ex, now, config.server.disconnect_watch_after_ms / 1000,
                     scope["extensions"].get(DISCONNECT_NOTICE) if "extensions" in scope else None,
