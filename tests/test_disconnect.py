@@ -8,7 +8,7 @@ only moves when a test jumps it: so each test can say exactly when the hang-up w
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
@@ -36,6 +36,9 @@ NO_PROBES = "[upstreams.health]\nenabled = false\n"
 #: seconds (a regression waiting on something that never comes), the clock jumps to the
 #: test's fail_after deadline instead of hanging. Far above any loopback round trip.
 HANG_GUARD_S = 5.0
+#: The streaming tests' upstream waits 5 s in three steps, which the clock jumps: each jump
+#: waits this long first (still far above a loopback round trip).
+PACE_GUARD_S = 0.5
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 ANSWER = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}]}'
 SCOPE = {
@@ -75,9 +78,41 @@ class Upstream:
         self.closed.set()
 
 
+EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
+DONE = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+
+
+@attrs.define
+class StreamingUpstream:
+    """One-connection SSE upstream: a content event, then the finish event with [DONE], 2 s apart,
+    then the end of its chunked body 1 s later."""
+
+    got_request: trio.Event = attrs.field(factory=trio.Event)
+    closed: trio.Event = attrs.field(factory=trio.Event)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:  # bounded by the client's one request
+            data += await stream.receive_some(65536)
+        self.got_request.set()
+        try:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                  b"transfer-encoding: chunked\r\n\r\n")
+            for piece in (EVENT, DONE):
+                await trio.sleep(2)
+                await stream.send_all(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await trio.sleep(1)
+            await stream.send_all(b"0\r\n\r\n")
+            while await stream.receive_some(65536):  # until the gateway closes (or reuses) the connection
+                pass
+        except trio.BrokenResourceError:  # the gateway closed it mid-answer
+            pass
+        self.closed.set()
+
+
 @pytest.fixture
 async def services(nursery: trio.Nursery) -> AsyncIterator[Any]:
-    async def make(upstream: Upstream, watch_after_ms: int) -> tuple[Services, trio.MemoryReceiveChannel[Record]]:
+    async def make(upstream: Upstream | StreamingUpstream, watch_after_ms: int) -> tuple[Services, trio.MemoryReceiveChannel[Record]]:
         listeners = await nursery.start(partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         config = load_config(
@@ -103,6 +138,20 @@ async def services(nursery: trio.Nursery) -> AsyncIterator[Any]:
         yield make
 
 
+class RecordingNotice(DisconnectNotice):
+    def __init__(self, calls: list[str]) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self.calls.append("subscribe")
+        super().subscribe(callback)
+
+    def unsubscribe(self) -> None:
+        self.calls.append("unsubscribe")
+        super().unsubscribe()
+
+
 class Client:
     """The ASGI side of one request: the body at once, then connected until ``hang_up()``.
 
@@ -114,8 +163,12 @@ class Client:
         self.gone = trio.Event()
         self.sent: list[dict[str, Any]] = []
         self.given = False
-        self.notice = DisconnectNotice() if notice else None
+        #: What the request called on its notice, in order.
+        self.notice_calls: list[str] = []
+        self.notice = RecordingNotice(self.notice_calls) if notice else None
         self.scope = {**SCOPE, "extensions": {DISCONNECT_NOTICE: self.notice}} if notice else SCOPE
+        #: Whether a send's own schedule point (Hypercorn's, after the write) was cancelled.
+        self.cancelled_in_send = False
 
     def hang_up(self) -> None:
         self.gone.set()
@@ -196,8 +249,8 @@ async def test_an_answer_out_before_watch_after_ms_starts_no_watcher(
     assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"]
     assert client.sent[1]["body"] == ANSWER
     assert len(watchers) == (1 if watched and not notice else 0)
-    if client.notice is not None:
-        assert client.notice._callback is None  # subscribed (if watched) and let go by the request
+    if notice:  # subscribed only if watched, and let go by the request either way
+        assert client.notice_calls == (["subscribe", "unsubscribe"] if watched else ["unsubscribe"])
     assert made.watchdog is not None and len(made.watchdog) == 0  # the request forgot its entry
     (record,) = [records.receive_nowait()]
     with pytest.raises(trio.WouldBlock):
@@ -224,3 +277,67 @@ async def test_a_request_and_its_watcher_cancelled_from_outside_raise_one_cancel
     assert len(seen) == 1 and isinstance(seen[0], trio.Cancelled)
     error = ValueError("real")
     assert single_error(BaseExceptionGroup("two", [error, KeyError("other")])).exceptions[0] is error  # type: ignore[attr-defined]
+
+
+class StreamClient(Client):
+    """Asks for a stream, and hangs up when a chunk with ``hang_up_on`` in it is sent: from inside
+    that ``send``, before its schedule point, as Hypercorn's stream closes then when the client
+    read that chunk and closed at once, or when the write itself found the connection gone."""
+
+    def __init__(self, notice: bool, hang_up_on: bytes) -> None:
+        super().__init__(notice)
+        self.hang_up_on = hang_up_on
+        body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        self.body = body
+        self.scope = {**self.scope, "headers": [(b"content-type", b"application/json"),
+                                                (b"content-length", str(len(body)).encode())]}
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.given:
+            self.given = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+        if self.hang_up_on in message.get("body", b"") and not self.gone.is_set():
+            self.hang_up()
+            try:
+                await trio.lowlevel.checkpoint()  # (Hypercorn's, after the write)
+            except trio.Cancelled:
+                self.cancelled_in_send = True
+                raise
+
+
+@pytest.mark.parametrize("notice", [False, True], ids=["watcher-task", "notice"])
+async def test_a_client_that_hangs_up_once_it_has_done_is_recorded_ok(
+    services: Any, mock_clock: trio.testing.MockClock, notice: bool
+) -> None:
+    mock_clock.autojump_threshold = PACE_GUARD_S
+    made, records = await services(StreamingUpstream(), 0)
+    client = StreamClient(notice, hang_up_on=b"[DONE]")
+    with trio.fail_after(60):
+        await ProxyApp(made)(client.scope, client.receive, client.send)
+    (record,) = [records.receive_nowait()]
+    assert record.outcome == "ok" and record.status == 200
+    assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}  # finished
+
+
+@pytest.mark.parametrize("notice", [False, True], ids=["watcher-task", "notice"])
+async def test_a_client_gone_while_its_request_writes_ends_the_stream_without_cancelling_the_write(
+    services: Any, mock_clock: trio.testing.MockClock, notice: bool
+) -> None:
+    mock_clock.autojump_threshold = PACE_GUARD_S
+    upstream = StreamingUpstream()
+    made, records = await services(upstream, 0)
+    client = StreamClient(notice, hang_up_on=b'"content":"hi"')
+    with trio.fail_after(60):
+        await ProxyApp(made)(client.scope, client.receive, client.send)
+        assert trio.current_time() == pytest.approx(2.0)  # at the content event, not the upstream's end
+        await upstream.closed.wait()  # the gateway closed the upstream connection, unfinished
+    (record,) = [records.receive_nowait()]
+    assert record.outcome == "client_disconnect"
+    assert all(b"[DONE]" not in m.get("body", b"") for m in client.sent)
+    if notice:  # told from inside its own send: no cancellation lands in the server's close path
+        assert not client.cancelled_in_send

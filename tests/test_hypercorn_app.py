@@ -2,8 +2,8 @@
 
 The inbox is checked against ``trio.open_memory_channel`` itself: hypothesis writes random
 programs of sends, receives and cancellations, each run step by step on both (every task
-blocked before the next step), and what completed at each step, with what, must be the
-same. (Hypercorn's own use of it, under concurrency and with bodies in many pieces, is
+blocked before the next step, so a cancellation always finds its task waiting), and what
+completed at each step, with what, must be the same. (Hypercorn's own use of it, under concurrency and with bodies in many pieces, is
 covered through the real server in test_hypercorn_fast.py and the gateway's tests.)
 """
 

@@ -3,15 +3,15 @@
 Against the real Hypercorn (``hypercorn.trio.serve``) with a small echo app, over real
 sockets: bytes arrive intact in both directions under concurrency (the read buffer is
 shared by every connection; a write the socket cannot take at once is finished under the
-lock), and the keep-alive timer (one task per connection, re-armed per request) closes an
-idle connection exactly when Hypercorn's own timer would, never one with a request in
+lock), and the keep-alive timers (a deadline per connection, one reaper task per server:
+``hypercorn_keepalive``) close an idle connection exactly when Hypercorn's own timer would, never one with a request in
 flight, and at once on a graceful shutdown; each HTTP request's disconnect notice fires
 at once when its client hangs up, and at the end of its answer. A finished connection is
 freed without the cyclic GC (``hypercorn_fix``). Timing runs in virtual time
 (``mock_clock``, with a hang guard so the clock never jumps while loopback bytes are on
 their way). With ``TRIOPROXY_STOCK_HYPERCORN=1`` the behaviour tests pass too; the ones
-that check this module's own paths (installed, write paths counted, one write per answer,
-the notice) fail there by design.
+that check this module's own paths (installed, both write paths counted in the byte
+integrity test, one write per answer, the notice, the one reaper) fail there by design.
 """
 
 from __future__ import annotations

@@ -475,9 +475,18 @@ class _DisconnectWatch:
         self.request.start_soon(_watch_disconnect, self.receive, self, name="disconnect watcher")
 
     def client_gone(self) -> None:
-        """The client's stream closed: if the answer is not complete, cut the request."""
-        if not self.ex.finished:  # after the last body message it only means the exchange is over
-            self.ex.client_gone = True
+        """The client's stream closed: if the answer is not complete, cut the request.
+
+        Called by the notice from whichever task closed the stream: Hypercorn's reader (the
+        client's EOF or reset), or this request's own task, inside its ``send``, when its
+        write found the connection gone. Not cancelled then: the cancellation would land in
+        Hypercorn's close path, which has more to do; the relay sees ``client_gone`` once
+        its ``send`` returns, and stops.
+        """
+        if self.ex.finished:  # after the last body message it only means the exchange is over
+            return
+        self.ex.client_gone = True
+        if trio.lowlevel.current_task() is not self.request.parent_task:
             self.request.cancel_scope.cancel()
 
 

@@ -58,6 +58,8 @@ class AppInbox:
     __slots__ = ("_capacity", "_messages", "_receivers", "_senders")
 
     def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"an inbox holds 0 or more messages, not {capacity}")
         self._capacity = capacity
         self._messages: list[Any] = []
         #: Tasks waiting in ``receive``, first come first served (None until the first waits).
@@ -67,6 +69,7 @@ class AppInbox:
 
     @trio.lowlevel.enable_ki_protection
     async def send(self, message: Any) -> None:
+        """Hand ``message`` to a waiting ``receive``, or buffer it, or wait for room (Hypercorn's ``app_put``)."""
         await _checkpoint_if_cancelled()
         if self._receivers:
             _reschedule(self._receivers.pop(0), Value(message))
@@ -89,6 +92,7 @@ class AppInbox:
 
     @trio.lowlevel.enable_ki_protection
     async def receive(self) -> Any:
+        """The oldest message, waiting for one if there is none (the app's ASGI ``receive``)."""
         await _checkpoint_if_cancelled()
         senders = self._senders
         if senders:  # (the buffer is full, or there is none): the first waiting sender's turn
@@ -125,6 +129,13 @@ class DisconnectNotice:
     Fired once, by Hypercorn's stream when it closes: its client hung up, or its answer is
     done. :meth:`subscribe` a callback (sync; it must not raise); one subscribed after the
     firing is called at once. :meth:`unsubscribe` when the request no longer cares.
+
+    The callback runs in whichever task closed the stream, inside Hypercorn's close path:
+    Hypercorn's reader, or the app's own task when its write found the connection gone. It
+    must not cancel a scope around the calling task (the cancellation would land in
+    Hypercorn's code); ``app._DisconnectWatch.client_gone`` checks. STYLE.md §8 would rather
+    have no callbacks: here the alternative is a task parked in ``receive()`` for each
+    watched request, ~3 KB each, to learn one fact.
     """
 
     __slots__ = ("_callback", "closed")
@@ -135,15 +146,18 @@ class DisconnectNotice:
         self.closed = False
 
     def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the stream closes (at once if it has)."""
         if self.closed:
             callback()
         else:
             self._callback = callback
 
     def unsubscribe(self) -> None:
+        """Forget the callback."""
         self._callback = None
 
     def fire(self) -> None:
+        """The stream has closed (Hypercorn's ``HTTPStream``, once): call the callback, if any."""
         self.closed = True
         callback, self._callback = self._callback, None
         if callback is not None:

@@ -14,9 +14,11 @@ once after its answer when the server is shutting down. A connection's timer end
 reading ends (a client's EOF included: the leak ``hypercorn_fix`` fixes for the stock timer).
 
 The reaper runs in the nursery Hypercorn starts its connections' tasks in (the task that
-constructs a connection's ``TCPServer`` is one of them), started by the first connection
-of a server, and ends when the server is shutting down, once it has closed the idle
-connections. It sleeps until the earliest deadline of the idle connections; a request's
+constructs a connection's ``TCPServer`` is one of them), beside the connections it times:
+a nursery trioproxy does not own, as the connections' own tasks are not (STYLE.md §2 has
+request code own its tasks; this is Hypercorn's side). It is started by the first
+connection of a server, and ends when the server is shutting down, once it has closed the
+idle connections (or when Hypercorn cancels that nursery). It sleeps until the earliest deadline of the idle connections; a request's
 end only sets its connection's deadline (and wakes the reaper only if none was idle).
 """
 
@@ -64,7 +66,7 @@ class IdleTimer:
             return
         self.armed = True
         self.deadline = trio.current_time() + self._server.config.keep_alive_timeout
-        self._reaper.armed(self)
+        self._reaper.arm(self)
 
     async def stop(self) -> None:
         """Disarm: a request is in flight."""
@@ -76,6 +78,7 @@ class IdleTimer:
         self._reaper.forget(self)
 
     async def close_connection(self) -> None:
+        """Close the connection as Hypercorn's timer does (shielded: a close is never half done)."""
         with trio.CancelScope(shield=True):
             await self._server._initiate_server_close()
 
@@ -92,19 +95,22 @@ class Reaper:
         self._wakeup: trio.CancelScope | None = None
         self.done = False
 
-    def armed(self, timer: IdleTimer) -> None:
+    def arm(self, timer: IdleTimer) -> None:
+        """``timer`` has just been armed (its deadline set): watch it, and wake sooner if it is due first."""
         self._timers.add(timer)
         wakeup = self._wakeup
         if wakeup is not None and timer.deadline < wakeup.deadline:
             wakeup.deadline = timer.deadline  # (only when none was idle: a later arming never comes due sooner)
 
     def forget(self, timer: IdleTimer) -> None:
+        """``timer``'s connection is over: stop watching it."""
         self._timers.discard(timer)
 
     def _next_due(self) -> float:
         return min((t.deadline for t in self._timers if t.armed), default=math.inf)
 
     async def run(self) -> None:
+        """Close idle connections as their deadlines pass, and all idle ones on shutdown; then end."""
         try:
             while True:  # bounded by the server: each pass closes what came due; ends on shutdown
                 with trio.CancelScope(deadline=self._next_due()) as wakeup:

@@ -164,17 +164,21 @@ async def pump(
     response, scanner = winner.response, winner.scanner
     write = writer.write
     sent = 0
+    # The whole answer came with the first content: the last of these chunks ends it (see below).
+    done_at = len(winner.prefetched) - 1 if scanner is not None and scanner.done else -1
     for index, data in enumerate(winner.prefetched):
         if index == winner.first_content_index:
             ex.first_content_index = sent
+        if index == done_at:
+            ex.finished = True
         if usage_filter is not None:
             data = usage_filter.feed(data)
             if not data:
                 continue
         await write(data)
+        if ex.client_gone:
+            return
         sent += 1
-    if scanner is not None and scanner.done:
-        ex.finished = True  # (see below: the whole answer came with the first content)
     received = sum(len(d) for d in winner.prefetched)
     # Only the end of the last chunk matters (``_closing``); nothing relayed is kept while the
     # stream waits for its next piece: with hundreds of slow streams open, that is memory.
@@ -194,17 +198,21 @@ async def pump(
                 return
             if scanner is not None and scanner.feed(data) and ex.first_content_index is None:
                 ex.first_content_index = sent
+            if scanner is not None and scanner.done:
+                # This chunk carries the terminating event ([DONE], done: true): the answer is
+                # complete for the client once it has it, and it may hang up before the last
+                # empty chunk, even while this write makes its schedule point; that is not a
+                # disconnect. Set first, as ``finish`` does.
+                ex.finished = True
             if usage_filter is not None:
                 data = usage_filter.feed(data)
                 if not data:
                     continue
             await write(data)
+            if ex.client_gone:  # (the write found the client gone: nothing more to relay)
+                return
             last, data = data[-2:], b""
             sent += 1
-            if scanner is not None and scanner.done:
-                # The terminating event ([DONE], done: true) is out: the answer is complete for the
-                # client, which may hang up before the last empty chunk; that is not a disconnect.
-                ex.finished = True
     except UpstreamError as exc:
         ex.outcome, ex.error = "upstream_error", exc.message
         if usage_filter is not None and (held := usage_filter.flush()):
