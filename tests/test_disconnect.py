@@ -57,36 +57,20 @@ SCOPE = {
 }
 
 
-@attrs.define
-class Upstream:
-    """One-connection HTTP upstream: reads a request, then answers at once or never."""
-
-    answer: bool
-    got_request: trio.Event = attrs.field(factory=trio.Event)
-    closed: trio.Event = attrs.field(factory=trio.Event)
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:  # bounded by the client's one request
-            data += await stream.receive_some(65536)
-        self.got_request.set()
-        if self.answer:
-            head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(ANSWER)
-            await stream.send_all(head + ANSWER)
-        while await stream.receive_some(65536):  # until the gateway closes (or reuses) the connection
-            pass
-        self.closed.set()
-
-
 EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
 DONE = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
 
 
 @attrs.define
-class StreamingUpstream:
-    """One-connection SSE upstream: a content event, then the finish event with [DONE], 2 s apart,
-    then the end of its chunked body 1 s later."""
+class Upstream:
+    """One-connection HTTP upstream: reads a request, then answers at once or never.
 
+    ``streamed``: answers with SSE instead, a content event, then the finish event with
+    [DONE], 2 s apart, then the end of its chunked body 1 s later.
+    """
+
+    answer: bool
+    streamed: bool = False
     got_request: trio.Event = attrs.field(factory=trio.Event)
     closed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -96,13 +80,17 @@ class StreamingUpstream:
             data += await stream.receive_some(65536)
         self.got_request.set()
         try:
-            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                                  b"transfer-encoding: chunked\r\n\r\n")
-            for piece in (EVENT, DONE):
-                await trio.sleep(2)
-                await stream.send_all(b"%x\r\n%s\r\n" % (len(piece), piece))
-            await trio.sleep(1)
-            await stream.send_all(b"0\r\n\r\n")
+            if self.streamed:
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                      b"transfer-encoding: chunked\r\n\r\n")
+                for piece in (EVENT, DONE):
+                    await trio.sleep(2)
+                    await stream.send_all(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await trio.sleep(1)
+                await stream.send_all(b"0\r\n\r\n")
+            elif self.answer:
+                head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(ANSWER)
+                await stream.send_all(head + ANSWER)
             while await stream.receive_some(65536):  # until the gateway closes (or reuses) the connection
                 pass
         except trio.BrokenResourceError:  # the gateway closed it mid-answer
@@ -112,7 +100,7 @@ class StreamingUpstream:
 
 @pytest.fixture
 async def services(nursery: trio.Nursery) -> AsyncIterator[Any]:
-    async def make(upstream: Upstream | StreamingUpstream, watch_after_ms: int) -> tuple[Services, trio.MemoryReceiveChannel[Record]]:
+    async def make(upstream: Upstream, watch_after_ms: int) -> tuple[Services, trio.MemoryReceiveChannel[Record]]:
         listeners = await nursery.start(partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         config = load_config(
@@ -315,7 +303,7 @@ async def test_a_client_that_hangs_up_once_it_has_done_is_recorded_ok(
     services: Any, mock_clock: trio.testing.MockClock, notice: bool
 ) -> None:
     mock_clock.autojump_threshold = PACE_GUARD_S
-    made, records = await services(StreamingUpstream(), 0)
+    made, records = await services(Upstream(answer=True, streamed=True), 0)
     client = StreamClient(notice, hang_up_on=b"[DONE]")
     with trio.fail_after(60):
         await ProxyApp(made)(client.scope, client.receive, client.send)
@@ -329,7 +317,7 @@ async def test_a_client_gone_while_its_request_writes_ends_the_stream_without_ca
     services: Any, mock_clock: trio.testing.MockClock, notice: bool
 ) -> None:
     mock_clock.autojump_threshold = PACE_GUARD_S
-    upstream = StreamingUpstream()
+    upstream = Upstream(answer=True, streamed=True)
     made, records = await services(upstream, 0)
     client = StreamClient(notice, hang_up_on=b'"content":"hi"')
     with trio.fail_after(60):
