@@ -33,6 +33,13 @@ two and the timer for plain TCP connections only: TLS keeps Hypercorn's own I/O)
   answer with a declared length in one message right after its start (the gateway's
   streamed relays drop the upstream's Content-Length), but an app that sent a length and
   then waited would see its head wait too.
+- **a streamed answer's body** (h11, chunked): each ``http.response.body`` message is
+  framed as one chunk and handed to the write at once, without Hypercorn's per-message
+  ``Body`` event, h11's ``Data`` event and its state machine (which does nothing for data
+  in the middle of a body); the last message's chunk and the chunked terminator go out
+  in one write instead of two. Hypercorn's checks and what follows the last message
+  (the access log, the stream's close) are kept; anything else (HTTP/2, a Content-Length
+  body, an HTTP/1.0 client, HEAD, 204 and 304 answers, trailers) takes Hypercorn's path.
 - **keep-alive timer**: a deadline per connection, set at each request's end, and one
   task per server that closes the idle connections whose deadline has passed, as
   Hypercorn's timer does (``hypercorn_keepalive``: see there).
@@ -51,6 +58,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any
@@ -58,9 +66,10 @@ from typing import Any
 import h11
 import trio
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.events import Body, EndBody, Response
+from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
 
 from . import hypercorn_app
@@ -92,6 +101,21 @@ _stock_protocol_send = TCPServer.protocol_send
 _stock_read_data = TCPServer._read_data
 _stock_stream_send = H11Protocol.stream_send
 _stock_send_h11_event = H11Protocol._send_h11_event
+_stock_app_send = HTTPStream.app_send
+_RESPONSE = ASGIHTTPState.RESPONSE
+_CLOSED = ASGIHTTPState.CLOSED
+
+
+def _h11_chunked_writer() -> Any:
+    """h11's writer of a chunked body (private: if it moves, every body takes Hypercorn's path)."""
+    try:
+        from h11._writers import ChunkedWriter
+    except ImportError:  # pragma: no cover (h11 0.14-0.16 have it)
+        return None
+    return ChunkedWriter
+
+
+_ChunkedWriter = _h11_chunked_writer()
 #: ``H11Protocol.handle`` as :func:`apply` found it (with ``hypercorn_fix``'s wrapper, if applied first).
 _inner_handle: Callable[[Any, Event], Any] = H11Protocol.handle
 
@@ -251,6 +275,48 @@ async def _h11_send_h11_event(self: Any, event: Any) -> None:
     await self.send(RawData(data=pending + data))
 
 
+async def _app_send(self: Any, message: Any) -> None:
+    """``HTTPStream.app_send``, with a short path for the body of an HTTP/1.1 chunked answer.
+
+    When h11's writer is chunked, the answer has a body to send (h11 frames HEAD, 204
+    and 304 answers with a length of 0) and h11 is in the middle of it: a chunk of data
+    changes no state, so the chunk is framed here, as h11's ``ChunkedWriter`` frames it
+    (tested byte for byte against it), and written. The last message's chunk goes with
+    h11's end of message (through h11: its state moves on) in one write; then what
+    Hypercorn's ``_send_closed`` does after its end of body.
+    """
+    if message is not None and self.state is _RESPONSE and message["type"] == "http.response.body":
+        protocol: Any = getattr(self.send, "__self__", None)
+        if type(protocol) is H11Protocol and protocol._pending_head is None:  # type: ignore[attr-defined]
+            connection = protocol.connection
+            if connection.our_state is h11.SEND_BODY and type(getattr(connection, "_writer", None)) is _ChunkedWriter:
+                more = message.get("more_body", False)
+                if more or not self.response.get("trailers", False):
+                    body = message.get("body", b"")
+                    if type(body) is not bytes:
+                        body = bytes(body)  # (as Hypercorn: a bytearray or memoryview is copied; a str raises)
+                    data = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+                    if not more:
+                        data += _end_of_message(connection)
+                    if data:
+                        await protocol.send(RawData(data=data))
+                    if not more:  # Hypercorn's _send_closed, after its end of body
+                        self.state = _CLOSED
+                        await self.config.log.access(self.scope, self.response, time.time() - self.start_time)
+                        await self.send(StreamClosed(stream_id=self.stream_id))
+                    return
+    await _stock_app_send(self, message)
+
+
+def _end_of_message(connection: h11.Connection) -> bytes:
+    try:
+        return connection.send(h11.EndOfMessage()) or b""
+    except h11.LocalProtocolError:  # (as Hypercorn's _send_h11_event: nothing is written then)
+        if connection.their_state is not h11.ERROR:
+            raise
+        return b""
+
+
 async def _flush_head(self: Any) -> None:
     pending, self._pending_head = self._pending_head, None
     await self.send(RawData(data=pending))
@@ -284,5 +350,6 @@ def apply() -> bool:
         H11Protocol._defer_head = False  # type: ignore[attr-defined]
         H11Protocol.stream_send = _h11_stream_send  # type: ignore[method-assign]
         H11Protocol._send_h11_event = _h11_send_h11_event  # type: ignore[method-assign]
+        HTTPStream.app_send = _app_send  # type: ignore[method-assign]
         hypercorn_app.install()
     return applied()

@@ -1,0 +1,201 @@
+"""``hypercorn_fast``'s short path for a chunked answer's body, against Hypercorn's own.
+
+Hypercorn's real ``H11Protocol`` and ``HTTPStream`` (h11 parsing a real request), with
+the connection's writes captured: every sequence of ASGI messages an app may send
+(random bodies of every bytes-like kind, and a str, ``more_body`` set, unset or absent, trailers
+asked for, a message after the last, HEAD, 204 and 304, a declared length, an HTTP/1.0
+client) must put the same bytes on the wire, leave the same states, log the same access
+and raise the same errors through ``hypercorn_fast._app_send`` as through Hypercorn's
+``HTTPStream.app_send``. Only the number of writes may differ: the last chunk and the
+chunked terminator go in one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h11
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypercorn.config import Config as HyperConfig
+from hypercorn.events import RawData
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.worker_context import WorkerContext
+
+from trioproxy import hypercorn_fast
+from trioproxy.server import hypercorn_config  # noqa: F401  (importing server.py applies the fast paths)
+
+pytestmark = pytest.mark.skipif(not hypercorn_fast.applied(), reason="hypercorn_fast is not installed here")
+
+
+class AccessLog:
+    """Hypercorn's access logger, counting its calls (the response each was given)."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    async def access(self, scope: Any, response: Any, elapsed: float) -> None:
+        self.calls.append(None if response is None else response.get("status"))
+
+
+class Stand:
+    """One real H11Protocol with one request parsed, its writes captured; the app's send in ``app_send``."""
+
+    def __init__(self, method: bytes, http_version: bytes) -> None:
+        self.written: list[bytes] = []
+        self.other_events: list[str] = []
+        config = HyperConfig()
+        config.include_date_header = False  # (the same bytes, whichever second each path runs in)
+        self.log = AccessLog()
+        config._log = self.log  # type: ignore[assignment]
+        self.config = config
+        self.app_send: Any = None
+        self.protocol = H11Protocol(
+            None, config, WorkerContext(None), self, {}, False, ("127.0.0.1", 1), ("127.0.0.1", 2),  # type: ignore[arg-type]
+            self._send,
+        )
+        self.request = b"%s / HTTP/%s\r\nHost: t\r\n\r\n" % (method, http_version)
+
+    async def spawn_app(self, app: Any, config: Any, scope: Any, send: Any) -> Any:  # (the task group)
+        self.app_send = send
+
+        async def put(message: Any) -> None:
+            pass
+
+        return put
+
+    async def _send(self, event: Any) -> None:
+        if type(event) is RawData:
+            self.written.append(event.data)
+        else:
+            self.other_events.append(type(event).__name__)
+
+    async def start(self) -> None:
+        await self.protocol.handle(RawData(self.request))
+        assert self.app_send is not None
+
+    def state(self) -> tuple[Any, ...]:
+        connection = self.protocol.connection
+        stream = self.protocol.stream
+        return (
+            b"".join(self.written), self.other_events, self.log.calls,
+            connection.our_state, connection.their_state,
+            None if stream is None else (stream.state, stream.closed),
+        )
+
+
+def _kind(body: bytes, kind: str) -> Any:
+    if kind == "memoryview of shorts":  # its len() counts items, not bytes
+        return memoryview(body + bytes(len(body) % 2)).cast("H")
+    if kind == "str":  # not bytes: an error, where a body is sent
+        return body.decode("latin-1")
+    return {"bytes": body, "bytearray": bytearray(body), "memoryview": memoryview(body)}[kind]
+
+
+async def play(fast: bool, method: bytes, http_version: bytes, start: dict[str, Any],
+               messages: list[dict[str, Any]]) -> tuple[tuple[Any, ...], list[str], int]:
+    """Send ``messages`` after ``start`` through one path: (final state, errors raised, writes)."""
+    stand = Stand(method, http_version)
+    await stand.start()
+    stream = stand.protocol.stream
+    send: Any = hypercorn_fast._app_send if fast else hypercorn_fast._stock_app_send
+    errors = []
+    for message in [start, *messages]:
+        try:
+            await send(stream, message)
+        except Exception as exc:  # (compared between the two paths)
+            errors.append(type(exc).__name__)
+            break
+    return stand.state(), errors, len(stand.written)
+
+
+body_messages = st.lists(
+    st.tuples(
+        st.binary(max_size=40),
+        st.sampled_from(["bytes", "bytearray", "memoryview", "memoryview of shorts", "str"]),
+        st.sampled_from([True, False, None]),  # more_body; None: absent (ASGI: False)
+    ),
+    max_size=6,
+)
+
+
+def check_both_paths(method: bytes, http_version: bytes, status: int, declare_length: bool, trailers: bool,
+                     bodies: list[tuple[bytes, str, bool | None]], then_more: bool) -> None:
+    messages: list[dict[str, Any]] = []
+    for body, kind, more in bodies:
+        message: dict[str, Any] = {"type": "http.response.body", "body": _kind(body, kind)}
+        if more is not None:
+            message["more_body"] = more
+        messages.append(message)
+    if then_more:
+        messages.append({"type": "http.response.body", "body": b"late"})
+    headers = [(b"content-type", b"text/plain")]
+    if declare_length:  # what the bodies up to the first last one add up to
+        total = 0
+        for body, _, more in bodies:
+            total += len(body)
+            if not more:
+                break
+        headers.append((b"content-length", b"%d" % total))
+    start = {"type": "http.response.start", "status": status, "headers": headers, "trailers": trailers}
+
+    async def both() -> None:
+        stock = await play(False, method, http_version, start, messages)
+        fast = await play(True, method, http_version, start, messages)
+        assert fast[:2] == stock[:2]
+        assert fast[2] <= stock[2]  # never more writes
+
+    trio.run(both)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=st.sampled_from([b"GET", b"POST", b"HEAD"]),
+    http_version=st.sampled_from([b"1.1", b"1.0"]),
+    status=st.sampled_from([200, 204, 304, 404]),
+    declare_length=st.booleans(),
+    trailers=st.booleans(),
+    bodies=body_messages,
+    then_more=st.booleans(),
+)
+def test_the_short_path_writes_and_leaves_what_hypercorns_own_does(
+    method: bytes, http_version: bytes, status: int, declare_length: bool, trailers: bool,
+    bodies: list[tuple[bytes, str, bool | None]], then_more: bool,
+) -> None:
+    check_both_paths(method, http_version, status, declare_length, trailers, bodies, then_more)
+
+
+@settings(max_examples=300, deadline=None)
+@given(trailers=st.booleans(), bodies=body_messages, then_more=st.booleans())
+def test_the_short_path_on_chunked_answers_alone(
+    trailers: bool, bodies: list[tuple[bytes, str, bool | None]], then_more: bool,
+) -> None:
+    # (the cases the short path takes, all of them: the broad test above reaches them less often)
+    check_both_paths(b"POST", b"1.1", 200, False, trailers, bodies, then_more)
+
+
+async def test_a_streamed_answer_takes_one_write_per_message_and_ends_with_its_last() -> None:
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+    events = [b"data: %d\n\n" % i for i in range(3)]
+    messages = [{"type": "http.response.body", "body": e, "more_body": True} for e in events]
+    messages.append({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+    stock = await play(False, b"POST", b"1.1", start, messages)
+    fast = await play(True, b"POST", b"1.1", start, messages)
+    wire = stock[0][0]
+    assert fast[0] == stock[0] and not fast[1] and not stock[1]
+    assert wire.endswith(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+    assert (stock[2], fast[2]) == (1 + 4 + 1, 1 + 4)  # head, four chunks, and the terminator on its own or not
+    assert fast[0][3:] == (h11.IDLE, h11.IDLE, None)  # recycled for the next request, as stock
+
+
+async def test_a_chunk_is_framed_as_h11_frames_it() -> None:
+    # The framing is written out in _app_send: h11's own writer is the reference.
+    for size in (1, 9, 10, 15, 16, 255, 256, 4095, 65536):
+        body = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        writer: list[bytes] = []
+        h11._writers.ChunkedWriter().send_data(body, writer.append)
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        fast = await play(True, b"GET", b"1.1", start, [{"type": "http.response.body", "body": body, "more_body": True}])
+        assert fast[0][0].endswith(b"".join(writer)) and fast[0][0].count(b"".join(writer)) == 1
