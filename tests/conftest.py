@@ -8,19 +8,25 @@ bounded with ``trio.fail_after`` so a deadlock fails instead of hanging CI.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import pytest
 import trio
 
 from trioproxy import server
+from trioproxy.breaker import HedgeBudget
 from trioproxy.config import load_config
+from trioproxy.health import HealthBoard
 from trioproxy.mock import MockSettings, MockUpstream, serve_mock
-from trioproxy.server import RunningServer
+from trioproxy.server import RunningServer, build_runtimes
+from trioproxy.services import Services
+from trioproxy.telemetry import Record, TelemetrySink
+from trioproxy.watchdog import Watchdog
 
 StartMock = Callable[..., Awaitable[MockUpstream]]
 StartGateway = Callable[..., Awaitable[RunningServer]]
@@ -77,3 +83,37 @@ def read_records(running: RunningServer) -> list[dict[str, Any]]:
     for path in sorted(directory.glob("usage-*.jsonl")):
         records.extend(json.loads(line) for line in path.read_text().splitlines())
     return records
+
+
+NO_PROBES = "[upstreams.health]\nenabled = false\n"
+
+
+@pytest.fixture
+async def proxy_services(nursery: trio.Nursery) -> AsyncIterator[Any]:
+    """``make(upstream, watch_after_ms)``: a ``Services`` for ``ProxyApp`` with one upstream, ``upstream.handle``
+    served on an ephemeral port, the gateway's real Watchdog running, and its usage records' channel."""
+
+    async def make(upstream: Any, watch_after_ms: int) -> tuple[Services, trio.MemoryReceiveChannel[Record]]:
+        listeners = await nursery.start(partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        config = load_config(
+            upstream_toml("u", f"http://127.0.0.1:{port}", models='["m"]', extra=NO_PROBES)
+            + f"[server]\ndisconnect_watch_after_ms = {watch_after_ms}\n",
+            source="test",
+        )
+        watchdog = Watchdog()
+        nursery.start_soon(watchdog.run)
+        records_send, records_recv = trio.open_memory_channel[Record](16)
+        made = Services(
+            config=config,
+            runtimes=build_runtimes(config, watchdog=watchdog),
+            sink=TelemetrySink(records_send),
+            http=http,
+            board=HealthBoard(rise={"u": 1}, fall={"u": 1}),
+            hedge_budget=HedgeBudget(percent=config.routing.hedge_budget_percent),
+            watchdog=watchdog,
+        )
+        return made, records_recv
+
+    async with httpx.AsyncClient() as http:
+        yield make

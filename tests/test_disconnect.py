@@ -8,30 +8,19 @@ only moves when a test jumps it: so each test can say exactly when the hang-up w
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import attrs
-import httpx
 import pytest
 import trio
 import trio.testing
 
 from trioproxy import app as app_module
 from trioproxy.app import ProxyApp, single_error
-from trioproxy.breaker import HedgeBudget
-from trioproxy.config import load_config
-from trioproxy.health import HealthBoard
 from trioproxy.hypercorn_app import DISCONNECT_NOTICE, DisconnectNotice
-from trioproxy.server import build_runtimes
-from trioproxy.services import Services
-from trioproxy.telemetry import Record, TelemetrySink
-from trioproxy.watchdog import Watchdog
 
-from .conftest import upstream_toml
 
-NO_PROBES = "[upstreams.health]\nenabled = false\n"
 #: Virtual time stands still unless a test jumps it; if every task stays blocked this many real
 #: seconds (a regression waiting on something that never comes), the clock jumps to the
 #: test's fail_after deadline instead of hanging. Far above any loopback round trip.
@@ -96,34 +85,6 @@ class Upstream:
         except trio.BrokenResourceError:  # the gateway closed it mid-answer
             pass
         self.closed.set()
-
-
-@pytest.fixture
-async def services(nursery: trio.Nursery) -> AsyncIterator[Any]:
-    async def make(upstream: Upstream, watch_after_ms: int) -> tuple[Services, trio.MemoryReceiveChannel[Record]]:
-        listeners = await nursery.start(partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        config = load_config(
-            upstream_toml("u", f"http://127.0.0.1:{port}", models='["m"]', extra=NO_PROBES)
-            + f"[server]\ndisconnect_watch_after_ms = {watch_after_ms}\n",
-            source="test",
-        )
-        watchdog = Watchdog()
-        nursery.start_soon(watchdog.run)
-        records_send, records_recv = trio.open_memory_channel[Record](16)
-        made = Services(
-            config=config,
-            runtimes=build_runtimes(config, watchdog=watchdog),
-            sink=TelemetrySink(records_send),
-            http=http,
-            board=HealthBoard(rise={"u": 1}, fall={"u": 1}),
-            hedge_budget=HedgeBudget(percent=config.routing.hedge_budget_percent),
-            watchdog=watchdog,
-        )
-        return made, records_recv
-
-    async with httpx.AsyncClient() as http:
-        yield make
 
 
 class RecordingNotice(DisconnectNotice):
@@ -193,11 +154,11 @@ def watchers(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 @pytest.mark.parametrize("notice", [False, True], ids=["watcher-task", "notice"])
 @pytest.mark.parametrize("watch_after_ms", [1_000, 0])
 async def test_a_client_gone_mid_request_is_noticed_once_the_request_has_run_watch_after_ms(
-    services: Any, mock_clock: trio.testing.MockClock, watchers: list[float], watch_after_ms: int, notice: bool
+    proxy_services: Any, mock_clock: trio.testing.MockClock, watchers: list[float], watch_after_ms: int, notice: bool
 ) -> None:
     mock_clock.autojump_threshold = HANG_GUARD_S
     upstream = Upstream(answer=False)
-    made, records = await services(upstream, watch_after_ms)
+    made, records = await proxy_services(upstream, watch_after_ms)
     client = Client(notice)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
@@ -226,11 +187,11 @@ async def test_a_client_gone_mid_request_is_noticed_once_the_request_has_run_wat
 @pytest.mark.parametrize("notice", [False, True], ids=["watcher-task", "notice"])
 @pytest.mark.parametrize(("watch_after_ms", "watched"), [(1_000, False), (0, True)])
 async def test_an_answer_out_before_watch_after_ms_starts_no_watcher(
-    services: Any, mock_clock: trio.testing.MockClock, watchers: list[float], watch_after_ms: int, watched: bool,
+    proxy_services: Any, mock_clock: trio.testing.MockClock, watchers: list[float], watch_after_ms: int, watched: bool,
     notice: bool,
 ) -> None:
     mock_clock.autojump_threshold = HANG_GUARD_S
-    made, records = await services(Upstream(answer=True), watch_after_ms)
+    made, records = await proxy_services(Upstream(answer=True), watch_after_ms)
     client = Client(notice)
     with trio.fail_after(60):
         await ProxyApp(made)(client.scope, client.receive, client.send)
@@ -300,10 +261,10 @@ class StreamClient(Client):
 
 @pytest.mark.parametrize("notice", [False, True], ids=["watcher-task", "notice"])
 async def test_a_client_that_hangs_up_once_it_has_done_is_recorded_ok(
-    services: Any, mock_clock: trio.testing.MockClock, notice: bool
+    proxy_services: Any, mock_clock: trio.testing.MockClock, notice: bool
 ) -> None:
     mock_clock.autojump_threshold = PACE_GUARD_S
-    made, records = await services(Upstream(answer=True, streamed=True), 0)
+    made, records = await proxy_services(Upstream(answer=True, streamed=True), 0)
     client = StreamClient(notice, hang_up_on=b"[DONE]")
     with trio.fail_after(60):
         await ProxyApp(made)(client.scope, client.receive, client.send)
@@ -314,11 +275,11 @@ async def test_a_client_that_hangs_up_once_it_has_done_is_recorded_ok(
 
 @pytest.mark.parametrize("notice", [False, True], ids=["watcher-task", "notice"])
 async def test_a_client_gone_while_its_request_writes_ends_the_stream_without_cancelling_the_write(
-    services: Any, mock_clock: trio.testing.MockClock, notice: bool
+    proxy_services: Any, mock_clock: trio.testing.MockClock, notice: bool
 ) -> None:
     mock_clock.autojump_threshold = PACE_GUARD_S
     upstream = Upstream(answer=True, streamed=True)
-    made, records = await services(upstream, 0)
+    made, records = await proxy_services(upstream, 0)
     client = StreamClient(notice, hang_up_on=b'"content":"hi"')
     with trio.fail_after(60):
         await ProxyApp(made)(client.scope, client.receive, client.send)

@@ -7,7 +7,8 @@ asked for, a message after the last, HEAD, 204 and 304, a declared length, an HT
 client) must put the same bytes on the wire, leave the same states, log the same access
 and raise the same errors through ``hypercorn_fast._app_send`` as through Hypercorn's
 ``HTTPStream.app_send``. Only the number of writes may differ: the last chunk and the
-chunked terminator go in one.
+chunked terminator go in one. Over a real plain-TCP connection, a body message with
+``hypercorn_app.UNSCHEDULED`` returns without a schedule point, and one without it with one.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from hypothesis import strategies as st
 from hypercorn.config import Config as HyperConfig
 from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio import serve
 from hypercorn.trio.worker_context import WorkerContext
 
 from trioproxy import hypercorn_fast
+from trioproxy.hypercorn_app import UNSCHEDULED
 from trioproxy.server import hypercorn_config  # noqa: F401  (importing server.py applies the fast paths)
 
 pytestmark = pytest.mark.skipif(not hypercorn_fast.applied(), reason="hypercorn_fast is not installed here")
@@ -199,3 +202,60 @@ async def test_a_chunk_is_framed_as_h11_frames_it() -> None:
         start = {"type": "http.response.start", "status": 200, "headers": []}
         fast = await play(True, b"GET", b"1.1", start, [{"type": "http.response.body", "body": body, "more_body": True}])
         assert fast[0][0].endswith(b"".join(writer)) and fast[0][0].count(b"".join(writer)) == 1
+
+
+class TaskSteps(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.counted: trio.lowlevel.Task | None = None
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.counted:
+            self.steps += 1
+
+
+@pytest.mark.parametrize("unscheduled", [False, True])
+async def test_over_plain_tcp_a_body_message_may_skip_its_schedule_point(unscheduled: bool) -> None:
+    # A real Hypercorn server and client socket: five writes, each with its schedule point or none.
+    counter = TaskSteps()
+    steps_during_writes: list[int] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        counter.counted, counter.steps = trio.lowlevel.current_task(), 0
+        for i in range(5):
+            message = {"type": "http.response.body", "body": b"piece %d;" % i, "more_body": True}
+            if unscheduled:
+                message[UNSCHEDULED] = True
+            await send(message)
+        steps_during_writes.append(counter.steps)
+        await send({"type": "http.response.body", "body": b"end", "more_body": False})
+
+    config = HyperConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = config.errorlog = None
+    shutdown = trio.Event()
+    trio.lowlevel.add_instrument(counter)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(lambda task_status: serve(app, config, shutdown_trigger=shutdown.wait,
+                                                                      task_status=task_status))
+                stream = await trio.open_tcp_stream("127.0.0.1", int(binds[0].rsplit(":", 1)[1]))
+                async with stream:
+                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    received = b""
+                    while not received.endswith(b"\r\n0\r\n\r\n"):
+                        received += await stream.receive_some()
+                shutdown.set()
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    body = received.partition(b"\r\n\r\n")[2]
+    assert body == b"".join(b"8\r\npiece %d;\r\n" % i for i in range(5)) + b"3\r\nend\r\n0\r\n\r\n"
+    assert steps_during_writes == [0 if unscheduled else 5]

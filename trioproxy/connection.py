@@ -93,25 +93,29 @@ class RawConnection:
             if sent >= total:
                 return True
 
-    async def receive(self, deadline: float) -> bytes | None:
+    async def receive(self, deadline: float, *, wait_first: bool = False) -> bytes | None:
         """The next bytes (b"" at EOF), or None if nothing came by ``deadline`` (``inf``: no deadline).
+
+        A cancellation point; a schedule point only if it waits. ``wait_first``: wait for the
+        socket to be readable before reading, as when the caller expects nothing yet (a
+        relay that has just passed on everything); the wait is then always a schedule point.
 
         Raises:
           trio.ClosedResourceError: the socket was closed (``close``) while this waited.
         """
         sock = self.sock
         await _checkpoint_if_cancelled()
-        while True:  # bounded: returns data, or waits under the deadline
-            data = _recv_now(sock)
-            if data is not None:
-                return data
+        data = None if wait_first else _recv_now(sock)
+        while data is None:  # bounded: each pass waits under the deadline, then reads
             if deadline == math.inf:  # timed out by a watchdog instead (pool.py): no scope
                 await _wait_readable(sock)
-                continue
-            with trio.move_on_at(deadline) as scope:
-                await _wait_readable(sock)
-            if scope.cancelled_caught:
-                return None
+            else:
+                with trio.move_on_at(deadline) as scope:
+                    await _wait_readable(sock)
+                if scope.cancelled_caught:
+                    return None
+            data = _recv_now(sock)
+        return data
 
     def is_alive(self) -> bool:
         """Peek without blocking: only "would block" means idle and open."""
@@ -143,8 +147,9 @@ class TLSConnection:
                 raise ConnectionResetError(errno.ECONNRESET, "TLS stream broken") from exc
         return not scope.cancelled_caught
 
-    async def receive(self, deadline: float) -> bytes | None:
-        """As :meth:`RawConnection.receive`; a broken TLS stream raises ConnectionResetError."""
+    async def receive(self, deadline: float, *, wait_first: bool = False) -> bytes | None:
+        """As :meth:`RawConnection.receive` (always a checkpoint: trio's stream is; ``wait_first`` changes
+        nothing); a broken TLS stream raises ConnectionResetError."""
         with trio.move_on_at(deadline):
             try:
                 return bytes(await self.stream.receive_some(RECV_SIZE))  # no copy: it is bytes

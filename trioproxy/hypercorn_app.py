@@ -33,10 +33,16 @@ from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 
-__all__ = ["DISCONNECT_NOTICE", "AppInbox", "DisconnectNotice", "install"]
+__all__ = ["DISCONNECT_NOTICE", "UNSCHEDULED", "AppInbox", "DisconnectNotice", "install"]
 
 #: The ASGI scope extension that holds an HTTP request's :class:`DisconnectNotice`.
 DISCONNECT_NOTICE = "trioproxy.disconnect_notice"
+#: A key of an ``http.response.body`` message with ``more_body``: when true, the server may
+#: return from the send without a schedule point (a cancellation point still), and the app
+#: promises that its next await is one. ``hypercorn_fast`` honours it on a chunked HTTP/1.1
+#: answer over plain TCP; any other server ignores it and yields as usual. The relay sets
+#: it: its next await is the upstream read, which waits for readability first.
+UNSCHEDULED = "trioproxy.unscheduled"
 
 _stock_http_stream_handle = HTTPStream.handle
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled

@@ -40,6 +40,9 @@ two and the timer for plain TCP connections only: TLS keeps Hypercorn's own I/O)
   in one write instead of two. Hypercorn's checks and what follows the last message
   (the access log, the stream's close) are kept; anything else (HTTP/2, a Content-Length
   body, an HTTP/1.0 client, HEAD, 204 and 304 answers, trailers) takes Hypercorn's path.
+  On plain TCP, a message with ``hypercorn_app.UNSCHEDULED`` set returns after its write
+  without a schedule point: the relay's next await is a wait for its upstream, so the
+  yield after each relayed piece was a second trip through the scheduler per piece.
 - **keep-alive timer**: a deadline per connection, set at each request's end, and one
   task per server that closes the idle connections whose deadline has passed, as
   Hypercorn's timer does (``hypercorn_keepalive``: see there).
@@ -73,6 +76,7 @@ from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
 
 from . import hypercorn_app
+from .hypercorn_app import UNSCHEDULED
 from .hypercorn_keepalive import IdleTimer, timer_for
 
 __all__ = ["STOCK_ENV", "SUPPORTED_VERSIONS", "apply", "applied", "wanted"]
@@ -133,16 +137,28 @@ async def _protocol_send(self: Any, event: Event) -> None:
         h11_protocol = getattr(getattr(self, "protocol", None), "protocol", None)  # (H11 or H2, or not yet)
         if getattr(h11_protocol, "_pending_head", None) is not None:
             await _flush_head(h11_protocol)
-    sock = self._fast_socket
-    if sock is None or type(event) is not RawData or self.send_lock.locked():
+    if self._fast_socket is None or type(event) is not RawData:
         await _stock_protocol_send(self, event)
         return
-    await _checkpoint_if_cancelled()  # (as the lock's acquire: a cancellation comes before any byte)
-    data = event.data
+    await _write(self, event.data, True)
+
+
+async def _write(self: Any, data: bytes, schedule: bool) -> None:
+    """Write ``data`` to a plain TCP connection (``self``: its ``TCPServer``).
+
+    A cancellation point always (before any byte, as the lock's acquire); a schedule
+    point after the write unless ``schedule`` is False (see ``UNSCHEDULED``), or when the
+    socket did not take every byte and the rest goes as Hypercorn sends it.
+    """
+    if self.send_lock.locked():  # another write is finishing under the lock: after it, as Hypercorn
+        await _stock_protocol_send(self, RawData(data=data))
+        return
+    await _checkpoint_if_cancelled()
+    sock = self._fast_socket
     if not data:  # h11's end of a Content-Length body: no syscall (trio's send_all does none either)
         if sock.fileno() == -1:
             await self.protocol.handle(Closed())
-        else:
+        elif schedule:
             await _cancel_shielded_checkpoint()
         return
     try:
@@ -162,7 +178,8 @@ async def _protocol_send(self: Any, event: Event) -> None:
         finally:
             self.send_lock.release()
         return
-    await _cancel_shielded_checkpoint()  # the one schedule point of a write
+    if schedule:
+        await _cancel_shielded_checkpoint()  # the one schedule point of a write
 
 
 async def _read_data(self: Any) -> None:
@@ -283,7 +300,9 @@ async def _app_send(self: Any, message: Any) -> None:
     changes no state, so the chunk is framed here, as h11's ``ChunkedWriter`` frames it
     (tested byte for byte against it), and written. The last message's chunk goes with
     h11's end of message (through h11: its state moves on) in one write; then what
-    Hypercorn's ``_send_closed`` does after its end of body.
+    Hypercorn's ``_send_closed`` does after its end of body. On plain TCP the bytes go
+    straight to :func:`_write`, without a schedule point for a message that asks for none
+    (``UNSCHEDULED``, with ``more_body``).
     """
     if message is not None and self.state is _RESPONSE and message["type"] == "http.response.body":
         protocol: Any = getattr(self.send, "__self__", None)
@@ -299,7 +318,11 @@ async def _app_send(self: Any, message: Any) -> None:
                     if not more:
                         data += _end_of_message(connection)
                     if data:
-                        await protocol.send(RawData(data=data))
+                        server: Any = getattr(protocol.send, "__self__", None)
+                        if type(server) is TCPServer and server._fast_socket is not None:  # type: ignore[attr-defined]
+                            await _write(server, data, not more or not message.get(UNSCHEDULED, False))
+                        else:
+                            await protocol.send(RawData(data=data))
                     if not more:  # Hypercorn's _send_closed, after its end of body
                         self.state = _CLOSED
                         await self.config.log.access(self.scope, self.response, time.time() - self.start_time)

@@ -54,6 +54,7 @@ __all__ = ["ConnectionPool", "PoolStatistics", "UpstreamResponse"]
 # Hot-path aliases: one global lookup instead of two attribute lookups per call
 # (and the seams loadtest/bench_pool.py swaps to measure the alternatives).
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 _yield_after_send = trio.lowlevel.checkpoint
 
 
@@ -159,10 +160,13 @@ class UpstreamResponse:
         """True once the body has been read to its end."""
         return self._parser.complete
 
-    async def receive_some(self) -> bytes:
+    async def receive_some(self, *, schedule: bool = False) -> bytes:
         """Return the next body bytes available (de-chunked), or b"" once the body is complete.
 
         Returns everything already buffered at once; waits only when nothing is.
+        ``schedule``: always a schedule point (the relay's writes make none; see
+        ``hypercorn_app.UNSCHEDULED``): one with bytes at hand, else a wait for the socket
+        before reading it, since a relay that has passed on everything expects nothing yet.
 
         Raises:
           UpstreamTimeout: no body bytes for ``idle_timeout`` seconds.
@@ -194,7 +198,7 @@ class UpstreamResponse:
                 if idle is not None:
                     idle.since = trio.current_time()
                 try:
-                    data = await conn.receive(deadline)
+                    data = await conn.receive(deadline, wait_first=schedule)
                 except OSError as exc:
                     if idle is not None and idle.expired:  # closed by the watchdog before this read ran
                         data = None
@@ -221,6 +225,8 @@ class UpstreamResponse:
                     raise UpstreamProtocolError(str(exc), upstream=upstream) from exc
                 if piece is not None:
                     break
+        elif schedule:
+            await _cancel_shielded_checkpoint()
         if self._conn is not None and parser.complete:
             self.release()  # clean end: hand the socket back before the caller even asks
         return piece

@@ -39,6 +39,7 @@ import trio
 from . import jsonread
 from .errors import UpstreamError
 from .headers import client_response_headers
+from .hypercorn_app import UNSCHEDULED
 from .upstream import Winner
 from .usagefilter import UsageEventFilter
 from .watchdog import Watchdog
@@ -123,13 +124,18 @@ class _ClientWriter:
         #: When the send in progress started (None between sends).
         self.since: float | None = None
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, *, unscheduled: bool = False) -> None:
+        """Send ``data`` on; ``unscheduled``: the server may skip the write's schedule point,
+        and the caller's next await is one (``hypercorn_app.UNSCHEDULED``)."""
         ex = self.ex
         if ex.client_gone:
             return
         self.since = trio.current_time()
         try:
-            await self.send({"type": "http.response.body", "body": data, "more_body": True})
+            if unscheduled:
+                await self.send({"type": "http.response.body", "body": data, "more_body": True, UNSCHEDULED: True})
+            else:
+                await self.send({"type": "http.response.body", "body": data, "more_body": True})
         except trio.BusyResourceError:  # the client hung up while Hypercorn wrote (see ``finish``)
             ex.client_gone = True
             if ex.outcome == "ok":
@@ -187,7 +193,9 @@ async def pump(
     data = b""
     try:
         while True:
-            data = await response.receive_some()
+            # Every pass makes one schedule point, here (a wait for the upstream, most often),
+            # and none in the write below: one trip through the scheduler per relayed piece.
+            data = await response.receive_some(schedule=True)
             if not data:
                 break
             received += len(data)
@@ -208,7 +216,7 @@ async def pump(
                 data = usage_filter.feed(data)
                 if not data:
                     continue
-            await write(data)
+            await write(data, unscheduled=True)
             if ex.client_gone:  # (the write found the client gone: nothing more to relay)
                 return
             last, data = data[-2:], b""

@@ -1,0 +1,165 @@
+"""The relay's trips through the scheduler: one per relayed piece, never none.
+
+A streamed answer's writes ask the server to skip their schedule point
+(``hypercorn_app.UNSCHEDULED``), because the relay's next await, its read of the
+upstream, always makes one: a wait for the socket, or a checkpoint when bytes are
+already buffered. These tests drive ``ProxyApp`` against a real upstream socket that
+sends each event only once the client has the one before, with an ASGI ``send`` that
+honours the key as ``hypercorn_fast`` does, and count the relay task's steps (a trio
+instrument): exactly one per paced event, and at least one between any two writes,
+also when the upstream has everything buffered at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from trioproxy.app import ProxyApp
+from trioproxy.connection import RawConnection
+from trioproxy.hypercorn_app import UNSCHEDULED
+
+from .test_disconnect import SCOPE
+
+EVENTS = 12
+BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+STREAM_SCOPE = {**SCOPE, "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))]}
+
+
+def event(i: int) -> bytes:
+    return b'data: {"choices":[{"index":0,"delta":{"content":"t%d"},"finish_reason":null}]}\n\n' % i
+
+
+END = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+
+
+def chunk(piece: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(piece), piece)
+
+
+@attrs.define
+class PacedUpstream:
+    """Streams EVENTS events, each once told (``paced``), or all at once in one write."""
+
+    paced: bool
+    next_one: trio.MemorySendChannel[None] = attrs.field(init=False)
+    _told: trio.MemoryReceiveChannel[None] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.next_one, self._told = trio.open_memory_channel[None](math.inf)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:  # bounded by the gateway's one request
+            data += await stream.receive_some(65536)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        if not self.paced:
+            await stream.send_all(head + b"".join(chunk(event(i)) for i in range(EVENTS)) + chunk(END) + b"0\r\n\r\n")
+        else:
+            await stream.send_all(head)
+            for i in range(EVENTS):
+                if i:
+                    await self._told.receive()  # the client has the event before
+                await stream.send_all(chunk(event(i)))
+            await self._told.receive()
+            await stream.send_all(chunk(END) + b"0\r\n\r\n")
+        while await stream.receive_some(65536):  # until the gateway closes or keeps the connection
+            pass
+
+
+class Steps(trio.abc.Instrument):
+    """A log of every task step and every body write, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, trio.lowlevel.Task]] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.log.append(("step", task))
+
+
+class Client:
+    """The ASGI side, honouring UNSCHEDULED as hypercorn_fast does: a cancellation point only."""
+
+    def __init__(self, steps: Steps, upstream: PacedUpstream) -> None:
+        self.steps, self.upstream = steps, upstream
+        self.given = False
+        self.done = trio.Event()
+        self.body = b""
+        self.unscheduled = 0
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.given:
+            self.given = True
+            return {"type": "http.request", "body": BODY, "more_body": False}
+        await self.done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.body":
+            await trio.lowlevel.checkpoint()
+            return
+        self.steps.log.append(("write", trio.lowlevel.current_task()))
+        self.body += message["body"]
+        if message.get(UNSCHEDULED):
+            self.unscheduled += 1
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            await trio.lowlevel.checkpoint()
+        if message.get("more_body"):
+            self.upstream.next_one.send_nowait(None)
+        else:
+            self.done.set()
+
+
+def steps_between_writes(log: list[tuple[str, trio.lowlevel.Task]]) -> list[int]:
+    """For the task that wrote: how many steps it took between each write and the next."""
+    writer = next(task for kind, task in log if kind == "write")
+    counts: list[int] = []
+    for kind, task in log:
+        if task is not writer:
+            continue
+        if kind == "write":
+            counts.append(0)
+        elif counts:
+            counts[-1] += 1
+    return counts[:-1]  # (after the last write: the request's own end)
+
+
+@pytest.mark.parametrize("paced", [True, False], ids=["paced", "all-at-once"])
+async def test_each_relayed_piece_takes_one_trip_through_the_scheduler(proxy_services: Any, paced: bool) -> None:
+    upstream = PacedUpstream(paced)
+    made, records = await proxy_services(upstream, 1_000)
+    steps = Steps()
+    client = Client(steps, upstream)
+    trio.lowlevel.add_instrument(steps)
+    try:
+        with trio.fail_after(30):
+            await ProxyApp(made)(STREAM_SCOPE, client.receive, client.send)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert client.body == b"".join(event(i) for i in range(EVENTS)) + END  # every byte, in order
+    assert records.receive_nowait().outcome == "ok"
+    between = steps_between_writes(steps.log)
+    assert all(n >= 1 for n in between), between  # never two writes without a schedule point
+    if paced:  # the first event came with the attempt (prefetched): its write yields, as any write
+        assert client.unscheduled == EVENTS  # (the events after the first, and the end event)
+        assert between == [2] + [1] * EVENTS, between  # then one step per event: its wait
+
+
+async def test_a_read_asked_to_schedule_makes_a_schedule_point_even_with_bytes_at_hand() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        connection = RawConnection(a)
+        b.sendall(b"ready")
+        with trio.testing.assert_checkpoints():
+            assert await connection.receive(math.inf, wait_first=True) == b"ready"
+        b.sendall(b"again")
+        assert await connection.receive(math.inf) == b"again"  # (no wait needed: read at once)
