@@ -13,6 +13,10 @@ chunked terminator go in one. Over a real plain-TCP connection, a body message w
 
 from __future__ import annotations
 
+import os
+import socket
+from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import h11
@@ -24,6 +28,7 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 
 from trioproxy import hypercorn_fast
@@ -44,10 +49,12 @@ class AccessLog:
 
 
 class Stand:
-    """One real H11Protocol with one request parsed, its writes captured; the app's send in ``app_send``."""
+    """One real H11Protocol with one request parsed, writing through a real ``TCPServer``'s send
+    (``hypercorn_fast``'s, over one end of a socket pair: the short path's own write runs);
+    the bytes read from the other end, the other events recorded; the app's send in ``app_send``.
+    """
 
     def __init__(self, method: bytes, http_version: bytes) -> None:
-        self.written: list[bytes] = []
         self.other_events: list[str] = []
         config = HyperConfig()
         config.include_date_header = False  # (the same bytes, whichever second each path runs in)
@@ -55,9 +62,20 @@ class Stand:
         config._log = self.log  # type: ignore[assignment]
         self.config = config
         self.app_send: Any = None
+        self.ours, self.peer = socket.socketpair()
+        self.ours.setblocking(False)
+        self.peer.setblocking(False)
+        server: Any = TCPServer.__new__(TCPServer)  # (not run: only its send, as the short path finds it)
+        server._fast_socket = trio.socket.from_stdlib_socket(self.ours)
+        server.stream = trio.SocketStream(server._fast_socket)
+        server.send_lock = trio.Lock()
+        server.idle_task = SimpleNamespace(restart=partial(self._record, "idle"), stop=partial(self._record, "busy"))
+        server._task_group = server._idle_timeout = None
+        server._close = partial(self._record, "close")
+        server.protocol = self  # (a failed write tells it Closed)
         self.protocol = H11Protocol(
             None, config, WorkerContext(None), self, {}, False, ("127.0.0.1", 1), ("127.0.0.1", 2),  # type: ignore[arg-type]
-            self._send,
+            server.protocol_send,
         )
         self.request = b"%s / HTTP/%s\r\nHost: t\r\n\r\n" % (method, http_version)
 
@@ -69,21 +87,33 @@ class Stand:
 
         return put
 
-    async def _send(self, event: Any) -> None:
-        if type(event) is RawData:
-            self.written.append(event.data)
-        else:
-            self.other_events.append(type(event).__name__)
+    async def handle(self, event: Any) -> None:  # (as the server's protocol)
+        self.other_events.append("handle " + type(event).__name__)
+
+    async def _record(self, name: str, *args: Any) -> None:
+        self.other_events.append(name)
 
     async def start(self) -> None:
         await self.protocol.handle(RawData(self.request))
         assert self.app_send is not None
 
+    def wire(self) -> bytes:
+        received = b""
+        while True:
+            try:
+                data = self.peer.recv(1 << 20)
+            except BlockingIOError:
+                return received
+            received += data
+
     def state(self) -> tuple[Any, ...]:
         connection = self.protocol.connection
         stream = self.protocol.stream
+        wire = self.wire()
+        self.ours.close()
+        self.peer.close()
         return (
-            b"".join(self.written), self.other_events, self.log.calls,
+            wire, self.other_events, self.log.calls,
             connection.our_state, connection.their_state,
             None if stream is None else (stream.state, stream.closed),
         )
@@ -100,44 +130,69 @@ def _kind(body: bytes, kind: str) -> Any:
 async def play(fast: bool, method: bytes, http_version: bytes, start: dict[str, Any],
                messages: list[dict[str, Any]]) -> tuple[tuple[Any, ...], list[str], int]:
     """Send ``messages`` after ``start`` through one path: (final state, errors raised, writes)."""
+    writes = [0]
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        writes[0] += 1
+        return real_write(fd, data)
+
     stand = Stand(method, http_version)
     await stand.start()
     stream = stand.protocol.stream
     send: Any = hypercorn_fast._app_send if fast else hypercorn_fast._stock_app_send
     errors = []
-    for message in [start, *messages]:
-        try:
-            await send(stream, message)
-        except Exception as exc:  # (compared between the two paths)
-            errors.append(type(exc).__name__)
-            break
-    return stand.state(), errors, len(stand.written)
+    saved = hypercorn_fast.os
+    hypercorn_fast.os = SimpleNamespace(write=write)  # type: ignore[assignment]
+    try:
+        for message in [start, *messages]:
+            try:
+                with trio.CancelScope() as scope:
+                    if message.get(CANCELLED):
+                        scope.cancel()  # (the app's scope cancelled before this send)
+                    await send(stream, {k: v for k, v in message.items() if k != CANCELLED})
+                if scope.cancelled_caught:
+                    errors.append("Cancelled")
+                    break
+            except Exception as exc:  # (compared between the two paths)
+                errors.append(type(exc).__name__)
+                break
+        await send(stream, None)  # the app has ended (as Hypercorn's task calls it)
+    finally:
+        hypercorn_fast.os = saved
+    return stand.state(), errors, writes[0]
 
+
+#: A test-only key: send this message in a cancelled scope.
+CANCELLED = "test.cancelled"
 
 body_messages = st.lists(
     st.tuples(
         st.binary(max_size=40),
         st.sampled_from(["bytes", "bytearray", "memoryview", "memoryview of shorts", "str"]),
         st.sampled_from([True, False, None]),  # more_body; None: absent (ASGI: False)
+        st.sampled_from([False] * 5 + [True]),  # cancelled (with a body: see the test of an empty one)
     ),
     max_size=6,
 )
 
 
 def check_both_paths(method: bytes, http_version: bytes, status: int, declare_length: bool, trailers: bool,
-                     bodies: list[tuple[bytes, str, bool | None]], then_more: bool) -> None:
+                     bodies: list[tuple[bytes, str, bool | None, bool]], then_more: bool) -> None:
     messages: list[dict[str, Any]] = []
-    for body, kind, more in bodies:
+    for body, kind, more, cancelled in bodies:
         message: dict[str, Any] = {"type": "http.response.body", "body": _kind(body, kind)}
         if more is not None:
             message["more_body"] = more
+        if cancelled and body:
+            message[CANCELLED] = True
         messages.append(message)
     if then_more:
         messages.append({"type": "http.response.body", "body": b"late"})
     headers = [(b"content-type", b"text/plain")]
     if declare_length:  # what the bodies up to the first last one add up to
         total = 0
-        for body, _, more in bodies:
+        for body, _, more, _ in bodies:
             total += len(body)
             if not more:
                 break
@@ -155,7 +210,7 @@ def check_both_paths(method: bytes, http_version: bytes, status: int, declare_le
 
 @settings(max_examples=300, deadline=None)
 @given(
-    method=st.sampled_from([b"GET", b"POST", b"HEAD"]),
+    method=st.sampled_from([b"GET", b"POST", b"HEAD", b"head"]),
     http_version=st.sampled_from([b"1.1", b"1.0"]),
     status=st.sampled_from([200, 204, 304, 404]),
     declare_length=st.booleans(),
@@ -165,18 +220,20 @@ def check_both_paths(method: bytes, http_version: bytes, status: int, declare_le
 )
 def test_the_short_path_writes_and_leaves_what_hypercorns_own_does(
     method: bytes, http_version: bytes, status: int, declare_length: bool, trailers: bool,
-    bodies: list[tuple[bytes, str, bool | None]], then_more: bool,
+    bodies: list[tuple[bytes, str, bool | None, bool]], then_more: bool,
 ) -> None:
     check_both_paths(method, http_version, status, declare_length, trailers, bodies, then_more)
 
 
 @settings(max_examples=300, deadline=None)
-@given(trailers=st.booleans(), bodies=body_messages, then_more=st.booleans())
+@given(method=st.sampled_from([b"POST", b"GET", b"head"]), trailers=st.booleans(), bodies=body_messages,
+       then_more=st.booleans())
 def test_the_short_path_on_chunked_answers_alone(
-    trailers: bool, bodies: list[tuple[bytes, str, bool | None]], then_more: bool,
+    method: bytes, trailers: bool, bodies: list[tuple[bytes, str, bool | None, bool]], then_more: bool,
 ) -> None:
-    # (the cases the short path takes, all of them: the broad test above reaches them less often)
-    check_both_paths(b"POST", b"1.1", 200, False, trailers, bodies, then_more)
+    # The cases the short path takes, and the one it must not that looks like them: h11 chunks
+    # a lower-case "head" answer, which Hypercorn sends without a body (its method upper-cased).
+    check_both_paths(method, b"1.1", 200, False, trailers, bodies, then_more)
 
 
 async def test_a_streamed_answer_takes_one_write_per_message_and_ends_with_its_last() -> None:
@@ -259,3 +316,40 @@ async def test_over_plain_tcp_a_body_message_may_skip_its_schedule_point(unsched
     body = received.partition(b"\r\n\r\n")[2]
     assert body == b"".join(b"8\r\npiece %d;\r\n" % i for i in range(5)) + b"3\r\nend\r\n0\r\n\r\n"
     assert steps_during_writes == [0 if unscheduled else 5]
+
+
+@pytest.mark.parametrize("lock_held", [False, True], ids=["cancelled-before", "cancelled-waiting-for-the-lock"])
+@pytest.mark.parametrize("last", [b"", b"world"], ids=["empty-last", "last-with-a-body"])
+async def test_a_cancelled_last_message_leaves_the_body_unended_and_the_connection_closes(
+    lock_held: bool, last: bytes,
+) -> None:
+    # Whether the cancellation comes before the send or while another write holds the
+    # connection, h11 must not end the body: else Hypercorn keeps the connection for a next
+    # request while its client waits for the end of this one. (Hypercorn's own path ends it
+    # before its write for an empty last message, and keeps the connection: not ours.)
+    stand = Stand(b"POST", b"1.1")
+    await stand.start()
+    stream: Any = stand.protocol.stream
+    server = stand.protocol.send.__self__  # type: ignore[attr-defined]
+    await hypercorn_fast._app_send(stream, {"type": "http.response.start", "status": 200, "headers": []})
+    await hypercorn_fast._app_send(stream, {"type": "http.response.body", "body": b"hello", "more_body": True})
+    with trio.CancelScope() as scope:
+        if lock_held:
+            async with trio.open_nursery() as nursery:
+                await server.send_lock.acquire()
+
+                async def last_message() -> None:
+                    await hypercorn_fast._app_send(stream, {"type": "http.response.body", "body": last})
+
+                nursery.start_soon(last_message)
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+            server.send_lock.release()
+        else:
+            scope.cancel()
+            await hypercorn_fast._app_send(stream, {"type": "http.response.body", "body": last})
+    assert scope.cancelled_caught
+    await hypercorn_fast._app_send(stream, None)  # the app ends
+    wire, events, _, our_state, _, _ = stand.state()
+    assert wire.endswith(b"5\r\nhello\r\n")  # nothing of the last message, no terminator
+    assert our_state is h11.SEND_BODY and events[-2:] == ["close", "handle Closed"]  # closed, not kept

@@ -299,27 +299,41 @@ async def _app_send(self: Any, message: Any) -> None:
     and 304 answers with a length of 0) and h11 is in the middle of it: a chunk of data
     changes no state, so the chunk is framed here, as h11's ``ChunkedWriter`` frames it
     (tested byte for byte against it), and written. The last message's chunk goes with
-    h11's end of message (through h11: its state moves on) in one write; then what
-    Hypercorn's ``_send_closed`` does after its end of body. On plain TCP the bytes go
-    straight to :func:`_write`, without a schedule point for a message that asks for none
-    (``UNSCHEDULED``, with ``more_body``).
+    h11's end of message (through h11: its state moves on) in one write, on plain TCP (else
+    Hypercorn's path); then what Hypercorn's ``_send_closed`` does after its end of body. A cancelled last message ends nothing: the
+    connection then closes when the app ends, where Hypercorn's own path, for an empty last
+    message, had h11 end the body before its cancelled write and kept the connection open.
+    On plain TCP the bytes go straight to :func:`_write`, without a schedule point for a
+    message that asks for none (``UNSCHEDULED``, with ``more_body``).
     """
     if message is not None and self.state is _RESPONSE and message["type"] == "http.response.body":
         protocol: Any = getattr(self.send, "__self__", None)
         if type(protocol) is H11Protocol and protocol._pending_head is None:  # type: ignore[attr-defined]
             connection = protocol.connection
-            if connection.our_state is h11.SEND_BODY and type(getattr(connection, "_writer", None)) is _ChunkedWriter:
+            if (connection.our_state is h11.SEND_BODY and type(getattr(connection, "_writer", None)) is _ChunkedWriter
+                    and self.scope["method"] != "HEAD"):  # (a lower-case "head" is chunked by h11, bodiless here)
                 more = message.get("more_body", False)
-                if more or not self.response.get("trailers", False):
+                server: Any = getattr(protocol.send, "__self__", None)
+                fast = type(server) is TCPServer and server._fast_socket is not None  # type: ignore[attr-defined]
+                if more or (fast and not self.response.get("trailers", False)):
                     body = message.get("body", b"")
                     if type(body) is not bytes:
                         body = bytes(body)  # (as Hypercorn: a bytearray or memoryview is copied; a str raises)
                     data = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
                     if not more:
+                        # h11's end of message comes before the write: a cancellation between the
+                        # two would leave h11 done and the body unended, and Hypercorn would keep
+                        # the connection for a next request while its client waits. So any wait
+                        # (another write finishing) and the cancellation check come first, and
+                        # nothing awaits from there to the write.
+                        lock = server.send_lock
+                        while lock.locked():  # (bounded: the writes queued before this one)
+                            await lock.acquire()
+                            lock.release()
+                        await _checkpoint_if_cancelled()
                         data += _end_of_message(connection)
                     if data:
-                        server: Any = getattr(protocol.send, "__self__", None)
-                        if type(server) is TCPServer and server._fast_socket is not None:  # type: ignore[attr-defined]
+                        if fast:
                             await _write(server, data, not more or not message.get(UNSCHEDULED, False))
                         else:
                             await protocol.send(RawData(data=data))

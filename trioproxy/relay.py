@@ -195,6 +195,9 @@ async def pump(
         while True:
             # Every pass makes one schedule point, here (a wait for the upstream, most often),
             # and none in the write below: one trip through the scheduler per relayed piece.
+            # (A read that raises, say on bad framing already buffered, does so before its
+            # schedule point: the error event then follows the last piece at once, and its
+            # own write makes one. At most those two writes, and the stream ends.)
             data = await response.receive_some(schedule=True)
             if not data:
                 break
@@ -209,8 +212,9 @@ async def pump(
             if scanner is not None and scanner.done:
                 # This chunk carries the terminating event ([DONE], done: true): the answer is
                 # complete for the client once it has it, and it may hang up before the last
-                # empty chunk, even while this write makes its schedule point; that is not a
-                # disconnect. Set first, as ``finish`` does.
+                # empty chunk, even during this write (its disconnect notice fires in it, or the
+                # watcher task runs at its schedule point, where the server makes one); that is
+                # not a disconnect. Set first, as ``finish`` does.
                 ex.finished = True
             if usage_filter is not None:
                 data = usage_filter.feed(data)
