@@ -18,13 +18,16 @@ constructs a connection's ``TCPServer`` is one of them), beside the connections 
 a nursery trioproxy does not own, as the connections' own tasks are not (STYLE.md §2 has
 request code own its tasks; this is Hypercorn's side). It is started by the first
 connection of a server, and ends when the server is shutting down, once it has closed the
-idle connections (or when Hypercorn cancels that nursery). It sleeps until the earliest deadline of the idle connections; a request's
-end only sets its connection's deadline (and wakes the reaper only if none was idle).
+idle connections (or when Hypercorn cancels that nursery). It sleeps until the earliest deadline of the idle connections, kept
+in a heap; a request's end only sets its connection's deadline and pushes it there (and wakes
+the reaper only if none was idle).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +44,7 @@ class IdleTimer:
     in flight), it does nothing. :meth:`close` ends it (the connection's reading is over).
     """
 
-    __slots__ = ("_reaper", "_server", "armed", "closed", "deadline")
+    __slots__ = ("__weakref__", "_reaper", "_server", "armed", "arming", "closed", "deadline")
 
     def __init__(self, server: Any, reaper: Reaper) -> None:
         self._server = server
@@ -49,6 +52,8 @@ class IdleTimer:
         self.armed = False
         #: When to close the connection if still idle (``inf`` with an infinite keep-alive).
         self.deadline = math.inf
+        #: The number of its latest arming: the one heap entry that stands for it (``Reaper``).
+        self.arming = 0
         self.closed = False
 
     async def restart(self, task_group: Any, action: Callable[[], Any] | None = None) -> None:
@@ -84,13 +89,23 @@ class IdleTimer:
 
 
 class Reaper:
-    """Closes the idle connections of one Hypercorn server once their keep-alive has passed."""
+    """Closes the idle connections of one Hypercorn server once their keep-alive has passed.
+
+    The deadlines wait in a heap, one entry per arming; an entry whose timer has since been
+    disarmed, re-armed (a later deadline, a newer entry) or closed is dropped when it comes
+    to the top. Each arming and each close is O(log n): with thousands of idle connections
+    coming due at staggered times, a wake-up does not scan them all. An entry holds its
+    timer weakly: a closed connection is freed at once, not when its deadline would have come.
+    """
 
     def __init__(self, terminated: Any) -> None:
         #: The server's ``WorkerContext.terminated`` (Hypercorn's event wrapper).
         self._terminated = terminated
-        #: Every open connection's timer that has been armed once (armed or not now).
+        #: Every open connection's timer that has been armed once (armed or not now): for shutdown.
         self._timers: set[IdleTimer] = set()
+        #: (deadline, arming number, the timer, weakly) for each arming; stale entries are dropped lazily.
+        self._due: list[tuple[float, int, weakref.ref[IdleTimer]]] = []
+        self._armings = 0
         #: The running reaper's sleep (None while it is closing connections, or not running).
         self._wakeup: trio.CancelScope | None = None
         self.done = False
@@ -98,16 +113,37 @@ class Reaper:
     def arm(self, timer: IdleTimer) -> None:
         """``timer`` has just been armed (its deadline set): watch it, and wake sooner if it is due first."""
         self._timers.add(timer)
+        self._armings += 1
+        timer.arming = self._armings
+        heapq.heappush(self._due, (timer.deadline, self._armings, weakref.ref(timer)))
         wakeup = self._wakeup
         if wakeup is not None and timer.deadline < wakeup.deadline:
             wakeup.deadline = timer.deadline  # (only when none was idle: a later arming never comes due sooner)
 
     def forget(self, timer: IdleTimer) -> None:
-        """``timer``'s connection is over: stop watching it."""
+        """``timer``'s connection is over: stop watching it (its heap entries go when they surface)."""
         self._timers.discard(timer)
 
     def _next_due(self) -> float:
-        return min((t.deadline for t in self._timers if t.armed), default=math.inf)
+        """The earliest deadline of an armed, open timer (``inf`` if none), dropping stale entries on top."""
+        due = self._due
+        while due:
+            deadline, arming, ref = due[0]
+            if _current(ref(), arming):
+                return deadline
+            heapq.heappop(due)
+        return math.inf
+
+    def _take_due(self, now: float) -> list[IdleTimer]:
+        """Pop and return the armed, open timers whose deadline is ``now`` or before."""
+        due = self._due
+        taken = []
+        while due and due[0][0] <= now:
+            _, arming, ref = heapq.heappop(due)
+            timer = ref()
+            if timer is not None and _current(timer, arming):
+                taken.append(timer)
+        return taken
 
     async def run(self) -> None:
         """Close idle connections as their deadlines pass, and all idle ones on shutdown; then end."""
@@ -124,16 +160,25 @@ class Reaper:
         finally:
             self.done = True
             self._wakeup = None
+            self._due.clear()
 
     async def _close_due(self, shutting_down: bool) -> None:
         # (A method of its own: nothing of a closed connection stays in ``run``'s frame.)
-        now = trio.current_time()
-        for timer in [t for t in self._timers if t.armed and (shutting_down or t.deadline <= now)]:
+        if shutting_down:
+            timers = [t for t in self._timers if t.armed]
+        else:
+            timers = self._take_due(trio.current_time())
+        for timer in timers:
             # Checked again: while an earlier one closed, this connection may have taken a
-            # request (disarmed) or answered one (a later deadline).
-            if timer.armed and not timer.closed and (shutting_down or timer.deadline <= now):
+            # request (disarmed) or answered one (a later deadline, a newer heap entry).
+            if timer.armed and not timer.closed and (shutting_down or timer.deadline <= trio.current_time()):
                 timer.close()
                 await timer.close_connection()
+
+
+def _current(timer: IdleTimer | None, arming: int) -> bool:
+    """Whether the heap entry of ``arming`` still stands for ``timer``: alive, armed, open, not re-armed since."""
+    return timer is not None and timer.armed and not timer.closed and timer.arming == arming
 
 
 def timer_for(server: Any) -> IdleTimer:
