@@ -4,7 +4,8 @@ Over random programs of arming (at increasing times, re-arming included), disarm
 closing and wake-ups, the reaper's next wake-up must be the earliest deadline of the armed,
 open timers, and a wake-up must hand over exactly the armed, open timers that are due, as a
 scan of every timer would. The heap is lazy (stale entries are dropped when they surface),
-so this checks that no stale entry is ever taken for a live one, nor a live one lost.
+so this checks that no stale entry is ever taken for a live one, nor a live one lost, and
+that the heap holds one entry per connection at most, however many requests it answers.
 The socket-level behaviour is tested in ``test_hypercorn_fast.py``.
 """
 
@@ -51,6 +52,7 @@ def test_the_heap_wakes_and_hands_over_what_a_scan_of_every_timer_would(program:
                 t.close()
         live = [t.deadline for t in timers if t.armed and not t.closed]
         assert reaper._next_due() == min(live, default=math.inf)
+        assert len(reaper._due) <= len(timers)  # one entry per connection at most, however many requests
 
 
 def test_a_closed_timer_is_freed_though_its_entry_waits_in_the_heap() -> None:

@@ -19,8 +19,8 @@ a nursery trioproxy does not own, as the connections' own tasks are not (STYLE.m
 request code own its tasks; this is Hypercorn's side). It is started by the first
 connection of a server, and ends when the server is shutting down, once it has closed the
 idle connections (or when Hypercorn cancels that nursery). It sleeps until the earliest deadline of the idle connections, kept
-in a heap; a request's end only sets its connection's deadline and pushes it there (and wakes
-the reaper only if none was idle).
+in a heap; a request's end only sets its connection's deadline (and wakes the reaper only if
+none was idle).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class IdleTimer:
     in flight), it does nothing. :meth:`close` ends it (the connection's reading is over).
     """
 
-    __slots__ = ("__weakref__", "_reaper", "_server", "armed", "arming", "closed", "deadline")
+    __slots__ = ("__weakref__", "_reaper", "_server", "armed", "closed", "deadline", "queued")
 
     def __init__(self, server: Any, reaper: Reaper) -> None:
         self._server = server
@@ -52,8 +52,8 @@ class IdleTimer:
         self.armed = False
         #: When to close the connection if still idle (``inf`` with an infinite keep-alive).
         self.deadline = math.inf
-        #: The number of its latest arming: the one heap entry that stands for it (``Reaper``).
-        self.arming = 0
+        #: Whether its ``Reaper``'s heap holds an entry for it (one at most).
+        self.queued = False
         self.closed = False
 
     async def restart(self, task_group: Any, action: Callable[[], Any] | None = None) -> None:
@@ -91,11 +91,12 @@ class IdleTimer:
 class Reaper:
     """Closes the idle connections of one Hypercorn server once their keep-alive has passed.
 
-    The deadlines wait in a heap, one entry per arming; an entry whose timer has since been
-    disarmed, re-armed (a later deadline, a newer entry) or closed is dropped when it comes
-    to the top. Each arming and each close is O(log n): with thousands of idle connections
-    coming due at staggered times, a wake-up does not scan them all. An entry holds its
-    timer weakly: a closed connection is freed at once, not when its deadline would have come.
+    The deadlines wait in a heap with at most one entry per connection, holding its timer
+    weakly (a closed connection is freed at once). A request's end only moves its timer's
+    deadline, later (deadlines never move earlier): the entry is brought up to date when it
+    comes to the top, and dropped there if its timer has been disarmed or closed since. So
+    a request costs a flag test, a connection coming due O(log n), and with thousands of
+    idle connections coming due at staggered times a wake-up does not scan them all.
     """
 
     def __init__(self, terminated: Any) -> None:
@@ -103,9 +104,9 @@ class Reaper:
         self._terminated = terminated
         #: Every open connection's timer that has been armed once (armed or not now): for shutdown.
         self._timers: set[IdleTimer] = set()
-        #: (deadline, arming number, the timer, weakly) for each arming; stale entries are dropped lazily.
+        #: (deadline, push number, the timer, weakly): at most one entry per timer (``queued``).
         self._due: list[tuple[float, int, weakref.ref[IdleTimer]]] = []
-        self._armings = 0
+        self._pushes = 0
         #: The running reaper's sleep (None while it is closing connections, or not running).
         self._wakeup: trio.CancelScope | None = None
         self.done = False
@@ -113,37 +114,55 @@ class Reaper:
     def arm(self, timer: IdleTimer) -> None:
         """``timer`` has just been armed (its deadline set): watch it, and wake sooner if it is due first."""
         self._timers.add(timer)
-        self._armings += 1
-        timer.arming = self._armings
-        heapq.heappush(self._due, (timer.deadline, self._armings, weakref.ref(timer)))
+        if not timer.queued:  # (else its entry, at an earlier deadline, is brought up to date at the top)
+            timer.queued = True
+            self._push(timer.deadline, weakref.ref(timer))
         wakeup = self._wakeup
         if wakeup is not None and timer.deadline < wakeup.deadline:
             wakeup.deadline = timer.deadline  # (only when none was idle: a later arming never comes due sooner)
 
     def forget(self, timer: IdleTimer) -> None:
-        """``timer``'s connection is over: stop watching it (its heap entries go when they surface)."""
+        """``timer``'s connection is over: stop watching it (its heap entry goes when it surfaces)."""
         self._timers.discard(timer)
 
-    def _next_due(self) -> float:
-        """The earliest deadline of an armed, open timer (``inf`` if none), dropping stale entries on top."""
+    def _push(self, deadline: float, ref: weakref.ref[IdleTimer]) -> None:
+        self._pushes += 1  # (ties broken by order: timers themselves do not compare)
+        heapq.heappush(self._due, (deadline, self._pushes, ref))
+
+    def _settle(self) -> None:
+        """Bring the heap's top up to date: its entry is an armed, open timer's at its deadline, or none is left."""
         due = self._due
-        while due:
-            deadline, arming, ref = due[0]
-            if _current(ref(), arming):
-                return deadline
-            heapq.heappop(due)
-        return math.inf
+        while due:  # bounded: each pass drops an entry, or moves one to its timer's later deadline
+            deadline, _, ref = due[0]
+            timer = ref()
+            if timer is None or timer.closed:
+                heapq.heappop(due)
+            elif not timer.armed:  # a request in flight: its next arming queues it again
+                heapq.heappop(due)
+                timer.queued = False
+            elif timer.deadline != deadline:  # answered again since: due later
+                self._pushes += 1
+                heapq.heapreplace(due, (timer.deadline, self._pushes, ref))
+            else:
+                return
+
+    def _next_due(self) -> float:
+        """The earliest deadline of an armed, open timer (``inf`` if none)."""
+        self._settle()
+        return self._due[0][0] if self._due else math.inf
 
     def _take_due(self, now: float) -> list[IdleTimer]:
-        """Pop and return the armed, open timers whose deadline is ``now`` or before."""
+        """Take out and return the armed, open timers whose deadline is ``now`` or before."""
         due = self._due
-        taken = []
-        while due and due[0][0] <= now:
-            _, arming, ref = heapq.heappop(due)
-            timer = ref()
-            if timer is not None and _current(timer, arming):
-                taken.append(timer)
-        return taken
+        taken: list[IdleTimer] = []
+        while True:  # bounded: each pass takes one entry out of the heap
+            self._settle()
+            if not due or due[0][0] > now:
+                return taken
+            timer = heapq.heappop(due)[2]()
+            assert timer is not None  # (settled: alive)
+            timer.queued = False
+            taken.append(timer)
 
     async def run(self) -> None:
         """Close idle connections as their deadlines pass, and all idle ones on shutdown; then end."""
@@ -174,11 +193,6 @@ class Reaper:
             if timer.armed and not timer.closed and (shutting_down or timer.deadline <= trio.current_time()):
                 timer.close()
                 await timer.close_connection()
-
-
-def _current(timer: IdleTimer | None, arming: int) -> bool:
-    """Whether the heap entry of ``arming`` still stands for ``timer``: alive, armed, open, not re-armed since."""
-    return timer is not None and timer.armed and not timer.closed and timer.arming == arming
 
 
 def timer_for(server: Any) -> IdleTimer:
