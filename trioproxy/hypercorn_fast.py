@@ -36,8 +36,8 @@ two and the timer for plain TCP connections only: TLS keeps Hypercorn's own I/O)
 - **a streamed answer's body** (h11, chunked): each ``http.response.body`` message is
   framed as one chunk and handed to the write at once, without Hypercorn's per-message
   ``Body`` event, h11's ``Data`` event and its state machine (which does nothing for data
-  in the middle of a body); the last message's chunk and the chunked terminator go out
-  in one write instead of two. Hypercorn's checks and what follows the last message
+  in the middle of a body); on plain TCP, the last message's chunk and the chunked
+  terminator go out in one write instead of two. Hypercorn's checks and what follows the last message
   (the access log, the stream's close) are kept; anything else (HTTP/2, a Content-Length
   body, an HTTP/1.0 client, HEAD, 204 and 304 answers, trailers) takes Hypercorn's path.
   On plain TCP, a message with ``hypercorn_app.UNSCHEDULED`` set returns after its write
@@ -300,11 +300,12 @@ async def _app_send(self: Any, message: Any) -> None:
     changes no state, so the chunk is framed here, as h11's ``ChunkedWriter`` frames it
     (tested byte for byte against it), and written. The last message's chunk goes with
     h11's end of message (through h11: its state moves on) in one write, on plain TCP (else
-    Hypercorn's path); then what Hypercorn's ``_send_closed`` does after its end of body. A cancelled last message ends nothing: the
-    connection then closes when the app ends, where Hypercorn's own path, for an empty last
-    message, had h11 end the body before its cancelled write and kept the connection open.
-    On plain TCP the bytes go straight to :func:`_write`, without a schedule point for a
-    message that asks for none (``UNSCHEDULED``, with ``more_body``).
+    Hypercorn's path); then what Hypercorn's ``_send_closed`` does after its end of body.
+    A cancelled last message ends nothing: the connection then closes when the app ends,
+    where Hypercorn's own path, for an empty last message, had h11 end the body before its
+    cancelled write and kept the connection open. On plain TCP the bytes go straight to
+    :func:`_write`, without a schedule point for a message that asks for none
+    (``UNSCHEDULED``, with ``more_body``).
     """
     if message is not None and self.state is _RESPONSE and message["type"] == "http.response.body":
         protocol: Any = getattr(self.send, "__self__", None)
