@@ -328,7 +328,7 @@ async def _app_send(self: Any, message: Any) -> None:
                         # (another write finishing) and the cancellation check come first, and
                         # nothing awaits from there to the write.
                         lock = server.send_lock
-                        while lock.locked():  # (bounded: the writes queued before this one)
+                        while lock.locked():  # (bounded: ends once no other write on this connection waits)
                             await lock.acquire()
                             lock.release()
                         await _checkpoint_if_cancelled()

@@ -44,7 +44,7 @@ class IdleTimer:
     in flight), it does nothing. :meth:`close` ends it (the connection's reading is over).
     """
 
-    __slots__ = ("__weakref__", "_reaper", "_server", "armed", "closed", "deadline", "queued")
+    __slots__ = ("__weakref__", "_reaper", "_server", "armed", "closed", "deadline", "queued_at")
 
     def __init__(self, server: Any, reaper: Reaper) -> None:
         self._server = server
@@ -52,8 +52,8 @@ class IdleTimer:
         self.armed = False
         #: When to close the connection if still idle (``inf`` with an infinite keep-alive).
         self.deadline = math.inf
-        #: Whether its ``Reaper``'s heap holds an entry for it (one at most).
-        self.queued = False
+        #: The deadline of its current entry in its ``Reaper``'s heap (None: it has none).
+        self.queued_at: float | None = None
         self.closed = False
 
     async def restart(self, task_group: Any, action: Callable[[], Any] | None = None) -> None:
@@ -91,22 +91,32 @@ class IdleTimer:
 class Reaper:
     """Closes the idle connections of one Hypercorn server once their keep-alive has passed.
 
-    The deadlines wait in a heap with at most one entry per connection, holding its timer
-    weakly (a closed connection is freed at once). A request's end only moves its timer's
-    deadline, later (deadlines never move earlier): the entry is brought up to date when it
-    comes to the top, and dropped there if its timer has been disarmed or closed since. So
-    a request costs a flag test, a connection coming due O(log n), and with thousands of
-    idle connections coming due at staggered times a wake-up does not scan them all.
+    The deadlines wait in a heap with at most one current entry per connection
+    (``IdleTimer.queued_at``), holding its timer weakly (a closed connection is freed at
+    once). A request's end moves its timer's deadline later, and its entry is brought up to
+    date only when it comes to the top (dropped there if the timer has been disarmed or
+    closed since); a deadline that moves earlier (a shorter keep-alive) gets a new entry,
+    and the old one is dropped when it surfaces. A connection that closes leaves its entry
+    behind until then; once such entries outnumber the rest, the heap is rebuilt without
+    them. So a request costs a comparison, a connection coming due O(log n), and with
+    thousands of idle connections coming due at staggered times a wake-up does not scan
+    them all. An infinite keep-alive puts nothing in the heap (shutdown closes from
+    ``_timers``).
     """
+
+    #: Rebuild the heap once this many entries, and more than the live ones, are closed connections'.
+    COMPACT_AFTER = 64
 
     def __init__(self, terminated: Any) -> None:
         #: The server's ``WorkerContext.terminated`` (Hypercorn's event wrapper).
         self._terminated = terminated
         #: Every open connection's timer that has been armed once (armed or not now): for shutdown.
         self._timers: set[IdleTimer] = set()
-        #: (deadline, push number, the timer, weakly): at most one entry per timer (``queued``).
+        #: (deadline, push number, the timer, weakly); an entry is current if its deadline is its timer's ``queued_at``.
         self._due: list[tuple[float, int, weakref.ref[IdleTimer]]] = []
         self._pushes = 0
+        #: Entries left behind by closed connections (approximately: see ``_settle``).
+        self._closed_entries = 0
         #: The running reaper's sleep (None while it is closing connections, or not running).
         self._wakeup: trio.CancelScope | None = None
         self.done = False
@@ -114,16 +124,30 @@ class Reaper:
     def arm(self, timer: IdleTimer) -> None:
         """``timer`` has just been armed (its deadline set): watch it, and wake sooner if it is due first."""
         self._timers.add(timer)
-        if not timer.queued:  # (else its entry, at an earlier deadline, is brought up to date at the top)
-            timer.queued = True
-            self._push(timer.deadline, weakref.ref(timer))
+        deadline = timer.deadline
+        queued_at = timer.queued_at
+        if deadline < math.inf and (queued_at is None or deadline < queued_at):
+            # (a later deadline keeps its entry, brought up to date when it surfaces)
+            timer.queued_at = deadline
+            self._push(deadline, weakref.ref(timer))
         wakeup = self._wakeup
-        if wakeup is not None and timer.deadline < wakeup.deadline:
-            wakeup.deadline = timer.deadline  # (only when none was idle: a later arming never comes due sooner)
+        if wakeup is not None and deadline < wakeup.deadline:
+            wakeup.deadline = deadline  # (only when none was idle: a later arming never comes due sooner)
 
     def forget(self, timer: IdleTimer) -> None:
-        """``timer``'s connection is over: stop watching it (its heap entry goes when it surfaces)."""
+        """``timer``'s connection is over (``closed`` set): stop watching it."""
         self._timers.discard(timer)
+        if timer.queued_at is not None:  # its entry stays until it surfaces, or the heap is rebuilt
+            timer.queued_at = None
+            self._closed_entries += 1
+            if self._closed_entries > self.COMPACT_AFTER and 2 * self._closed_entries > len(self._due):
+                self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heap without the closed connections' entries (amortized O(1) per close)."""
+        self._due = [entry for entry in self._due if _current(entry)]
+        heapq.heapify(self._due)
+        self._closed_entries = 0
 
     def _push(self, deadline: float, ref: weakref.ref[IdleTimer]) -> None:
         self._pushes += 1  # (ties broken by order: timers themselves do not compare)
@@ -135,12 +159,16 @@ class Reaper:
         while due:  # bounded: each pass drops an entry, or moves one to its timer's later deadline
             deadline, _, ref = due[0]
             timer = ref()
-            if timer is None or timer.closed:
+            if timer is None or timer.closed:  # a closed connection's
+                heapq.heappop(due)
+                self._closed_entries = max(0, self._closed_entries - 1)
+            elif timer.queued_at != deadline:  # superseded by an earlier one (a shorter keep-alive)
                 heapq.heappop(due)
             elif not timer.armed:  # a request in flight: its next arming queues it again
                 heapq.heappop(due)
-                timer.queued = False
+                timer.queued_at = None
             elif timer.deadline != deadline:  # answered again since: due later
+                timer.queued_at = timer.deadline
                 self._pushes += 1
                 heapq.heapreplace(due, (timer.deadline, self._pushes, ref))
             else:
@@ -160,8 +188,8 @@ class Reaper:
             if not due or due[0][0] > now:
                 return taken
             timer = heapq.heappop(due)[2]()
-            assert timer is not None  # (settled: alive)
-            timer.queued = False
+            assert timer is not None  # (settled: current, so alive)
+            timer.queued_at = None
             taken.append(timer)
 
     async def run(self) -> None:
@@ -193,6 +221,12 @@ class Reaper:
             if timer.armed and not timer.closed and (shutting_down or timer.deadline <= trio.current_time()):
                 timer.close()
                 await timer.close_connection()
+
+
+def _current(entry: tuple[float, int, weakref.ref[IdleTimer]]) -> bool:
+    """Whether a heap entry is its timer's current one: the timer alive, open, and queued at its deadline."""
+    timer = entry[2]()
+    return timer is not None and not timer.closed and timer.queued_at == entry[0]
 
 
 def timer_for(server: Any) -> IdleTimer:
