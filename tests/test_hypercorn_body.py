@@ -27,12 +27,13 @@ from hypothesis import strategies as st
 from hypercorn.config import Config as HyperConfig
 from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 
 from trioproxy import hypercorn_fast
 from trioproxy.hypercorn_app import UNSCHEDULED
+
+from .test_hypercorn_fast import serving
 from trioproxy.server import hypercorn_config  # noqa: F401  (importing server.py applies the fast paths)
 
 pytestmark = pytest.mark.skipif(not hypercorn_fast.applied(), reason="hypercorn_fast is not installed here")
@@ -294,23 +295,16 @@ async def test_over_plain_tcp_a_body_message_may_skip_its_schedule_point(unsched
         steps_during_writes.append(counter.steps)
         await send({"type": "http.response.body", "body": b"end", "more_body": False})
 
-    config = HyperConfig()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = config.errorlog = None
-    shutdown = trio.Event()
     trio.lowlevel.add_instrument(counter)
     try:
         with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                binds = await nursery.start(lambda task_status: serve(app, config, shutdown_trigger=shutdown.wait,
-                                                                      task_status=task_status))
-                stream = await trio.open_tcp_stream("127.0.0.1", int(binds[0].rsplit(":", 1)[1]))
+            async with serving(app=app) as (port, _):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
                 async with stream:
                     await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
                     received = b""
                     while not received.endswith(b"\r\n0\r\n\r\n"):
                         received += await stream.receive_some()
-                shutdown.set()
     finally:
         trio.lowlevel.remove_instrument(counter)
     body = received.partition(b"\r\n\r\n")[2]

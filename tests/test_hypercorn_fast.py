@@ -97,8 +97,10 @@ async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @asynccontextmanager
-async def serving(keep_alive_s: float = 5.0, read_timeout_s: float | None = None) -> AsyncIterator[tuple[int, trio.Event]]:
-    """Hypercorn serving ``echo_app`` on an ephemeral port: (port, shutdown trigger)."""
+async def serving(
+    keep_alive_s: float = 5.0, read_timeout_s: float | None = None, app: Any = None,
+) -> AsyncIterator[tuple[int, trio.Event]]:
+    """Hypercorn serving ``app`` (``echo_app`` by default) on an ephemeral port: (port, shutdown trigger)."""
     config = HyperConfig()
     config.bind = ["127.0.0.1:0"]
     config.keep_alive_timeout = keep_alive_s
@@ -108,7 +110,7 @@ async def serving(keep_alive_s: float = 5.0, read_timeout_s: float | None = None
     config.errorlog = None
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(lambda task_status: serve(echo_app, config, shutdown_trigger=shutdown.wait,
+        binds = await nursery.start(lambda task_status: serve(app or echo_app, config, shutdown_trigger=shutdown.wait,
                                                               task_status=task_status))
         yield int(binds[0].rsplit(":", 1)[1]), shutdown
         shutdown.set()
@@ -500,18 +502,11 @@ async def test_a_disconnect_notice_fires_at_the_end_of_a_complete_answer_and_onl
         await send({"type": "http.response.body", "body": b"ok"})
         seen.append(("after", notice.closed))
 
-    config = HyperConfig()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = config.errorlog = None
-    shutdown = trio.Event()
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(lambda task_status: serve(app, config, shutdown_trigger=shutdown.wait,
-                                                                  task_status=task_status))
-            stream = await trio.open_tcp_stream("127.0.0.1", int(binds[0].rsplit(":", 1)[1]))
+        async with serving(app=app) as (port, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 for _ in range(2):
                     await stream.send_all(request(b""))
                     assert (await read_answer(stream))[0] == b"ok"
-            shutdown.set()
     assert seen == [("lifespan", None), ("http", False), ("after", True), ("http", False), ("after", True)]
