@@ -31,7 +31,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 
 from trioproxy import hypercorn_fast
-from trioproxy.hypercorn_app import UNSCHEDULED
+from trioproxy.hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY
 
 from .test_hypercorn_fast import serving
 from trioproxy.server import hypercorn_config  # noqa: F401  (importing server.py applies the fast paths)
@@ -179,7 +179,7 @@ body_messages = st.lists(
 
 
 def check_both_paths(method: bytes, http_version: bytes, status: int, declare_length: bool, trailers: bool,
-                     bodies: list[tuple[bytes, str, bool | None, bool]], then_more: bool) -> None:
+                     bodies: list[tuple[bytes, str, bool | None, bool]], then_more: bool, hold_head: bool) -> None:
     messages: list[dict[str, Any]] = []
     for body, kind, more, cancelled in bodies:
         message: dict[str, Any] = {"type": "http.response.body", "body": _kind(body, kind)}
@@ -199,6 +199,8 @@ def check_both_paths(method: bytes, http_version: bytes, status: int, declare_le
                 break
         headers.append((b"content-length", b"%d" % total))
     start = {"type": "http.response.start", "status": status, "headers": headers, "trailers": trailers}
+    if hold_head:  # (Hypercorn's own path ignores the key: the same bytes, in fewer writes)
+        start[WITH_FIRST_BODY] = True
 
     async def both() -> None:
         stock = await play(False, method, http_version, start, messages)
@@ -218,23 +220,25 @@ def check_both_paths(method: bytes, http_version: bytes, status: int, declare_le
     trailers=st.booleans(),
     bodies=body_messages,
     then_more=st.booleans(),
+    hold_head=st.booleans(),
 )
 def test_the_short_path_writes_and_leaves_what_hypercorns_own_does(
     method: bytes, http_version: bytes, status: int, declare_length: bool, trailers: bool,
-    bodies: list[tuple[bytes, str, bool | None, bool]], then_more: bool,
+    bodies: list[tuple[bytes, str, bool | None, bool]], then_more: bool, hold_head: bool,
 ) -> None:
-    check_both_paths(method, http_version, status, declare_length, trailers, bodies, then_more)
+    check_both_paths(method, http_version, status, declare_length, trailers, bodies, then_more, hold_head)
 
 
 @settings(max_examples=300, deadline=None)
 @given(method=st.sampled_from([b"POST", b"GET", b"head"]), trailers=st.booleans(), bodies=body_messages,
-       then_more=st.booleans())
+       then_more=st.booleans(), hold_head=st.booleans())
 def test_the_short_path_on_chunked_answers_alone(
     method: bytes, trailers: bool, bodies: list[tuple[bytes, str, bool | None, bool]], then_more: bool,
+    hold_head: bool,
 ) -> None:
     # The cases the short path takes, and the one it must not that looks like them: h11 chunks
     # a lower-case "head" answer, which Hypercorn sends without a body (its method upper-cased).
-    check_both_paths(method, b"1.1", 200, False, trailers, bodies, then_more)
+    check_both_paths(method, b"1.1", 200, False, trailers, bodies, then_more, hold_head)
 
 
 async def test_a_streamed_answer_takes_one_write_per_message_and_ends_with_its_last() -> None:
@@ -249,6 +253,20 @@ async def test_a_streamed_answer_takes_one_write_per_message_and_ends_with_its_l
     assert wire.endswith(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
     assert (stock[2], fast[2]) == (1 + 4 + 1, 1 + 4)  # head, four chunks, and the terminator on its own or not
     assert fast[0][3:] == (h11.IDLE, h11.IDLE, None)  # recycled for the next request, as stock
+
+
+async def test_a_head_held_for_the_first_body_goes_out_with_it_in_one_write() -> None:
+    events = [b"data: %d\n\n" % i for i in range(3)]
+    messages: list[dict[str, Any]] = [{"type": "http.response.body", "body": e, "more_body": True} for e in events]
+    messages.append({"type": "http.response.body", "body": b"", "more_body": False})
+    for first in (b"data: 0\n\n", b""):  # (an empty first message sends the head alone)
+        messages[0]["body"] = first
+        start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+        stock = await play(False, b"POST", b"1.1", start, messages)
+        held = await play(True, b"POST", b"1.1", {**start, WITH_FIRST_BODY: True}, messages)
+        assert held[0] == stock[0] and not held[1]
+        # the head with the first chunk, two chunks, the terminator; or the head alone first
+        assert (stock[2], held[2]) == ((1 + 3 + 1, 3 + 1) if first else (1 + 2 + 1, 1 + 2 + 1))
 
 
 async def test_a_chunk_is_framed_as_h11_frames_it() -> None:

@@ -24,7 +24,7 @@ import trio.testing
 
 from trioproxy.app import ProxyApp
 from trioproxy.connection import RawConnection
-from trioproxy.hypercorn_app import UNSCHEDULED
+from trioproxy.hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY
 
 from .test_disconnect import SCOPE
 
@@ -163,3 +163,61 @@ async def test_a_read_asked_to_schedule_makes_a_schedule_point_even_with_bytes_a
             assert await connection.receive(math.inf, wait_first=True) == b"ready"
         b.sendall(b"again")
         assert await connection.receive(math.inf) == b"again"  # (no wait needed: read at once)
+
+
+@attrs.define
+class EmptyStreamUpstream:
+    """Answers a stream's head, then ends its body at once: no event at all."""
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:  # bounded by the gateway's one request
+            data += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                              b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+        while await stream.receive_some(65536):
+            pass
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["events", "no-event"])
+async def test_the_head_may_wait_for_the_first_body_message_which_comes_before_any_wait(
+    proxy_services: Any, empty: bool,
+) -> None:
+    # The relay's start asks the server to hold the head for its first body message
+    # (WITH_FIRST_BODY); that message must follow before the relay waits on its upstream,
+    # an empty one if nothing came with the attempt.
+    upstream: Any = EmptyStreamUpstream() if empty else PacedUpstream(True)
+    made, records = await proxy_services(upstream, 1_000)
+    sent: list[dict[str, Any]] = []
+    done = trio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            return {"type": "http.request", "body": BODY, "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.start" and not empty:
+            upstream.next_one.send_nowait(None)  # (the upstream may send its next event from now on)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+        await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ProxyApp(made), STREAM_SCOPE, receive, send)
+            if not empty:  # let the relay through its events; the first came with the attempt
+                for _ in range(EVENTS):
+                    await trio.testing.wait_all_tasks_blocked()
+                    upstream.next_one.send_nowait(None)
+    assert sent[0]["type"] == "http.response.start" and sent[0][WITH_FIRST_BODY] is True
+    assert sent[1]["type"] == "http.response.body"
+    if empty:  # the head's own message, then the stream's error event and its end
+        assert sent[1]["body"] == b"" and sent[1]["more_body"] is True
+        assert b"ended the stream before it finished" in sent[2]["body"]
+        assert records.receive_nowait().outcome == "upstream_error"
+    else:
+        assert sent[1]["body"] == event(0)
+        assert records.receive_nowait().outcome == "ok"

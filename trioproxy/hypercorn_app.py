@@ -33,7 +33,7 @@ from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 
-__all__ = ["DISCONNECT_NOTICE", "UNSCHEDULED", "AppInbox", "DisconnectNotice", "install"]
+__all__ = ["DISCONNECT_NOTICE", "UNSCHEDULED", "WITH_FIRST_BODY", "AppInbox", "DisconnectNotice", "install"]
 
 #: The ASGI scope extension that holds an HTTP request's :class:`DisconnectNotice`.
 DISCONNECT_NOTICE = "trioproxy.disconnect_notice"
@@ -43,6 +43,12 @@ DISCONNECT_NOTICE = "trioproxy.disconnect_notice"
 #: answer over plain TCP; any other server ignores it and yields as usual. The relay sets
 #: it: its next await is the upstream read, which waits for readability first.
 UNSCHEDULED = "trioproxy.unscheduled"
+#: A key of an ``http.response.start`` message: when true, the server may hold the head and
+#: write it with the next body message's bytes, and the app promises to send one right
+#: away (an empty one if it has nothing yet). ``hypercorn_fast`` honours it for HTTP/1.1;
+#: any other server writes the head at once. The relay sets it: its first body message, the
+#: first content the attempt already read, follows at once.
+WITH_FIRST_BODY = "trioproxy.with_first_body"
 
 _stock_http_stream_handle = HTTPStream.handle
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled

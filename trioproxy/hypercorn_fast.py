@@ -76,7 +76,7 @@ from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
 
 from . import hypercorn_app
-from .hypercorn_app import UNSCHEDULED
+from .hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY
 from .hypercorn_keepalive import IdleTimer, timer_for
 
 __all__ = ["STOCK_ENV", "SUPPORTED_VERSIONS", "apply", "applied", "wanted"]
@@ -251,9 +251,10 @@ async def _h11_handle(self: Any, event: Event) -> None:
 
 
 async def _h11_stream_send(self: Any, event: StreamEvent) -> None:
-    if type(event) is Response and event.status_code >= 200 and _declares_length(event.headers):
-        # A head whose body has a declared length (a whole answer, an error): framed as
-        # Hypercorn frames it, but kept, and written with the body's first bytes in one write.
+    if type(event) is Response and event.status_code >= 200 and (self._hold_head or _declares_length(event.headers)):
+        # A head whose body has a declared length (a whole answer, an error), or whose app
+        # asked (``WITH_FIRST_BODY``): framed as Hypercorn frames it, but kept, and written
+        # with the body's first bytes in one write.
         self._defer_head = True
         try:
             await _stock_stream_send(self, event)
@@ -273,23 +274,21 @@ async def _h11_send_h11_event(self: Any, event: Any) -> None:
             if self.connection.their_state != h11.ERROR:
                 raise
         return
-    pending = self._pending_head
-    if pending is None:
+    if self._pending_head is None:
         await _stock_send_h11_event(self, event)
         return
-    self._pending_head = None
     try:
         data = self.connection.send(event)
     except h11.LocalProtocolError:
-        await self.send(RawData(data=pending))
+        await _flush_head(self)
         if self.connection.their_state != h11.ERROR:
             raise
         return
     if len(data) > COALESCE_MAX:  # (no copy of a large body: two writes, as stock)
-        await self.send(RawData(data=pending))
+        await _flush_head(self)
         await self.send(RawData(data=data))
         return
-    await self.send(RawData(data=pending + data))
+    await _write_after_head(self, None, data, True)
 
 
 async def _app_send(self: Any, message: Any) -> None:
@@ -307,9 +306,21 @@ async def _app_send(self: Any, message: Any) -> None:
     :func:`_write`, without a schedule point for a message that asks for none
     (``UNSCHEDULED``, with ``more_body``).
     """
-    if message is not None and self.state is _RESPONSE and message["type"] == "http.response.body":
+    if message is None:
+        await _stock_app_send(self, message)
+        return
+    if message["type"] == "http.response.start" and message.get(WITH_FIRST_BODY):
         protocol: Any = getattr(self.send, "__self__", None)
-        if type(protocol) is H11Protocol and protocol._pending_head is None:  # type: ignore[attr-defined]
+        if type(protocol) is H11Protocol:
+            protocol._hold_head = True  # type: ignore[attr-defined]  # (for _h11_stream_send, in this call)
+            try:
+                await _stock_app_send(self, message)
+            finally:
+                protocol._hold_head = False  # type: ignore[attr-defined]
+            return
+    if self.state is _RESPONSE and message["type"] == "http.response.body":
+        protocol = getattr(self.send, "__self__", None)
+        if type(protocol) is H11Protocol:
             connection = protocol.connection
             if (connection.our_state is h11.SEND_BODY and type(getattr(connection, "_writer", None)) is _ChunkedWriter
                     and self.scope["method"] != "HEAD"):  # (a lower-case "head" is chunked by h11, bodiless here)
@@ -333,9 +344,12 @@ async def _app_send(self: Any, message: Any) -> None:
                             lock.release()
                         await _checkpoint_if_cancelled()
                         data += _end_of_message(connection)
-                    if data:
+                    schedule = not more or not message.get(UNSCHEDULED, False)
+                    if protocol._pending_head is not None:  # type: ignore[attr-defined]  # (a head kept for this body)
+                        await _write_after_head(protocol, server if fast else None, data, schedule)
+                    elif data:
                         if fast:
-                            await _write(server, data, not more or not message.get(UNSCHEDULED, False))
+                            await _write(server, data, schedule)
                         else:
                             await protocol.send(RawData(data=data))
                     if not more:  # Hypercorn's _send_closed, after its end of body
@@ -344,6 +358,27 @@ async def _app_send(self: Any, message: Any) -> None:
                         await self.send(StreamClosed(stream_id=self.stream_id))
                     return
     await _stock_app_send(self, message)
+
+
+async def _write_after_head(protocol: Any, server: Any, data: bytes, schedule: bool) -> None:
+    """Write the head ``protocol`` kept, then ``data``, in one write (``server``: a plain TCP one, or None).
+
+    If the write is cancelled (before its first byte: a write is shielded once it starts),
+    the head is kept again, to go out before whatever comes next, as Hypercorn's own path
+    would have written it already.
+    """
+    head = protocol._pending_head
+    protocol._pending_head = None
+    written = False
+    try:
+        if server is not None:
+            await _write(server, head + data, schedule)
+        else:
+            await protocol.send(RawData(data=head + data))
+        written = True
+    finally:
+        if not written and protocol._pending_head is None:
+            protocol._pending_head = head
 
 
 def _end_of_message(connection: h11.Connection) -> bytes:
@@ -386,6 +421,7 @@ def apply() -> bool:
         H11Protocol.handle = _h11_handle  # type: ignore[method-assign]
         H11Protocol._pending_head = None  # type: ignore[attr-defined]
         H11Protocol._defer_head = False  # type: ignore[attr-defined]
+        H11Protocol._hold_head = False  # type: ignore[attr-defined]
         H11Protocol.stream_send = _h11_stream_send  # type: ignore[method-assign]
         H11Protocol._send_h11_event = _h11_send_h11_event  # type: ignore[method-assign]
         HTTPStream.app_send = _app_send  # type: ignore[method-assign]

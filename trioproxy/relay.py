@@ -39,7 +39,7 @@ import trio
 from . import jsonread
 from .errors import UpstreamError
 from .headers import client_response_headers
-from .hypercorn_app import UNSCHEDULED
+from .hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY
 from .upstream import Winner
 from .usagefilter import UsageEventFilter
 from .watchdog import Watchdog
@@ -94,7 +94,8 @@ async def relay_stream(
         response.headers, request_id=ex.request_id, upstream_id=winner.target.upstream.encode(), streamed=True
     )
     response.forget_headers()
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    # The first body message follows at once (``pump``): the head may go out with it, in one write.
+    await send({"type": "http.response.start", "status": response.status, "headers": headers, WITH_FIRST_BODY: True})
     ex.status = response.status
     ex.response_started = True
     writer = _ClientWriter(ex, send, winner, write_timeout)
@@ -124,9 +125,10 @@ class _ClientWriter:
         #: When the send in progress started (None between sends).
         self.since: float | None = None
 
-    async def write(self, data: bytes, *, unscheduled: bool = False) -> None:
+    async def write(self, data: bytes, *, unscheduled: bool = False, count: bool = True) -> None:
         """Send ``data`` on; ``unscheduled``: the server may skip the write's schedule point,
-        and the caller's next await is one (``hypercorn_app.UNSCHEDULED``)."""
+        and the caller's next await is one (``hypercorn_app.UNSCHEDULED``); ``count=False``:
+        not a relayed piece (the empty message that sends a held head)."""
         ex = self.ex
         if ex.client_gone:
             return
@@ -143,6 +145,8 @@ class _ClientWriter:
             return
         finally:
             self.since = None
+        if not count:
+            return
         ex.bytes_out += len(data)
         if self.index == ex.first_content_index:
             ex.ttft_ms = (trio.current_time() - ex.arrival) * 1000
@@ -185,6 +189,10 @@ async def pump(
         if ex.client_gone:
             return
         sent += 1
+    if sent == 0:  # nothing relayed yet: a first body message before any wait, for the head (WITH_FIRST_BODY)
+        await writer.write(b"", count=False)
+        if ex.client_gone:
+            return
     received = sum(len(d) for d in winner.prefetched)
     # Only the end of the last chunk matters (``_closing``); nothing relayed is kept while the
     # stream waits for its next piece: with hundreds of slow streams open, that is memory.
