@@ -365,3 +365,26 @@ async def test_a_cancelled_last_message_leaves_the_body_unended_and_the_connecti
     wire, events, _, our_state, _, _ = stand.state()
     assert wire.endswith(b"5\r\nhello\r\n")  # nothing of the last message, no terminator
     assert our_state is h11.SEND_BODY and events[-2:] == ["close", "handle Closed"]  # closed, not kept
+
+
+@pytest.mark.parametrize(
+    ("method", "http_version", "held"),
+    [(b"POST", b"1.1", True), (b"POST", b"1.0", False), (b"HEAD", b"1.1", False)],
+    ids=["chunked", "http-1.0", "head"],
+)
+async def test_a_head_is_held_only_for_a_chunked_body_and_goes_with_its_first_message(
+    method: bytes, http_version: bytes, held: bool,
+) -> None:
+    # WITH_FIRST_BODY holds the head only where the first body message takes the chunked
+    # path and carries it; an HTTP/1.0 or HEAD answer's head goes out at once, as Hypercorn's.
+    stand = Stand(method, http_version)
+    await stand.start()
+    stream: Any = stand.protocol.stream
+    start = {"type": "http.response.start", "status": 200, "headers": [], WITH_FIRST_BODY: True}
+    await hypercorn_fast._app_send(stream, start)
+    after_start = stand.wire()
+    await hypercorn_fast._app_send(stream, {"type": "http.response.body", "body": b"", "more_body": True})
+    after_first = stand.wire()
+    assert (after_start == b"") == held
+    assert (after_start + after_first).startswith(b"HTTP/1.1 200")  # out by the first body message, either way
+    stand.state()  # (closes the sockets)

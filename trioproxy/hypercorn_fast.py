@@ -28,11 +28,14 @@ two and the timer for plain TCP connections only: TLS keeps Hypercorn's own I/O)
   declares a Content-Length, its head is written with the body's first bytes (up to
   ``COALESCE_MAX``), in one ``write`` (and one TCP segment) instead of two, each with its
   schedule point. Any other event of the stream, and the connection's close, write the
-  head first, as it would have been. A streamed answer's head (no length) is written at
-  once, as before. The head waits for the app's next message: trioproxy sends every
-  answer with a declared length in one message right after its start (the gateway's
-  streamed relays drop the upstream's Content-Length), but an app that sent a length and
-  then waited would see its head wait too.
+  head first, as it would have been. The head waits for the app's next message: trioproxy
+  sends every answer with a declared length in one message right after its start (the
+  gateway's streamed relays drop the upstream's Content-Length), but an app that sent a
+  length and then waited would see its head wait too. A streamed answer's head (no
+  length) is written at once, unless the start message carries
+  ``hypercorn_app.WITH_FIRST_BODY``: then, for a chunked answer, it is kept the same way
+  and written with the first body message's chunk (an HTTP/1.0 or HEAD answer's head is
+  written at once all the same: its body messages do not take the chunked path).
 - **a streamed answer's body** (h11, chunked): each ``http.response.body`` message is
   framed as one chunk and handed to the write at once, without Hypercorn's per-message
   ``Body`` event, h11's ``Data`` event and its state machine (which does nothing for data
@@ -304,7 +307,9 @@ async def _app_send(self: Any, message: Any) -> None:
     where Hypercorn's own path, for an empty last message, had h11 end the body before its
     cancelled write and kept the connection open. On plain TCP the bytes go straight to
     :func:`_write`, without a schedule point for a message that asks for none
-    (``UNSCHEDULED``, with ``more_body``).
+    (``UNSCHEDULED``, with ``more_body``). A start message with ``WITH_FIRST_BODY`` has
+    its head kept for the first body message's chunk (written at once if the answer is
+    not chunked).
     """
     if message is None:
         await _stock_app_send(self, message)
@@ -317,6 +322,10 @@ async def _app_send(self: Any, message: Any) -> None:
                 await _stock_app_send(self, message)
             finally:
                 protocol._hold_head = False  # type: ignore[attr-defined]
+            if protocol._pending_head is not None and not _declares_length(message.get("headers", ())):  # type: ignore[attr-defined]
+                connection = protocol.connection  # (h11 has framed the answer by now)
+                if type(getattr(connection, "_writer", None)) is not _ChunkedWriter or self.scope["method"] == "HEAD":
+                    await _flush_head(protocol)  # no chunked body to carry it (HTTP/1.0, HEAD, 204, 304)
             return
     if self.state is _RESPONSE and message["type"] == "http.response.body":
         protocol = getattr(self.send, "__self__", None)
@@ -363,10 +372,26 @@ async def _app_send(self: Any, message: Any) -> None:
 async def _write_after_head(protocol: Any, server: Any, data: bytes, schedule: bool) -> None:
     """Write the head ``protocol`` kept, then ``data``, in one write (``server``: a plain TCP one, or None).
 
-    If the write is cancelled (before its first byte: a write is shielded once it starts),
-    the head is kept again, to go out before whatever comes next, as Hypercorn's own path
-    would have written it already.
+    On plain TCP, with no other write holding the connection, the cancellation check comes
+    before the head is taken: once taken, it is written. Otherwise, if the write raises
+    without returning, the head is kept again, to go out before whatever comes next, as
+    Hypercorn's own path would have written it already (if the write had begun, the
+    connection is broken and a second copy reaches no one). A large ``data`` goes after
+    the head, not copied onto it (``COALESCE_MAX``).
     """
+    if len(data) > COALESCE_MAX:
+        await _flush_head(protocol)
+        if server is not None:
+            await _write(server, data, schedule)
+        else:
+            await protocol.send(RawData(data=data))
+        return
+    if server is not None and not server.send_lock.locked():
+        await _checkpoint_if_cancelled()  # (then nothing awaits before _write's own, which cannot fire)
+        head = protocol._pending_head
+        protocol._pending_head = None
+        await _write(server, head + data, schedule)
+        return
     head = protocol._pending_head
     protocol._pending_head = None
     written = False
