@@ -388,3 +388,18 @@ async def test_a_head_is_held_only_for_a_chunked_body_and_goes_with_its_first_me
     assert (after_start == b"") == held
     assert (after_start + after_first).startswith(b"HTTP/1.1 200")  # out by the first body message, either way
     stand.state()  # (closes the sockets)
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["more-follows", "the-last-message"])
+async def test_a_large_first_chunk_after_a_held_head(last: bool) -> None:
+    # Past COALESCE_MAX the head goes in its own write, before the chunk, except for the
+    # last message: once h11 has ended the body, its bytes go in the one write.
+    big = bytes(range(256)) * 400  # 100 KiB
+    messages: list[dict[str, Any]] = [{"type": "http.response.body", "body": big, "more_body": not last}]
+    if not last:
+        messages.append({"type": "http.response.body", "body": b""})
+    start = {"type": "http.response.start", "status": 200, "headers": []}
+    stock = await play(False, b"POST", b"1.1", start, messages)
+    held = await play(True, b"POST", b"1.1", {**start, WITH_FIRST_BODY: True}, messages)
+    assert held[0] == stock[0] and not held[1]
+    assert held[2] == (1 if last else 3)  # (the socket pair takes 100 KiB in one write)

@@ -355,7 +355,7 @@ async def _app_send(self: Any, message: Any) -> None:
                         data += _end_of_message(connection)
                     schedule = not more or not message.get(UNSCHEDULED, False)
                     if protocol._pending_head is not None:  # type: ignore[attr-defined]  # (a head kept for this body)
-                        await _write_after_head(protocol, server if fast else None, data, schedule)
+                        await _write_after_head(protocol, server if fast else None, data, schedule, split=more)
                     elif data:
                         if fast:
                             await _write(server, data, schedule)
@@ -369,7 +369,7 @@ async def _app_send(self: Any, message: Any) -> None:
     await _stock_app_send(self, message)
 
 
-async def _write_after_head(protocol: Any, server: Any, data: bytes, schedule: bool) -> None:
+async def _write_after_head(protocol: Any, server: Any, data: bytes, schedule: bool, *, split: bool = True) -> None:
     """Write the head ``protocol`` kept, then ``data``, in one write (``server``: a plain TCP one, or None).
 
     On plain TCP, with no other write holding the connection, the cancellation check comes
@@ -377,9 +377,10 @@ async def _write_after_head(protocol: Any, server: Any, data: bytes, schedule: b
     without returning, the head is kept again, to go out before whatever comes next, as
     Hypercorn's own path would have written it already (if the write had begun, the
     connection is broken and a second copy reaches no one). A large ``data`` goes after
-    the head, not copied onto it (``COALESCE_MAX``).
+    the head, not copied onto it (``COALESCE_MAX``), unless ``split`` is False: a body's
+    last bytes, after h11 has ended it, must not wait behind a write of their own.
     """
-    if len(data) > COALESCE_MAX:
+    if split and len(data) > COALESCE_MAX:
         await _flush_head(protocol)
         if server is not None:
             await _write(server, data, schedule)
