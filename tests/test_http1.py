@@ -359,6 +359,25 @@ def test_malformed_framing_is_a_protocol_error(name: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "chunk",
+    [b"2\r\nabXY", b"2\r\nab\n\n", b"2;" + b"e" * (20 * 1024) + b"\r\nab\r\n", b"0x2\r\nab\r\n", b"2\r\nabc\r\n"],
+)
+def test_a_malformed_chunk_alone_in_its_piece_is_a_protocol_error(chunk: bytes) -> None:
+    # Each read of a relay at token pace is one whole chunk: the parser's shortcut for it
+    # must give the same verdicts as the general loop.
+    with pytest.raises(ProtocolError):
+        drive([CHUNKED_HEAD, chunk], eof=False)
+
+
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=300), st.sampled_from([b"", b";x=1", b" ", b"\t;y"]),
+                          st.sampled_from(["%x", "%X", "00%x"])), max_size=6))
+def test_one_whole_chunk_per_piece(chunks: list[tuple[bytes, bytes, str]]) -> None:
+    framed = [(fmt % len(data)).encode() + ext + b"\r\n" + data + b"\r\n" for data, ext, fmt in chunks]
+    parsed = drive([CHUNKED_HEAD, *framed, b"0\r\n\r\n"], eof=False)
+    assert parsed.pieces == [data for data, _, _ in chunks]
+    assert parsed.reusable
+
+@pytest.mark.parametrize(
     "data",
     [
         b"",

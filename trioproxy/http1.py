@@ -332,6 +332,21 @@ class ResponseParser:
         buf = self._buf
         pos = self._pos
         end = len(buf)
+        if pos >= end:  # nothing unread (a relay asks before it waits): what the loop would do
+            self._buf = b""
+            self._pos = 0
+            if self._eof:
+                raise IncompleteMessage("stream ended inside the chunked response body")
+            return None
+        if state == _CHUNK_HEADER:  # the common read at token pace: exactly one whole chunk
+            eol = buf.find(b"\r\n", pos)
+            if 0 <= eol - pos <= MAX_CHUNK_LINE and (match := _CHUNK_LINE.fullmatch(buf, pos, eol)):
+                start = eol + 2
+                stop = start + int(match[1], 16)
+                if stop > start and stop + 2 == end and buf.endswith(b"\r\n"):
+                    self._buf = b""
+                    self._pos = 0
+                    return buf[start:stop]
         pieces: list[bytes] = []
         while True:  # each pass consumes a chunk header, payload or CRLF, or breaks
             if state == _CHUNK_DATA:
