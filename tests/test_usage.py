@@ -10,6 +10,7 @@ are checked against an oracle that reads the event objects themselves, never the
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import attrs
@@ -711,6 +712,71 @@ def test_generated_sse_streams_match_the_oracle(stream: GeneratedSSE, data: st.D
     else:
         assert body[first_at:first_at + 1] == b"\n"
         assert len(true_at) == 1 and true_at[0][0] <= first_at < true_at[0][1]
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(sse_streams())
+def test_generated_sse_streams_event_by_event(stream: GeneratedSSE) -> None:
+    # One piece per event, as a relay reads a server at token pace: feed()'s path for a
+    # piece that is exactly one whole event, and _scan_line's remembered shapes.
+    body, events, ends, ensure_ascii = stream
+    expected, first_at = oracle(events, ends, ensure_ascii)
+    pieces = [p for p in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", body) if p]
+    assert b"".join(pieces) == body
+    outcome, true_at = run(SSEScanner(), pieces)
+    assert attrs.evolve(outcome, statistics=expected.statistics) == expected
+    assert outcome == run(SSEScanner(), [bytes([b]) for b in body])[0]
+    if first_at is not None:
+        assert len(true_at) == 1 and true_at[0][0] <= first_at < true_at[0][1]
+
+
+
+@pytest.mark.parametrize("held", [b": ping", b"event: x", b"x"])
+def test_a_whole_event_after_a_held_piece_continues_that_line(held: bytes) -> None:
+    # A piece shaped like one whole event, after bytes held from an unfinished line, is
+    # the rest of that line, not an event of its own.
+    scanner = SSEScanner()
+    scanner.feed(held)
+    assert not scanner.feed(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
+    assert scanner.content_chars == 0 and not scanner.first_content
+
+
+def test_a_whole_event_ends_an_oversize_line() -> None:
+    scanner = SSEScanner(max_line_bytes=80)
+    scanner.feed(b"data: " + b"x" * 100)  # too long already: dropped up to its end
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    assert not scanner.feed(event)  # the first line of it ends the oversize one
+    assert scanner.content_chars == 0 and scanner.statistics().oversize == 1
+    assert scanner.feed(event) and scanner.content_chars == 2
+
+#: Pieces of lines, valid JSON or not, around the keys the scanner looks for.
+LINE_FRAGMENTS = [b'"content":"', b'"content" : "', b'"text":"', b'"reasoning":"', b'"refusal":',
+                  b'"finish_reason":null', b'"finish_reason":"stop"', b'"finish_reason":', b'"usage":null',
+                  b'"usage":{"prompt_tokens":1}', b'"timings":{', b'"timings":null', b'"error":"x"',
+                  b'"error":{', b'"error":null', b'"tool_calls":[{', b'"tool_calls":[]', b'"tool_calls":[ ',
+                  b'"', b'\\', b'\\"', b'\\\\', b":", b",", b"{", b"}", b"[", b"]", b" ", b"\t", b"x", b"\xc3\xa9",
+                  b'"id":"c"', b'"content', b'content"', b'"arguments":"']
+line_fragments = st.lists(st.sampled_from(LINE_FRAGMENTS), max_size=8).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(line_fragments, line_fragments, st.lists(st.tuples(line_fragments, st.integers(0, 5), st.booleans(),
+                                                              st.booleans()), min_size=1, max_size=8))
+def test_scan_line_finds_what_the_regex_finds(prefix: bytes, suffix: bytes,
+                                              lines: list[tuple[bytes, int, bool, bool]]) -> None:
+    """_scan_line's remembered shape gives what _SSE_KEYS.findall gives, line after line, on any bytes."""
+    scanner = SSEScanner()
+    for middle, change, finished, used in lines:
+        if change == 1:
+            prefix += middle  # a new shape, sometimes
+        elif change == 2:
+            suffix = middle + suffix
+        line = b"data: " + prefix + middle + suffix
+        # What is known so far changes what some keys are worth (_tally): both see the same.
+        scanner.finish_reason = "stop" if finished else None
+        scanner._usage = Usage(1, 2) if used else None
+        assert scanner._scan_line(line) == scanner._scan(line), line
 
 
 @st.composite
