@@ -209,3 +209,15 @@ def test_filter_fast_path_takes_a_block_of_vllm_chunks_in_one_pass() -> None:
     f = UsageEventFilter()
     f._rewrite = None  # type: ignore[assignment,method-assign]  # the line path would call it
     assert f.feed(block) == b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n' * 3
+
+
+def test_the_end_of_an_oversize_line_passes_as_is_even_in_a_piece_of_whole_lines() -> None:
+    # The rest of a line that overflowed max_line_bytes is forwarded untouched (like its start);
+    # the lines after it in the same piece are filtered as usual.
+    long_start = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 60
+    rest = b'"}}],"usage":null}\n\n'
+    after = b'data: {"choices":[],"x":1,"usage":null}\n\n'
+    plain = b'data: {"choices":[],"x":1}\n\n'
+    out, outs = filtered([long_start, rest + after, after[:-2], b"\n\n"], max_line_bytes=40)
+    assert outs == [long_start, rest + plain, b"", plain]  # the next line held whole again
+    assert out == long_start + rest + plain + plain

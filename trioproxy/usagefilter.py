@@ -110,6 +110,8 @@ class UsageEventFilter:
 
         Holds back at most an incomplete last line, never a complete one.
         """
+        if chunk.endswith(b"\n") and not (self._held or self._overflow):
+            return self._filter(chunk)  # the common piece: whole lines, nothing held (no copies)
         nl = chunk.rfind(b"\n")
         if nl < 0:
             return self._hold(chunk)
