@@ -160,7 +160,12 @@ class UsageEventFilter:
             usages = block.count(b'"usage"')
             if not usages:
                 return block  # no usage at all: one search
-            if usages == block.count(b',"usage":null') and self._all_on_data_lines(block):
+            if usages == block.count(b',"usage":null') and (
+                # (one usage on the first line, a data line: one relayed event, the common case)
+                (usages == 1 and block.startswith(b"data:")
+                 and block.find(b',"usage":null') < block.find(b"\n") <= self._max_line_bytes)
+                or self._all_on_data_lines(block)
+            ):
                 # Every usage is the compact null member on a data line, as vLLM and OpenAI send
                 # it on each chunk once usage is asked for: one C-level pass for the whole block,
                 # the same bytes as the line-by-line path below (tested against it).
