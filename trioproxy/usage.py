@@ -277,8 +277,9 @@ class SSEScanner(_LineScanner):
         # before that value, the bytes after it, and the other keys' matches. None: no shape yet.
         self._shape_prefix: bytes | None = None
         self._shape_suffix = b""
-        self._shape_others: list[tuple[bytes, bytes, bytes]] = []
-        self._shape_tally: tuple[bool, int, bool] | None = None
+        # What the other matches give (see _tally), or, if that depends on what is known so
+        # far, the matches themselves (kept only then: memory per open stream).
+        self._shape_tally: tuple[bool, int, bool] | list[tuple[bytes, bytes, bytes]] = (False, 0, False)
 
     def usage(self) -> Usage | None:
         """Token counts: the last ``usage`` object, else llama.cpp ``timings``, else None."""
@@ -331,6 +332,7 @@ class SSEScanner(_LineScanner):
                         self._end_event()
                     else:  # inlined: the common case is worth ~0.3 µs here
                         self._ev_lines = 0
+                        self._ev_first = b""  # (a stream would hold its last line while it waits)
                         self._ev_content_bytes = -1
                         self._ev_status = _OPEN
             elif line.startswith(b"data:"):
@@ -391,7 +393,8 @@ class SSEScanner(_LineScanner):
                 (line.find(b'"', start, end) < 0 and line.find(b"\\", start, end) < 0)
                 or _STRING_BODY.fullmatch(line, start, end)
             ):
-                has, nbytes, decode = self._shape_tally or self._tally(self._shape_others)
+                tally = self._shape_tally
+                has, nbytes, decode = self._tally(tally) if isinstance(tally, list) else tally
                 return has or end > start, nbytes + end - start, decode
         matches: list[tuple[bytes, bytes, bytes]] = []
         texts = text_index = 0
@@ -404,9 +407,8 @@ class SSEScanner(_LineScanner):
             matches.append((key, text, other))
         if texts == 1:  # (two texts, several choices say: no shape to keep)
             self._shape_prefix, self._shape_suffix = line[: text_at[0]], line[text_at[1] :]
-            others = self._shape_others = matches[:text_index] + matches[text_index + 1 :]
-            # What the others give, unless it depends on what is known so far (see _tally).
-            self._shape_tally = None if any(
+            others = matches[:text_index] + matches[text_index + 1 :]
+            self._shape_tally = others if any(
                 (key == b"finish_reason" and not other) or (key == b"timings" and other == b"{")
                 for key, _, other in others
             ) else self._tally(others)
@@ -516,6 +518,7 @@ class SSEScanner(_LineScanner):
             elif self._ev_status == _FAILED:
                 self._malformed += 1
         self._ev_lines = 0
+        self._ev_first = b""
         self._ev_content_bytes = -1
         self._ev_status = _OPEN
         self._ev_parts = None
