@@ -104,8 +104,11 @@ class RawConnection:
           trio.ClosedResourceError: the socket was closed (``close``) while this waited.
         """
         sock = self.sock
-        await _checkpoint_if_cancelled()
-        data = None if wait_first else _recv_now(sock)
+        if wait_first:
+            data = None  # (the wait below is the cancellation point)
+        else:
+            await _checkpoint_if_cancelled()
+            data = _recv_now(sock)
         while data is None:  # bounded: each pass waits under the deadline, then reads
             if deadline == math.inf:  # timed out by a watchdog instead (pool.py): no scope
                 await _wait_readable(sock)
