@@ -5,7 +5,9 @@ The relay hands every piece of an upstream body, as the socket gave it, to
 ``feed`` is on the hot path (one call per relayed chunk), so lines are searched
 as bytes and only those that can change a result are JSON-decoded: a non-null
 ``"usage"``/``"timings"`` object, a non-null ``"finish_reason"`` while none is known,
-an ``"error"`` (SSE); a ``"done": true`` or an ``"error"`` (NDJSON).
+an ``"error"`` (SSE); a ``"done": true`` or an ``"error"`` (NDJSON). A server writes
+every token's SSE event alike, so ``SSEScanner`` remembers the shape of the last line
+with one text value and scans a line of that shape without its regex (``_scan_line``).
 
 Interface::
 
