@@ -370,11 +370,15 @@ def test_a_malformed_chunk_alone_in_its_piece_is_a_protocol_error(chunk: bytes) 
 
 
 @given(st.lists(st.tuples(st.binary(min_size=1, max_size=300), st.sampled_from([b"", b";x=1", b" ", b"\t;y"]),
-                          st.sampled_from(["%x", "%X", "00%x"])), max_size=6))
-def test_one_whole_chunk_per_piece(chunks: list[tuple[bytes, bytes, str]]) -> None:
-    framed = [(fmt % len(data)).encode() + ext + b"\r\n" + data + b"\r\n" for data, ext, fmt in chunks]
-    parsed = drive([CHUNKED_HEAD, *framed, b"0\r\n\r\n"], eof=False)
-    assert parsed.pieces == [data for data, _, _ in chunks]
+                          st.sampled_from(["%x", "%X", "00%x"])), max_size=6), st.data())
+def test_whole_chunks_per_piece(chunks: list[tuple[bytes, bytes, str]], data: st.DataObject) -> None:
+    # A relay's reads: one whole chunk each at token pace, several when it lags, and the
+    # chunks' data comes back joined, one piece per read.
+    framed = [(fmt % len(body)).encode() + ext + b"\r\n" + body + b"\r\n" for body, ext, fmt in chunks]
+    ends = sorted(data.draw(st.sets(st.integers(1, len(framed)))) | {len(framed)}) if framed else []
+    reads = [b"".join(framed[a:b]) for a, b in zip([0, *ends], ends)]
+    parsed = drive([CHUNKED_HEAD, *reads, b"0\r\n\r\n"], eof=False)
+    assert parsed.pieces == [b"".join(body for body, _, _ in chunks[a:b]) for a, b in zip([0, *ends], ends)]
     assert parsed.reusable
 
 @pytest.mark.parametrize(

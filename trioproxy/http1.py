@@ -338,16 +338,24 @@ class ResponseParser:
             if self._eof:
                 raise IncompleteMessage("stream ended inside the chunked response body")
             return None
-        if state == _CHUNK_HEADER:  # the common read at token pace: exactly one whole chunk
-            eol = buf.find(b"\r\n", pos)
-            if 0 <= eol - pos <= MAX_CHUNK_LINE and (match := _CHUNK_LINE.fullmatch(buf, pos, eol)):
+        pieces: list[bytes] = []
+        if state == _CHUNK_HEADER:
+            # The common read: whole chunks (one at token pace, more when the relay lags),
+            # each taken in one pass here; the loop below takes over at anything else.
+            while True:  # bounded: each pass consumes a whole chunk or breaks
+                eol = buf.find(b"\r\n", pos)
+                if not 0 <= eol - pos <= MAX_CHUNK_LINE or (match := _CHUNK_LINE.fullmatch(buf, pos, eol)) is None:
+                    break
                 start = eol + 2
                 stop = start + int(match[1], 16)
-                if stop > start and stop + 2 == end and buf.endswith(b"\r\n"):
+                if stop == start or not buf.startswith(b"\r\n", stop):  # the last chunk, or not whole
+                    break
+                pieces.append(buf[start:stop])
+                pos = stop + 2
+                if pos == end:
                     self._buf = b""
                     self._pos = 0
-                    return buf[start:stop]
-        pieces: list[bytes] = []
+                    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
         while True:  # each pass consumes a chunk header, payload or CRLF, or breaks
             if state == _CHUNK_DATA:
                 avail = end - pos
