@@ -19,18 +19,20 @@ from hypothesis import strategies as st
 from trioproxy.hypercorn_app import AppInbox, DisconnectNotice
 
 Op = tuple[str, int]
-#: ("send", message), ("receive", 0), ("cancel", which of the tasks started so far, modulo).
+#: ("send", message), ("receive", 0), ("cancel", which of the tasks started so far, modulo),
+#: ("take", 0): receive_nowait, from the test's own task.
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("send"), st.integers(0, 99)),
         st.tuples(st.just("receive"), st.just(0)),
         st.tuples(st.just("cancel"), st.integers(0, 20)),
+        st.tuples(st.just("take"), st.just(0)),
     ),
     max_size=25,
 )
 
 
-async def _run(program: list[Op], send: Any, receive: Any) -> list[list[tuple[int, str, Any]]]:
+async def _run(program: list[Op], send: Any, receive: Any, take: Any) -> list[list[tuple[int, str, Any]]]:
     """Each step's completions, as (task number, how, value), in a canonical order."""
     steps: list[list[tuple[int, str, Any]]] = []
     done: list[tuple[int, str, Any]] = []
@@ -48,6 +50,8 @@ async def _run(program: list[Op], send: Any, receive: Any) -> list[list[tuple[in
             if op[0] == "cancel":
                 if scopes:
                     scopes[op[1] % len(scopes)].cancel()
+            elif op[0] == "take":
+                done.append((-1, "took", take()))
             else:
                 scopes.append(trio.CancelScope())
                 nursery.start_soon(task, len(scopes) - 1, scopes[-1], op)
@@ -64,9 +68,15 @@ async def _run(program: list[Op], send: Any, receive: Any) -> list[list[tuple[in
 def test_the_inbox_does_what_trios_memory_channel_does(program: list[Op], capacity: int) -> None:
     async def both() -> tuple[Any, Any]:
         send_channel, receive_channel = trio.open_memory_channel[int](capacity)
-        expected = await _run(program, send_channel.send, receive_channel.receive)
+        def take_from_channel() -> int | None:
+            try:
+                return receive_channel.receive_nowait()
+            except trio.WouldBlock:
+                return None
+
+        expected = await _run(program, send_channel.send, receive_channel.receive, take_from_channel)
         inbox = AppInbox(capacity)
-        return expected, await _run(program, inbox.send, inbox.receive)
+        return expected, await _run(program, inbox.send, inbox.receive, inbox.receive_nowait)
 
     expected, got = trio.run(both)
     assert got == expected

@@ -24,7 +24,7 @@ import trio.testing
 
 from trioproxy.app import ProxyApp
 from trioproxy.connection import RawConnection
-from trioproxy.hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY
+from trioproxy.hypercorn_app import INBOX, UNSCHEDULED, WITH_FIRST_BODY, AppInbox
 
 from .test_disconnect import SCOPE
 
@@ -221,3 +221,79 @@ async def test_the_head_may_wait_for_the_first_body_message_which_comes_before_a
     else:
         assert sent[1]["body"] == event(0)
         assert records.receive_nowait().outcome == "ok"
+
+
+WHOLE = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                 "finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+WHOLE_BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@attrs.define
+class CountingUpstream:
+    """Answers each request whole, on one keep-alive connection; notes when each request arrives."""
+
+    arrived: list[int] = attrs.Factory(list)
+    #: What to note on a request's arrival (the app task's steps so far, in the test below).
+    note: Any = None
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        data = b""
+        while True:  # bounded: each pass answers a request or ends with the connection
+            while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + len(WHOLE_BODY):
+                piece = await stream.receive_some(65536)
+                if not piece:
+                    return
+                data += piece
+            data = data[data.index(b"\r\n\r\n") + 4 + len(WHOLE_BODY):]
+            self.arrived.append(self.note())
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                  b"content-length: %d\r\n\r\n%s" % (len(WHOLE), WHOLE))
+
+
+@pytest.mark.parametrize("inbox_in_scope", [True, False], ids=["inbox", "receive-only"])
+async def test_a_body_that_has_come_is_read_in_the_step_that_starts_the_request(
+    proxy_services: Any, inbox_in_scope: bool,
+) -> None:
+    # Hypercorn queues a body that came with its head as two messages (the bytes, then the
+    # end). Through the scope's INBOX the app takes both without a schedule point each, and
+    # its upstream request goes out in the step that starts it: on a busy core, each trip
+    # through the scheduler is a whole batch of other tasks' steps before the first token.
+    upstream = CountingUpstream()
+    made, records = await proxy_services(upstream, 1_000)
+    app = ProxyApp(made)
+    steps = Steps()
+    scope = {**SCOPE, "headers": [(b"content-type", b"application/json"),
+                                  (b"content-length", b"%d" % len(WHOLE_BODY))]}
+    answers: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            answers.append(message["body"])
+        await trio.lowlevel.checkpoint()
+
+    async def one() -> None:
+        inbox = AppInbox(10)
+        await inbox.send({"type": "http.request", "body": WHOLE_BODY, "more_body": True})
+        await inbox.send({"type": "http.request", "body": b"", "more_body": False})
+        me = trio.lowlevel.current_task()
+        upstream.note = lambda: sum(1 for kind, task in steps.log if task is me)
+        steps.log.clear()
+        await app({**scope, "extensions": {INBOX: inbox}} if inbox_in_scope else scope, inbox.receive, send)
+
+    trio.lowlevel.add_instrument(steps)
+    try:
+        with trio.fail_after(30):
+            for _ in range(2):  # the first request opens the pool's connection (its connect waits)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(one)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert answers == [WHOLE, WHOLE]
+    assert [records.receive_nowait().outcome for _ in range(2)] == ["ok", "ok"]
+    # Counted: the app task's steps after its first. With the inbox, that first step sends
+    # the request, and the upstream reads it before the app's next step or after it; each
+    # message taken with receive() instead makes one step more first.
+    if inbox_in_scope:
+        assert upstream.arrived[1] in (0, 1), upstream.arrived
+    else:
+        assert upstream.arrived[1] >= 2, upstream.arrived

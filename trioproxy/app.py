@@ -45,7 +45,7 @@ from .errors import (
 from .config import Config
 from .exchange import ClientGone, Exchange, decode_json, model_of, read_body, redact, upstream_query
 from .headers import client_response_headers, header_value, upstream_request_headers
-from .hypercorn_app import DISCONNECT_NOTICE, DisconnectNotice
+from .hypercorn_app import DISCONNECT_NOTICE, INBOX, DisconnectNotice
 from .relay import Send, error_in_body, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
@@ -198,7 +198,9 @@ class ProxyApp:
             async with trio.open_nursery() as request:
                 limit = request.cancel_scope
                 limit.deadline = trio.current_time() + config.server.body_timeout_s
-                body = await read_body(receive, ex, scope, config.server.max_body_bytes)
+                inbox = scope["extensions"].get(INBOX) if "extensions" in scope else None
+                body = await read_body(receive, ex, scope, config.server.max_body_bytes,
+                                       take=inbox.receive_nowait if inbox is not None else None)
                 if limit.cancel_called:  # the deadline passed as the last piece came: too late all the same
                     raise RequestError("the request body did not arrive in time", code="request_timeout", status_hint=408)
                 plan, outgoing, inject_usage = _prepare(route, scope, ex, body, services, config, runtimes)

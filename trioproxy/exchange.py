@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote_from_bytes
 
@@ -118,13 +119,28 @@ def redact(value: Any) -> Any:
     return value
 
 
-async def read_body(receive: Receive, ex: Exchange, scope: dict[str, Any], limit: int) -> bytes:
+async def read_body(
+    receive: Receive, ex: Exchange, scope: dict[str, Any], limit: int, *, take: Callable[[], Any] | None = None
+) -> bytes:
+    """The request's body, at most ``limit`` bytes.
+
+    ``take``: the server's ``receive_nowait`` (``hypercorn_app.INBOX``): the messages that
+    have come are taken without a schedule point each, ``receive`` awaited only when none
+    is there. A request whose body came with its head is then read in the step that starts
+    it (a trip through the scheduler is a whole batch of other tasks' steps on a busy core).
+
+    Raises:
+      BodyTooLarge: it declares or sends more than ``limit`` bytes.
+      ClientGone: the client hung up first.
+    """
     declared = header_value(scope["headers"], b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)
     parts: list[bytes] = []
     while True:
-        message = await receive()
+        message = take() if take is not None else None
+        if message is None:
+            message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone()
         chunk = message.get("body", b"")

@@ -33,7 +33,7 @@ from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 
-__all__ = ["DISCONNECT_NOTICE", "UNSCHEDULED", "WITH_FIRST_BODY", "AppInbox", "DisconnectNotice", "install"]
+__all__ = ["DISCONNECT_NOTICE", "INBOX", "UNSCHEDULED", "WITH_FIRST_BODY", "AppInbox", "DisconnectNotice", "install"]
 
 #: The ASGI scope extension that holds an HTTP request's :class:`DisconnectNotice`.
 DISCONNECT_NOTICE = "trioproxy.disconnect_notice"
@@ -43,6 +43,9 @@ DISCONNECT_NOTICE = "trioproxy.disconnect_notice"
 #: answer over plain TCP; any other server ignores it and yields as usual. The relay sets
 #: it: its next await is the upstream read, which waits for readability first.
 UNSCHEDULED = "trioproxy.unscheduled"
+#: The ASGI scope extension that holds an HTTP request's :class:`AppInbox`, whose
+#: ``receive_nowait`` gives the app what has already come without a schedule point.
+INBOX = "trioproxy.inbox"
 #: A key of an ``http.response.start`` message: when true, the server may hold the head and
 #: write it with the next body message's bytes, and the app promises to send one right
 #: away (an empty one if it has nothing yet). ``hypercorn_fast`` honours it for HTTP/1.1;
@@ -127,6 +130,22 @@ class AppInbox:
 
         return await _wait_task_rescheduled(abort)
 
+    def receive_nowait(self) -> Any:
+        """The oldest message if there is one, else None: ``receive`` without its checkpoint or wait.
+
+        As trio's ``receive_nowait`` (None for its ``WouldBlock``). Through the scope's
+        ``INBOX`` extension, an app takes what has already come (a request's whole body,
+        most often) in the same step, without a trip through the scheduler per message.
+        """
+        senders = self._senders
+        if senders:  # (the buffer is full, or there is none): the first waiting sender's turn
+            task, message = senders.pop(0)
+            _reschedule(task)
+            self._messages.append(message)
+        if self._messages:
+            return self._messages.pop(0)
+        return None
+
 
 def _discard(items: list[Any], item: Any) -> None:
     for i, other in enumerate(items):  # (by identity: a message may compare equal to another)
@@ -178,9 +197,11 @@ class DisconnectNotice:
 
 async def _spawn_app(self: Any, app: Any, config: Any, scope: dict[str, Any], send: Any) -> Any:
     """``TaskGroup.spawn_app`` with an :class:`AppInbox`, and a notice in an HTTP request's scope."""
-    if scope["type"] == "http":  # (before the app's task starts: it finds the notice in its scope)
-        scope.setdefault("extensions", {})[DISCONNECT_NOTICE] = DisconnectNotice()
     inbox = AppInbox(config.max_app_queue_size)
+    if scope["type"] == "http":  # (before the app's task starts: it finds them in its scope)
+        extensions = scope.setdefault("extensions", {})
+        extensions[DISCONNECT_NOTICE] = DisconnectNotice()
+        extensions[INBOX] = inbox
     self._nursery.start_soon(
         _handle, app, config, scope, inbox.receive, send, trio.to_thread.run_sync, trio.from_thread.run
     )
