@@ -116,12 +116,25 @@ async def test_a_cancelled_call_takes_and_leaves_nothing() -> None:
     assert await inbox.receive() == "kept"  # the cancelled receive took nothing, the cancelled send left nothing
 
 
-async def test_send_and_receive_yield_even_when_they_need_not_wait() -> None:
+async def test_receive_yields_even_when_it_need_not_wait_and_send_only_when_it_waits() -> None:
     inbox = AppInbox(1)
-    with trio.testing.assert_checkpoints():
-        await inbox.send("x")
-    with trio.testing.assert_checkpoints():
-        assert await inbox.receive() == "x"
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await inbox.send("x")  # room for it: no schedule point, so the other task has not run yet
+        assert ran == []
+        with trio.testing.assert_checkpoints():
+            assert await inbox.receive() == "x"
+    await inbox.send("y")
+    with trio.testing.assert_checkpoints():  # the inbox is full: this one waits for the receive below
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(inbox.send, "z")
+            await trio.testing.wait_all_tasks_blocked()
+            assert [await inbox.receive(), await inbox.receive()] == ["y", "z"]
 
 
 def test_a_notice_calls_its_subscriber_once_when_fired_or_at_once_if_fired_before() -> None:

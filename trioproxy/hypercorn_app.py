@@ -9,7 +9,8 @@ four messages a request gets (a deque, two ordered dicts, two sets, two channel 
 - **AppInbox**: the same queue (first in, first out; ``config.max_app_queue_size``
   messages, then ``send`` waits; a ``receive`` on an empty inbox waits; a cancelled wait
   takes or leaves nothing), as the memory channel's ``send``/``receive`` behave, with one
-  object and one list. Hypercorn never closes these channels, so neither closing nor
+  object and one list; a ``send`` that need not wait makes no schedule point (Hypercorn's
+  reader makes one per read). Hypercorn never closes these channels, so neither closing nor
   ``EndOfChannel`` is needed. ``tests/test_hypercorn_app.py`` checks it against trio's
   memory channel, step by step, over random programs (hypothesis). Each HTTP request's
   scope carries its inbox under ``scope["extensions"][INBOX]``: its ``receive_nowait``
@@ -71,7 +72,9 @@ class AppInbox:
 
     ``send`` hands a message to the longest-waiting ``receive`` if one waits, else buffers it
     if fewer than ``capacity`` are buffered, else waits until a ``receive`` takes one. Each
-    is a checkpoint, as the channel's: a cancellation before it takes or leaves nothing.
+    is a cancellation point, as the channel's: a cancellation before it takes or leaves
+    nothing. ``receive`` is a schedule point too, as the channel's; ``send`` only when it
+    waits (see there).
     """
 
     __slots__ = ("_capacity", "_messages", "_receivers", "_senders")
@@ -106,8 +109,10 @@ class AppInbox:
                 return _SUCCEEDED
 
             await _wait_task_rescheduled(abort)
-            return
-        await _cancel_shielded_checkpoint()
+        # Not a schedule point unless it waited: Hypercorn's reader, which puts a request's
+        # body here as two messages, makes one at each read of its socket (trio's, or
+        # hypercorn_fast._read_data); one more per message was two trips through the
+        # scheduler per request for nothing.
 
     @trio.lowlevel.enable_ki_protection
     async def receive(self) -> Any:
