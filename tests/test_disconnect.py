@@ -18,7 +18,7 @@ import trio.testing
 
 from trioproxy import app as app_module
 from trioproxy.app import ProxyApp, single_error
-from trioproxy.hypercorn_app import DISCONNECT_NOTICE, DisconnectNotice
+from trioproxy.hypercorn_app import DISCONNECT_NOTICE, UNSCHEDULED, DisconnectNotice
 
 
 #: Virtual time stands still unless a test jumps it; if every task stays blocked this many real
@@ -270,7 +270,7 @@ async def test_a_client_that_hangs_up_once_it_has_done_is_recorded_ok(
         await ProxyApp(made)(client.scope, client.receive, client.send)
     (record,) = [records.receive_nowait()]
     assert record.outcome == "ok" and record.status == 200
-    assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}  # finished
+    assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False, UNSCHEDULED: True}  # finished
 
 
 @pytest.mark.parametrize("notice", [False, True], ids=["watcher-task", "notice"])

@@ -330,6 +330,49 @@ async def test_over_plain_tcp_a_body_message_may_skip_its_schedule_point(unsched
     assert steps_during_writes == [0 if unscheduled else 5]
 
 
+@pytest.mark.parametrize("declared", [False, True], ids=["chunked", "with-length"])
+@pytest.mark.parametrize("unscheduled", [False, True])
+async def test_over_plain_tcp_a_last_body_message_may_skip_its_schedule_points(declared: bool, unscheduled: bool) -> None:
+    # The last message of a chunked answer (the short path) and of a whole one with its length
+    # (Hypercorn's path: the body's write, then h11's empty end of it): none, or at least one.
+    counter = TaskSteps()
+    steps_during_last: list[int] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await receive()
+        headers = [(b"content-type", b"text/plain"), *([(b"content-length", b"5")] if declared else [])]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        counter.counted, counter.steps = trio.lowlevel.current_task(), 0
+        message = {"type": "http.response.body", "body": b"hello", "more_body": False}
+        if unscheduled:
+            message[UNSCHEDULED] = True
+        await send(message)
+        steps_during_last.append(counter.steps)
+
+    end = b"\r\n\r\nhello" if declared else b"\r\n5\r\nhello\r\n0\r\n\r\n"
+    trio.lowlevel.add_instrument(counter)
+    try:
+        with trio.fail_after(30):
+            async with serving(app=app) as (port, _):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    received = b""
+                    while not received.endswith(end):
+                        received += await stream.receive_some()
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert received.startswith(b"HTTP/1.1 200 ")
+    if unscheduled:
+        assert steps_during_last == [0]
+    else:
+        assert steps_during_last[0] >= 1
+
 @pytest.mark.parametrize("lock_held", [False, True], ids=["cancelled-before", "cancelled-waiting-for-the-lock"])
 @pytest.mark.parametrize("last", [b"", b"world"], ids=["empty-last", "last-with-a-body"])
 async def test_a_cancelled_last_message_leaves_the_body_unended_and_the_connection_closes(

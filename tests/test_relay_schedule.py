@@ -149,7 +149,7 @@ async def test_each_relayed_piece_takes_one_trip_through_the_scheduler(proxy_ser
     between = steps_between_writes(steps.log)
     assert all(n >= 1 for n in between), between  # never two writes without a schedule point
     if paced:  # the first event came with the attempt (prefetched): its write yields, as any write
-        assert client.unscheduled == EVENTS  # (the events after the first, and the end event)
+        assert client.unscheduled == EVENTS + 1  # (the events after the first, the end event, the last message)
         assert between == [2] + [1] * EVENTS, between  # then one step per event: its wait
 
 

@@ -42,11 +42,13 @@ __all__ = ["DISCONNECT_NOTICE", "INBOX", "UNSCHEDULED", "WITH_FIRST_BODY", "AppI
 
 #: The ASGI scope extension that holds an HTTP request's :class:`DisconnectNotice`.
 DISCONNECT_NOTICE = "trioproxy.disconnect_notice"
-#: A key of an ``http.response.body`` message with ``more_body``: when true, the server may
-#: return from the send without a schedule point (a cancellation point still), and the app
-#: promises that its next await is one. ``hypercorn_fast`` honours it on a chunked HTTP/1.1
-#: answer over plain TCP; any other server ignores it and yields as usual. The relay sets
-#: it: its next await is the upstream read, which waits for readability first.
+#: A key of an ``http.response.body`` message: when true, the server may return from the
+#: send without a schedule point (a cancellation point still), and the app promises that
+#: its next await is one, or, after its last body message, that it returns soon.
+#: ``hypercorn_fast`` honours it over plain TCP for HTTP/1.1 (a whole answer's last message
+#: included: its write and h11's empty end of the body); any other server ignores it and
+#: yields as usual. The relay sets it: its next await is the upstream read, which waits for
+#: readability first; after the last message, the request nursery's exit.
 UNSCHEDULED = "trioproxy.unscheduled"
 #: The ASGI scope extension that holds an HTTP request's :class:`AppInbox`, whose
 #: ``receive_nowait`` gives the app what has already come without a schedule point.

@@ -101,6 +101,7 @@ _READ_VIEW = memoryview(_READ_BUFFER)
 
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+_current_task = trio.lowlevel.current_task
 _wait_readable = trio.lowlevel.wait_readable
 
 _stock_init = TCPServer.__init__
@@ -143,7 +144,8 @@ async def _protocol_send(self: Any, event: Event) -> None:
     if self._fast_socket is None or type(event) is not RawData:
         await _stock_protocol_send(self, event)
         return
-    await _write(self, event.data, True)
+    # (No schedule point for the writes of a last body message marked UNSCHEDULED: _app_send.)
+    await _write(self, event.data, self._unscheduled_task is not _current_task())
 
 
 async def _write(self: Any, data: bytes, schedule: bool) -> None:
@@ -353,7 +355,7 @@ async def _app_send(self: Any, message: Any) -> None:
                             lock.release()
                         await _checkpoint_if_cancelled()
                         data += _end_of_message(connection)
-                    schedule = not more or not message.get(UNSCHEDULED, False)
+                    schedule = not message.get(UNSCHEDULED, False)
                     if protocol._pending_head is not None:  # type: ignore[attr-defined]  # (a head kept for this body)
                         await _write_after_head(protocol, server if fast else None, data, schedule, split=more)
                     elif data:
@@ -365,6 +367,17 @@ async def _app_send(self: Any, message: Any) -> None:
                         self.state = _CLOSED
                         await self.config.log.access(self.scope, self.response, time.time() - self.start_time)
                         await self.send(StreamClosed(stream_id=self.stream_id))
+                    return
+            if message.get(UNSCHEDULED) and not message.get("more_body", False):
+                # A last body message through Hypercorn's own path (a whole answer's, with its
+                # length): its writes, the body's and h11's empty end of it, make no schedule point.
+                server = getattr(protocol.send, "__self__", None)
+                if type(server) is TCPServer and server._fast_socket is not None:  # type: ignore[attr-defined]
+                    server._unscheduled_task = _current_task()  # type: ignore[attr-defined]
+                    try:
+                        await _stock_app_send(self, message)
+                    finally:
+                        server._unscheduled_task = None  # type: ignore[attr-defined]
                     return
     await _stock_app_send(self, message)
 
@@ -442,6 +455,7 @@ def apply() -> bool:
         TCPServer.__init__ = _init  # type: ignore[method-assign]
         TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
         TCPServer._read_data = _read_data  # type: ignore[method-assign]
+        TCPServer._unscheduled_task = None  # type: ignore[attr-defined]
         global _inner_handle
         _inner_handle = H11Protocol.handle
         H11Protocol.handle = _h11_handle  # type: ignore[method-assign]
