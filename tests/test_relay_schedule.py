@@ -24,7 +24,7 @@ import trio.testing
 
 from trioproxy.app import ProxyApp
 from trioproxy.connection import RawConnection
-from trioproxy.hypercorn_app import INBOX, UNSCHEDULED, WITH_FIRST_BODY, AppInbox
+from trioproxy.hypercorn_app import DISCONNECT_NOTICE, INBOX, UNSCHEDULED, WITH_FIRST_BODY, AppInbox, DisconnectNotice
 
 from .test_disconnect import SCOPE
 
@@ -297,3 +297,51 @@ async def test_a_body_that_has_come_is_read_in_the_step_that_starts_the_request(
         assert upstream.arrived[1] in (0, 1), upstream.arrived
     else:
         assert upstream.arrived[1] >= 2, upstream.arrived
+
+
+@pytest.mark.parametrize("notice", [True, False], ids=["notice", "no-notice"])
+async def test_with_a_disconnect_notice_the_request_ends_without_a_trip_through_the_scheduler(
+    proxy_services: Any, notice: bool,
+) -> None:
+    # Its last body message asks for no schedule point (UNSCHEDULED); after it, a request
+    # whose disconnect watch is a notice's callback leaves a plain cancel scope and returns.
+    # Without a notice, its watch may need a task: it leaves a nursery, one schedule point.
+    upstream = CountingUpstream()
+    made, records = await proxy_services(upstream, 1_000)
+    upstream.note = lambda: 0
+    steps = Steps()
+    scope = {**SCOPE, "headers": [(b"content-type", b"application/json"),
+                                  (b"content-length", b"%d" % len(WHOLE_BODY))]}
+    after_last: list[int] = []
+
+    async def one() -> None:
+        inbox = AppInbox(10)
+        await inbox.send({"type": "http.request", "body": WHOLE_BODY, "more_body": False})
+        me = trio.lowlevel.current_task()
+        mine = lambda: sum(1 for kind, task in steps.log if task is me)  # noqa: E731
+        at_last = 0
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal at_last
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                assert message[UNSCHEDULED] is True
+                await trio.lowlevel.checkpoint_if_cancelled()  # (as hypercorn_fast honours it)
+                at_last = mine()
+            else:
+                await trio.lowlevel.checkpoint()
+
+        extensions: dict[str, Any] = {INBOX: inbox}
+        if notice:
+            extensions[DISCONNECT_NOTICE] = DisconnectNotice()
+        await ProxyApp(made)({**scope, "extensions": extensions}, inbox.receive, send)
+        after_last.append(mine() - at_last)
+
+    trio.lowlevel.add_instrument(steps)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert records.receive_nowait().outcome == "ok"
+    assert after_last == [0 if notice else 1]

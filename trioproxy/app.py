@@ -5,8 +5,8 @@ One call per request. Life of a relayed request:
 1. read the body, bounded by ``server.max_body_bytes`` (413 beyond it);
 2. decode it once to read ``model`` and ``stream`` (400 on bad JSON or types);
 3. ``plan_route`` → ``open_winning_response`` (failover/hedging, ``upstream.py``);
-4. relay (``relay.py``) inside the request nursery, where ``watch_disconnect``
-   cancels everything the moment the client goes away;
+4. relay (``relay.py``) inside the request's cancel scope, which the disconnect watch
+   cancels the moment the client goes away (a nursery too when the watch is a task);
 5. ``finally``: exactly one telemetry record, handed off with ``submit`` (sync,
    never blocks, works inside a cancelled scope).
 
@@ -184,7 +184,7 @@ class ProxyApp:
     async def _proxy(self, route: Route, scope: dict[str, Any], receive: Receive, send: Send, ex: Exchange) -> None:
         """Read the body, then relay the answer.
 
-        One cancel scope, the request nursery's, bounds both phases: its deadline is
+        One cancel scope, the request's (``_RequestScope``), bounds both phases: its deadline is
         ``server.body_timeout_s`` while the body is read, then ``routing.total_timeout_ms``
         (two scopes fewer per request than a ``move_on_after`` each: docs/benchmarks.md).
         """
@@ -194,9 +194,9 @@ class ProxyApp:
         config, runtimes = services.config, services.runtimes
         total_s = config.routing.total_timeout_ms / 1000
         plan: RoutePlan | None = None
+        notice = scope["extensions"].get(DISCONNECT_NOTICE) if "extensions" in scope else None
         try:
-            async with trio.open_nursery() as request:
-                limit = request.cancel_scope
+            async with _RequestScope(with_nursery=notice is None) as (limit, request):
                 limit.deadline = trio.current_time() + config.server.body_timeout_s
                 inbox = scope["extensions"].get(INBOX) if "extensions" in scope else None
                 body = await read_body(receive, ex, scope, config.server.max_body_bytes,
@@ -210,10 +210,7 @@ class ProxyApp:
                 # The disconnect watch: only now that the body is read (STYLE.md §2), and only
                 # once the request has run server.disconnect_watch_after_ms (the watchdog starts
                 # it then): most answers are out before that and need no watch of their own.
-                watch = _DisconnectWatch(
-                    request, receive, ex, now, config.server.disconnect_watch_after_ms / 1000,
-                    scope["extensions"].get(DISCONNECT_NOTICE) if "extensions" in scope else None,
-                )
+                watch = _DisconnectWatch(limit, request, receive, ex, now, config.server.disconnect_watch_after_ms / 1000, notice)
                 watchdog = services.watchdog if watch.timeout > 0 else None
                 if watchdog is not None:
                     watchdog.watch(watch)
@@ -454,18 +451,22 @@ class _DisconnectWatch:
     the watchdog's context, not the request's: trioproxy keeps no context variables.)
     """
 
-    __slots__ = ("request", "receive", "ex", "since", "timeout", "notice")
+    __slots__ = ("limit", "task", "request", "receive", "ex", "since", "timeout", "notice")
 
     def __init__(
         self,
-        request: trio.Nursery,
+        limit: trio.CancelScope,
+        request: trio.Nursery | None,
         receive: Receive,
         ex: Exchange,
         since: float,
         timeout: float,
         notice: DisconnectNotice | None,
     ) -> None:
-        self.request, self.receive, self.ex, self.timeout, self.notice = request, receive, ex, timeout, notice
+        """``limit``: the request's cancel scope; ``request``: its nursery (needed only without ``notice``)."""
+        self.limit, self.request, self.receive, self.ex, self.timeout, self.notice = limit, request, receive, ex, timeout, notice
+        #: The request's task (the one that made this watch).
+        self.task = trio.lowlevel.current_task()
         #: When the request began to run unwatched (a ``Watched`` wait that ends only by expiring or being forgotten).
         self.since: float | None = since
 
@@ -473,6 +474,7 @@ class _DisconnectWatch:
         if self.notice is not None:
             self.notice.subscribe(self.client_gone)
             return
+        assert self.request is not None  # (_RequestScope opens a nursery when there is no notice)
         # A constant name: trio would otherwise format one per task (~0.2 KiB held per stream).
         self.request.start_soon(_watch_disconnect, self.receive, self, name="disconnect watcher")
 
@@ -488,8 +490,38 @@ class _DisconnectWatch:
         if self.ex.finished:  # after the last body message it only means the exchange is over
             return
         self.ex.client_gone = True
-        if trio.lowlevel.current_task() is not self.request.parent_task:
-            self.request.cancel_scope.cancel()
+        if trio.lowlevel.current_task() is not self.task:
+            self.limit.cancel()
+
+
+class _RequestScope:
+    """A request's cancel scope, in a nursery of its own only if the disconnect watch may need a task.
+
+    Served by trioproxy's Hypercorn I/O, a request's scope carries a ``DisconnectNotice``:
+    its watch is a callback and the request starts no task, so a plain cancel scope bounds
+    it, whose exit, unlike a nursery's, is no schedule point (one trip through the scheduler
+    fewer per request). Otherwise the watcher task runs in the request's own nursery
+    (STYLE.md: request code owns its tasks). Yields ``(cancel scope, nursery or None)``.
+    """
+
+    __slots__ = ("_manager", "_scope")
+
+    def __init__(self, *, with_nursery: bool) -> None:
+        self._manager = trio.open_nursery() if with_nursery else None
+        self._scope: trio.CancelScope | None = None
+
+    async def __aenter__(self) -> tuple[trio.CancelScope, trio.Nursery | None]:
+        if self._manager is None:
+            scope = self._scope = trio.CancelScope()
+            return scope.__enter__(), None
+        nursery = await self._manager.__aenter__()
+        return nursery.cancel_scope, nursery
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        if self._scope is not None:
+            return self._scope.__exit__(*exc)
+        assert self._manager is not None
+        return await self._manager.__aexit__(*exc)
 
 
 async def _watch_disconnect(receive: Receive, watch: _DisconnectWatch) -> None:
