@@ -290,6 +290,30 @@ class TaskSteps(trio.abc.Instrument):
             self.steps += 1
 
 
+async def lifespan(receive: Any, send: Any) -> None:
+    """An app's side of Hypercorn's lifespan protocol: started, then stopped."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+async def get_counted(app: Any, counter: TaskSteps, end: bytes) -> bytes:
+    """``GET /`` from ``app`` served by a real Hypercorn over TCP, with ``counter`` on, up to ``end``."""
+    trio.lowlevel.add_instrument(counter)
+    try:
+        with trio.fail_after(30):
+            async with serving(app=app) as (port, _):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    received = b""
+                    while not received.endswith(end):
+                        received += await stream.receive_some()
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    return received
+
+
 @pytest.mark.parametrize("unscheduled", [False, True])
 async def test_over_plain_tcp_a_body_message_may_skip_its_schedule_point(unscheduled: bool) -> None:
     # A real Hypercorn server and client socket: five writes, each with its schedule point or none.
@@ -298,9 +322,7 @@ async def test_over_plain_tcp_a_body_message_may_skip_its_schedule_point(unsched
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         await receive()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
@@ -313,18 +335,7 @@ async def test_over_plain_tcp_a_body_message_may_skip_its_schedule_point(unsched
         steps_during_writes.append(counter.steps)
         await send({"type": "http.response.body", "body": b"end", "more_body": False})
 
-    trio.lowlevel.add_instrument(counter)
-    try:
-        with trio.fail_after(30):
-            async with serving(app=app) as (port, _):
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-                async with stream:
-                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                    received = b""
-                    while not received.endswith(b"\r\n0\r\n\r\n"):
-                        received += await stream.receive_some()
-    finally:
-        trio.lowlevel.remove_instrument(counter)
+    received = await get_counted(app, counter, b"\r\n0\r\n\r\n")
     body = received.partition(b"\r\n\r\n")[2]
     assert body == b"".join(b"8\r\npiece %d;\r\n" % i for i in range(5)) + b"3\r\nend\r\n0\r\n\r\n"
     assert steps_during_writes == [0 if unscheduled else 5]
@@ -340,9 +351,7 @@ async def test_over_plain_tcp_a_last_body_message_may_skip_its_schedule_points(d
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         await receive()
         headers = [(b"content-type", b"text/plain"), *([(b"content-length", b"5")] if declared else [])]
@@ -355,18 +364,7 @@ async def test_over_plain_tcp_a_last_body_message_may_skip_its_schedule_points(d
         steps_during_last.append(counter.steps)
 
     end = b"\r\n\r\nhello" if declared else b"\r\n5\r\nhello\r\n0\r\n\r\n"
-    trio.lowlevel.add_instrument(counter)
-    try:
-        with trio.fail_after(30):
-            async with serving(app=app) as (port, _):
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-                async with stream:
-                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                    received = b""
-                    while not received.endswith(end):
-                        received += await stream.receive_some()
-    finally:
-        trio.lowlevel.remove_instrument(counter)
+    received = await get_counted(app, counter, end)
     assert received.startswith(b"HTTP/1.1 200 ")
     if unscheduled:
         assert steps_during_last == [0]

@@ -67,6 +67,8 @@ _reschedule = trio.lowlevel.reschedule
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _current_task = trio.lowlevel.current_task
 _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
+#: What ``AppInbox._take`` gives when there is no message (a message may be any object, None too).
+_NOTHING: Any = object()
 
 
 class AppInbox:
@@ -120,13 +122,8 @@ class AppInbox:
     async def receive(self) -> Any:
         """The oldest message, waiting for one if there is none (the app's ASGI ``receive``)."""
         await _checkpoint_if_cancelled()
-        senders = self._senders
-        if senders:  # (the buffer is full, or there is none): the first waiting sender's turn
-            task, message = senders.pop(0)
-            _reschedule(task)
-            self._messages.append(message)
-        if self._messages:
-            message = self._messages.pop(0)
+        message = self._take()
+        if message is not _NOTHING:
             await _cancel_shielded_checkpoint()
             return message
         receivers = self._receivers
@@ -148,6 +145,11 @@ class AppInbox:
         ``INBOX`` extension, an app takes what has already come (a request's whole body,
         most often) in the same step, without a trip through the scheduler per message.
         """
+        message = self._take()
+        return None if message is _NOTHING else message
+
+    def _take(self) -> Any:
+        """The oldest message, or ``_NOTHING``; a sender waiting for room gets its turn first."""
         senders = self._senders
         if senders:  # (the buffer is full, or there is none): the first waiting sender's turn
             task, message = senders.pop(0)
@@ -155,7 +157,7 @@ class AppInbox:
             self._messages.append(message)
         if self._messages:
             return self._messages.pop(0)
-        return None
+        return _NOTHING
 
 
 def _discard(items: list[Any], item: Any) -> None:
