@@ -48,7 +48,7 @@ DISCONNECT_NOTICE = "trioproxy.disconnect_notice"
 #: ``hypercorn_fast`` honours it over plain TCP for HTTP/1.1 (a whole answer's last message
 #: included: its write and h11's empty end of the body); any other server ignores it and
 #: yields as usual. The relay sets it: its next await is the upstream read, which waits for
-#: readability first; after the last message, the request nursery's exit.
+#: readability first; after the last message, it ends.
 UNSCHEDULED = "trioproxy.unscheduled"
 #: The ASGI scope extension that holds an HTTP request's :class:`AppInbox`, whose
 #: ``receive_nowait`` gives the app what has already come without a schedule point.

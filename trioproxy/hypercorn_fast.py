@@ -45,7 +45,9 @@ two and the timer for plain TCP connections only: TLS keeps Hypercorn's own I/O)
   body, an HTTP/1.0 client, HEAD, 204 and 304 answers, trailers) takes Hypercorn's path.
   On plain TCP, a message with ``hypercorn_app.UNSCHEDULED`` set returns after its write
   without a schedule point: the relay's next await is a wait for its upstream, so the
-  yield after each relayed piece was a second trip through the scheduler per piece.
+  yield after each relayed piece was a second trip through the scheduler per piece. A
+  last message with it (a streamed or a whole answer's, which Hypercorn's own path
+  writes as the body and h11's empty end of it) makes none either: the app ends.
 - **keep-alive timer**: a deadline per connection, set at each request's end, and one
   task per server that closes the idle connections whose deadline has passed, as
   Hypercorn's timer does (``hypercorn_keepalive``: see there).
@@ -309,7 +311,8 @@ async def _app_send(self: Any, message: Any) -> None:
     where Hypercorn's own path, for an empty last message, had h11 end the body before its
     cancelled write and kept the connection open. On plain TCP the bytes go straight to
     :func:`_write`, without a schedule point for a message that asks for none
-    (``UNSCHEDULED``, with ``more_body``). A start message with ``WITH_FIRST_BODY`` has
+    (``UNSCHEDULED``; a last message through Hypercorn's path too, marked for
+    ``_protocol_send`` by its task). A start message with ``WITH_FIRST_BODY`` has
     its head kept for the first body message's chunk (written at once if the answer is
     not chunked).
     """

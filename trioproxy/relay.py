@@ -293,7 +293,7 @@ async def finish(ex: Exchange, send: Send, body: bytes = b"") -> None:
     if ex.captured is not None:
         ex.captured += body[:CAPTURE_LIMIT]
     try:
-        # (No schedule point needed: the request's nursery exit follows, which is one, or its end.)
+        # (No schedule point needed: the request ends soon after its last message.)
         await send({"type": "http.response.body", "body": body, "more_body": False, UNSCHEDULED: True})
     except trio.BusyResourceError:
         # Hypercorn's race, not ours: a client that hangs up as soon as it has read the body
