@@ -776,7 +776,20 @@ def test_scan_line_finds_what_the_regex_finds(prefix: bytes, suffix: bytes,
         # What is known so far changes what some keys are worth (_tally): both see the same.
         scanner.finish_reason = "stop" if finished else None
         scanner._usage = Usage(1, 2) if used else None
+        scanner._shape_misses = 0  # (keep the shape path on: it stops after a few misses in a row)
         assert scanner._scan_line(line) == scanner._scan(line), line
+
+
+def test_lines_that_change_around_their_text_are_scanned_with_the_regex_after_a_few() -> None:
+    # OpenAI's "obfuscation" field (or vLLM's continuous usage) differs in every event: a
+    # shape learnt from one line never fits the next, so the scanner stops learning.
+    scanner = SSEScanner()
+    shapes = []
+    for i in range(6):
+        scanner.feed(b'data: {"choices":[{"index":0,"delta":{"content":"t"}}],"obfuscation":"%d"}\n\n' % i)
+        shapes.append(scanner._shape_suffix)
+    assert shapes[0] != shapes[1] != shapes[2] == shapes[3] == shapes[4] == shapes[5]  # none after the third miss
+    assert scanner.content_chars == 6 and scanner.content_events == 6
 
 
 @st.composite

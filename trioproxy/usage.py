@@ -83,6 +83,10 @@ _NDJSON_KEYS: Final = re.compile(
 #: Keys whose non-empty string value is model output.
 _TEXT_KEYS: Final = frozenset((b"content", b"text", b"reasoning_content", b"reasoning",
                                b"refusal", b"arguments", b"response", b"thinking"))
+#: First data lines in a row without the remembered shape after which a stream's lines are
+#: scanned with the regex alone (a stream of one shape misses on its first lines, and on
+#: its finish and usage events at the end).
+_SHAPE_MISSES: Final = 3
 #: The body of a JSON string (between its quotes), as ``_VALUE`` matches it.
 _STRING_BODY: Final = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.S)
 #: A JSON string; used only on the rare multi-line SSE path to measure bracket depth.
@@ -282,6 +286,8 @@ class SSEScanner(_LineScanner):
         # What the other matches give (see _tally), or, if that depends on what is known so
         # far, the matches themselves (kept only then: memory per open stream).
         self._shape_tally: tuple[bool, int, bool] | list[tuple[bytes, bytes, bytes]] = (False, 0, False)
+        #: First data lines in a row that did not have the shape (see _SHAPE_MISSES).
+        self._shape_misses = 0
 
     def usage(self) -> Usage | None:
         """Token counts: the last ``usage`` object, else llama.cpp ``timings``, else None."""
@@ -395,9 +401,15 @@ class SSEScanner(_LineScanner):
                 (line.find(b'"', start, end) < 0 and line.find(b"\\", start, end) < 0)
                 or _STRING_BODY.fullmatch(line, start, end)
             ):
+                self._shape_misses = 0
                 tally = self._shape_tally
                 has, nbytes, decode = self._tally(tally) if isinstance(tally, list) else tally
                 return has or end > start, nbytes + end - start, decode
+        if self._shape_misses >= _SHAPE_MISSES:
+            # Lines that change around their text (OpenAI's "obfuscation", vLLM's continuous
+            # usage, logprobs): learning a shape per line costs more than the regex alone.
+            return self._scan(line)
+        self._shape_misses += 1
         matches: list[tuple[bytes, bytes, bytes]] = []
         texts = text_index = 0
         text_at = (0, 0)
