@@ -218,7 +218,8 @@ async def test_the_probe_keeps_the_peak_of_the_whole_round_and_the_samples_of_th
     window_samples = round(1.0 / probes.SAMPLE_S)
     assert window_samples <= len(probe.rss_window) <= window_samples + 1  # none from the warm-up
     assert probe.rss_peak is not None and probe.rss_peak >= max(probe.rss_window)
-    assert probe.server_cpu is not None
+    assert probe.server_cpu is not None and probe.server_sys is not None
+    assert 0 <= probe.server_sys <= probe.server_cpu
 
 
 async def test_the_probe_sleeps_between_samples_even_when_the_server_cannot_be_read(
@@ -250,6 +251,21 @@ async def test_a_gateways_cpu_and_memory_include_its_workers() -> None:
         tree = probes.rss(os.getpid())
         assert tree is not None and tree > own  # the child's resident memory is counted too
         await child.stdin.aclose()
+
+
+def test_cpu_times_add_up_user_and_system_over_the_process_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    times = {1: procstat.CpuTimes(user=1.0, system=0.25), 2: procstat.CpuTimes(user=0.5, system=0.5)}
+
+    def read(pid: int) -> procstat.CpuTimes:
+        if pid == 3:
+            raise OSError("exited in between")
+        return times[pid]
+
+    monkeypatch.setattr(procstat, "cpu_times", read)
+    monkeypatch.setattr(procstat, "descendants", lambda pid: [2, 3] if pid == 1 else [])
+    assert probes.cpu_times(1) == procstat.CpuTimes(user=1.5, system=0.75)
+    assert probes.cpu(1) == pytest.approx(2.25)
+    assert probes.cpu_times(3) is None and probes.cpu(None) is None
 
 
 @pytest.mark.parametrize(("name", "connections"), [("failover-refused", 1), ("failover-refused-16", 16)])
@@ -374,14 +390,16 @@ def test_hotspots_aggregate_lines_into_functions() -> None:
     }
 
 
-def _round(target: str, index: int, totals: list[float], ttfts: list[float], cpu: float) -> TargetRound:
+def _round(target: str, index: int, totals: list[float], ttfts: list[float], cpu: float,
+           sys_s: float | None = None) -> TargetRound:
     rec = Recorder()
     for i, (total, ttft) in enumerate(zip(totals, ttfts)):
         rec.add(i * 0.1, i * 0.1 + total / 1000, 0.1, ttft, total, None, 200)
     result = RoundResult(recorder=rec, window_s=1.0, sent_total=len(totals), client_cpu_s=0.1,
                          window_start=0.0, window_end=1.0)
     return TargetRound(target=target, index=index, result=result, server_cpu_s=cpu, upstream_cpu_s=0.05,
-                       rss_baseline=10 * 2**20, rss_peak=10 * 2**20 + 64 * 1024, rss_held=10 * 2**20 + 32 * 1024)
+                       rss_baseline=10 * 2**20, rss_peak=10 * 2**20 + 64 * 1024, rss_held=10 * 2**20 + 32 * 1024,
+                       server_sys_s=sys_s)
 
 
 def test_analyze_pools_rounds_compares_and_judges_targets() -> None:
@@ -390,11 +408,13 @@ def test_analyze_pools_rounds_compares_and_judges_targets() -> None:
                       warmup_s=0.0)
     for i in range(2):
         run.rounds.append(_round("direct", i, [300.0] * 10, [1.0] * 10, 0.2))
-        run.rounds.append(_round("gateway", i, [301.0] * 10, [2.5] * 10, 0.03))
+        run.rounds.append(_round("gateway", i, [301.0] * 10, [2.5] * 10, 0.03, sys_s=0.01 + 0.005 * i))
     result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
     gateway = result["targets"]["gateway"]
     assert gateway["requests"] == 20 and gateway["rps"] == 10.0
     assert gateway["server_cpu_us_per_request"] == pytest.approx(3000.0)
+    assert gateway["server_sys_share"] == pytest.approx(0.025 / 0.06)  # pooled over the rounds
+    assert result["targets"]["direct"]["server_sys_share"] is None  # not read: no share
     assert gateway["mem_per_stream_kb"] == pytest.approx(1.0)  # 64 KiB over 64 connections
     assert gateway["mem_held_per_stream_kb"] == pytest.approx(0.5)  # the window's median: 32 KiB
     assert result["comparisons"]["gateway"]["added_ttft_ms"]["p50"] == pytest.approx(1.5)
@@ -402,6 +422,7 @@ def test_analyze_pools_rounds_compares_and_judges_targets() -> None:
     assert verdicts == {"added_ttft_p50_ms": True, "added_ttft_p99_ms": True, "gateway_cpu_us": False}
     table = markdown(result)
     assert "| gateway |" in table and "**no**" in table
+    assert "| 3,000 (42%) |" in table and "server CPU µs/req (sys)" in table
 
 
 def test_the_floors_are_measured_but_never_judged_as_the_gateway() -> None:

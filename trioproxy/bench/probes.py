@@ -21,20 +21,28 @@ __all__ = ["Probe", "cpu", "foreign_load", "rss"]
 SAMPLE_S = 0.05
 
 
-def cpu(pid: int | None) -> float | None:
-    """CPU seconds of ``pid`` and every process under it (a gateway's workers)."""
+def cpu_times(pid: int | None) -> procstat.CpuTimes | None:
+    """User and system CPU seconds of ``pid`` and every process under it (a gateway's workers)."""
     if pid is None:
         return None
     try:
-        total = procstat.cpu_times(pid).total
+        times = procstat.cpu_times(pid)
     except (OSError, ValueError):
         return None
+    user, system = times.user, times.system
     for child in procstat.descendants(pid):
         try:
-            total += procstat.cpu_times(child).total
+            times = procstat.cpu_times(child)
         except (OSError, ValueError):
-            pass  # exited in between
-    return total
+            continue  # exited in between
+        user, system = user + times.user, system + times.system
+    return procstat.CpuTimes(user=user, system=system)
+
+
+def cpu(pid: int | None) -> float | None:
+    """CPU seconds of ``pid`` and every process under it (user + system)."""
+    times = cpu_times(pid)
+    return times.total if times is not None else None
 
 
 def rss(pid: int | None) -> int | None:
@@ -63,6 +71,8 @@ class Probe:
         #: RSS samples inside the measured window (every stream of a closed loop open).
         self.rss_window: list[int] = []
         self.server_cpu: float | None = None
+        #: The part of ``server_cpu`` spent in the kernel (system time: syscalls, wake-ups).
+        self.server_sys: float | None = None
         self.upstream_cpu: float | None = None
         self.killed_at: float | None = None
         #: Per core, the share of the window it was busy, by any process (the noise check).
@@ -90,7 +100,7 @@ class Probe:
             now = trio.current_time()
             if not in_window and now >= window_start:
                 in_window = True
-                cpu0 = cpu(pid)
+                cpu0 = cpu_times(pid)
                 up0 = [cpu(p) for p in self.target.upstream_pids]
                 cores0 = procstat.core_ticks()
             if now >= window_end:
@@ -104,7 +114,7 @@ class Probe:
             if not in_window:
                 wake = min(wake, window_start)
             await trio.sleep_until(min(wake, window_end))
-        cpu1 = cpu(pid)
+        cpu1 = cpu_times(pid)
         cores1 = procstat.core_ticks()
         if in_window:
             for core, (busy1, total1) in cores1.items():
@@ -112,7 +122,8 @@ class Probe:
                 if total1 > total0:
                     self.core_busy[core] = (busy1 - busy0) / (total1 - total0)
         if cpu0 is not None and cpu1 is not None:
-            self.server_cpu = cpu1 - cpu0
+            self.server_cpu = cpu1.total - cpu0.total
+            self.server_sys = cpu1.system - cpu0.system
         up1 = [cpu(p) for p in self.target.upstream_pids]
         pairs = [(a, b) for a, b in zip(up0 or [], up1) if a is not None and b is not None]
         if pairs:

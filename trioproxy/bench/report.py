@@ -160,6 +160,7 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
         errors.update(r.result.recorder.error_counts())
     pooled = _pooled(rounds)
     server_cpu = _sum_known([r.server_cpu_s for r in rounds])
+    server_sys = _sum_known([r.server_sys_s for r in rounds])
     client_cpu = sum(r.result.client_cpu_s for r in rounds)
     upstream_cpu = _sum_known([r.upstream_cpu_s for r in rounds])
     # What ran on the client's core: the load generator, plus the mock (the server itself when direct).
@@ -222,6 +223,9 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
                     if run.scenario.load.rate else None),
         "server_cpu_us_per_request": server_cpu / requests * 1e6 if server_cpu is not None and requests else None,
         "server_core_utilisation": server_cpu / window if server_cpu is not None and window else None,
+        # How much of the server's CPU was the kernel's (syscalls, socket wake-ups): what no
+        # change to the Python code can save.
+        "server_sys_share": server_sys / server_cpu if server_sys is not None and server_cpu else None,
         "client_core_utilisation": client_core / window if window else None,
         "peak_rss_mb": max(peaks) / 2**20 if peaks else None,
         "foreign_load_max": max(noise) if noise else None,
@@ -469,7 +473,7 @@ def markdown(result: dict[str, Any]) -> str:
     if stream:
         head += " TTFT p50/p90/p99/max ms | gap p50/p99 ms |"
         rule += "---|---|"
-    head += " total p50/p90/p99/max ms | server CPU µs/req | server core | client core | cores busy | peak RSS MB |"
+    head += " total p50/p90/p99/max ms | server CPU µs/req (sys) | server core | client core | cores busy | peak RSS MB |"
     rule += "---|---:|---:|---:|---|---:|"
     if stream:
         head += " KB/stream |"
@@ -482,7 +486,9 @@ def markdown(result: dict[str, Any]) -> str:
                f"{_quad(t['headers_ms'], ('p50', 'p99'))} |")
         if stream:
             row += f" {_quad(t['ttft_ms'])} | {_quad(t['gap_ms'], ('p50', 'p99'))} |"
-        row += (f" {_quad(t['total_ms'])} | {_f(t['server_cpu_us_per_request'], 0)} | "
+        sys_share = t.get("server_sys_share")  # (absent from results written before 2026-12-07)
+        cpu = _f(t["server_cpu_us_per_request"], 0) + (f" ({_share(sys_share)})" if sys_share is not None else "")
+        row += (f" {_quad(t['total_ms'])} | {cpu} | "
                 f"{_share(t['server_core_utilisation'])} | {_share(t['client_core_utilisation'])} | "
                 f"{' / '.join(_share(v) for v in t['cores_busy'].values()) or '—'} | "
                 f"{_f(t['peak_rss_mb'], 1)} |")

@@ -116,6 +116,8 @@ class TargetRound:
     rss_held: int | None = None
     #: The target's RSS before its first round (``Target.rss_start``), the same in every round.
     rss_start: int | None = None
+    #: The part of ``server_cpu_s`` spent in the kernel (system time).
+    server_sys_s: float | None = None
 
 
 @define
@@ -392,6 +394,7 @@ async def _one_round(
         upstream_cpu_s=probe.upstream_cpu, rss_baseline=baseline, rss_peak=probe.rss_peak,
         rss_held=int(statistics.median(probe.rss_window)) if probe.rss_window else None,
         killed_at_s=probe.killed_at, core_busy=probe.core_busy, rss_start=target.rss_start,
+        server_sys_s=probe.server_sys,
     )
 
 
