@@ -168,7 +168,7 @@ def test_parse_target_takes_literal_addresses_only() -> None:
 
 @pytest.mark.parametrize("name", ["sequential", "throughput", "stream-64", "stream-512", "failover", "telemetry-on-off",
                                   "telemetry-on-off-sequential", "failover-refused", "failover-refused-16", "hedge-slow-primary",
-                                  "throughput-workers", "stream-64-workers"])
+                                  "throughput-workers", "stream-64-workers", "stream-512-telemetry"])
 def test_every_scenario_the_issue_asks_for_loads(name: str) -> None:
     assert name in known_scenarios()
     scenario = load_scenario(str(REPO / "loadtest" / "scenarios" / f"{name}.toml"))

@@ -40,7 +40,7 @@ __all__ = ["DESCRIPTION", "add_arguments", "run_from_args"]
 DESCRIPTION = "Measure what the gateway costs: the same load direct to the upstream and through the gateway."
 #: The order `trioproxy bench` runs every scenario in when none is named: cheapest first.
 DEFAULT_ORDER = ("sequential", "open-loop-200", "throughput", "stream-64", "stream-512", "failover", "telemetry-on-off",
-                 "telemetry-on-off-sequential",
+                 "telemetry-on-off-sequential", "stream-512-telemetry",
                  "throughput-workers", "stream-64-workers",
                  "failover-refused", "failover-refused-16", "hedge-slow-primary")
 
