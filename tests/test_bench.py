@@ -27,6 +27,7 @@ import trio.testing
 from trioproxy.bench import hotspots, probes, procstat
 from trioproxy.bench.loadgen import LoadPlan, Recorder, RoundResult, run_load
 from trioproxy.bench.chart import write_chart
+from trioproxy.bench.cli import DEFAULT_ORDER
 from trioproxy.bench.report import analyze, machine_info, markdown, write_outputs
 from trioproxy.bench.runner import ScenarioRun, Target, TargetRound, count_usage_records, primary_mock_argv
 from trioproxy.bench.scenarios import (
@@ -164,6 +165,10 @@ def test_parse_target_takes_literal_addresses_only() -> None:
 
 
 # --- scenarios and bench profiles ------------------------------------------------------------
+
+
+def test_a_run_of_every_scenario_runs_each_known_one_once() -> None:
+    assert sorted(DEFAULT_ORDER) == sorted(known_scenarios())
 
 
 @pytest.mark.parametrize("name", ["sequential", "throughput", "stream-64", "stream-512", "failover", "telemetry-on-off",
@@ -408,12 +413,12 @@ def test_analyze_pools_rounds_compares_and_judges_targets() -> None:
                       warmup_s=0.0)
     for i in range(2):
         run.rounds.append(_round("direct", i, [300.0] * 10, [1.0] * 10, 0.2))
-        run.rounds.append(_round("gateway", i, [301.0] * 10, [2.5] * 10, 0.03, sys_s=0.01 + 0.005 * i))
+        run.rounds.append(_round("gateway", i, [301.0] * 10, [2.5] * 10, 0.02 + 0.02 * i, sys_s=0.01 + 0.005 * i))
     result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
     gateway = result["targets"]["gateway"]
     assert gateway["requests"] == 20 and gateway["rps"] == 10.0
     assert gateway["server_cpu_us_per_request"] == pytest.approx(3000.0)
-    assert gateway["server_sys_share"] == pytest.approx(0.025 / 0.06)  # pooled over the rounds
+    assert gateway["server_sys_share"] == pytest.approx(0.025 / 0.06)  # pooled over the rounds (not 0.4375)
     assert result["targets"]["direct"]["server_sys_share"] is None  # not read: no share
     assert gateway["mem_per_stream_kb"] == pytest.approx(1.0)  # 64 KiB over 64 connections
     assert gateway["mem_held_per_stream_kb"] == pytest.approx(0.5)  # the window's median: 32 KiB
@@ -423,6 +428,21 @@ def test_analyze_pools_rounds_compares_and_judges_targets() -> None:
     table = markdown(result)
     assert "| gateway |" in table and "**no**" in table
     assert "| 3,000 (42%) |" in table and "server CPU µs/req (sys)" in table
+    del gateway["server_sys_share"]  # a result written before the share existed
+    assert "| 3,000 |" in markdown(result)
+
+
+def test_a_system_time_the_total_cannot_hold_gives_no_share() -> None:
+    # With --workers, a worker restarted between the two reads leaves deltas that make no
+    # sense together: no share rather than one below 0 % or above 100 %.
+    scenario = load_scenario(str(REPO / "loadtest/scenarios/stream-64.toml"))
+    run = ScenarioRun(scenario=scenario, targets=["gateway"], rounds=[], rounds_n=1, duration_s=1.0, warmup_s=0.0)
+    run.rounds.append(_round("gateway", 0, [301.0] * 10, [2.5] * 10, 0.03, sys_s=0.05))
+    assert analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})["targets"]["gateway"][
+        "server_sys_share"] is None
+    run.rounds[0] = _round("gateway", 0, [301.0] * 10, [2.5] * 10, 0.03, sys_s=-0.01)
+    assert analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})["targets"]["gateway"][
+        "server_sys_share"] is None
 
 
 def test_the_floors_are_measured_but_never_judged_as_the_gateway() -> None:

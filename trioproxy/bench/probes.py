@@ -122,8 +122,10 @@ class Probe:
                 if total1 > total0:
                     self.core_busy[core] = (busy1 - busy0) / (total1 - total0)
         if cpu0 is not None and cpu1 is not None:
-            self.server_cpu = cpu1.total - cpu0.total
             self.server_sys = cpu1.system - cpu0.system
+            # (The two deltas added: a share computed from them stays within 0 and 1, which the
+            # difference of two float totals does not always.)
+            self.server_cpu = (cpu1.user - cpu0.user) + self.server_sys
         up1 = [cpu(p) for p in self.target.upstream_pids]
         pairs = [(a, b) for a, b in zip(up0 or [], up1) if a is not None and b is not None]
         if pairs:

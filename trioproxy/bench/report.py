@@ -223,9 +223,11 @@ def _target_stats(run: ScenarioRun, label: str) -> dict[str, Any]:
                     if run.scenario.load.rate else None),
         "server_cpu_us_per_request": server_cpu / requests * 1e6 if server_cpu is not None and requests else None,
         "server_core_utilisation": server_cpu / window if server_cpu is not None and window else None,
-        # How much of the server's CPU was the kernel's (syscalls, socket wake-ups): what no
-        # change to the Python code can save.
-        "server_sys_share": server_sys / server_cpu if server_sys is not None and server_cpu else None,
+        # How much of the server's CPU was the kernel's (socket sends and receives, epoll,
+        # wake-ups): the Python code lowers it only by making fewer syscalls. None when the
+        # two reads do not make sense together (a worker restarted between them).
+        "server_sys_share": (server_sys / server_cpu
+                             if server_sys is not None and server_cpu and 0 <= server_sys <= server_cpu else None),
         "client_core_utilisation": client_core / window if window else None,
         "peak_rss_mb": max(peaks) / 2**20 if peaks else None,
         "foreign_load_max": max(noise) if noise else None,
@@ -486,7 +488,7 @@ def markdown(result: dict[str, Any]) -> str:
                f"{_quad(t['headers_ms'], ('p50', 'p99'))} |")
         if stream:
             row += f" {_quad(t['ttft_ms'])} | {_quad(t['gap_ms'], ('p50', 'p99'))} |"
-        sys_share = t.get("server_sys_share")  # (absent from results written before 2026-12-07)
+        sys_share = t.get("server_sys_share")  # (absent from results written before 2026-12-07's late afternoon)
         cpu = _f(t["server_cpu_us_per_request"], 0) + (f" ({_share(sys_share)})" if sys_share is not None else "")
         row += (f" {_quad(t['total_ms'])} | {cpu} | "
                 f"{_share(t['server_core_utilisation'])} | {_share(t['client_core_utilisation'])} | "
