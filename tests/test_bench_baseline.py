@@ -146,13 +146,13 @@ def test_an_import_that_finds_another_trioproxy_is_refused(tmp_path: Path) -> No
 # --- the report --------------------------------------------------------------------------
 
 
-def _round(target: str, index: int, total_ms: float, cpu_s: float) -> TargetRound:
+def _round(target: str, index: int, total_ms: float, cpu_s: float, sys_s: float | None = None) -> TargetRound:
     rec = Recorder()
     for i in range(10):
         rec.add(i * 0.1, i * 0.1 + total_ms / 1000, 0.1, math.nan, total_ms, None, 200)
     result = RoundResult(recorder=rec, window_s=1.0, sent_total=10, client_cpu_s=0.1, window_start=0.0, window_end=1.0)
     return TargetRound(target=target, index=index, result=result, server_cpu_s=cpu_s, upstream_cpu_s=0.05,
-                       rss_baseline=None, rss_peak=None)
+                       rss_baseline=None, rss_peak=None, server_sys_s=sys_s)
 
 
 def test_each_gateway_is_compared_with_its_twin_round_by_round() -> None:
@@ -164,8 +164,8 @@ def test_each_gateway_is_compared_with_its_twin_round_by_round() -> None:
     run.baselines = {"gateway": twin}
     for i, (mine, theirs) in enumerate([(0.008, 0.010), (0.010, 0.010)]):  # 800/1,000 µs against 1,000 each
         run.rounds.append(_round("direct", i, 0.3, 0.002))
-        run.rounds.append(_round("gateway", i, 1.0, mine))
-        run.rounds.append(_round(twin, i, 1.5, theirs))
+        run.rounds.append(_round("gateway", i, 1.0, mine, sys_s=0.002))  # 4 of 18 ms: 22 % system time
+        run.rounds.append(_round(twin, i, 1.5, theirs, sys_s=0.003))  # 6 of 20 ms: 30 %
     result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
     base = result["baseline"]
     assert base["revision"] == "HEAD~1" and base["commit"].startswith("1a2b3c4")
@@ -181,7 +181,7 @@ def test_each_gateway_is_compared_with_its_twin_round_by_round() -> None:
     table = markdown(result)
     assert "Against the baseline, HEAD~1 (1a2b3c400000)" in table
     assert "order direct → gateway → gateway@1a2b3c4 in the first round, each gateway and its baseline swapped" in table
-    assert f"| gateway | {twin} | 900 vs 1,000 | 0.900 (0.800–1.000) | 1.000 | -0.50 / -0.50 / -0.50 |" in table
+    assert f"| gateway | {twin} | 900 (22%) vs 1,000 (30%) | 0.900 (0.800–1.000) | 1.000 | -0.50 / -0.50 / -0.50 |" in table
     assert json.loads(json.dumps(base)) == base  # (the JSON file holds exactly this)
 
 

@@ -430,6 +430,12 @@ def _share(value: float | None) -> str:
     return "—" if value is None else f"{value:.0%}"
 
 
+def _cpu_cell(t: dict[str, Any]) -> str:
+    """A target's server CPU per request, with the system time's share in brackets when known."""
+    sys_share = t.get("server_sys_share")  # (absent from results written before 2026-12-07's late afternoon)
+    return _f(t["server_cpu_us_per_request"], 0) + (f" ({_share(sys_share)})" if sys_share is not None else "")
+
+
 def _signed(d: dict[str, Any], keys: tuple[str, ...] = ("p50", "p90", "p99")) -> str:
     if any(d[k] is None for k in keys):
         return "—"
@@ -488,9 +494,7 @@ def markdown(result: dict[str, Any]) -> str:
                f"{_quad(t['headers_ms'], ('p50', 'p99'))} |")
         if stream:
             row += f" {_quad(t['ttft_ms'])} | {_quad(t['gap_ms'], ('p50', 'p99'))} |"
-        sys_share = t.get("server_sys_share")  # (absent from results written before 2026-12-07's late afternoon)
-        cpu = _f(t["server_cpu_us_per_request"], 0) + (f" ({_share(sys_share)})" if sys_share is not None else "")
-        row += (f" {_quad(t['total_ms'])} | {cpu} | "
+        row += (f" {_quad(t['total_ms'])} | {_cpu_cell(t)} | "
                 f"{_share(t['server_core_utilisation'])} | {_share(t['client_core_utilisation'])} | "
                 f"{' / '.join(_share(v) for v in t['cores_busy'].values()) or '—'} | "
                 f"{_f(t['peak_rss_mb'], 1)} |")
@@ -527,14 +531,14 @@ def markdown(result: dict[str, Any]) -> str:
         base = result["baseline"]
         lines += ["", f"Against the baseline, {base['revision']} ({base['commit'][:12]}), measured in the same rounds "
                   "(this checkout's gateway minus the baseline's; CPU and req/s as ratios):", "",
-                  "| target | baseline | server CPU µs/req | CPU ratio (rounds) | req/s ratio | "
+                  "| target | baseline | server CPU µs/req (sys) | CPU ratio (rounds) | req/s ratio | "
                   + ("TTFT p50/p90/p99 ms | " if stream else "") + "total p50/p90/p99 ms |",
                   "|---|---|---|---:|---:|" + ("---|" if stream else "") + "---|"]
         for pair in base["pairs"]:
-            cpus = [result["targets"][pair[k]]["server_cpu_us_per_request"] for k in ("target", "baseline")]
+            cpus = [_cpu_cell(result["targets"][pair[k]]) for k in ("target", "baseline")]
             rounds = pair["cpu_ratio_rounds"]
             spread = f" ({_f(min(rounds), 3)}–{_f(max(rounds), 3)})" if len(rounds) > 1 else ""
-            row = (f"| {pair['target']} | {pair['baseline']} | {' vs '.join(_f(c, 0) for c in cpus)} | "
+            row = (f"| {pair['target']} | {pair['baseline']} | {' vs '.join(cpus)} | "
                    f"{_f(pair['cpu_ratio'], 3)}{spread} | {_f(pair['rps_ratio'], 3)} | ")
             if stream:
                 row += f"{_signed(pair['added_ttft_ms'])} | "
