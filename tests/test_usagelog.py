@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import math
 import os
 import shutil
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -532,3 +534,35 @@ async def test_the_writer_through_real_worker_threads(tmp_path: Path, real_io_cl
     [(name, rows)] = lines_of(tmp_path / "logs").items()
     assert name.endswith("-w_1_x.jsonl")  # the tag is made safe for a file name
     assert ids(rows) == [f"req-{i:06d}" for i in range(1_000)]
+
+
+async def test_the_encoded_lines_are_not_held_one_block_each_until_the_batch_is_encoded(
+    tmp_path: Path, inline_io: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Each line (~600 B, past pymalloc's 512) is a block of the C heap. Kept in a list until
+    # the batch was joined, a batch's lines were interleaved there with what requests
+    # allocated meanwhile, and the heap stayed larger: ~6 KB per open stream at 512 streams
+    # (docs/benchmarks.md, stream-512-telemetry). Each goes into one buffer as it is made.
+    source, first = inspect.getsourcelines(encode_record)
+    [dumps_at] = [first + i for i, line in enumerate(source) if "orjson.dumps(" in line]  # where a line is made
+    live_lines: list[int] = []
+
+    def count_live_lines(part: list[Record]) -> None:
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, encode_record.__code__.co_filename, dumps_at)])
+        live_lines.append(sum(stat.count for stat in snapshot.statistics("lineno")))
+
+    n = 3 * usagelog.SLICE
+    tracemalloc.start()
+    try:
+        with trio.fail_after(60):
+            async with writing(config(tmp_path, batch_max=n), observe=count_live_lines) as sink:
+                for i in range(n):
+                    sink.submit(record(i))  # a full batch: written at once, a slice at a time
+                await sink.wait_observed(n)
+    finally:
+        tracemalloc.stop()
+    assert len(live_lines) == 3  # (observed before each slice is encoded: the earlier slices' lines would be live)
+    assert live_lines == [0, 0, 0]
+    [rows] = lines_of(tmp_path / "logs").values()
+    assert [row["request_id"] for row in rows] == [record(i).request_id for i in range(n)]
