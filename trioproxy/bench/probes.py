@@ -15,7 +15,7 @@ from . import procstat
 if TYPE_CHECKING:
     from .runner import Target, TargetRound
 
-__all__ = ["Probe", "cpu", "foreign_load", "rss"]
+__all__ = ["Probe", "cpu", "cpu_times", "foreign_load", "rss"]
 
 #: RSS is sampled this often during a round: peaks of a few hundred ms are not missed.
 SAMPLE_S = 0.05
