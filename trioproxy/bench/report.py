@@ -351,7 +351,8 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
         "scenario": {"name": s.name, "description": s.description, "mode": s.mode, "source": s.source,
                      "load": _attrs(s.load)},
         "run": {"rounds": run.rounds_n, "duration_s": run.duration_s, "warmup_s": run.warmup_s,
-                "order": run.targets},
+                # The first round's order; every other round ran it backwards (runner._round_order).
+                "order": run.targets, "order_reversed_every_other_round": True},
         "machine": machine or machine_info(),
         "commands": run.commands,
         "targets": targets,
@@ -454,6 +455,15 @@ def _loopback_sentence(loopback: dict[str, Any] | None) -> str:
     return " Loopback round trip p50 (p99): " + ", ".join(parts) + idle + "."
 
 
+def _order_phrase(run: dict[str, Any]) -> str:
+    """How the rounds ran their targets (``runner._round_order``): as listed, then reversed every
+    other round (a result without the flag ran one order throughout)."""
+    order = run["order"]
+    if len(order) < 2 or run["rounds"] < 2 or not run.get("order_reversed_every_other_round"):
+        return f"order {' → '.join(order)} each round; "
+    return f"order {' → '.join(order)}, reversed every other round; "
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The scenario's results table(s), the gateway's added cost and the targets, in markdown."""
     s, run, m = result["scenario"], result["run"], result["machine"]
@@ -462,9 +472,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"### {s['name']}: {s['description']}",
         "",
         f"{run['rounds']} rounds × {run['duration_s']:g} s measured (after {run['warmup_s']:g} s warm-up), "
-        f"order {' → '.join(run['order'])} "
-        + ("in the first round, each gateway and its baseline swapped every other round; " if "baseline" in result
-           else "each round; ")
+        + _order_phrase(run)
         + f"{m['cores']} cores ({m['cpu_model']}), "
         f"Python {m['python']}" + (f" ({m['python_executable']})." if m.get("python_executable") else ".")
         + _loopback_sentence(m.get("loopback_us")),

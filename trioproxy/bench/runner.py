@@ -4,7 +4,7 @@
 
     run_scenario(scenario, options, fleet)
     ├─ fleet.start: mock upstream(s) on the client's core, gateway(s) and the floor on core 0
-    ├─ rounds × targets, interleaved (A B [C] A B [C] …):
+    ├─ rounds × targets, interleaved, the order reversed every other round (A B [C], [C] B A, …):
     │  └─ loadgen.run_load(target, on_window=_Probe)
     │     └─ _Probe: server CPU at the window's edges, RSS every SAMPLE_S, the failover kill
     ├─ [--profile-dir] one more gateway round under py-spy (not counted)
@@ -317,7 +317,7 @@ async def run_scenario(
     primary_port = int(mocks[0].url.rsplit(":", 1)[1]) if mocks else 0
     redone: dict[str, int] = {}
     for index in range(rounds_n):
-        for target in _round_order(targets, run.baselines, index):
+        for target in _round_order(targets, index):
             while True:  # bounded: a disturbed round is run again at most MAX_REDO times per target
                 tr = await _one_round(s, options, fleet, run, target, index, rounds_n, plan, requests, mocks,
                                       primary_port, progress)
@@ -350,20 +350,13 @@ async def run_scenario(
     return run
 
 
-def _round_order(targets: list[Target], baselines: dict[str, str], index: int) -> list[Target]:
-    """The targets in round ``index``'s order: a gateway and its baseline swap places every other
-    round, so that neither always runs right after the other (A B, then B A)."""
-    if index % 2 == 0 or not baselines:
-        return targets
-    by_label = {t.label: t for t in targets}
-    twins = set(baselines.values())
-    order: list[Target] = []
-    for t in targets:
-        if t.label in baselines:
-            order += [by_label[baselines[t.label]], t]
-        elif t.label not in twins:
-            order.append(t)
-    return order
+def _round_order(targets: list[Target], index: int) -> list[Target]:
+    """The targets in round ``index``'s order: as listed, then reversed every other round (A B C,
+    then C B A). The machine drifts during a round too; with one fixed order the target that
+    always runs first would always meet the round's start, and a steady drift would weigh on
+    it alone. Reversed, a steady drift weighs alike on every target over each pair of rounds
+    (and a gateway and its baseline, listed side by side, swap places)."""
+    return targets if index % 2 == 0 else targets[::-1]
 
 
 async def _one_round(

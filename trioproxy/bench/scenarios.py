@@ -9,7 +9,7 @@ by its key path, all problems at once (:class:`~trioproxy.errors.ConfigError`).
 Three modes:
 
 - ``ab``: direct and gateway (and the floor, when ``floor = true``) in
-  interleaved rounds A B [C] A B [C] …
+  interleaved rounds A B [C], [C] B A, … (the order reversed every other round)
 - ``failover``: gateway only, over two mocks; the primary is killed
   ``[failover] kill_at_s`` into each round's measured window.
 - ``compare``: two or more gateway variants (``[[gateways]]``) interleaved,
