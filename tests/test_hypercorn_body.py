@@ -341,6 +341,35 @@ async def test_over_plain_tcp_a_body_message_may_skip_its_schedule_point(unsched
     assert steps_during_writes == [0 if unscheduled else 5]
 
 
+async def test_a_stream_keeps_where_its_chunks_go_until_its_answer_ends() -> None:
+    # After the first chunk takes the short path, the stream keeps its route (the chunks after it
+    # skip the checks that cannot change within an answer); the bytes are h11's all the same, a
+    # bytearray body is copied as Hypercorn copies it, an empty one writes nothing, and the last
+    # message (through the full path) forgets the route.
+    routes: list[object] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        await receive()
+        stream = send.__self__  # (Hypercorn's HTTPStream: its app_send is hypercorn_fast._app_send)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        routes.append(stream._chunks_to)
+        for body in (b"one;", bytearray(b"two;"), b"", b"three;"):
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            routes.append(stream._chunks_to)
+        await send({"type": "http.response.body", "body": b"end", "more_body": False})
+        routes.append(stream._chunks_to)
+
+    received = await get_counted(app, TaskSteps(), b"\r\n0\r\n\r\n")
+    assert received.partition(b"\r\n\r\n")[2] == b"4\r\none;\r\n4\r\ntwo;\r\n6\r\nthree;\r\n3\r\nend\r\n0\r\n\r\n"
+    assert routes[0] is None and routes[-1] is None
+    protocol, connection, server = routes[1]  # type: ignore[misc]
+    assert type(protocol) is H11Protocol and connection is protocol.connection and type(server) is TCPServer
+    assert routes[1:-1] == [routes[1]] * 4
+
+
 @pytest.mark.parametrize("declared", [False, True], ids=["chunked", "with-length"])
 @pytest.mark.parametrize("unscheduled", [False, True])
 async def test_over_plain_tcp_a_last_body_message_may_skip_its_schedule_points(declared: bool, unscheduled: bool) -> None:

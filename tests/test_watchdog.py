@@ -124,3 +124,19 @@ async def test_an_expiry_that_fails_does_not_stop_the_others() -> None:
     watch.watch(good)
     assert watch.check(5.0) == float("inf")
     assert ex.client_gone and winner.released_at is not None and len(watch) == 0
+
+
+async def test_while_it_runs_it_reads_the_runs_own_clock() -> None:
+    # The watched stamp their waits with ``now``: trio's clock read without trio.current_time's
+    # frames while ``run`` runs, and trio.current_time itself before and after (a run's clock
+    # means nothing to another run).
+    watch = Watchdog()
+    assert watch.now is trio.current_time
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert getattr(watch.now, "__self__", None) is trio.lowlevel.current_clock()
+        before = trio.current_time()
+        assert before <= watch.now() <= trio.current_time()
+        nursery.cancel_scope.cancel()
+    assert watch.now is trio.current_time

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import socket
 import ssl
+from collections.abc import Callable
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -77,12 +78,14 @@ class PoolStatistics:
 class _IdleWait:
     """A plain-HTTP response's waits for body bytes, as the pool's ``Watchdog`` sees them."""
 
-    __slots__ = ("response", "timeout", "since", "expired")
+    __slots__ = ("response", "timeout", "since", "expired", "now")
 
-    def __init__(self, response: UpstreamResponse, timeout: float) -> None:
+    def __init__(self, response: UpstreamResponse, timeout: float, now: Callable[[], float]) -> None:
         self.response, self.timeout = response, timeout
         self.since: float | None = None
         self.expired = False
+        #: The watchdog's clock (``Watchdog.now``), read before each wait.
+        self.now = now
 
     def expire(self) -> None:
         """No body bytes for ``timeout``: close the connection, which wakes the parked read."""
@@ -102,9 +105,9 @@ class _HeadWait:
 
     __slots__ = ("conn", "timeout", "since", "expired")
 
-    def __init__(self, conn: Connection, timeout: float) -> None:
+    def __init__(self, conn: Connection, timeout: float, now: float) -> None:
         self.conn, self.timeout = conn, timeout
-        self.since: float | None = trio.current_time()
+        self.since: float | None = now
         self.expired = False
 
     def expire(self) -> None:
@@ -191,12 +194,12 @@ class UpstreamResponse:
             if idle is None and watchdog is not None and type(conn) is RawConnection:
                 # Watched: no cancel scope per wait (one per relayed chunk otherwise); the watchdog
                 # closes the connection if a wait lasts idle_timeout. release() forgets it.
-                idle = self._idle = _IdleWait(self, self._idle_timeout)
+                idle = self._idle = _IdleWait(self, self._idle_timeout, watchdog.now)
                 watchdog.watch(idle)
             deadline = math.inf if idle is not None else trio.current_time() + self._idle_timeout
             while True:  # bounded: each pass feeds bytes or EOF, or raises on the deadline
                 if idle is not None:
-                    idle.since = trio.current_time()
+                    idle.since = idle.now()
                 try:
                     data = await conn.receive(deadline, wait_first=schedule)
                 except OSError as exc:
@@ -447,7 +450,7 @@ class ConnectionPool:
             watchdog = self._watchdog
             if watchdog is not None and type(conn) is RawConnection:
                 # Watched (no cancel scope): the watchdog closes the connection if the head is late.
-                wait = _HeadWait(conn, first_byte_timeout)
+                wait = _HeadWait(conn, first_byte_timeout, watchdog.now())
                 watchdog.watch(wait)
                 head_wait: _HeadWait | None = wait
                 deadline = math.inf

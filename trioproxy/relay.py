@@ -98,7 +98,7 @@ async def relay_stream(
     await send({"type": "http.response.start", "status": response.status, "headers": headers, WITH_FIRST_BODY: True})
     ex.status = response.status
     ex.response_started = True
-    writer = _ClientWriter(ex, send, winner, write_timeout)
+    writer = _ClientWriter(ex, send, winner, write_timeout, watchdog.now if watchdog is not None else trio.current_time)
     if watchdog is not None:
         watchdog.watch(writer)
     try:
@@ -118,10 +118,11 @@ class _ClientWriter:
     channel or task switch sits between the two (measured in docs/benchmarks.md).
     """
 
-    __slots__ = ("ex", "send", "winner", "timeout", "index", "since")
+    __slots__ = ("ex", "send", "winner", "timeout", "index", "since", "now")
 
-    def __init__(self, ex: Exchange, send: Send, winner: Winner, timeout: float) -> None:
-        self.ex, self.send, self.winner, self.timeout, self.index = ex, send, winner, timeout, 0
+    def __init__(self, ex: Exchange, send: Send, winner: Winner, timeout: float,
+                 now: Callable[[], float] = trio.current_time) -> None:
+        self.ex, self.send, self.winner, self.timeout, self.index, self.now = ex, send, winner, timeout, 0, now
         #: When the send in progress started (None between sends).
         self.since: float | None = None
 
@@ -132,7 +133,7 @@ class _ClientWriter:
         ex = self.ex
         if ex.client_gone:
             return
-        self.since = trio.current_time()
+        self.since = self.now()
         try:
             if unscheduled:
                 await self.send({"type": "http.response.body", "body": data, "more_body": True, UNSCHEDULED: True})
@@ -149,7 +150,7 @@ class _ClientWriter:
             return
         ex.bytes_out += len(data)
         if self.index == ex.first_content_index:
-            ex.ttft_ms = (trio.current_time() - ex.arrival) * 1000
+            ex.ttft_ms = (self.now() - ex.arrival) * 1000
         self.index += 1
         if ex.captured is not None and len(ex.captured) < CAPTURE_LIMIT:
             ex.captured += data
