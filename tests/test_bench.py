@@ -530,6 +530,21 @@ def test_bench_app_counts_the_gateways_instructions_per_request_under_callgrind(
     assert "usage records written: 60" in run.stdout  # the warm-up's 30 and the measured 30
 
 
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (scripts/system-deps installs it)")
+def test_count_process_counts_the_whole_gateways_instructions_per_request() -> None:
+    # loadtest/count_process.py: the mock natively, `trioproxy serve` under callgrind, counted only
+    # around the measured requests (Hypercorn included), the processes stopped at the end.
+    run = subprocess.run(
+        [sys.executable, str(REPO / "loadtest/count_process.py"), "--small", "-n", "20", "--warmup", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    counted = re.search(r": ([\d,]+) instructions per small answer \(20 counted, the whole gateway process\)", run.stdout)
+    assert counted, run.stdout
+    # More than the gateway's own code (~0.74M, bench_app.py), far less than a Python start-up.
+    assert 800_000 < int(counted[1].replace(",", "")) < 10_000_000
+
+
 def test_count_usage_records_counts_lines_of_every_usage_file(tmp_path: Path) -> None:
     (tmp_path / "usage-20260101.jsonl").write_bytes(b"{}\n{}\n")
     (tmp_path / "usage-20260102.1.jsonl").write_bytes(b"{}\n")

@@ -319,7 +319,7 @@ async def _app_send(self: Any, message: Any) -> None:
     its chunks go (``_chunks_to``: the h11 protocol, connection and server, which do not
     change within an answer), and the chunks after it skip the checks of the writer, the
     method and the socket; its state, h11's and a kept head are checked each time (with
-    the watchdog's clock, 2.2–2.6 % fewer instructions per 64-token stream; docs/benchmarks.md).
+    the watchdog's clock, 2.7 % fewer instructions per 64-token stream; docs/benchmarks.md).
     """
     if message is None:
         await _stock_app_send(self, message)
