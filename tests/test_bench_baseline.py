@@ -25,7 +25,7 @@ from trioproxy.bench.runner import (
     ScenarioRun,
     Target,
     TargetRound,
-    _round_order,
+    round_order,
     count_usage_records,
     run_scenario,
 )
@@ -272,7 +272,7 @@ def _target(label: str) -> Target:
 
 def test_a_gateway_and_its_baseline_swap_places_every_other_round() -> None:
     targets = [_target(x) for x in ("direct", "a", "a@1", "b", "b@1", "floor")]
-    labels = [[t.label for t in _round_order(targets, i)] for i in range(3)]
+    labels = [[t.label for t in round_order(targets, i)] for i in range(3)]
     assert labels == [["direct", "a", "a@1", "b", "b@1", "floor"],
                       ["floor", "b@1", "b", "a@1", "a", "direct"],
                       ["direct", "a", "a@1", "b", "b@1", "floor"]]
@@ -286,11 +286,11 @@ def test_a_steady_drift_weighs_alike_on_every_target_over_each_pair_of_rounds() 
     measured: dict[str, int] = {t.label: 0 for t in targets}
     clock = 0
     for index in range(4):
-        for target in _round_order(targets, index):
+        for target in round_order(targets, index):
             measured[target.label] += clock
             clock += 1
     assert len(set(measured.values())) == 1, measured
-    assert _round_order(targets[:1], 1) == targets[:1]
+    assert round_order(targets[:1], 1) == targets[:1]
 
 
 def _failover_round(target: str, index: int, errors_after: int) -> TargetRound:

@@ -140,3 +140,5 @@ async def test_while_it_runs_it_reads_the_runs_own_clock() -> None:
         assert before <= watch.now() <= trio.current_time()
         nursery.cancel_scope.cancel()
     assert watch.now is trio.current_time
+    # Stopped, it holds no wake-up scope whose deadline a later watch() would move for no one.
+    assert watch._wakeup is None

@@ -94,3 +94,4 @@ class Watchdog:
                     await trio.sleep_forever()
         finally:
             self.now = trio.current_time  # (this run's clock means nothing to another run)
+            self._wakeup = None  # (a scope no one waits on: watch() must not move its deadline)

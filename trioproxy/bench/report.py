@@ -36,7 +36,7 @@ import attrs
 from . import hotspots
 from .chart import CDF_QUANTILES, write_chart
 from .probes import foreign_load
-from .runner import NOISE_LIMIT, NOT_GATEWAYS, ScenarioRun, TargetRound
+from .runner import NOISE_LIMIT, NOT_GATEWAYS, ScenarioRun, TargetRound, round_order
 from .stats import Summary, added, percentile, summarize
 
 __all__ = ["TARGETS", "analyze", "machine_info", "markdown", "write_outputs"]
@@ -351,8 +351,9 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
         "scenario": {"name": s.name, "description": s.description, "mode": s.mode, "source": s.source,
                      "load": _attrs(s.load)},
         "run": {"rounds": run.rounds_n, "duration_s": run.duration_s, "warmup_s": run.warmup_s,
-                # The first round's order; every other round ran it backwards (runner._round_order).
-                "order": run.targets, "order_reversed_every_other_round": True},
+                # The first round's order, and whether every other round ran it backwards.
+                "order": run.targets,
+                "order_reversed_every_other_round": round_order(run.targets, 1) == run.targets[::-1]},
         "machine": machine or machine_info(),
         "commands": run.commands,
         "targets": targets,
@@ -456,7 +457,7 @@ def _loopback_sentence(loopback: dict[str, Any] | None) -> str:
 
 
 def _order_phrase(run: dict[str, Any]) -> str:
-    """How the rounds ran their targets (``runner._round_order``): as listed, then reversed every
+    """How the rounds ran their targets (``runner.round_order``): as listed, then reversed every
     other round (a result without the flag ran one order throughout)."""
     order = run["order"]
     if len(order) < 2 or run["rounds"] < 2 or not run.get("order_reversed_every_other_round"):

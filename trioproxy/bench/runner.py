@@ -24,6 +24,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 from attrs import define, field, frozen
@@ -47,6 +48,8 @@ FLOOR_STOCK = "floor-stock"
 NOT_GATEWAYS = ("direct", "floor", FLOOR_STOCK)
 #: More than this share of a core busy with other load during a window: the round is run again.
 NOISE_LIMIT = 0.15
+T = TypeVar("T")
+
 #: Re-runs of disturbed rounds allowed per target and scenario (then the round is kept, with a note).
 MAX_REDO = 3
 #: py-spy's sampling rate: 250 Hz over a few seconds is thousands of samples at a few % overhead.
@@ -317,7 +320,7 @@ async def run_scenario(
     primary_port = int(mocks[0].url.rsplit(":", 1)[1]) if mocks else 0
     redone: dict[str, int] = {}
     for index in range(rounds_n):
-        for target in _round_order(targets, index):
+        for target in round_order(targets, index):
             while True:  # bounded: a disturbed round is run again at most MAX_REDO times per target
                 tr = await _one_round(s, options, fleet, run, target, index, rounds_n, plan, requests, mocks,
                                       primary_port, progress)
@@ -350,7 +353,7 @@ async def run_scenario(
     return run
 
 
-def _round_order(targets: list[Target], index: int) -> list[Target]:
+def round_order(targets: list[T], index: int) -> list[T]:
     """The targets in round ``index``'s order: as listed, then reversed every other round (A B C,
     then C B A). The machine drifts during a round too; with one fixed order the target that
     always runs first would always meet the round's start, and a steady drift would weigh on
