@@ -511,36 +511,40 @@ def test_the_results_name_the_interpreter_that_ran_them() -> None:
     assert f"({machine['python_executable']})" in markdown(analyze(run, machine=machine))
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (scripts/system-deps installs it)")
+needs_valgrind = pytest.mark.skipif(shutil.which("valgrind") is None,
+                                    reason="valgrind is not installed (scripts/system-deps installs it)")
+
+
+def run_loadtest_script(name: str, *args: str) -> str:
+    """Run ``loadtest/<name>`` with this interpreter; its standard output, once it has succeeded."""
+    run = subprocess.run([sys.executable, str(REPO / "loadtest" / name), *args], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
+@needs_valgrind
 def test_bench_app_counts_the_gateways_instructions_per_request_under_callgrind() -> None:
     # loadtest/bench_app.py --instructions: the A/B measure of the gateway's own code
     # (docs/benchmarks-history.md). A small run end to end: valgrind, the counter switched on
     # only around the measured requests, the dumps read back.
-    run = subprocess.run(
-        [sys.executable, str(REPO / "loadtest/bench_app.py"), "-n", "30", "--concurrency", "1", "--instructions"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    pool = re.search(r"pool alone: .* ([\d,]+) instructions", run.stdout)
-    app = re.search(r"concurrency +1: .* ([\d,]+) instructions \(30 requests, 0 errors\)", run.stdout)
-    assert pool and app, run.stdout
+    stdout = run_loadtest_script("bench_app.py", "-n", "30", "--concurrency", "1", "--instructions")
+    pool = re.search(r"pool alone: .* ([\d,]+) instructions", stdout)
+    app = re.search(r"concurrency +1: .* ([\d,]+) instructions \(30 requests, 0 errors\)", stdout)
+    assert pool and app, stdout
     per_request = int(app[1].replace(",", ""))
     # Counted over the requests only: a whole Python start-up would be tens of millions.
     assert 100_000 < int(pool[1].replace(",", "")) < per_request < 5_000_000
-    assert "usage records written: 60" in run.stdout  # the warm-up's 30 and the measured 30
+    assert "usage records written: 60" in stdout  # the warm-up's 30 and the measured 30
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (scripts/system-deps installs it)")
+@needs_valgrind
 def test_count_process_counts_the_whole_gateways_instructions_per_request() -> None:
     # loadtest/count_process.py: the mock natively, `trioproxy serve` under callgrind, counted only
     # around the measured requests (Hypercorn included), the processes stopped at the end.
-    run = subprocess.run(
-        [sys.executable, str(REPO / "loadtest/count_process.py"), "--small", "-n", "20", "--warmup", "2"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    counted = re.search(r": ([\d,]+) instructions per small answer \(20 counted, the whole gateway process\)", run.stdout)
-    assert counted, run.stdout
+    stdout = run_loadtest_script("count_process.py", "--small", "-n", "20", "--warmup", "2")
+    counted = re.search(r": ([\d,]+) instructions per small answer \(20 counted, the whole gateway process\)", stdout)
+    assert counted, stdout
     # More than the gateway's own code (~0.74M, bench_app.py), far less than a Python start-up.
     assert 800_000 < int(counted[1].replace(",", "")) < 10_000_000
 
