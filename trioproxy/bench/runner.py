@@ -48,8 +48,6 @@ FLOOR_STOCK = "floor-stock"
 NOT_GATEWAYS = ("direct", "floor", FLOOR_STOCK)
 #: More than this share of a core busy with other load during a window: the round is run again.
 NOISE_LIMIT = 0.15
-T = TypeVar("T")
-
 #: Re-runs of disturbed rounds allowed per target and scenario (then the round is kept, with a note).
 MAX_REDO = 3
 #: py-spy's sampling rate: 250 Hz over a few seconds is thousands of samples at a few % overhead.
@@ -351,6 +349,9 @@ async def run_scenario(
                 "usage_records": count_usage_records(target.telemetry_dir),
             }
     return run
+
+
+T = TypeVar("T")
 
 
 def round_order(targets: list[T], index: int) -> list[T]:
