@@ -28,9 +28,13 @@ from types import SimpleNamespace
 from importlib import metadata
 from typing import Any
 
+import h11
+import h11._headers
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 from hypercorn.config import Config as HyperConfig
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
@@ -152,6 +156,27 @@ def test_installed_for_the_supported_hypercorn() -> None:
     assert hypercorn_fast.apply()  # idempotent
     hypercorn_fix.apply()  # (idempotent too: it keeps hypercorn_fast's wrapper of the same method)
     assert H11Protocol.handle is hypercorn_fast._h11_handle
+
+
+_TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_!#$%&'*+.^`|~", min_size=1, max_size=12)
+_VALUE = st.text(alphabet="abcdefghijklmnopqrstuvwxyz ABC/=;,.:0123456789", max_size=20).map(str.strip)
+
+
+@given(st.lists(st.tuples(_TOKEN, _VALUE), max_size=12))
+def test_h11_headers_iterate_as_their_items(fields: list[tuple[str, str]]) -> None:
+    """A parsed request's headers: the same (lower-case name, value) pairs as indexing gives."""
+    assert h11._headers.Headers.__iter__ is hypercorn_fast._h11_headers_iter
+    head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in fields)
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(head + b"\r\n")
+    request = connection.next_event()
+    assert isinstance(request, h11.Request)
+    headers = request.headers
+    by_index = [headers[i] for i in range(len(headers))]
+    assert list(headers) == by_index
+    assert by_index == [(b"host", b"x"), *((n.lower().encode(), v.encode()) for n, v in fields)]
+    assert [(name, value) for name, value in headers] == by_index  # (a second pass: nothing consumed)
+    assert (b"host", b"x") in headers
 
 
 @pytest.mark.parametrize(

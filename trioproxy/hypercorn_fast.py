@@ -53,6 +53,12 @@ two and the timer for plain TCP connections only: TLS keeps Hypercorn's own I/O)
   Hypercorn's timer does (``hypercorn_keepalive``: see there).
 - **each app call** (any transport): ``hypercorn_app``'s lighter message inbox in place of
   a trio memory channel, and a disconnect notice in each HTTP request's scope (see there).
+- **h11's parsed headers** iterate over their own list: h11's ``Headers`` is a
+  ``Sequence`` whose inherited ``__iter__`` calls ``__getitem__`` once per header, and
+  each request's headers are walked four times (h11's check for a Host header,
+  Hypercorn's protocol check, its scan for an upgrade and its copy into the scope):
+  the same pairs in the same order, 1.3 % fewer instructions per small answer through
+  the whole process (``loadtest/count_process.py --small``).
 
 The HTTP handling (h11, the ASGI bridge, the protocol's events) is Hypercorn's; only
 when a head is written changes. ``apply`` installs this for Hypercorn 0.17 and 0.18 (the versions whose
@@ -67,7 +73,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from typing import Any
 
@@ -127,6 +133,15 @@ def _h11_chunked_writer() -> Any:
 
 
 _ChunkedWriter = _h11_chunked_writer()
+
+
+def _h11_headers_class() -> Any:
+    """h11's ``Headers`` if it keeps its ``_full_items`` (private: if that moves, Sequence's own iteration stays)."""
+    try:
+        from h11._headers import Headers
+    except ImportError:  # pragma: no cover (h11 0.14-0.16 have it)
+        return None
+    return Headers if "_full_items" in getattr(Headers, "__slots__", ()) else None
 #: ``H11Protocol.handle`` as :func:`apply` found it (with ``hypercorn_fix``'s wrapper, if applied first).
 _inner_handle: Callable[[Any, Event], Any] = H11Protocol.handle
 
@@ -442,6 +457,12 @@ async def _write_after_head(protocol: Any, server: Any, data: bytes, schedule: b
             protocol._pending_head = head
 
 
+def _h11_headers_iter(self: Any) -> Iterator[tuple[bytes, bytes]]:
+    """``h11._headers.Headers.__iter__``: each (lower-case name, value), as ``__getitem__`` gives them."""
+    for _, name, value in self._full_items:
+        yield name, value
+
+
 def _end_of_message(connection: h11.Connection) -> bytes:
     try:
         return connection.send(h11.EndOfMessage()) or b""
@@ -489,4 +510,7 @@ def apply() -> bool:
         HTTPStream.app_send = _app_send  # type: ignore[method-assign]
         HTTPStream._chunks_to = None  # type: ignore[attr-defined]
         hypercorn_app.install()
+        headers_class = _h11_headers_class()
+        if headers_class is not None:
+            headers_class.__iter__ = _h11_headers_iter
     return applied()
