@@ -544,6 +544,78 @@ async def test_http2_cleartext_with_prior_knowledge_is_served(start_mock: StartM
     assert len(read_records(gw)) == 6
 
 
+async def test_http2_data_after_an_early_answer_is_dropped_and_the_gateway_serves_on(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """A request body over HTTP/2 larger than the first flow-control window (64 KB), to a route answered
+    without reading it (404), then the same with a body over ``max_body_bytes`` (413): the rest of each body
+    arrives after its stream has closed. Hypercorn 0.17/0.18 look that data's stream up and raise
+    ``KeyError``, which under Trio ended the whole server (every connection cut, the port closed):
+    ``hypercorn_fix`` acknowledges and drops it. The connection and the gateway serve on."""
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES) + "[server]\nmax_body_bytes = 100000\n"
+        )
+        async with httpx.AsyncClient(http1=False, http2=True, timeout=30) as client:
+            unknown = await client.post(gw.url + "/nope", content=b"x" * 70_000)
+            too_big = await client.post(gw.url + CHAT, content=b"x" * 300_000, headers={"content-type": "application/json"})
+            after = await client.post(gw.url + CHAT, json={"model": "m", "messages": []})
+        async with httpx.AsyncClient(timeout=30) as client:
+            health = await client.get(gw.url + "/healthz")
+        await stop(gw)
+    assert unknown.http_version == "HTTP/2" and unknown.status_code == 404
+    assert api_error_problem(CHAT, unknown.content) is None
+    assert too_big.status_code == 413 and api_error_problem(CHAT, too_big.content) is None
+    assert after.status_code == 200 and answer_problem(CHAT, after.content) is None
+    assert health.status_code == 200
+    assert sorted(record["status"] for record in read_records(gw)) == [200, 200, 404, 413]
+
+
+async def test_an_internal_error_of_hypercorn_ends_its_connection_not_the_server(
+    start_mock: StartMock, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error of Hypercorn's own on one connection (here injected into its h11 protocol for one path)
+    ends that connection, logged with its traceback; a stream in flight on another connection finishes,
+    and the gateway takes new connections. Without ``hypercorn_fix``'s containment, Trio ended the
+    server: the stream cut, the port closed."""
+    from hypercorn.protocol.h11 import H11Protocol
+
+    stock_check = H11Protocol._check_protocol
+
+    async def check_or_fail(self: Any, event: Any) -> None:
+        if event.target == b"/boom":
+            raise RuntimeError("an internal error of the server, injected")
+        await stock_check(self, event)
+
+    monkeypatch.setattr(H11Protocol, "_check_protocol", check_or_fail)
+    errors_logged: list[str] = []
+    sink_id = logger.add(errors_logged.append, level="ERROR", format="{message}")
+    try:
+        with trio.fail_after(30):
+            mock = await start_mock(models=("*",), tokens=40, token_delay_ms=5, ttft_ms=0)
+            gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
+            boom: list[str] = []
+            async with httpx.AsyncClient(timeout=30) as streaming, httpx.AsyncClient(timeout=30) as other:
+                async with streaming.stream("POST", gw.url + CHAT, json={"model": "m", "stream": True, "messages": []}) as r:
+                    raw = r.aiter_raw()
+                    chunks = [await raw.__anext__()]  # the stream is under way
+                    try:
+                        await other.post(gw.url + "/boom", content=b"{}")
+                    except httpx.RemoteProtocolError as exc:  # (the connection closed without an answer)
+                        boom.append(type(exc).__name__)
+                    chunks += [chunk async for chunk in raw]
+                after = await other.post(gw.url + CHAT, json={"model": "m", "messages": []})
+            await stop(gw)
+    finally:
+        logger.remove(sink_id)
+    assert boom == ["RemoteProtocolError"]
+    assert b"".join(chunks).endswith(b"data: [DONE]\n\n")
+    assert after.status_code == 200 and answer_problem(CHAT, after.content) is None
+    assert any("internal error" in line and "RuntimeError" in line for line in errors_logged), errors_logged
+    assert [record["status"] for record in read_records(gw)] == [200, 200]
+
+
 async def test_an_http2_path_that_http11_would_refuse_never_reaches_an_upstream_malformed(
     start_mock: StartMock, start_gateway: StartGateway
 ) -> None:

@@ -1,5 +1,6 @@
-"""Close a keep-alive connection as soon as its client closes it between requests.
+"""Fixes to Hypercorn's Trio server (0.17, 0.18), whatever the I/O (``hypercorn_fast`` or stock).
 
+The first: close a keep-alive connection as soon as its client closes it between requests.
 Hypercorn (0.17 and 0.18 on Trio) does not. When the client's EOF arrives while no
 request is in flight, its h11 protocol sees ``ConnectionClosed`` and does nothing more:
 the connection's task then waits in its task group for the idle timer, which closes the
@@ -22,7 +23,18 @@ drops its protocol and its keep-alive timer. Both close reference cycles through
 each closed connection's objects (~6 KB) used to wait for the cyclic GC's oldest
 generation; they are now freed at once.
 
-:func:`apply` installs both once; ``server.py``
+A third, for HTTP/2 (``H2Protocol``): data that arrives for a stream already closed
+(answered before its whole body came: a 404, a 413, or any answer that does not read
+the body, once the body is larger than the first flow-control window, 64 KB) is
+acknowledged and dropped. Hypercorn looks the stream up and raises ``KeyError``, which
+under Trio left the connection's task and ended the server: every connection cut, the
+port closed (pgjones/hypercorn#329; the fixes proposed, #312 and #334, are not in 0.17 or 0.18). Its own code already drops
+an end of stream for a closed stream the same way.
+
+And whatever error of Hypercorn's own ends a connection's task ends that connection
+only, logged with its traceback, and not the server with it, as it would under Trio.
+
+:func:`apply` installs the fixes once; ``server.py``
 calls it before serving, so the gateway and the bench's floor app (Hypercorn with the
 gateway's set-up) both get it. ``tests/test_keepalive_close.py`` checks it against the
 real Hypercorn.
@@ -30,16 +42,21 @@ real Hypercorn.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import h2.events
 from hypercorn.events import Closed, Event, Updated
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.tcp_server import TCPServer
+from loguru import logger
 
 __all__ = ["apply"]
 
 _original_handle = H11Protocol.handle
 _original_run = TCPServer.run
+_original_h2_handle_events = H2Protocol._handle_events
 
 
 async def _handle(self: Any, event: Event) -> None:
@@ -53,6 +70,12 @@ async def _handle(self: Any, event: Event) -> None:
 async def _run(self: Any) -> None:
     try:
         await _original_run(self)
+    except Exception:  # (not a cancellation: a group holding one is a BaseExceptionGroup, and goes on up)
+        # An error of Hypercorn's own on this connection (the app's errors are caught inside
+        # it): under Trio it would leave this handler and end ``serve_listeners``, every other
+        # connection with it. It ends this connection only; its requests were cancelled with
+        # its task group, each with its record.
+        logger.opt(exception=True).error("a connection ended on an internal error; serving on")
     finally:
         # The connection is over: every task of its task group has ended and its socket is
         # closed. Drop the two references that close cycles through it (its protocol holds
@@ -64,13 +87,30 @@ async def _run(self: Any) -> None:
         self.__dict__.pop("idle_task", None)
 
 
+async def _h2_handle_events(self: Any, events: list[h2.events.Event]) -> None:
+    # Hypercorn's loop pulls each event when the one before it is handled (its awaits
+    # done), so whether a data event's stream is still open is checked then, and nothing
+    # awaits between the check and Hypercorn's lookup.
+    await _original_h2_handle_events(self, _open_stream_events(self, events))  # type: ignore[arg-type]
+
+
+def _open_stream_events(protocol: Any, events: Iterable[h2.events.Event]) -> Iterator[h2.events.Event]:
+    for event in events:
+        if type(event) is h2.events.DataReceived and event.stream_id not in protocol.streams:
+            # Nobody reads it: give its bytes back to the connection's window, as for any data.
+            protocol.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            continue
+        yield event
+
+
 _applied = False
 
 
 def apply() -> None:
-    """Install the fixes on Hypercorn's h11 protocol and Trio ``TCPServer`` (idempotent, also once ``hypercorn_fast`` wraps them)."""
+    """Install the fixes on Hypercorn's h11 and h2 protocols and Trio ``TCPServer`` (idempotent, also once ``hypercorn_fast`` wraps them)."""
     global _applied
     if not _applied:
         _applied = True
         H11Protocol.handle = _handle  # type: ignore[method-assign]
         TCPServer.run = _run  # type: ignore[method-assign]
+        H2Protocol._handle_events = _h2_handle_events  # type: ignore[method-assign]
