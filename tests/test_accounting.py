@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from trioproxy import usagelog
 from trioproxy.mock import FaultPlan
@@ -140,3 +142,57 @@ async def test_requests_cut_by_the_shutdown_grace_still_get_their_record(
     (record,) = read_records(gw)
     assert record["bytes_out"] > 0
     assert record["outcome"] in outcomes
+
+
+async def test_requests_left_when_the_shutdown_grace_runs_out_end_in_their_own_format(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """Once ``shutdown_grace_s`` has run out the gateway ends what is left itself, before Hypercorn cuts
+    the connections: an OpenAI stream with an error event, an Ollama stream with an error line (each
+    with its framing complete: no transport error), a request whose upstream has not answered with a
+    503 ``shutting_down`` and Retry-After. Each has its record, ``cancelled``."""
+    with trio.fail_after(60):
+        mock = await start_mock(models=("*",), tokens=100_000, token_delay_ms=5, ttft_ms=0)
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}", kind="ollama")
+            + "[server]\nshutdown_grace_s = 0.2\ndisconnect_watch_after_ms = 60000\n"
+        )
+        answers: dict[str, httpx.Response] = {}
+        bodies: dict[str, bytes] = {}
+        async with httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+
+            async def pending() -> None:  # the upstream takes a minute to begin
+                answers["pending"] = await client.post(
+                    f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": False}, headers={"x-mock-ttft-ms": "60000"}
+                )
+
+            async def stream(name: str, path: str, started: trio.Event) -> None:
+                body = {**CHAT, "stream": True}
+                async with client.stream("POST", f"{gw.url}{path}", json=body) as streaming:
+                    answers[name] = streaming
+                    parts = []
+                    async for chunk in streaming.aiter_bytes():
+                        parts.append(chunk)
+                        if b"content" in chunk:
+                            started.set()
+                    bodies[name] = b"".join(parts)
+
+            nursery.start_soon(pending)
+            await trio.testing.wait_all_tasks_blocked()  # (its request waits at the mock)
+            sse_started, ndjson_started = trio.Event(), trio.Event()
+            nursery.start_soon(stream, "sse", "/v1/chat/completions", sse_started)
+            nursery.start_soon(stream, "ndjson", "/api/chat", ndjson_started)
+            await sse_started.wait()
+            await ndjson_started.wait()
+            await stop(gw)
+    pending_answer = answers["pending"]
+    assert pending_answer.status_code == 503 and pending_answer.headers["retry-after"] == "1"
+    assert pending_answer.json()["error"]["code"] == "shutting_down"
+    *_, last_event = bodies["sse"].rstrip(b"\n").split(b"\n\n")
+    assert b"shutting down" in json.loads(last_event.removeprefix(b"data: "))["error"]["message"].encode()
+    *_, last_line = bodies["ndjson"].rstrip(b"\n").split(b"\n")
+    assert "shutting down" in json.loads(last_line)["error"]
+    records = read_records(gw)
+    assert sorted(r["route"] for r in records) == ["/api/chat", "/v1/chat/completions", "/v1/chat/completions"]
+    assert {r["outcome"] for r in records} == {"cancelled"}
+    assert {r["status"] for r in records} == {200, 503}

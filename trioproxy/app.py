@@ -37,6 +37,7 @@ from .errors import (
     RateLimited,
     RequestError,
     RoutingError,
+    ShuttingDown,
     TrioproxyError,
     UpstreamError,
     UpstreamStatusError,
@@ -54,6 +55,8 @@ from .usage import NDJSONScanner, SSEScanner, estimate_tokens
 from .usagefilter import UsageEventFilter
 
 Receive = Any  # ASGI receive callable
+#: What ends an answer still running when the shutdown's grace has run out (an in-band error, or a 503).
+SHUTDOWN_MESSAGE = "the gateway is shutting down and its grace period ran out before this answer was complete; retry"
 #: What a kept X-Request-Id may look like (``[server] trust_request_id``): safe in a header and a log line.
 TRUSTED_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
@@ -196,8 +199,10 @@ class ProxyApp:
         plan: RoutePlan | None = None
         notice = scope["extensions"].get(DISCONNECT_NOTICE) if "extensions" in scope else None
         try:
-            async with _RequestScope(with_nursery=notice is None) as (limit, request):
+            async with _RequestScope(services.open_requests, with_nursery=notice is None) as (limit, request):
                 limit.deadline = trio.current_time() + config.server.body_timeout_s
+                if services.ending:  # (on a kept-alive connection, after the shutdown grace ran out)
+                    limit.cancel()
                 inbox = scope["extensions"].get(INBOX) if "extensions" in scope else None
                 body = await read_body(receive, ex, scope, config.server.max_body_bytes,
                                        take=inbox.receive_nowait if inbox is not None else None)
@@ -235,6 +240,14 @@ class ProxyApp:
                         limit.cancel()
         except BaseExceptionGroup as group:
             raise single_error(group) from None
+        if limit.cancelled_caught and services.ending and not ex.finished and not ex.client_gone:
+            # The shutdown's grace ran out (server.main): the answer ends in its own format,
+            # before Hypercorn cuts the connection (SHUTDOWN_CUT_MARGIN_S later).
+            ex.outcome, ex.error = "cancelled", SHUTDOWN_MESSAGE
+            if ex.response_started:
+                await finish(ex, send, route.error_line(ex.error))
+                return
+            raise ShuttingDown(SHUTDOWN_MESSAGE)
         if plan is None:  # the body's deadline passed (an error while reading raised above)
             raise RequestError("the request body did not arrive in time", code="request_timeout", status_hint=408)
         if ex.client_gone and ex.outcome == "ok":  # an upstream failure seen first stays the outcome
@@ -502,25 +515,32 @@ class _RequestScope:
     it, whose exit, unlike a nursery's, is no schedule point (one trip through the scheduler
     fewer per request). Otherwise the watcher task runs in the request's own nursery
     (STYLE.md: request code owns its tasks). Yields ``(cancel scope, nursery or None)``.
+    The cancel scope is in ``registry`` while it is open (``Services.open_requests``: what
+    the shutdown ends once its grace has run out).
     """
 
-    __slots__ = ("_manager", "_scope")
+    __slots__ = ("_manager", "_registry", "_scope")
 
-    def __init__(self, *, with_nursery: bool) -> None:
+    def __init__(self, registry: set[trio.CancelScope], *, with_nursery: bool) -> None:
         self._manager = trio.open_nursery() if with_nursery else None
+        self._registry = registry
         self._scope: trio.CancelScope | None = None
 
     async def __aenter__(self) -> tuple[trio.CancelScope, trio.Nursery | None]:
         if self._manager is None:
             scope = self._scope = trio.CancelScope()
+            self._registry.add(scope)
             return scope.__enter__(), None
         nursery = await self._manager.__aenter__()
+        self._scope = nursery.cancel_scope
+        self._registry.add(self._scope)
         return nursery.cancel_scope, nursery
 
     async def __aexit__(self, *exc: Any) -> bool | None:
-        if self._scope is not None:
+        assert self._scope is not None
+        self._registry.discard(self._scope)
+        if self._manager is None:
             return self._scope.__exit__(*exc)
-        assert self._manager is not None
         return await self._manager.__aexit__(*exc)
 
 
@@ -575,7 +595,7 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", ex.request_id),
     ]
-    if isinstance(exc, (NoHealthyUpstream, RateLimited)):
+    if isinstance(exc, (NoHealthyUpstream, RateLimited, ShuttingDown)):
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
     ex.error = ex.error or exc.message  # an internal error's record keeps its cause
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -12,6 +12,7 @@
     ├── Forbidden              status_hint=403     an admin endpoint from a non-loopback client
     ├── RateLimited            status_hint=429     a key's limits, the gateway's capacity (.retry_after_s)
     │   └── AllSaturated                           every candidate upstream at its concurrency limit
+    ├── ShuttingDown           status_hint=503     the shutdown grace ran out before an answer began (.retry_after_s)
     └── UpstreamError          .upstream, status_hint=502
         ├── UpstreamConnectError                   refused, reset or closed before a response
         ├── UpstreamProtocolError                  bytes that are not HTTP/1.1
@@ -126,6 +127,14 @@ class RateLimited(TrioproxyError):
 
 class AllSaturated(RateLimited):
     """Every candidate upstream is at its concurrency limit and its wait queue is full."""
+
+
+class ShuttingDown(TrioproxyError):
+    """The gateway's shutdown grace ran out before this request's answer began: retry (another worker, or later)."""
+
+    status_hint = 503
+    error_code = "shutting_down"
+    retry_after_s = 1
 
 
 class UpstreamError(TrioproxyError):

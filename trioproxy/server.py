@@ -14,12 +14,15 @@
                 ├─ watchdog.Watchdog.run                  every stream's client writes and upstream reads
                 ├─ feed.watch_upstreams(feed, services)  health/circuit changes → the live feed
                 ├─ _watch_signals(shutdown)              SIGINT/SIGTERM → shutdown.set()
+                ├─ _end_after_grace(services)            grace over → end the requests left
                 └─ _serve: hypercorn.trio.serve(app, shutdown_trigger=shutdown.wait)
                            then service.cancel_scope.cancel()
 
 Shutdown, bottom-up: Hypercorn stops accepting and gives in-flight requests
-``server.shutdown_grace_s`` before cancelling them (each still sends its record
-from its ``finally``); ``serve`` returns; the service nursery is cancelled
+``server.shutdown_grace_s``; the gateway then ends the proxied requests still running
+(``_end_after_grace``: each answers in its own format, an in-band error or a 503) and
+Hypercorn cancels what is left ``SHUTDOWN_CUT_MARGIN_S`` later (each request still sends
+its record from its ``finally``); ``serve`` returns; the service nursery is cancelled
 (checkers, mocks); ``records_send`` closes; the writer writes every queued record
 and returns; the pools and the httpx client close.
 
@@ -125,6 +128,11 @@ hypercorn_fix.apply()
 hypercorn_fast.apply()
 
 
+#: How long after the shutdown's grace Hypercorn cuts the connections left: the gateway has
+#: then ended each request still running with an error in its own format (``_end_after_grace``).
+SHUTDOWN_CUT_MARGIN_S = 1.0
+
+
 def hypercorn_config(config: Config, listen_fd: int | None = None) -> HyperConfig:
     server = config.server
     hcfg = HyperConfig()
@@ -136,7 +144,9 @@ def hypercorn_config(config: Config, listen_fd: int | None = None) -> HyperConfi
     hcfg.keep_alive_timeout = server.keep_alive_timeout_s
     hcfg.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
     hcfg.backlog = server.backlog
-    hcfg.graceful_timeout = server.shutdown_grace_s
+    # The gateway ends what is left once the grace has run out (_end_after_grace); Hypercorn
+    # cuts the connections a margin later, for clients that do not read their last bytes.
+    hcfg.graceful_timeout = server.shutdown_grace_s + SHUTDOWN_CUT_MARGIN_S
     hcfg.include_server_header = False
     hcfg.h11_max_incomplete_size = server.max_header_bytes
     return hcfg
@@ -288,6 +298,7 @@ async def main(
                             paths = [resolve_profile(name) for name in profiles]
                             service.start_soon(watch_profiles, paths, reload_send)
                         service.start_soon(_watch_signals, shutdown, service.cancel_scope, reload_send)
+                        service.start_soon(_end_after_grace, services)
                         app = ProxyApp(services)
 
                         async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
@@ -332,6 +343,21 @@ async def main(
         )
     else:  # (not "0 written": nothing was lost, nothing was meant to be written)
         logger.info("usage log disabled: {} records counted in the metrics, none written", sink.counters.observed)
+
+
+async def _end_after_grace(services: Services) -> None:
+    """Once the shutdown's grace has run out, end every proxied request still running.
+
+    Each then answers in its own format (``app.py``: an in-band error ending a stream, a 503
+    with Retry-After before an answer began) and sends its record; Hypercorn closes the
+    connections ``SHUTDOWN_CUT_MARGIN_S`` later. Cancelled with the service nursery once
+    ``serve`` returns (nothing was left).
+    """
+    await services.shutdown.wait()
+    await trio.sleep(services.config.server.shutdown_grace_s)
+    services.ending = True
+    for scope in list(services.open_requests):
+        scope.cancel()
 
 
 def _file_tag(config: Config) -> str:

@@ -52,6 +52,11 @@ class Services:
     worker_link: WorkerLink | None = None
     #: Set when the gateway starts its graceful shutdown (live-feed sessions close at once).
     shutdown: trio.Event = field(factory=trio.Event)
+    #: The cancel scope of each proxied request in flight: what the shutdown ends once its
+    #: grace has run out (``server.main``; each then answers in its own format).
+    open_requests: set[trio.CancelScope] = field(factory=set)
+    #: True once the shutdown grace has run out: requests still running are being ended.
+    ending: bool = False
     #: Jitter for retry backoff (one generator, no global state).
     rng: random.Random = field(factory=random.Random)
     #: Round-robin counter for routing ties; bumped once per routed request.
