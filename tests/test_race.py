@@ -29,7 +29,7 @@ from trioproxy.errors import (
 )
 from trioproxy.routing import RoutePlan, Target
 from trioproxy.telemetry import AttemptRecord
-from trioproxy.upstream import OutgoingRequest, UpstreamRuntime, Winner, open_winning_response
+from trioproxy.upstream import OutgoingRequest, RaceResult, UpstreamRuntime, Winner, open_winning_response
 from trioproxy.usage import SSEScanner
 
 
@@ -146,9 +146,10 @@ class Rig:
             max_response_bytes=1 << 20,
         )
         attempts: list[AttemptRecord] = []
-        winner, result = await open_winning_response(
+        result = RaceResult()
+        winner = await open_winning_response(
             self.runtimes, plan, request, routing=self.routing, budget=self.budget, attempts=attempts,
-            rng=random.Random(0),
+            rng=random.Random(0), result=result,
         )
         winner.release()
         return winner, attempts, result.hedged
@@ -180,7 +181,34 @@ async def test_hedge_starts_after_stagger_and_the_fast_one_wins(autojump_clock: 
     assert winner.target.upstream == "fast" and hedged
     assert trio.current_time() == pytest.approx(0.6)
     assert r.log[:3] == ["slow opened at 0", "fast opened at 0.5", "slow cancelled at 0.6"]
-    assert sorted(outcomes(attempts)) == [("fast", "ok", 200), ("slow", "cancelled", None)]
+    assert outcomes(attempts) == [("slow", "lost_race", None), ("fast", "ok", 200)]  # in start order
+
+
+async def test_attempts_are_recorded_in_start_order_whatever_ends_first(autojump_clock: trio.testing.MockClock) -> None:
+    """The hedge fails at once (at 0.6), before the first attempt answers (at 2): still listed second."""
+    refused = Script(head_s=0.1, error=UpstreamConnectError("refused", upstream="b"))
+    r = rig({"a": [Script(head_s=2)], "b": [refused]}, max_attempts=3)
+    winner, attempts, hedged = await r.race("a", "b", stagger=0.5)
+    assert winner.target.upstream == "a" and hedged
+    assert outcomes(attempts) == [("a", "ok", 200), ("b", "connect_error", None)]
+    assert [a.ms for a in attempts] == [pytest.approx(2000), pytest.approx(100)]
+
+
+async def test_a_hedged_race_cut_from_outside_still_says_it_hedged(autojump_clock: trio.testing.MockClock) -> None:
+    """The client leaves (the caller's scope is cancelled) while both attempts wait: the caller's result
+    says a hedge ran, and both attempts are recorded, cancelled, in start order."""
+    r = rig({"a": [Script(head_s=60)], "b": [Script(head_s=60)]}, max_attempts=3)
+    plan = RoutePlan(attempts=(Target("a", "m"), Target("b", "m")), stagger=0.5)
+    request = OutgoingRequest(method=b"POST", target=b"/v1/chat/completions", headers=[], body_for=lambda t: b"{}",
+                              stream=True, new_scanner=SSEScanner, max_response_bytes=1 << 20)
+    attempts: list[AttemptRecord] = []
+    result = RaceResult()
+    with trio.move_on_after(1.0):
+        await open_winning_response(r.runtimes, plan, request, routing=r.routing, budget=r.budget, attempts=attempts,
+                                    rng=random.Random(0), result=result)
+    assert result.hedged
+    assert outcomes(attempts) == [("a", "cancelled", None), ("b", "cancelled", None)]
+    assert [a.ms for a in attempts] == [pytest.approx(1000), pytest.approx(500)]
 
 
 async def test_a_slow_first_token_is_hedged_too(autojump_clock: trio.testing.MockClock) -> None:

@@ -50,7 +50,7 @@ from .hypercorn_app import DISCONNECT_NOTICE, INBOX, DisconnectNotice
 from .relay import Send, error_in_body, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
-from .upstream import OutgoingRequest, UpstreamRuntime, open_winning_response
+from .upstream import OutgoingRequest, RaceResult, UpstreamRuntime, open_winning_response
 from .usage import NDJSONScanner, SSEScanner, estimate_tokens
 from .usagefilter import UsageEventFilter
 
@@ -272,8 +272,9 @@ class ProxyApp:
         runtimes: dict[str, UpstreamRuntime],
     ) -> None:
         services = self.services
+        race = RaceResult()
         try:
-            winner, race = await open_winning_response(
+            winner = await open_winning_response(
                 runtimes,
                 plan,
                 outgoing,
@@ -281,15 +282,17 @@ class ProxyApp:
                 budget=services.hedge_budget,
                 attempts=ex.attempts,
                 rng=services.rng,
+                result=race,
             )
         except UpstreamStatusError as exc:
             ex.upstream, ex.model_served = exc.upstream, _served(ex, exc.upstream)
             await _pass_through(send, ex, exc)
             return
+        finally:
+            ex.hedged = race.hedged  # (also when the race failed or was cut: the hedge ran all the same)
         # The race is over: the decoded request it kept for re-sends (~1 KiB) need not live as
         # long as the stream (_proxy no longer holds it either).
         del outgoing
-        ex.hedged = race.hedged
         ex.upstream, ex.model_served = winner.target.upstream, winner.target.model
         ex.queue_ms = round(winner.queue_s * 1000, 3)
         try:

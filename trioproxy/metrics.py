@@ -148,8 +148,7 @@ class Metrics:
             if rec.attempts and rec.upstream and rec.attempts[0].upstream != rec.upstream:
                 self.failovers.labels(model).inc()
             if rec.hedged and rec.attempts:
-                # Losers are cancelled when the winner is decided, so the attempt that ran longest started first.
-                first = max(rec.attempts, key=lambda a: a.ms).upstream
+                first = rec.attempts[0].upstream  # (attempts are in start order)
                 self.hedges.labels("won" if rec.upstream and rec.upstream != first else "cancelled").inc()
         for counter, n in requests.items():
             counter.inc(n)

@@ -148,6 +148,8 @@ class Winner:
     #: Index in ``prefetched`` of the chunk holding the first content, if it came.
     first_content_index: int | None = None
     queue_s: float = 0.0
+    #: Its attempt's index in the record's attempts (which are in start order).
+    attempt_slot: int = -1
     _released: bool = False
 
     def release(self) -> None:
@@ -160,8 +162,9 @@ class Winner:
 
 @define
 class RaceResult:
-    """What the race tells the usage record besides the winner."""
+    """What the race tells the usage record besides the winner (the caller's: kept when the race fails or is cut)."""
 
+    #: A hedge was started (an attempt alongside a slow one).
     hedged: bool = False
 
 
@@ -195,9 +198,14 @@ class _Race:
     wake: trio.Event = field(factory=trio.Event)
     scope: trio.CancelScope | None = None
 
-    def record(self, target: Target, outcome: str, status: int | None, started: float) -> None:
+    def record(self, target: Target, outcome: str, status: int | None, started: float, slot: int = -1) -> None:
+        """The attempt's record: appended, or written in ``slot`` (kept at its start: attempts are in start order)."""
         ms = round((trio.current_time() - started) * 1000, 3)
-        self.attempts.append(AttemptRecord(upstream=target.upstream, model=target.model, outcome=outcome, status=status, ms=ms))
+        attempt = AttemptRecord(upstream=target.upstream, model=target.model, outcome=outcome, status=status, ms=ms)
+        if slot < 0:
+            self.attempts.append(attempt)
+        else:
+            self.attempts[slot] = attempt
 
     async def run_target(self, target: Target, *, last: bool) -> None:
         """Every attempt on one target (the first, then retries), until a win, a skip or give-up."""
@@ -225,7 +233,7 @@ class _Race:
                         self.scope.cancel()
                 else:  # finished in the same tick as the winner
                     winner.release()
-                    self.attempts[-1] = _with_outcome(self.attempts[-1], "lost_race")
+                    self.attempts[winner.attempt_slot] = _with_outcome(self.attempts[winner.attempt_slot], "lost_race")
                 return
         finally:
             self.wake.set()  # whatever happened, the loop may start the next target now
@@ -303,6 +311,8 @@ class _Race:
         request = self.request
         timeouts = runtime.cfg.timeouts
         outcome, status = "cancelled", None
+        slot = len(self.attempts)  # its place, in start order, whenever it ends
+        self.attempts.append(AttemptRecord(upstream=target.upstream, model=target.model, outcome=outcome, status=None, ms=0.0))
         try:
             response = await runtime.pool.open_response(
                 request.method,
@@ -319,12 +329,15 @@ class _Race:
                 response.release()
                 raise
             outcome = "ok" if status < 400 else "client_error"  # a 4xx relayed as the upstream gave it
+            winner.attempt_slot = slot
             return winner
         except UpstreamError as exc:
             outcome = "context_length" if isinstance(exc, _ContextTooLong) else exc.kind
             raise
         finally:
-            self.record(target, outcome, status, started)
+            if outcome == "cancelled" and self.winner is not None:
+                outcome = "lost_race"  # cancelled because another attempt won
+            self.record(target, outcome, status, started, slot)
 
     async def _read_answer(self, response: UpstreamResponse, runtime: UpstreamRuntime, target: Target) -> Winner:
         status = response.status
@@ -370,11 +383,15 @@ async def open_winning_response(
     budget: HedgeBudget,
     attempts: list[AttemptRecord],
     rng: random.Random,
-) -> tuple[Winner, RaceResult]:
+    result: RaceResult,
+) -> Winner:
     """Race the plan's targets; return the first good answer.
 
+    ``attempts`` gets one record per attempt, in start order, and ``result`` the race's
+    other facts, both as they happen (so also when the race fails or is cancelled).
+
     Returns:
-        The winner (the caller owns it and must ``release()`` it) and facts for the record.
+        The winner (the caller owns it and must ``release()`` it).
 
     Raises:
         UpstreamStatusError: the last failure was an error answer (its status and body are passed through).
@@ -392,7 +409,6 @@ async def open_winning_response(
         rng=rng,
         failover_statuses=frozenset(routing.failover_statuses),
     )
-    result = RaceResult()
     budget.record_request(trio.current_time())
     targets = plan.attempts
     if math.isinf(plan.stagger):
@@ -403,7 +419,7 @@ async def open_winning_response(
             await race.run_target(target, last=index == len(targets) - 1)
         if race.winner is None:
             raise _final_error(race)
-        return race.winner, result
+        return race.winner
     running_hedges = 0
     try:
         async with trio.open_nursery() as nursery:
@@ -430,7 +446,7 @@ async def open_winning_response(
         raise
     if race.winner is None:
         raise _final_error(race)
-    return race.winner, result
+    return race.winner
 
 
 def _with_outcome(record: AttemptRecord, outcome: str) -> AttemptRecord:
