@@ -94,6 +94,11 @@ class ProxyApp:
         services.active += 1
         try:
             route = lookup_route(scope["method"], scope["path"])
+            if _head_size(scope) > services.config.server.max_header_bytes:
+                raise RequestError(
+                    f"the request's head is larger than the limit of {services.config.server.max_header_bytes} bytes",
+                    code="request_header_fields_too_large", param=None, status_hint=431,
+                )
             if services.active > services.config.server.max_concurrent_requests:
                 raise RateLimited("the gateway is serving as many requests as it is configured to; retry shortly")
             if services.keys.enabled and route.local not in OPEN_ROUTES:
@@ -508,6 +513,18 @@ class _DisconnectWatch:
         self.ex.client_gone = True
         if trio.lowlevel.current_task() is not self.task:
             self.limit.cancel()
+
+
+def _head_size(scope: dict[str, Any]) -> int:
+    """The request head's size as sent over HTTP/1.1: its request line and header lines.
+
+    Hypercorn (h11) checks ``max_header_bytes`` only against a head still incomplete after a
+    read, so a larger one that arrived whole in one read (up to 64 KiB) got through.
+    """
+    size = len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 12
+    for name, value in scope["headers"]:
+        size += len(name) + len(value) + 4
+    return size
 
 
 class _RequestScope:

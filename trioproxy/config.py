@@ -58,7 +58,8 @@ class ServerConfig:
     #: upstream 1 s. An answer complete sooner is recorded ``ok`` even if its client had left
     #: (it is not looked for). 0: from the moment the body is read.
     disconnect_watch_after_ms: int = 1_000
-    #: Largest request head (request line and headers) Hypercorn accepts.
+    #: Largest request head (request line and headers): a larger one gets 431 (from Hypercorn
+    #: while it is incomplete, else from the gateway, in the API's error format).
     max_header_bytes: int = 16 * 1024
     #: How long in-flight requests may run on after SIGINT/SIGTERM.
     shutdown_grace_s: float = 10.0
