@@ -54,6 +54,38 @@ async def test_openai_sdk_streaming_and_not(start_mock: StartMock, start_gateway
     assert records[0]["ttft_ms"] is not None and records[0]["finish_reason"] == "stop"
 
 
+async def test_openai_sdk_lists_and_retrieves_models(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    """``models.list`` and ``models.retrieve`` (``GET /v1/models/{model}``, a name with a slash too, as
+    vLLM serves them); an unknown name is the SDK's NotFoundError with OpenAI's ``model_not_found``."""
+    with trio.fail_after(30):
+        mock = await start_mock(models=("mock-llama", "Qwen/Qwen2.5-0.5B-Instruct"), tokens=3, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", models='["mock-llama", "Qwen/Qwen2.5-0.5B-Instruct"]'))
+        sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+
+        def models() -> tuple[list[str], Any, Any, Any]:
+            listed = [m.id for m in sdk.models.list()]
+            try:
+                sdk.models.retrieve("no-such-model")
+            except openai.NotFoundError as exc:
+                missing: Any = exc
+            return listed, sdk.models.retrieve("mock-llama"), sdk.models.retrieve("Qwen/Qwen2.5-0.5B-Instruct"), missing
+
+        listed, llama, qwen, missing = await trio.to_thread.run_sync(models)
+        await stop(gw)
+    assert listed == ["Qwen/Qwen2.5-0.5B-Instruct", "mock-llama"]
+    assert (llama.id, llama.object, llama.owned_by) == ("mock-llama", "model", "m")
+    assert qwen.id == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert missing.status_code == 404 and missing.code == "model_not_found"
+    records = read_records(gw)
+    assert [(r["route"], r["status"], r["outcome"]) for r in records] == [
+        ("/v1/models", 200, "ok"),
+        ("/v1/models/no-such-model", 404, "rejected"),
+        ("/v1/models/mock-llama", 200, "ok"),
+        ("/v1/models/Qwen/Qwen2.5-0.5B-Instruct", 200, "ok"),
+    ]
+    assert records[2]["model_requested"] == "mock-llama"
+
+
 async def test_a_finished_request_ends_on_its_own_while_its_connection_stays_open(
     start_mock: StartMock, start_gateway: StartGateway
 ) -> None:

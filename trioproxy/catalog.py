@@ -38,6 +38,11 @@ CATALOG_TTL_S = 5.0
 CATALOG_FETCH_TIMEOUT_S = 2.0
 
 
+#: ``GET /v1/models/{model}`` (the OpenAI SDK's ``models.retrieve``): the one route with a parameter.
+MODEL_ROUTE = "/v1/models/{model}"
+_MODEL_PREFIX = "/v1/models/"
+
+
 @frozen
 class Route:
     path: str
@@ -63,6 +68,7 @@ ROUTES: dict[str, Route] = {
         Route("/v1/completions", "POST", "openai", streams=True, scanner="sse"),
         Route("/v1/embeddings", "POST", "openai"),
         Route("/v1/models", "GET", "openai", needs_model=False, local="models"),
+        Route(MODEL_ROUTE, "GET", "openai", needs_model=False, local="model"),
         Route("/api/chat", "POST", "ollama", streams=True, stream_default=True, scanner="ndjson"),
         Route("/api/generate", "POST", "ollama", streams=True, stream_default=True, scanner="ndjson"),
         Route("/api/embed", "POST", "ollama"),
@@ -118,11 +124,18 @@ def lookup_route(method: str, path: str) -> Route:
         RequestError: known path, wrong method (405).
     """
     route = ROUTES.get(path)
+    if route is None and path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
+        route = ROUTES[MODEL_ROUTE]  # (the name may hold slashes: Qwen/Qwen2.5-0.5B-Instruct)
     if route is None:
         raise RoutingError(f"Invalid URL ({method} {path})", code=None, param=None)
     if route.method != method and not (method == "HEAD" and route.method == "GET"):
         raise RequestError(f"Method {method} is not allowed on {path}; use {route.method}", status_hint=405)
     return route
+
+
+def route_label(path: str) -> str:
+    """A metrics label for a path that is not a route's own: the model route's template, else "other"."""
+    return MODEL_ROUTE if path.startswith(_MODEL_PREFIX) else "other"
 
 
 async def serve_local(
@@ -157,6 +170,8 @@ async def serve_local(
         status, payload = readiness(services)
     elif route.local == "models":
         status, payload = 200, {"object": "list", "data": await list_openai_models(services)}
+    elif route.local == "model":
+        status, payload = 200, await model_entry(services, ex)
     else:
         status, payload = 200, {"models": await list_ollama_models(services)}
     if status >= 400:
@@ -237,6 +252,20 @@ async def list_openai_models(services: Services) -> list[dict[str, Any]]:
     for alias, target in config.routing.aliases.items():
         owners.setdefault(alias, owners.get(target, "trioproxy"))
     return [{"id": n, "object": "model", "created": 0, "owned_by": owners[n]} for n in sorted(owners)]
+
+
+async def model_entry(services: Services, ex: Exchange) -> dict[str, Any]:
+    """``/v1/models/{model}``: the model's entry in ``/v1/models``.
+
+    Raises:
+        RoutingError: not in the listing (404 ``model_not_found``, as OpenAI answers).
+    """
+    name = ex.route.removeprefix(_MODEL_PREFIX)
+    ex.model_requested = name
+    for entry in await list_openai_models(services):
+        if entry["id"] == name:
+            return entry
+    raise RoutingError(f"The model `{name}` does not exist or is not served here (GET /v1/models lists those that are).")
 
 
 async def list_ollama_models(services: Services) -> list[dict[str, Any]]:

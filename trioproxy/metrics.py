@@ -28,7 +28,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import Metric
 
-from .catalog import ROUTES
+from .catalog import ROUTES, route_label
 from .telemetry import Record
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class Metrics:
         tokens: dict[tuple[str, str, str, str], int] = {}
         attempts: dict[tuple[str, str], int] = {}
         for rec in batch:
-            route = rec.route if rec.route in ROUTES else "other"
+            route = rec.route if rec.route in ROUTES else route_label(rec.route)
             model, upstream = rec.model_served or "", rec.upstream or ""
             key = (route, model, upstream, rec.outcome)
             per_request = children.get(key)
