@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from trioproxy.feed import Broadcaster, parse_event
 from trioproxy.telemetry import Record
@@ -60,11 +62,15 @@ async def test_two_websocket_subscribers_see_every_request(start_mock: StartMock
                     event = parse_event(await ws.get_message())  # type: ignore[arg-type]
                     assert event["type"] == "record"
                     seen[i].append(event["record"]["request_id"])  # type: ignore[index]
-        with pytest.raises(Exception):  # noqa: B017 - the handshake is refused: any trio-websocket error
+        with pytest.raises(ConnectionRejected) as refused:
             async with open_websocket_url(gw.url.replace("http://", "ws://") + "/_/nothing") as ws:
                 await ws.get_message()
         await stop(gw)
     assert seen == [ids, ids]
+    assert refused.value.status_code == 404 and refused.value.body is not None
+    assert json.loads(refused.value.body)["error"]["message"] == "Invalid URL (WEBSOCKET /_/nothing)"
+    (nothing,) = [r for r in read_records(gw) if r["route"] == "/_/nothing"]
+    assert (nothing["status"], nothing["outcome"]) == (404, "rejected")  # (what the client was answered)
 
 
 async def test_a_usage_batch_larger_than_the_minimum_buffer_reaches_a_subscriber(

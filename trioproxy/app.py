@@ -151,8 +151,20 @@ class ProxyApp:
             if (await receive())["type"] != "websocket.connect":
                 return
             if scope["path"] != "/_/live" or services.feed is None:
-                ex.status, ex.outcome = 404, "rejected"
-                await send({"type": "websocket.close", "code": 4404})
+                ex.outcome = "rejected"
+                if "websocket.http.response" in scope.get("extensions", {}):  # (Hypercorn's: a real 404)
+                    error = RoutingError(f"Invalid URL (WEBSOCKET {scope['path']})", code=None, param=None)
+                    body = json.dumps({"error": {"message": error.message, "type": error.error_type, "param": None,
+                                                 "code": None}}, separators=(",", ":")).encode()
+                    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                               (b"x-request-id", ex.request_id)]
+                    await send({"type": "websocket.http.response.start", "status": 404, "headers": headers})
+                    ex.status, ex.response_started = 404, True
+                    await send({"type": "websocket.http.response.body", "body": body})
+                    ex.bytes_out += len(body)
+                else:  # closing before the accept: the server answers 403 (the ASGI spec)
+                    ex.status = 403
+                    await send({"type": "websocket.close", "code": 4404})
                 return
             authorization = header_value(scope["headers"], b"authorization")
             if not services.admin.allows(client[0] if client else None, authorization):
