@@ -1023,6 +1023,20 @@ def test_decode_json_returns_an_object_or_raises_request_error(body: bytes) -> N
         assert isinstance(doc, dict)
 
 
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [(b"null", "null"), (b"[1]", "an array"), (b'"x"', "a string"), (b"true", "a boolean"), (b"3", "a number"),
+     (b"2.5", "a number")],
+)
+def test_a_body_that_is_not_an_object_is_named_in_json_terms(body: bytes, kind: str) -> None:
+    with pytest.raises(RequestError) as refused:
+        _decode_json(body)
+    assert refused.value.message == f"The request body must be a JSON object, not {kind}."
+    with pytest.raises(RequestError) as exact:
+        _decode_json(body, exact=True)
+    assert exact.value.message == refused.value.message
+
+
 @given(st.dictionaries(st.sampled_from(["model", "stream", "messages"]), JSON_VALUES))
 def test_model_is_a_non_empty_string_or_a_request_error(doc: dict[str, Any]) -> None:
     try:

@@ -166,8 +166,12 @@ def decode_json(body: bytes, *, exact: bool = False) -> dict[str, Any]:
             "We could not parse the JSON body of your request: expected a JSON object (UTF-8)."
         ) from None
     if not isinstance(doc, dict):
-        raise RequestError(f"The request body must be a JSON object, not {type(doc).__name__}.")
+        raise RequestError(f"The request body must be a JSON object, not {_JSON_KINDS.get(type(doc), 'a number')}.")
     return doc
+
+
+#: What a client sent, in JSON's words (not Python's: ``NoneType``, ``list``, ``str``).
+_JSON_KINDS = {type(None): "null", list: "an array", str: "a string", bool: "a boolean"}
 
 
 def upstream_query(query: bytes) -> bytes:
