@@ -4,12 +4,14 @@ The promise under test (issue 7): each request gets a clear error in the API's o
 format (OpenAI-style JSON on ``/v1/*``, ``{"error": "..."}`` on ``/api/*``) or a correct
 answer; the gateway keeps serving; and every request that reached the app has exactly
 one usage record, matched to its response by ``x-request-id``. Requests that Hypercorn
-refuses itself (431, HTTP/2 protocol errors) never reach the app and have no record.
+refuses before their head is read (a malformed head, 431, HTTP/2 protocol errors) never
+reach the app and have no record; h11's refusals still carry an error body in the API's
+format (``hypercorn_fix``).
 
 Already covered elsewhere and not repeated here: auth, key limits, SSRF and the stalled
 client (test_security.py), failover per fault kind (test_failover.py), the basic 400s
-(test_gateway.py). Known gateway bugs are pinned as strict xfails; each says what
-happens and what should.
+(test_gateway.py). A known gateway bug is pinned as a strict xfail, saying what happens
+and what should (none is left).
 
 Everything runs over real sockets on 127.0.0.1 with ephemeral ports, except the
 property tests, which drive ``ProxyApp`` in process (one ``trio.run`` per example).
@@ -465,6 +467,35 @@ async def test_a_head_that_never_ends_is_closed_by_the_keep_alive_timeout(
         await stop(gw)
     assert not waiting.cancelled_caught and answer == b""
     assert read_records(gw) == []
+
+
+async def test_requests_h11_cannot_read_get_an_error_in_their_apis_format(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """A malformed chunked body (its head read, so its app has started) on /v1 and on /api, and a
+    malformed request line: Hypercorn answers 400, now with a body in the API's own format. The two
+    whose app started have a record saying what the client got (400, rejected), not a client gone."""
+    bad_body = b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", kind="ollama", extra=NO_PROBES))
+        openai_answer = await raw_exchange(port_of(gw), b"POST %s HTTP/1.1\r\nHost: gw\r\n%s" % (CHAT.encode(), bad_body))
+        ollama_answer = await raw_exchange(port_of(gw), b"POST %s HTTP/1.1\r\nHost: gw\r\n%s" % (OLLAMA_CHAT.encode(), bad_body))
+        bad_line = await raw_exchange(port_of(gw), b"NOT A REQUEST LINE\r\n\r\n")
+        await stop(gw)
+    (openai_refusal,) = parse_responses(openai_answer)
+    assert openai_refusal.status == 400 and api_error_problem(CHAT, openai_refusal.body) is None
+    assert "not valid HTTP/1.1" in json.loads(openai_refusal.body)["error"]["message"]
+    (ollama_refusal,) = parse_responses(ollama_answer)
+    assert ollama_refusal.status == 400 and api_error_problem(OLLAMA_CHAT, ollama_refusal.body) is None
+    (line_refusal,) = parse_responses(bad_line)
+    assert line_refusal.status == 400 and api_error_problem(CHAT, line_refusal.body) is None
+    records = read_records(gw)
+    assert sorted((r["route"], r["status"], r["outcome"]) for r in records) == [
+        (OLLAMA_CHAT, 400, "rejected"),
+        (CHAT, 400, "rejected"),
+    ]
+    assert all("not valid HTTP/1.1" in r["error"] for r in records)
 
 
 async def test_pipelined_requests_are_answered_in_order(start_mock: StartMock, start_gateway: StartGateway) -> None:

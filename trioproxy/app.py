@@ -39,6 +39,7 @@ from .errors import (
     RoutingError,
     ShuttingDown,
     TrioproxyError,
+    error_body,
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeout,
@@ -46,7 +47,7 @@ from .errors import (
 from .config import Config
 from .exchange import ClientGone, Exchange, decode_json, model_of, read_body, redact, upstream_query
 from .headers import client_response_headers, header_value, upstream_request_headers
-from .hypercorn_app import DISCONNECT_NOTICE, INBOX, DisconnectNotice
+from .hypercorn_app import DISCONNECT_NOTICE, INBOX, REFUSED, DisconnectNotice
 from .relay import Send, error_in_body, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
@@ -114,6 +115,10 @@ class ProxyApp:
             await self._proxy(route, scope, receive, send, ex)
         except ClientGone:
             ex.outcome, ex.client_gone = "client_disconnect", True
+            refused = scope["extensions"].get(REFUSED) if "extensions" in scope else None
+            if refused is not None:  # Hypercorn answered it (a malformed body): what the client got
+                ex.status, ex.error = refused
+                ex.outcome, ex.client_gone = "rejected", False
         except trio.Cancelled:
             # Cut from outside: Hypercorn cancels what is still running once the shutdown grace
             # is over. (A client that hung up is caught inside, by the disconnect watcher.)
@@ -153,9 +158,8 @@ class ProxyApp:
             if scope["path"] != "/_/live" or services.feed is None:
                 ex.outcome = "rejected"
                 if "websocket.http.response" in scope.get("extensions", {}):  # (Hypercorn's: a real 404)
-                    error = RoutingError(f"Invalid URL (WEBSOCKET {scope['path']})", code=None, param=None)
-                    body = json.dumps({"error": {"message": error.message, "type": error.error_type, "param": None,
-                                                 "code": None}}, separators=(",", ":")).encode()
+                    body = error_body(RoutingError(f"Invalid URL (WEBSOCKET {scope['path']})", code=None, param=None),
+                                      ollama=False)
                     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
                                (b"x-request-id", ex.request_id)]
                     await send({"type": "websocket.http.response.start", "status": 404, "headers": headers})
@@ -610,18 +614,7 @@ async def _pass_through(send: Send, ex: Exchange, exc: UpstreamStatusError) -> N
 async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: TrioproxyError) -> None:
     status = exc.status_hint
     family = route.family if route is not None else ("ollama" if ex.route.startswith("/api/") else "openai")
-    if family == "ollama":
-        payload: dict[str, Any] = {"error": exc.message}
-    else:
-        payload = {
-            "error": {
-                "message": exc.message,
-                "type": exc.error_type,
-                "param": getattr(exc, "param", None),
-                "code": exc.error_code,
-            }
-        }
-    body = json.dumps(payload, separators=(",", ":")).encode()
+    body = error_body(exc, ollama=family == "ollama")
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

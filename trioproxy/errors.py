@@ -27,6 +27,8 @@ or a header value.
 
 from __future__ import annotations
 
+import json
+
 
 class TrioproxyError(Exception):
     """Base of every error trioproxy raises on purpose."""
@@ -41,6 +43,17 @@ class TrioproxyError(Exception):
         self.message = message
         if status_hint is not None:
             self.status_hint = status_hint
+
+
+def error_body(exc: TrioproxyError, *, ollama: bool) -> bytes:
+    """``exc`` as an error body in the API's own format: Ollama's ``{"error": "..."}``, or OpenAI's."""
+    payload: dict[str, object]
+    if ollama:
+        payload = {"error": exc.message}
+    else:
+        payload = {"error": {"message": exc.message, "type": exc.error_type, "param": getattr(exc, "param", None),
+                             "code": exc.error_code}}
+    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 class ConfigError(TrioproxyError):

@@ -38,7 +38,7 @@ from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 
-__all__ = ["DISCONNECT_NOTICE", "INBOX", "UNSCHEDULED", "WITH_FIRST_BODY", "AppInbox", "DisconnectNotice", "install"]
+__all__ = ["DISCONNECT_NOTICE", "INBOX", "REFUSED", "UNSCHEDULED", "WITH_FIRST_BODY", "AppInbox", "DisconnectNotice", "install"]
 
 #: The ASGI scope extension that holds an HTTP request's :class:`DisconnectNotice`.
 DISCONNECT_NOTICE = "trioproxy.disconnect_notice"
@@ -53,6 +53,10 @@ UNSCHEDULED = "trioproxy.unscheduled"
 #: The ASGI scope extension that holds an HTTP request's :class:`AppInbox`, whose
 #: ``receive_nowait`` gives the app what has already come without a schedule point.
 INBOX = "trioproxy.inbox"
+#: Set in the scope's ``extensions`` when Hypercorn refused the request after its app had
+#: started (a malformed chunked body, say): ``(status, message)`` of the answer it sent
+#: (``hypercorn_fix``). The app then sees ``http.disconnect``; its record says this instead.
+REFUSED = "trioproxy.refused"
 #: A key of an ``http.response.start`` message: when true, the server may hold the head and
 #: write it with the next body message's bytes, and the app promises to send one right
 #: away (an empty one if it has nothing yet). ``hypercorn_fast`` honours it for HTTP/1.1;

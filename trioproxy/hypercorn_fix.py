@@ -34,6 +34,15 @@ an end of stream for a closed stream the same way.
 And whatever error of Hypercorn's own ends a connection's task ends that connection
 only, logged with its traceback, and not the server with it, as it would under Trio.
 
+And a request h11 cannot read (a malformed request line, header or chunked body; a head
+over ``max_header_bytes`` while still incomplete; an unknown Transfer-Encoding) is
+answered with an error body in the API's own format (Ollama's for ``/api/*``, else
+OpenAI's), where Hypercorn sent the status with an empty body. If its app had started
+(the head was read, the body was not), the scope's ``extensions`` say so
+(``hypercorn_app.REFUSED``), so its usage record names the answer the client got rather
+than a client gone; unless the client closed its side (a body cut short by a client that
+left: that stays a client gone).
+
 :func:`apply` installs the fixes once; ``server.py``
 calls it before serving, so the gateway and the bench's floor app (Hypercorn with the
 gateway's set-up) both get it. ``tests/test_keepalive_close.py`` checks it against the
@@ -45,6 +54,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import h11
 import h2.events
 from hypercorn.events import Closed, Event, Updated
 from hypercorn.protocol.h11 import H11Protocol
@@ -52,11 +62,21 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.tcp_server import TCPServer
 from loguru import logger
 
+from .errors import RequestError, error_body
+from .hypercorn_app import REFUSED
+
 __all__ = ["apply"]
 
 _original_handle = H11Protocol.handle
 _original_run = TCPServer.run
 _original_h2_handle_events = H2Protocol._handle_events
+
+#: What a client is told, by the status h11 gives (``error_status_hint``) for a request it cannot read.
+_REFUSALS = {
+    400: "The request is not valid HTTP/1.1 and could not be read.",
+    431: "The request's head (request line and headers) is too large.",
+    501: "The request's Transfer-Encoding is not supported (only chunked is).",
+}
 
 
 async def _handle(self: Any, event: Event) -> None:
@@ -103,6 +123,19 @@ def _open_stream_events(protocol: Any, events: Iterable[h2.events.Event]) -> Ite
         yield event
 
 
+async def _h11_send_error_response(self: Any, status_code: int) -> None:
+    scope = getattr(self.stream, "scope", None)  # (an HTTPStream's, once its request was read: its app runs)
+    path = scope.get("path", "") if isinstance(scope, dict) else ""
+    message = _REFUSALS.get(status_code, f"The request could not be read (HTTP {status_code}).")
+    if isinstance(scope, dict) and not self.connection.trailing_data[1]:  # (closed: the client left mid-body)
+        scope.setdefault("extensions", {})[REFUSED] = (status_code, message)
+    body = error_body(RequestError(message, status_hint=status_code), ollama=path.startswith("/api/"))
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), (b"connection", b"close")]
+    await self._send_h11_event(h11.Response(status_code=status_code, headers=headers + self.config.response_headers("h11")))
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
+
+
 _applied = False
 
 
@@ -114,3 +147,4 @@ def apply() -> None:
         H11Protocol.handle = _handle  # type: ignore[method-assign]
         TCPServer.run = _run  # type: ignore[method-assign]
         H2Protocol._handle_events = _h2_handle_events  # type: ignore[method-assign]
+        H11Protocol._send_error_response = _h11_send_error_response  # type: ignore[method-assign]
