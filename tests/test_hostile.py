@@ -498,6 +498,30 @@ async def test_requests_h11_cannot_read_get_an_error_in_their_apis_format(
     assert all("not valid HTTP/1.1" in r["error"] for r in records)
 
 
+async def test_an_answer_that_does_not_read_a_malformed_body_and_h11s_refusal_never_mix(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """Routes answered without reading the body (404, 405, an Ollama 404), each with a malformed chunked
+    body: h11's 400 and the app's own answer race. Whichever the client gets arrives whole (its body as
+    long as its Content-Length says, in the API's format), and the record says that one."""
+    bad_body = b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+    answers = []
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
+        for _ in range(3):
+            for path in ("/nope", "/v1/models", "/api/nope"):
+                data = await raw_exchange(port_of(gw), b"POST %s HTTP/1.1\r\nHost: gw\r\n%s" % (path.encode(), bad_body))
+                (answer,) = parse_responses(data)
+                answers.append((path, answer))
+        await stop(gw)
+    for path, answer in answers:
+        assert len(answer.body) == int(answer.headers[b"content-length"]), (path, answer)
+        assert answer.status in (400, 404, 405) and api_error_problem(path, answer.body) is None, (path, answer)
+    records = read_records(gw)
+    assert [(r["route"], r["status"]) for r in records] == [(path, a.status) for path, a in answers]
+
+
 async def test_pipelined_requests_are_answered_in_order(start_mock: StartMock, start_gateway: StartGateway) -> None:
     """Three requests in one send on one connection (a stream, a local route, an Ollama one that closes):
     three complete answers, in order, and three records."""

@@ -48,7 +48,17 @@ from .config import Config
 from .exchange import ClientGone, Exchange, decode_json, model_of, read_body, redact, upstream_query
 from .headers import client_response_headers, header_value, upstream_request_headers
 from .hypercorn_app import DISCONNECT_NOTICE, INBOX, REFUSED, DisconnectNotice
-from .relay import Send, error_in_body, facts_from_body, finish, ndjson_error_line, relay_stream, relay_whole, sse_error_event
+from .relay import (
+    Send,
+    error_in_body,
+    facts_from_body,
+    finish,
+    ndjson_error_line,
+    relay_stream,
+    relay_whole,
+    send_whole,
+    sse_error_event,
+)
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
 from .upstream import OutgoingRequest, RaceResult, UpstreamRuntime, open_winning_response
@@ -115,10 +125,6 @@ class ProxyApp:
             await self._proxy(route, scope, receive, send, ex)
         except ClientGone:
             ex.outcome, ex.client_gone = "client_disconnect", True
-            refused = scope["extensions"].get(REFUSED) if "extensions" in scope else None
-            if refused is not None:  # Hypercorn answered it (a malformed body): what the client got
-                ex.status, ex.error = refused
-                ex.outcome, ex.client_gone = "rejected", False
         except trio.Cancelled:
             # Cut from outside: Hypercorn cancels what is still running once the shutdown grace
             # is over. (A client that hung up is caught inside, by the disconnect watcher.)
@@ -139,6 +145,13 @@ class ProxyApp:
                 services.key_limiter.release(admitted)
             if ex.outcome == "ok" and not ex.response_started and ex.status == 0:
                 ex.outcome = "cancelled"  # cut by shutdown before it could answer
+            refused = scope["extensions"].get(REFUSED) if "extensions" in scope else None
+            if refused is not None:
+                # Hypercorn answered it (h11 could not read its body) before any answer of ours
+                # was framed: the client got that, whatever this call saw (a disconnect, or its
+                # own answer refused by h11).
+                ex.status, ex.error = refused
+                ex.outcome, ex.client_gone = "rejected", False
             services.sink.submit(ex.to_record(trio.current_time()))
 
     async def _websocket(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -228,6 +241,9 @@ class ProxyApp:
                 body = await read_body(receive, ex, scope, config.server.max_body_bytes,
                                        take=inbox.receive_nowait if inbox is not None else None)
                 if limit.cancel_called:  # the deadline passed as the last piece came: too late all the same
+                    if services.ending:  # (or the shutdown's grace ran out)
+                        ex.outcome, ex.error = "cancelled", SHUTDOWN_MESSAGE
+                        raise ShuttingDown(SHUTDOWN_MESSAGE)
                     raise RequestError("the request body did not arrive in time", code="request_timeout", status_hint=408)
                 plan, outgoing, inject_usage = _prepare(route, scope, ex, body, services, config, runtimes)
                 del body  # a stream would hold the prompt (often KBs) for its whole life; the race has its copy
@@ -606,9 +622,7 @@ async def _pass_through(send: Send, ex: Exchange, exc: UpstreamStatusError) -> N
     )
     headers.append((b"content-length", str(len(exc.body)).encode()))
     ex.outcome, ex.error = "upstream_error", exc.message
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    ex.status, ex.response_started = exc.status, True
-    await finish(ex, send, exc.body)
+    await send_whole(ex, send, exc.status, headers, exc.body)
 
 
 async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: TrioproxyError) -> None:
@@ -623,9 +637,7 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
     if isinstance(exc, (NoHealthyUpstream, RateLimited, ShuttingDown)):
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
     ex.error = ex.error or exc.message  # an internal error's record keeps its cause
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    ex.status, ex.response_started = status, True
-    await finish(ex, send, body)
+    await send_whole(ex, send, status, headers, body)
     if ex.outcome == "ok":
         rejected = isinstance(exc, (RequestError, RoutingError, RateLimited, AuthError, Forbidden)) and status < 500
         ex.outcome = "rejected" if rejected else "upstream_error"

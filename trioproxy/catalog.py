@@ -20,7 +20,7 @@ from attrs import frozen
 
 from .config import Upstream
 from .errors import Forbidden, RateLimited, RequestError, RoutingError
-from .relay import Send, finish, ndjson_error_line, sse_error_event
+from .relay import Send, ndjson_error_line, send_whole, sse_error_event
 from .routing import ApiFamily, eligible
 
 #: The Prometheus text exposition format's content type.
@@ -158,9 +158,7 @@ async def serve_local(
             headers = [(b"content-type", DASHBOARD_FILES[route.path][1]), (b"cache-control", b"no-cache"),
                        (b"content-security-policy", DASHBOARD_CSP), (b"x-content-type-options", b"nosniff")]
         headers += [(b"content-length", str(len(body)).encode()), (b"x-request-id", ex.request_id)]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        ex.status, ex.response_started = 200, True
-        await finish(ex, send, body)
+        await send_whole(ex, send, 200, headers, body)
         return
     if route.local == "reload":
         status, payload = await request_reload(services)
@@ -182,9 +180,7 @@ async def serve_local(
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", ex.request_id),
     ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    ex.status, ex.response_started = status, True
-    await finish(ex, send, body)
+    await send_whole(ex, send, status, headers, body)
 
 
 async def request_reload(services: Services) -> tuple[int, dict[str, Any]]:

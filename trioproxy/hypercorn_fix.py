@@ -36,8 +36,9 @@ only, logged with its traceback, and not the server with it, as it would under T
 
 And a request h11 cannot read (a malformed request line, header or chunked body; a head
 over ``max_header_bytes`` while still incomplete; an unknown Transfer-Encoding) is
-answered with an error body in the API's own format (Ollama's for ``/api/*``, else
-OpenAI's), where Hypercorn sent the status with an empty body. If its app had started
+answered with an error body in the API's own format (Ollama's for a request to ``/api/*``
+whose head was read, else OpenAI's: a head h11 cannot read has no path to go by), where
+Hypercorn sent the status with an empty body. If its app had started
 (the head was read, the body was not), the scope's ``extensions`` say so
 (``hypercorn_app.REFUSED``), so its usage record names the answer the client got rather
 than a client gone; unless the client closed its side (a body cut short by a client that
@@ -56,7 +57,7 @@ from typing import Any
 
 import h11
 import h2.events
-from hypercorn.events import Closed, Event, Updated
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.tcp_server import TCPServer
@@ -131,9 +132,20 @@ async def _h11_send_error_response(self: Any, status_code: int) -> None:
         scope.setdefault("extensions", {})[REFUSED] = (status_code, message)
     body = error_body(RequestError(message, status_hint=status_code), ollama=path.startswith("/api/"))
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), (b"connection", b"close")]
-    await self._send_h11_event(h11.Response(status_code=status_code, headers=headers + self.config.response_headers("h11")))
-    await self._send_h11_event(h11.Data(data=body))
-    await self._send_h11_event(h11.EndOfMessage())
+    # Framed at once and written in one send: an app that answers meanwhile (a 404 that did not
+    # read the body) must find h11 done, not slip its head between this head and its body.
+    connection = self.connection
+    try:
+        data = b"".join((
+            connection.send(h11.Response(status_code=status_code, headers=headers + self.config.response_headers("h11"))),
+            connection.send(h11.Data(data=body)),
+            connection.send(h11.EndOfMessage()),
+        ))
+    except h11.LocalProtocolError:  # (as Hypercorn's _send_h11_event, which would have framed these)
+        if connection.their_state != h11.ERROR:
+            raise
+        return
+    await self.send(RawData(data=data))
 
 
 _applied = False

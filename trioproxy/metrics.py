@@ -43,6 +43,18 @@ CIRCUIT_STATES = ("closed", "half_open", "open")
 REFRESH_S = 1.0
 
 
+def hedge_won(rec: Record) -> bool:
+    """Whether a hedged request was answered by a hedge: an attempt that lost the race started before
+    the winning one (attempts are in start order; one that failed first raced nobody)."""
+    lost_before = False
+    for attempt in rec.attempts:
+        if attempt.outcome == "lost_race":
+            lost_before = True
+        elif attempt.upstream == rec.upstream and attempt.outcome in ("ok", "client_error"):
+            return lost_before
+    return False
+
+
 class Metrics:
     def __init__(self, services: Callable[[], Services | None], *, multiprocess_dir: str | None = None) -> None:
         self._services = services
@@ -148,8 +160,7 @@ class Metrics:
             if rec.attempts and rec.upstream and rec.attempts[0].upstream != rec.upstream:
                 self.failovers.labels(model).inc()
             if rec.hedged and rec.attempts:
-                first = rec.attempts[0].upstream  # (attempts are in start order)
-                self.hedges.labels("won" if rec.upstream and rec.upstream != first else "cancelled").inc()
+                self.hedges.labels("won" if hedge_won(rec) else "cancelled").inc()
         for counter, n in requests.items():
             counter.inc(n)
         for key4, n in tokens.items():

@@ -95,9 +95,9 @@ async def relay_stream(
     )
     response.forget_headers()
     # The first body message follows at once (``pump``): the head may go out with it, in one write.
+    # (Started before the send: once Hypercorn has framed the head, no other answer may follow it.)
+    ex.status, ex.response_started = response.status, True
     await send({"type": "http.response.start", "status": response.status, "headers": headers, WITH_FIRST_BODY: True})
-    ex.status = response.status
-    ex.response_started = True
     writer = _ClientWriter(ex, send, winner, write_timeout, watchdog.now if watchdog is not None else trio.current_time)
     if watchdog is not None:
         watchdog.watch(writer)
@@ -274,10 +274,21 @@ async def relay_whole(ex: Exchange, winner: Winner, send: Send, body: bytes) -> 
         response.headers, request_id=ex.request_id, upstream_id=winner.target.upstream.encode(), streamed=False
     )
     headers.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    ex.status = response.status
-    ex.response_started = True
-    await finish(ex, send, body)
+    await send_whole(ex, send, response.status, headers, body)
+
+
+async def send_whole(ex: Exchange, send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """Send a whole answer, its head and its body with their length, all in hand.
+
+    Shielded from cancellation (a deadline, the shutdown's end of grace): a cancellation
+    between the head and the body would leave a head with its length and no body, or no
+    answer at all after a head Hypercorn has framed. A write that the client does not take
+    is shielded by Hypercorn already, and ends when the connection closes.
+    """
+    ex.status, ex.response_started = status, True  # (before the head: no other answer may follow it)
+    with trio.CancelScope(shield=True):
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await finish(ex, send, body)
 
 
 async def finish(ex: Exchange, send: Send, body: bytes = b"") -> None:
@@ -294,8 +305,10 @@ async def finish(ex: Exchange, send: Send, body: bytes = b"") -> None:
     if ex.captured is not None:
         ex.captured += body[:CAPTURE_LIMIT]
     try:
-        # (No schedule point needed: the request ends soon after its last message.)
-        await send({"type": "http.response.body", "body": body, "more_body": False, UNSCHEDULED: True})
+        # (No schedule point needed: the request ends soon after its last message.) Shielded:
+        # once finished, a cancellation would cut the answer short while its record says whole.
+        with trio.CancelScope(shield=True):
+            await send({"type": "http.response.body", "body": body, "more_body": False, UNSCHEDULED: True})
     except trio.BusyResourceError:
         # Hypercorn's race, not ours: a client that hangs up as soon as it has read the body
         # makes Hypercorn send EOF (outside its send lock) while it writes this message's
