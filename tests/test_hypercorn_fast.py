@@ -179,6 +179,28 @@ def test_h11_headers_iterate_as_their_items(fields: list[tuple[str, str]]) -> No
     assert (b"host", b"x") in headers
 
 
+async def test_only_h11_on_plain_tcp_promises_an_atomic_last_message() -> None:
+    """``hypercorn_app.ATOMIC_END`` is in an HTTP/1.1 request's scope on plain TCP (its UNSCHEDULED
+    last message is written whatever the cancellation state), not in an HTTP/2 one's."""
+    import httpx
+
+    seen: list[object] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await echo_app(scope, receive, send)
+        seen.append(scope["extensions"].get(hypercorn_app.ATOMIC_END))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok", hypercorn_app.UNSCHEDULED: True})
+
+    with trio.fail_after(30):
+        async with serving(app=app) as (port, _):
+            for http2 in (False, True):
+                async with httpx.AsyncClient(http1=not http2, http2=http2) as client:
+                    assert (await client.get(f"http://127.0.0.1:{port}/")).content == b"ok"
+    assert seen == [True, None]
+
+
 @pytest.mark.parametrize(
     ("environ", "version", "expected"),
     [

@@ -47,7 +47,7 @@ from .errors import (
 from .config import Config
 from .exchange import ClientGone, Exchange, decode_json, model_of, read_body, redact, upstream_query
 from .headers import client_response_headers, header_value, upstream_request_headers
-from .hypercorn_app import DISCONNECT_NOTICE, INBOX, REFUSED, DisconnectNotice
+from .hypercorn_app import ATOMIC_END, DISCONNECT_NOTICE, INBOX, REFUSED, DisconnectNotice
 from .relay import (
     Send,
     error_in_body,
@@ -96,6 +96,8 @@ class ProxyApp:
             arrival=trio.current_time(),
             ts=time.time(),
         )
+        if "extensions" in scope and ATOMIC_END in scope["extensions"]:
+            ex.atomic_end = True
         if services.config.server.trust_request_id:
             given = header_value(scope["headers"], b"x-request-id")
             if given is not None and TRUSTED_REQUEST_ID.fullmatch(given):

@@ -60,6 +60,9 @@ class Exchange:
     #: The relayed bytes kept for the payload (None: not kept).
     captured: bytearray | None = None
     response_started: bool = False
+    #: The server writes the last body message whatever the cancellation state
+    #: (``hypercorn_app.ATOMIC_END``): ``relay.finish`` need not shield it.
+    atomic_end: bool = False
     #: The last body message is being (or has been) sent.
     finished: bool = False
     #: The last body message was sent: the ASGI server now answers ``receive()`` with ``http.disconnect``.

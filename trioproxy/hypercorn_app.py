@@ -24,6 +24,10 @@ four messages a request gets (a deque, two ordered dicts, two sets, two channel 
   gateway, relaying a stream) subscribes a callback instead of parking a task in
   ``receive()`` for ``http.disconnect`` (a task and a wait in the inbox: ~3 KB per open
   stream). ``http.disconnect`` is still queued for ``receive()`` as before.
+- **ATOMIC_END**: set (True) in an HTTP request's scope when its last message, marked
+  ``UNSCHEDULED``, is written whatever the cancellation state (``hypercorn_fast``: h11 on
+  plain TCP), so the app need not shield it; absent otherwise (TLS, HTTP/2, Hypercorn's
+  own I/O), where the app shields its last message itself (``relay.finish``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 
-__all__ = ["DISCONNECT_NOTICE", "INBOX", "REFUSED", "UNSCHEDULED", "WITH_FIRST_BODY", "AppInbox", "DisconnectNotice", "install"]
+__all__ = ["ATOMIC_END", "DISCONNECT_NOTICE", "INBOX", "REFUSED", "UNSCHEDULED", "WITH_FIRST_BODY", "AppInbox", "DisconnectNotice", "install"]
 
 #: The ASGI scope extension that holds an HTTP request's :class:`DisconnectNotice`.
 DISCONNECT_NOTICE = "trioproxy.disconnect_notice"
@@ -53,6 +57,9 @@ UNSCHEDULED = "trioproxy.unscheduled"
 #: The ASGI scope extension that holds an HTTP request's :class:`AppInbox`, whose
 #: ``receive_nowait`` gives the app what has already come without a schedule point.
 INBOX = "trioproxy.inbox"
+#: In the scope's ``extensions`` (True) when the app's last message cannot be cut short by a
+#: cancellation (see the module's docstring).
+ATOMIC_END = "trioproxy.atomic_end"
 #: Set in the scope's ``extensions`` when Hypercorn refused the request after its app had
 #: started (a malformed chunked body, say): ``(status, message)`` of the answer it sent
 #: (``hypercorn_fix``). The app then sees ``http.disconnect``; its record says this instead.
@@ -219,6 +226,8 @@ async def _spawn_app(self: Any, app: Any, config: Any, scope: dict[str, Any], se
         extensions = scope.setdefault("extensions", {})
         extensions[DISCONNECT_NOTICE] = DisconnectNotice()
         extensions[INBOX] = inbox
+        if _atomic_end(send):
+            extensions[ATOMIC_END] = True
     self._nursery.start_soon(
         _handle, app, config, scope, inbox.receive, send, trio.to_thread.run_sync, trio.from_thread.run
     )
@@ -233,7 +242,21 @@ async def _http_stream_handle(self: Any, event: StreamEvent) -> None:
     await _stock_http_stream_handle(self, event)
 
 
-def install() -> None:
-    """Install both on Hypercorn's Trio ``TaskGroup`` and ``HTTPStream`` (``hypercorn_fast.apply`` calls it)."""
+def _never(send: Any) -> bool:
+    return False
+
+
+#: Given an app's ``send``, whether its last message is written atomically (``install`` sets it).
+_atomic_end: Callable[[Any], bool] = _never
+
+
+def install(atomic_end: Callable[[Any], bool] = _never) -> None:
+    """Install both on Hypercorn's Trio ``TaskGroup`` and ``HTTPStream`` (``hypercorn_fast.apply`` calls it).
+
+    ``atomic_end``: given an app's ``send``, whether its last message is written whatever the
+    cancellation state (``ATOMIC_END``).
+    """
+    global _atomic_end
+    _atomic_end = atomic_end
     TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign,assignment]
     HTTPStream.handle = _http_stream_handle  # type: ignore[method-assign]

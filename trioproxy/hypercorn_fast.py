@@ -47,7 +47,12 @@ two and the timer for plain TCP connections only: TLS keeps Hypercorn's own I/O)
   without a schedule point: the relay's next await is a wait for its upstream, so the
   yield after each relayed piece was a second trip through the scheduler per piece. A
   last message with it (a streamed or a whole answer's, which Hypercorn's own path
-  writes as the body and h11's empty end of it) makes none either: the app ends.
+  writes as the body and h11's empty end of it) makes none either: the app ends. Nor is
+  such a message a cancellation point: its bytes are written whatever the cancellation
+  state (the sender's next await is where a cancellation lands), and a last one is not
+  cut short even while it waits for another write to finish, so an answer whose last
+  bytes are in hand always goes out whole (``hypercorn_app.ATOMIC_END`` tells the app,
+  which then needs no shield of its own: a shielded cancel scope costs ~10 µs).
 - **keep-alive timer**: a deadline per connection, set at each request's end, and one
   task per server that closes the idle connections whose deadline has passed, as
   Hypercorn's timer does (``hypercorn_keepalive``: see there).
@@ -163,20 +168,27 @@ async def _protocol_send(self: Any, event: Event) -> None:
         await _stock_protocol_send(self, event)
         return
     # (No schedule point for the writes of a last body message marked UNSCHEDULED: _app_send.)
-    await _write(self, event.data, self._unscheduled_task is not _current_task())
+    unscheduled_end = self._unscheduled_task is _current_task()  # (set for an UNSCHEDULED last message only)
+    await _write(self, event.data, not unscheduled_end, atomic=unscheduled_end)
 
 
-async def _write(self: Any, data: bytes, schedule: bool) -> None:
+async def _write(self: Any, data: bytes, schedule: bool, *, atomic: bool = False) -> None:
     """Write ``data`` to a plain TCP connection (``self``: its ``TCPServer``).
 
-    A cancellation point always (before any byte, as the lock's acquire); a schedule
-    point after the write unless ``schedule`` is False (see ``UNSCHEDULED``), or when the
-    socket did not take every byte and the rest goes as Hypercorn sends it.
+    A cancellation point (before any byte, as the lock's acquire) and a schedule point after
+    the write, unless ``schedule`` is False (``UNSCHEDULED``): then neither. Its sender's
+    next await is where a cancellation lands (the relay's wait for its upstream). ``atomic``
+    (an UNSCHEDULED last message, all in hand): not cut short by a cancellation even while
+    it waits for another write to finish (``hypercorn_app.ATOMIC_END``); any other write may
+    be cancelled while it waits (a client write timeout). When the socket does not take
+    every byte, the rest goes as Hypercorn sends it (shielded).
     """
     if self.send_lock.locked():  # another write is finishing under the lock: after it, as Hypercorn
-        await _stock_protocol_send(self, RawData(data=data))
+        with trio.CancelScope(shield=atomic):  # (rare: the lock's wait is a cancellation point)
+            await _stock_protocol_send(self, RawData(data=data))
         return
-    await _checkpoint_if_cancelled()
+    if schedule:
+        await _checkpoint_if_cancelled()
     sock = self._fast_socket
     if not data:  # h11's end of a Content-Length body: no syscall (trio's send_all does none either)
         if sock.fileno() == -1:
@@ -377,26 +389,31 @@ async def _app_send(self: Any, message: Any) -> None:
                     if type(body) is not bytes:
                         body = bytes(body)  # (as Hypercorn: a bytearray or memoryview is copied; a str raises)
                     data = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+                    schedule = not message.get(UNSCHEDULED, False)
                     if not more:
                         # h11's end of message comes before the write: a cancellation between the
                         # two would leave h11 done and the body unended, and Hypercorn would keep
                         # the connection for a next request while its client waits. So any wait
                         # (another write finishing) and the cancellation check come first, and
-                        # nothing awaits from there to the write.
+                        # nothing awaits from there to the write. An UNSCHEDULED last message
+                        # is not cut short at all (``_write``).
                         lock = server.send_lock
-                        while lock.locked():  # (bounded: ends once no other write on this connection waits)
-                            await lock.acquire()
-                            lock.release()
-                        await _checkpoint_if_cancelled()
+                        if lock.locked():
+                            with trio.CancelScope(shield=not schedule):
+                                while lock.locked():  # (bounded: ends once no other write on this connection waits)
+                                    await lock.acquire()
+                                    lock.release()
+                        if schedule:
+                            await _checkpoint_if_cancelled()
                         data += _end_of_message(connection)
-                    schedule = not message.get(UNSCHEDULED, False)
                     if more and fast:
                         self._chunks_to = (protocol, connection, server)
                     if protocol._pending_head is not None:  # type: ignore[attr-defined]  # (a head kept for this body)
-                        await _write_after_head(protocol, server if fast else None, data, schedule, split=more)
+                        await _write_after_head(protocol, server if fast else None, data, schedule, split=more,
+                                                atomic=not (more or schedule))
                     elif data:
                         if fast:
-                            await _write(server, data, schedule)
+                            await _write(server, data, schedule, atomic=not (more or schedule))
                         else:
                             await protocol.send(RawData(data=data))
                     if not more:  # Hypercorn's _send_closed, after its end of body
@@ -419,7 +436,9 @@ async def _app_send(self: Any, message: Any) -> None:
     await _stock_app_send(self, message)
 
 
-async def _write_after_head(protocol: Any, server: Any, data: bytes, schedule: bool, *, split: bool = True) -> None:
+async def _write_after_head(
+    protocol: Any, server: Any, data: bytes, schedule: bool, *, split: bool = True, atomic: bool = False
+) -> None:
     """Write the head ``protocol`` kept, then ``data``, in one write (``server``: a plain TCP one, or None).
 
     On plain TCP, with no other write holding the connection, the cancellation check comes
@@ -433,22 +452,23 @@ async def _write_after_head(protocol: Any, server: Any, data: bytes, schedule: b
     if split and len(data) > COALESCE_MAX:
         await _flush_head(protocol)
         if server is not None:
-            await _write(server, data, schedule)
+            await _write(server, data, schedule, atomic=atomic)
         else:
             await protocol.send(RawData(data=data))
         return
     if server is not None and not server.send_lock.locked():
-        await _checkpoint_if_cancelled()  # (then nothing awaits before _write's own, which cannot fire)
+        if schedule:  # (then nothing awaits before _write's own, which cannot fire)
+            await _checkpoint_if_cancelled()
         head = protocol._pending_head
         protocol._pending_head = None
-        await _write(server, head + data, schedule)
+        await _write(server, head + data, schedule, atomic=atomic)
         return
     head = protocol._pending_head
     protocol._pending_head = None
     written = False
     try:
         if server is not None:
-            await _write(server, head + data, schedule)
+            await _write(server, head + data, schedule, atomic=atomic)
         else:
             await protocol.send(RawData(data=head + data))
         written = True
@@ -475,6 +495,15 @@ def _end_of_message(connection: h11.Connection) -> bytes:
 async def _flush_head(self: Any) -> None:
     pending, self._pending_head = self._pending_head, None
     await self.send(RawData(data=pending))
+
+
+def _atomic_end(app_send: Any) -> bool:
+    """Whether an app's UNSCHEDULED last message is written whatever the cancellation state: h11 on plain TCP."""
+    protocol = getattr(getattr(getattr(app_send, "__self__", None), "send", None), "__self__", None)
+    if type(protocol) is not H11Protocol:
+        return False
+    server = getattr(protocol.send, "__self__", None)
+    return type(server) is TCPServer and server._fast_socket is not None  # type: ignore[attr-defined]
 
 
 def wanted(environ: Mapping[str, str], version: str) -> bool:
@@ -509,7 +538,7 @@ def apply() -> bool:
         H11Protocol._send_h11_event = _h11_send_h11_event  # type: ignore[method-assign]
         HTTPStream.app_send = _app_send  # type: ignore[method-assign]
         HTTPStream._chunks_to = None  # type: ignore[attr-defined]
-        hypercorn_app.install()
+        hypercorn_app.install(_atomic_end)
         headers_class = _h11_headers_class()
         if headers_class is not None:
             headers_class.__iter__ = _h11_headers_iter

@@ -59,6 +59,7 @@ class Exchange(Protocol):
     outcome: str
     error: str | None
     response_started: bool
+    atomic_end: bool
     finished: bool
     ended: bool
     client_gone: bool
@@ -286,6 +287,10 @@ async def send_whole(ex: Exchange, send: Send, status: int, headers: list[tuple[
     is shielded by Hypercorn already, and ends when the connection closes.
     """
     ex.status, ex.response_started = status, True  # (before the head: no other answer may follow it)
+    if ex.atomic_end:  # (the head waits for the body, which cannot be cut short: no shield, ~10 µs fewer)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await finish(ex, send, body)
+        return
     with trio.CancelScope(shield=True):
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await finish(ex, send, body)
@@ -305,10 +310,15 @@ async def finish(ex: Exchange, send: Send, body: bytes = b"") -> None:
     if ex.captured is not None:
         ex.captured += body[:CAPTURE_LIMIT]
     try:
-        # (No schedule point needed: the request ends soon after its last message.) Shielded:
-        # once finished, a cancellation would cut the answer short while its record says whole.
-        with trio.CancelScope(shield=True):
-            await send({"type": "http.response.body", "body": body, "more_body": False, UNSCHEDULED: True})
+        # (No schedule point needed: the request ends soon after its last message.) Not cut short
+        # by a cancellation, which would leave the answer incomplete while its record says whole:
+        # the server's write is not a cancellation point (ATOMIC_END), or it is shielded here.
+        message = {"type": "http.response.body", "body": body, "more_body": False, UNSCHEDULED: True}
+        if ex.atomic_end:
+            await send(message)
+        else:
+            with trio.CancelScope(shield=True):
+                await send(message)
     except trio.BusyResourceError:
         # Hypercorn's race, not ours: a client that hangs up as soon as it has read the body
         # makes Hypercorn send EOF (outside its send lock) while it writes this message's
