@@ -493,4 +493,5 @@ def _final_error(race: _Race) -> Exception:
     if not errors and race.skipped and all(s == "saturated" for s in race.skipped):
         return AllSaturated("every upstream serving this model is at its concurrency limit; retry shortly")
     tried = ", ".join(dict.fromkeys(t.upstream for t in race.plan.attempts))
-    return NoHealthyUpstream(f"no upstream could take the request (tried: {tried})")
+    last = f"; last: {errors[-1].message}" if errors else ""  # (safe to show a client: errors.py)
+    return NoHealthyUpstream(f"no upstream could take the request (tried: {tried}{last})")
