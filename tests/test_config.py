@@ -129,6 +129,37 @@ def test_keep_alive_timeout_is_zero_or_more_or_inf(value: str) -> None:
     assert errors == ["$.server.keep_alive_timeout_s: expected 0 or more seconds (inf: no limit)"]
 
 
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ("[upstreams.health]\ntimeout_ms = -1\n", "$.upstreams[0].health: interval_ms must be 100 or more"),
+        ("[upstreams.health]\ninterval_ms = 0\n", "$.upstreams[0].health: interval_ms must be 100 or more"),
+        ("pool_max_idle = -1\n", "$.upstreams[0].pool_max_idle"),
+        ("[server]\nshutdown_grace_s = -1\n", "$.server: shutdown_grace_s >= 0"),
+        ("[server]\nbacklog = 0\n", "$.server: shutdown_grace_s >= 0"),
+        ("[server]\nmax_response_bytes = 0\n", "$.server: shutdown_grace_s >= 0"),
+    ],
+)
+def test_values_that_would_stop_the_gateway_are_refused(extra: str, fragment: str) -> None:
+    """Each was accepted, then stopped the gateway at start or on reload (a health check with a negative
+    timeout raised in its task), made it spin (interval 0), or crashed its shutdown."""
+    upstream = '[[upstreams]]\nid = "a"\nbase_url = "http://127.0.0.1:1"\n'
+    errors = problems(upstream + extra)
+    assert len(errors) == 1 and errors[0].startswith(fragment), errors
+
+
+def test_a_profile_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """A reload of it killed the gateway (an uncaught UnicodeDecodeError after answering 200)."""
+    from trioproxy.config import read_profiles
+
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[[upstreams]]\nid = "a"\nbase_url = "http://127.0.0.1:1"\n# caf\xe9\n')
+    with pytest.raises(ConfigError) as info:
+        read_profiles([str(path)])
+    assert info.value.errors == ["not UTF-8 (TOML files are): byte 60 cannot be decoded"]
+    assert info.value.source == str(path)
+
+
 def test_disconnect_watch_after_ms_is_zero_or_more() -> None:
     upstream = '[[upstreams]]\nid = "a"\nbase_url = "http://127.0.0.1:1"\n'
     assert load_config(upstream + "[server]\ndisconnect_watch_after_ms = 0\n").server.disconnect_watch_after_ms == 0

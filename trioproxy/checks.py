@@ -54,6 +54,10 @@ def validate(config: Config) -> list[str]:
             problems.append(f"{where}.health.path: expected a path starting with '/'")
         if u.health.rise < 1 or u.health.fall < 1:
             problems.append(f"{where}.health: rise and fall must be 1 or more")
+        if not (u.health.interval_ms >= 100 and u.health.timeout_ms > 0):  # (NaN too)
+            problems.append(f"{where}.health: interval_ms must be 100 or more and timeout_ms positive")
+        if u.pool_max_idle < 0:
+            problems.append(f"{where}.pool_max_idle: expected 0 (no idle connections kept) or more")
     r = config.routing
     if r.max_attempts < 1:
         problems.append("$.routing.max_attempts: expected 1 or more")
@@ -99,6 +103,8 @@ def validate(config: Config) -> list[str]:
         problems.append(
             "$.server: max_concurrent_requests >= 1, client_write_timeout_s > 0 and max_header_bytes >= 1024 expected"
         )
+    if not server.shutdown_grace_s >= 0 or server.backlog < 1 or server.max_response_bytes < 1:  # (NaN too)
+        problems.append("$.server: shutdown_grace_s >= 0, backlog >= 1 and max_response_bytes >= 1 expected")
     if server.disconnect_watch_after_ms < 0:
         problems.append("$.server.disconnect_watch_after_ms: expected 0 (watch at once) or more")
     if not server.keep_alive_timeout_s >= 0:  # (NaN too; inf: idle connections are kept until shutdown)

@@ -434,7 +434,17 @@ def load_profiles(names: list[str]) -> Config:
 def read_profiles(names: list[str]) -> list[tuple[str, str]]:
     """Each profile's path and text, in order (what ``load_profile_texts`` takes)."""
     paths = [resolve_profile(name) for name in names]
-    return [(str(path), path.read_text(encoding="utf-8")) for path in paths]
+    return [(str(path), _read_text(path)) for path in paths]
+
+
+def _read_text(path: Path) -> str:
+    """A profile's text (UTF-8, as TOML is). Raises ConfigError, never a decoding traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 (TOML files are): byte {exc.start} cannot be decoded"], source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], source=str(path)) from None
 
 
 def load_profile_texts(profiles: list[tuple[str, str]]) -> Config:
