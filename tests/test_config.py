@@ -132,8 +132,8 @@ def test_keep_alive_timeout_is_zero_or_more_or_inf(value: str) -> None:
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
-        ("[upstreams.health]\ntimeout_ms = -1\n", "$.upstreams[0].health: interval_ms must be 100 or more"),
-        ("[upstreams.health]\ninterval_ms = 0\n", "$.upstreams[0].health: interval_ms must be 100 or more"),
+        ("[upstreams.health]\ntimeout_ms = -1\n", "$.upstreams[0].health: interval_ms must be 10 or more"),
+        ("[upstreams.health]\ninterval_ms = 0\n", "$.upstreams[0].health: interval_ms must be 10 or more"),
         ("pool_max_idle = -1\n", "$.upstreams[0].pool_max_idle"),
         ("[server]\nshutdown_grace_s = -1\n", "$.server: shutdown_grace_s >= 0"),
         ("[server]\nbacklog = 0\n", "$.server: shutdown_grace_s >= 0"),

@@ -73,6 +73,32 @@ async def test_two_websocket_subscribers_see_every_request(start_mock: StartMock
     assert (nothing["status"], nothing["outcome"]) == (404, "rejected")  # (what the client was answered)
 
 
+async def test_a_web_page_of_another_origin_cannot_use_the_admin_surfaces(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """The browser runs on loopback too: a page from elsewhere open in it could read the live feed
+    (a WebSocket handshake has no same-origin rule) and POST a reload. An ``Origin`` other than the
+    gateway's own is refused (403); the gateway's own page and clients that send none are served."""
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=2, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
+        ws_url = gw.url.replace("http://", "ws://") + "/_/live"
+        host = gw.url.removeprefix("http://")
+        with pytest.raises(ConnectionRejected) as refused:
+            async with open_websocket_url(ws_url, extra_headers=[(b"origin", b"http://evil.example")]) as ws:
+                await ws.get_message()
+        async with open_websocket_url(ws_url, extra_headers=[(b"origin", f"http://{host}".encode())]) as ws:
+            first = parse_event(await ws.get_message())  # type: ignore[arg-type]
+        async with httpx.AsyncClient(timeout=30) as client:
+            cross = await client.post(gw.url + "/_/reload", headers={"origin": "http://evil.example"})
+            null = await client.post(gw.url + "/_/reload", headers={"origin": "null"})
+        await stop(gw)
+    assert refused.value.status_code == 403
+    assert first["type"] == "upstream"
+    assert cross.status_code == null.status_code == 403
+    assert "another origin" in cross.json()["error"]["message"]
+
+
 async def test_a_usage_batch_larger_than_the_minimum_buffer_reaches_a_subscriber(
     start_mock: StartMock, start_gateway: StartGateway
 ) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import trio
 from loguru import logger
 
+from .auth import same_origin
 from .config import AuthKey
 from .catalog import OPEN_ROUTES, Route, lookup_route, serve_local
 from .errors import (
@@ -68,6 +69,8 @@ from .usagefilter import UsageEventFilter
 Receive = Any  # ASGI receive callable
 #: What ends an answer still running when the shutdown's grace has run out (an in-band error, or a 503).
 SHUTDOWN_MESSAGE = "the gateway is shutting down and its grace period ran out before this answer was complete; retry"
+#: Local routes that change state: refused to a web page of another origin (``auth.same_origin``).
+ORIGIN_CHECKED = frozenset({"reload"})
 #: What a kept X-Request-Id may look like (``[server] trust_request_id``): safe in a header and a log line.
 TRUSTED_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
@@ -122,6 +125,10 @@ class ProxyApp:
             if route.local:
                 client = scope.get("client")
                 authorization = header_value(scope["headers"], b"authorization")
+                if route.local in ORIGIN_CHECKED and not same_origin(
+                    header_value(scope["headers"], b"origin"), header_value(scope["headers"], b"host")
+                ):
+                    raise Forbidden(f"{route.path} is not served to a web page of another origin")
                 await serve_local(route, services, ex, send, client[0] if client else None, authorization)
                 return
             await self._proxy(route, scope, receive, send, ex)
@@ -186,7 +193,8 @@ class ProxyApp:
                     await send({"type": "websocket.close", "code": 4404})
                 return
             authorization = header_value(scope["headers"], b"authorization")
-            if not services.admin.allows(client[0] if client else None, authorization):
+            origin_ok = same_origin(header_value(scope["headers"], b"origin"), header_value(scope["headers"], b"host"))
+            if not origin_ok or not services.admin.allows(client[0] if client else None, authorization):
                 ex.status, ex.outcome = 403, "rejected"
                 await send({"type": "websocket.close", "code": 1008})
                 return

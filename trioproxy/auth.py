@@ -104,6 +104,19 @@ class AdminGate:
         return digest(authorization[len(BEARER) :].strip()) == self.digest
 
 
+def same_origin(origin: bytes | None, host: bytes | None) -> bool:
+    """Whether a request's ``Origin`` (sent by browsers) is the gateway's own, or absent (any other client).
+
+    A web page open in the operator's browser may otherwise reach the loopback-only admin
+    surfaces (the live feed's WebSocket, whose handshake no same-origin rule guards, and a
+    POST to ``/_/reload``): the browser runs on loopback too.
+    """
+    if origin is None:
+        return True
+    scheme, sep, authority = origin.partition(b"://")
+    return bool(sep) and scheme.lower() in (b"http", b"https") and host is not None and authority.lower() == host.lower()
+
+
 @define
 class _Bucket:
     tokens: float

@@ -54,8 +54,8 @@ def validate(config: Config) -> list[str]:
             problems.append(f"{where}.health.path: expected a path starting with '/'")
         if u.health.rise < 1 or u.health.fall < 1:
             problems.append(f"{where}.health: rise and fall must be 1 or more")
-        if not (u.health.interval_ms >= 100 and u.health.timeout_ms > 0):  # (NaN too)
-            problems.append(f"{where}.health: interval_ms must be 100 or more and timeout_ms positive")
+        if not (u.health.interval_ms >= 10 and u.health.timeout_ms > 0):  # (NaN too; 0 spun a core)
+            problems.append(f"{where}.health: interval_ms must be 10 or more and timeout_ms positive")
         if u.pool_max_idle < 0:
             problems.append(f"{where}.pool_max_idle: expected 0 (no idle connections kept) or more")
     r = config.routing
