@@ -209,6 +209,23 @@ def test_masked_never_shows_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "sk-very-secret" not in shown and "***set***" in shown
 
 
+def test_check_and_serve_refuse_a_key_variable_that_is_not_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``check`` said "profile OK" and ``serve`` then stopped with a traceback (exit 1): both now list
+    every unset variable and exit 2, before anything starts."""
+    monkeypatch.delenv("S16_UNSET_KEY", raising=False)
+    monkeypatch.delenv("S16_UNSET_ADMIN", raising=False)
+    profile = tmp_path / "noenv.toml"
+    profile.write_text(MINIMAL + 'api_key_env = "S16_UNSET_KEY"\n[admin]\nkey_env = "S16_UNSET_ADMIN"\n')
+    for command in (["check"], ["serve", "--port", "0"]):
+        assert cli_main([*command, "--profile", str(profile)]) == 2
+        err = capsys.readouterr().err
+        assert "environment variable S16_UNSET_KEY (api_key_env) is not set" in err
+        assert "environment variable S16_UNSET_ADMIN is not set" in err
+        assert "Traceback" not in err
+
+
 def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["check", "--profile", "demo"]) == 0
     assert "profile OK" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from functools import partial
 
@@ -92,11 +92,33 @@ def _serve(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return 0
     snapshot = read_profiles(names)
     config = _overrides(args, load_profile_texts(snapshot))
+    _check_environment(config)
     if config.server.workers > 1:
         worker_argv = list(sys.argv[1:] if argv is None else argv)
         return trio.run(partial(workers.supervise, config, worker_argv, names, snapshot))
     trio.run(partial(server.main, config, profiles=names, watch=args.watch))
     return 0
+
+
+def _check_environment(config: Config) -> None:
+    """Every environment variable the profile names for a key is set (as serving needs).
+
+    Raises:
+        ConfigError: one line per variable missing (``serve`` would otherwise stop with a traceback).
+    """
+    from .auth import AdminGate, KeyTable
+    from .server import auth_headers
+
+    problems: list[str] = []
+    checks: list[Callable[[], object]] = [partial(auth_headers, u, os.environ) for u in config.upstreams]
+    checks += [partial(KeyTable.from_config, config.auth), partial(AdminGate.from_config, config.admin)]
+    for check in checks:
+        try:
+            check()
+        except ConfigError as exc:
+            problems += exc.errors
+    if problems:
+        raise ConfigError(problems, source=config.source)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             config = _load(args)
             json.dump(masked(config), sys.stdout, indent=2)
-            print(f"\nprofile OK: {config.source}")
+            print(flush=True)  # (the environment's problems, if any, follow on stderr)
+            _check_environment(config)
+            print(f"profile OK: {config.source}")
             return 0
         if args.command == "mock":
             from . import mockcli
