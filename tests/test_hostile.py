@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -935,6 +936,47 @@ async def _scripted_gateway(nursery: trio.Nursery, start_mock: StartMock, start_
         upstream_toml("scripted", f"http://127.0.0.1:{port}", kind="ollama", extra="priority = 0\n" + NO_PROBES)
         + upstream_toml("fallback", f"http://127.0.0.1:{fallback.port}", kind="ollama", extra="priority = 1\n" + NO_PROBES)
     )
+
+
+async def test_an_upstream_that_echoes_its_api_key_does_not_get_it_into_the_usage_log(
+    nursery: trio.Nursery, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream's error (an SSE error event mid-stream; an error object in a 200 whole answer) that
+    quotes the Authorization header it received: the usage record's ``error`` keeps its words but not
+    the key (telemetry.md: never a header). The client gets the upstream's bytes as they came."""
+    key = "sk-S16-ECHOED-SECRET"
+    monkeypatch.setenv("S16_UPSTREAM_KEY", key)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            buffer = b""
+            while b"\r\n\r\n" not in buffer:
+                if not (data := await stream.receive_some()):
+                    return
+                buffer += data
+            head = buffer.partition(b"\r\n\r\n")[0]
+            auth = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"authorization"))
+            error = b'{"error":{"message":"upstream blew up with key %s"}}' % auth
+            if b'"stream": true' in buffer or b'"stream":true' in buffer:
+                await stream.send_all(_head(b"text/event-stream", chunked=False) + HI + b"data: " + error + b"\n\n")
+            else:
+                await stream.send_all(_head(b"application/json", length=len(error)) + error)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(30):
+        gw = await start_gateway(upstream_toml("echo", f"http://127.0.0.1:{port}", extra='api_key_env = "S16_UPSTREAM_KEY"\n' + NO_PROBES))
+        async with httpx.AsyncClient(timeout=30) as client:
+            streamed = await client.post(gw.url + CHAT, json={"model": "m", "stream": True, "messages": []})
+            whole = await client.post(gw.url + CHAT, json={"model": "m", "stream": False, "messages": []})
+        await stop(gw)
+    assert key.encode() in streamed.content and key.encode() in whole.content  # (relayed as the upstream sent it)
+    records = read_records(gw)
+    assert [r["outcome"] for r in records] == ["upstream_error", "upstream_error"]
+    assert all("blew up with key Bearer ***" in r["error"] for r in records), [r["error"] for r in records]
+    log_text = "".join(p.read_text() for p in Path(gw.services.config.telemetry.dir).glob("usage-*.jsonl"))
+    assert key not in log_text
 
 
 async def test_upstream_misbehaviour_the_mock_cannot_script(

@@ -347,7 +347,7 @@ class ProxyApp:
                 await relay_whole(ex, winner, send, winner.body)
                 ex.prompt_tokens, ex.completion_tokens, ex.finish_reason = facts_from_body(winner.body)
                 if ex.status < 400 and (message := error_in_body(winner.body)) is not None:
-                    ex.outcome, ex.error = "upstream_error", f"upstream answered {ex.status} with an error: {message}"
+                    ex.outcome, ex.error = "upstream_error", f"upstream answered {ex.status} with an error: {winner.runtime.redact(message)}"
                 if ex.prompt_tokens is not None or ex.completion_tokens is not None:
                     ex.token_source = "upstream"
             else:

@@ -250,7 +250,7 @@ async def pump(
     if scanner is None:
         return
     if scanner.error is not None:
-        ex.outcome, ex.error = "upstream_error", f"upstream reported: {scanner.error}"
+        ex.outcome, ex.error = "upstream_error", f"upstream reported: {winner.runtime.redact(scanner.error)}"
     elif not scanner.done and scanner.finish_reason is None:
         ex.outcome = "upstream_error"
         ex.error = f"upstream {winner.target.upstream!r} ended the stream before it finished"

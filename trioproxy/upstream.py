@@ -101,6 +101,14 @@ class UpstreamRuntime:
         )
         return cls(cfg=cfg, pool=pool, auth_headers=auth_headers, breaker=breaker, gate=gate)
 
+    def redact(self, text: str) -> str:
+        """``text`` (an upstream's own words, for a usage record) without its API key, if it echoed it."""
+        for _, value in self.auth_headers:
+            key = value.decode(errors="replace").removeprefix("Bearer ").strip()
+            if key and key in text:
+                text = text.replace(key, "***")
+        return text
+
     @property
     def in_flight(self) -> int:
         return self.gate.in_flight
