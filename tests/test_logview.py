@@ -112,6 +112,29 @@ def test_tail_line_snapshot() -> None:
     assert out.export_text() == SNAPSHOT
 
 
+def test_tail_and_stats_print_no_control_characters(tmp_path: Path) -> None:
+    """A client's model name with terminal escapes (set the title, clear the screen) is recorded as
+    sent; ``tail``, ``stats`` and ``--json`` print it inert, as ``\\x1b``, never as the escape itself."""
+    from trioproxy.logstats import add_stats_arguments, run_stats
+
+    hostile = "\x1b]0;PWNED\x07\x1b[2Jgpt\x9b"
+    write(tmp_path / "usage-20261124.jsonl", rec(0, model_requested=hostile, model_served=None, upstream=None))
+    outputs = []
+    for argv in ([], ["--json"]):
+        out = console()
+        assert run_tail(tail_args(tmp_path, *argv), console=out) == 0
+        outputs.append(out.export_text())
+    parser = argparse.ArgumentParser()
+    add_stats_arguments(parser)
+    out = console()
+    assert run_stats(parser.parse_args(["--dir", str(tmp_path)]), console=out) == 0
+    outputs.append(out.export_text())
+    for text in outputs:
+        assert not any(c in text for c in "\x1b\x07\x9b"), repr(text)
+    assert "\\x1b]0;PWNED" in outputs[0] and "\\x1b]0;PWNED" in outputs[2]
+    assert json.loads(outputs[1])["model_requested"] == hostile  # (JSON escapes it: \u001b)
+
+
 @pytest.fixture
 def utc_local_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("TZ", "UTC")

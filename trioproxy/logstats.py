@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .logview import DEFAULT_DIR, fmt_ms, is_failover, iter_records, parse_since
+from .logview import DEFAULT_DIR, fmt_ms, is_failover, iter_records, parse_since, printable
 
 BY_CHOICES = ("model", "upstream", "outcome", "route", "key_id")
 #: Nearest-rank percentiles reported by stats.
@@ -148,7 +148,7 @@ def render_stats(rows: list[StatsRow], *, by: str = "model", title: str | None =
     last_group = len(rows) - 2 if rows and rows[-1].key == "(all)" else -1
     for i, r in enumerate(rows):
         table.add_row(
-            Text(r.key, style="bold" if r.key == "(all)" else ""),
+            Text(printable(r.key), style="bold" if r.key == "(all)" else ""),
             str(r.requests),
             Text(str(r.errors), style="red" if r.errors else ""),
             _cells_ms(r.ttft_p50, r.ttft_p95, r.ttft_p99),

@@ -261,12 +261,12 @@ def render_tail_line(rec: dict[str, Any], *, tz: tzinfo | None = None) -> Text:
         when = moment.strftime("%H:%M:%S")
     status = rec.get("status")
     status = status if isinstance(status, int) and not isinstance(status, bool) else 0
-    outcome = str(rec.get("outcome") or "?")
+    outcome = printable(str(rec.get("outcome") or "?"))
     attempts = rec.get("attempts") or []
     marks = "".join(f" {m}" for m, on in (("hedged", rec.get("hedged") is True), ("failover", is_failover(rec))) if on)
     line = Text()
     line.append(when, "dim")
-    line.append(" " + str(rec.get("request_id") or "-")[:8].ljust(8), "cyan")  # short, like a git hash
+    line.append(" " + printable(str(rec.get("request_id") or "-"))[:8].ljust(8), "cyan")  # short, like a git hash
     line.append(" " + _cut(rec.get("model_served") or rec.get("model_requested"), 17))
     line.append(" " + _cut(rec.get("upstream"), 10), "blue")
     line.append(" " + outcome.ljust(17), _OUTCOME_STYLE.get(outcome, "bold"))
@@ -277,8 +277,22 @@ def render_tail_line(rec: dict[str, Any], *, tz: tzinfo | None = None) -> Text:
     return line
 
 
+#: C0 and C1 control characters and DEL, shown as ``\xNN``: a record's strings come from clients
+#: (a model name) and upstreams, and an escape sequence printed as is would drive the terminal.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print to a terminal: control characters as ``\\xNN``."""
+    return text.translate(_CONTROLS)
+
+
+#: For a JSON line: the controls JSON lets through unescaped (DEL, C1; C0 is always escaped), as ``\\u00NN``.
+_JSON_CONTROLS = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+
+
 def _cut(value: Any, width: int) -> str:
-    text = str(value) if value is not None else "-"
+    text = printable(str(value)) if value is not None else "-"
     return text[: width - 1] + "…" if len(text) > width else text.ljust(width)
 
 
@@ -333,7 +347,8 @@ def run_tail(
 
     def show(entry: _Entry) -> None:
         if args.json:
-            console.print(entry.raw.decode("utf-8", "replace"), markup=False, highlight=False, soft_wrap=True)
+            raw = entry.raw.decode("utf-8", "replace").translate(_JSON_CONTROLS)  # (the same JSON, inert)
+            console.print(raw, markup=False, highlight=False, soft_wrap=True)
         else:
             # A terminal gets one line per request, cut to fit; a pipe or file gets it whole.
             line = render_tail_line(entry.rec)

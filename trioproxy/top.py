@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from .logview import fmt_ms
+from .logview import fmt_ms, printable
 
 #: Seconds of records the rates and percentiles are computed over.
 WINDOW_S = 10.0
@@ -104,11 +104,11 @@ def render(state: TopState, *, url: str) -> RenderableType:
         last.add_column(name)
     for r in state.recent:
         when = time.strftime("%H:%M:%S", time.localtime(_ts(r)))
-        outcome = str(r.get("outcome"))
+        outcome = printable(str(r.get("outcome")))
         last.add_row(
             when,
-            str(r.get("model_served") or r.get("model_requested") or "-"),
-            str(r.get("upstream") or "-"),
+            printable(str(r.get("model_served") or r.get("model_requested") or "-")),  # (a client's words)
+            printable(str(r.get("upstream") or "-")),
             Text(outcome, "green" if outcome == "ok" else "red"),
             str(r.get("status")),
             fmt_ms(r.get("ttft_ms")),
