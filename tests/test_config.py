@@ -226,6 +226,29 @@ def test_check_and_serve_refuse_a_key_variable_that_is_not_set(
         assert "Traceback" not in err
 
 
+def test_serve_says_in_one_line_why_it_cannot_listen(capsys: pytest.CaptureFixture[str]) -> None:
+    """A port in use, a port out of range, a host not of this machine: one line and exit 2 (each was a
+    traceback from inside the server, exit 1), with one process or several."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = str(taken.getsockname()[1])
+    try:
+        for argv, reason in [
+            (["--port", port], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+            (["--port", port, "--workers", "2"], "Address already in use"),
+            (["--port", "70000"], "--port: expected 0..65535, got 70000"),
+            (["--host", "192.0.2.1", "--port", "0"], "cannot listen on 192.0.2.1:0:"),
+        ]:
+            assert cli_main(["serve", *argv]) == 2, argv
+            err = capsys.readouterr().err
+            assert reason in err and "Traceback" not in err, err
+    finally:
+        taken.close()
+
+
 def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["check", "--profile", "demo"]) == 0
     assert "profile OK" in capsys.readouterr().out

@@ -667,6 +667,9 @@ def test_cli_parser() -> None:
 
 def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_from_args(_parse("--models", ",")) == 2
+    assert run_from_args(_parse("--port", "70000")) == 2  # (the OS would have taken it as 4464)
+    assert run_from_args(_parse("--fail-rate", "2")) == 2
+    assert "--port: expected 0..65535" in capsys.readouterr().err
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()

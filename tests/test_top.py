@@ -6,6 +6,7 @@ import io
 import json
 import time
 
+import pytest
 from rich.console import Console
 
 from trioproxy.feed import parse_event
@@ -61,3 +62,17 @@ def test_frame_snapshot() -> None:
     rows = [line for line in lines if line.startswith("│ ") and ("ok" in line or "rejected" in line)]
     assert rows[0].startswith(f"│ {local} │ gpt-9 ") and "rejected" in rows[0] and "404" in rows[0]
     assert len(rows) == 3
+
+
+@pytest.mark.parametrize("url", ["not-a-url", "ftp://x", "http://h:70000", "http://h:port"])
+def test_a_bad_url_is_one_line_and_exit_2(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each was a ValueError traceback."""
+    import argparse
+
+    from trioproxy.top import add_arguments, run_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run_from_args(parser.parse_args(["--url", url])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trioproxy top: --url: ") and err.count("\n") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 
@@ -42,6 +43,8 @@ def _overrides(args: argparse.Namespace, config: Config) -> Config:
     if getattr(args, "host", None):
         server = attrs.evolve(server, host=args.host)
     if getattr(args, "port", None) is not None:
+        if not 0 <= args.port <= 65535:
+            raise ConfigError([f"--port: expected 0..65535, got {args.port}"])
         server = attrs.evolve(server, port=args.port)
     if getattr(args, "workers", None) is not None:
         if args.workers < 1:
@@ -93,6 +96,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     snapshot = read_profiles(names)
     config = _overrides(args, load_profile_texts(snapshot))
     _check_environment(config)
+    _check_listen_address(config)
     if config.server.workers > 1:
         worker_argv = list(sys.argv[1:] if argv is None else argv)
         return trio.run(partial(workers.supervise, config, worker_argv, names, snapshot))
@@ -119,6 +123,24 @@ def _check_environment(config: Config) -> None:
             problems += exc.errors
     if problems:
         raise ConfigError(problems, source=config.source)
+
+
+def _check_listen_address(config: Config) -> None:
+    """The address can be listened on (a bind, at once undone), so a port in use or a host not of
+    this machine is one line and exit 2, not a traceback from inside the server.
+
+    Raises:
+        ConfigError: why not.
+    """
+    host, port = config.server.host, config.server.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the server binds)
+            probe.bind((host, port))
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([f"$.server: cannot listen on {host}:{port}: {reason}"], source=config.source) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

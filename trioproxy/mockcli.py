@@ -45,6 +45,10 @@ def settings_from_args(args: argparse.Namespace) -> MockSettings:
     Raises:
       ValueError: an option is out of range.
     """
+    if not 0 <= args.port <= 65535:  # (the OS would take 70000 as 4464)
+        raise ValueError(f"--port: expected 0..65535, got {args.port}")
+    if not 0.0 <= args.fail_rate <= 1.0:
+        raise ValueError(f"--fail-rate: expected a probability, 0..1, got {args.fail_rate}")
     fault = None
     if args.fail not in (None, "refuse"):
         fault = FaultPlan(args.fail, status=args.fail_status, retry_after_s=args.retry_after,

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import calendar
 import json
+import sys
 import time
 from collections import deque
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -130,11 +132,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    problem = _url_problem(args.url)
+    if problem is not None:
+        print(f"trioproxy top: --url: {problem}", file=sys.stderr)
+        return 2
     try:
         trio.run(run_top, args.url.rstrip("/"))
     except* KeyboardInterrupt:  # Ctrl-C is how a dashboard ends; it may come out of a nursery grouped
         pass
     return 0
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` is not a gateway's base URL (``http://host:port``), or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port out of range or not a number)
+    except ValueError as exc:
+        return f"not a valid URL ({exc}): {url!r}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected http://HOST:PORT (the gateway's address), got {url!r}"
+    return None
 
 
 async def run_top(url: str, *, frames: int | None = None) -> TopState:
