@@ -941,9 +941,10 @@ async def _scripted_gateway(nursery: trio.Nursery, start_mock: StartMock, start_
 async def test_an_upstream_that_echoes_its_api_key_does_not_get_it_into_the_usage_log(
     nursery: trio.Nursery, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An upstream's error (an SSE error event mid-stream; an error object in a 200 whole answer) that
-    quotes the Authorization header it received: the usage record's ``error`` keeps its words but not
-    the key (telemetry.md: never a header). The client gets the upstream's bytes as they came."""
+    """An upstream's error (an SSE error event mid-stream; an error object in a 200 whole answer; a 401)
+    that quotes the Authorization header it received: the usage record's ``error`` keeps its words but
+    not the key (telemetry.md: never a header). A passed-through error status's body loses the key too;
+    a 200's bytes (a relayed answer) go to the client as they came."""
     key = "sk-S16-ECHOED-SECRET"
     monkeypatch.setenv("S16_UPSTREAM_KEY", key)
 
@@ -957,7 +958,11 @@ async def test_an_upstream_that_echoes_its_api_key_does_not_get_it_into_the_usag
             head = buffer.partition(b"\r\n\r\n")[0]
             auth = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"authorization"))
             error = b'{"error":{"message":"upstream blew up with key %s"}}' % auth
-            if b'"stream": true' in buffer or b'"stream":true' in buffer:
+            if b'"deny"' in buffer or b'"fail"' in buffer:  # an error status (failed over on: 500), passed through
+                status = b"401 Unauthorized" if b'"deny"' in buffer else b"500 Internal Server Error"
+                await stream.send_all(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n"
+                                      b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, len(error), error))
+            elif b'"stream": true' in buffer or b'"stream":true' in buffer:
                 await stream.send_all(_head(b"text/event-stream", chunked=False) + HI + b"data: " + error + b"\n\n")
             else:
                 await stream.send_all(_head(b"application/json", length=len(error)) + error)
@@ -970,11 +975,18 @@ async def test_an_upstream_that_echoes_its_api_key_does_not_get_it_into_the_usag
         async with httpx.AsyncClient(timeout=30) as client:
             streamed = await client.post(gw.url + CHAT, json={"model": "m", "stream": True, "messages": []})
             whole = await client.post(gw.url + CHAT, json={"model": "m", "stream": False, "messages": []})
+            denied = await client.post(gw.url + CHAT, json={"model": "deny", "messages": []})
+            failed = await client.post(gw.url + CHAT, json={"model": "fail", "messages": []})
         await stop(gw)
     assert key.encode() in streamed.content and key.encode() in whole.content  # (relayed as the upstream sent it)
+    # An error status's body is passed through whole, but without the operator's key in it.
+    assert denied.status_code == 401 and key.encode() not in denied.content
+    assert denied.json()["error"]["message"] == "upstream blew up with key Bearer ***"
+    assert failed.status_code == 500 and failed.json()["error"]["message"] == "upstream blew up with key Bearer ***"
     records = read_records(gw)
-    assert [r["outcome"] for r in records] == ["upstream_error", "upstream_error"]
-    assert all("blew up with key Bearer ***" in r["error"] for r in records), [r["error"] for r in records]
+    assert [(r["outcome"], r["status"]) for r in records] == [
+        ("upstream_error", 200), ("upstream_error", 200), ("ok", 401), ("upstream_error", 500)]
+    assert all("blew up with key Bearer ***" in r["error"] for r in records[:2]), [r["error"] for r in records]
     log_text = "".join(p.read_text() for p in Path(gw.services.config.telemetry.dir).glob("usage-*.jsonl"))
     assert key not in log_text
 

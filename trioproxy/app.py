@@ -333,6 +333,9 @@ class ProxyApp:
             )
         except UpstreamStatusError as exc:
             ex.upstream, ex.model_served = exc.upstream, _served(ex, exc.upstream)
+            runtime = runtimes.get(exc.upstream)
+            if runtime is not None:
+                exc.body = runtime.redact_body(exc.body)
             await _pass_through(send, ex, exc)
             return
         finally:

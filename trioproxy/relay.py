@@ -274,6 +274,8 @@ async def relay_whole(ex: Exchange, winner: Winner, send: Send, body: bytes) -> 
     headers = client_response_headers(
         response.headers, request_id=ex.request_id, upstream_id=winner.target.upstream.encode(), streamed=False
     )
+    if response.status >= 400:  # (an error's words may quote the operator's key: not for the client)
+        body = winner.runtime.redact_body(body)
     headers.append((b"content-length", str(len(body)).encode()))
     await send_whole(ex, send, response.status, headers, body)
 

@@ -109,6 +109,15 @@ class UpstreamRuntime:
                 text = text.replace(key, "***")
         return text
 
+    def redact_body(self, body: bytes) -> bytes:
+        """An error body passed through to a client, without the upstream's API key if it quoted it
+        (as in "invalid API key sk-..."): the key is the operator's, not the client's."""
+        for _, value in self.auth_headers:
+            key = value.removeprefix(b"Bearer ").strip()
+            if key and key in body:
+                body = body.replace(key, b"***")
+        return body
+
     @property
     def in_flight(self) -> int:
         return self.gate.in_flight
