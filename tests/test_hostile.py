@@ -958,7 +958,9 @@ async def test_an_upstream_that_echoes_its_api_key_does_not_get_it_into_the_usag
             head = buffer.partition(b"\r\n\r\n")[0]
             auth = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"authorization"))
             error = b'{"error":{"message":"upstream blew up with key %s"}}' % auth
-            if b'"deny"' in buffer or b'"fail"' in buffer:  # an error status (failed over on: 500), passed through
+            if b'"early"' in buffer:  # an error event before any content: a failed attempt, the client gets a 502
+                await stream.send_all(_head(b"text/event-stream", chunked=False) + b"data: " + error + b"\n\n")
+            elif b'"deny"' in buffer or b'"fail"' in buffer:  # an error status (failed over on: 500), passed through
                 status = b"401 Unauthorized" if b'"deny"' in buffer else b"500 Internal Server Error"
                 await stream.send_all(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n"
                                       b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, len(error), error))
@@ -977,6 +979,7 @@ async def test_an_upstream_that_echoes_its_api_key_does_not_get_it_into_the_usag
             whole = await client.post(gw.url + CHAT, json={"model": "m", "stream": False, "messages": []})
             denied = await client.post(gw.url + CHAT, json={"model": "deny", "messages": []})
             failed = await client.post(gw.url + CHAT, json={"model": "fail", "messages": []})
+            early = await client.post(gw.url + CHAT, json={"model": "early", "stream": True, "messages": []})
         await stop(gw)
     assert key.encode() in streamed.content and key.encode() in whole.content  # (relayed as the upstream sent it)
     # An error status's body is passed through whole, but without the operator's key in it.
@@ -984,11 +987,27 @@ async def test_an_upstream_that_echoes_its_api_key_does_not_get_it_into_the_usag
     assert denied.json()["error"]["message"] == "upstream blew up with key Bearer ***"
     assert failed.status_code == 500 and failed.json()["error"]["message"] == "upstream blew up with key Bearer ***"
     records = read_records(gw)
+    assert early.status_code == 502 and key.encode() not in early.content and b"Bearer ***" in early.content
     assert [(r["outcome"], r["status"]) for r in records] == [
-        ("upstream_error", 200), ("upstream_error", 200), ("ok", 401), ("upstream_error", 500)]
+        ("upstream_error", 200), ("upstream_error", 200), ("ok", 401), ("upstream_error", 500), ("upstream_error", 502)]
     assert all("blew up with key Bearer ***" in r["error"] for r in records[:2]), [r["error"] for r in records]
     log_text = "".join(p.read_text() for p in Path(gw.services.config.telemetry.dir).glob("usage-*.jsonl"))
     assert key not in log_text
+
+
+def test_a_short_placeholder_key_is_not_searched_for_in_upstream_text() -> None:
+    """A key like "ollama" or "test" (a placeholder, no secret) would turn up inside words and JSON:
+    it is left alone; a real key is replaced wherever it appears."""
+    from trioproxy.upstream import MIN_REDACTED_KEY, UpstreamRuntime
+
+    def runtime(key: bytes) -> UpstreamRuntime:
+        return UpstreamRuntime(cfg=None, pool=None, auth_headers=[(b"authorization", b"Bearer " + key)],  # type: ignore[arg-type]
+                               breaker=None, gate=None)  # type: ignore[arg-type]
+
+    body = b'{"error":{"message":"try `ollama pull qwen`","param":null}}'
+    assert runtime(b"ollama").redact_body(body) == body and runtime(b"null").redact(body.decode()) == body.decode()
+    secret = b"k" * MIN_REDACTED_KEY
+    assert runtime(secret).redact_body(b"bad key " + secret) == b"bad key ***"
 
 
 async def test_upstream_misbehaviour_the_mock_cannot_script(

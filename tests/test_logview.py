@@ -126,9 +126,10 @@ def test_tail_and_stats_print_no_control_characters(tmp_path: Path) -> None:
         outputs.append(out.export_text())
     parser = argparse.ArgumentParser()
     add_stats_arguments(parser)
-    out = console()
-    assert run_stats(parser.parse_args(["--dir", str(tmp_path)]), console=out) == 0
-    outputs.append(out.export_text())
+    for argv in ([], ["--json"]):
+        out = console()
+        assert run_stats(parser.parse_args(["--dir", str(tmp_path), *argv]), console=out) == 0
+        outputs.append(out.export_text())
     for text in outputs:
         assert not any(c in text for c in "\x1b\x07\x9b"), repr(text)
     assert "\\x1b]0;PWNED" in outputs[0] and "\\x1b]0;PWNED" in outputs[2]

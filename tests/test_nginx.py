@@ -432,8 +432,11 @@ async def test_nginx_refuses_admin_routes_and_oversized_bodies_itself(
                 chat = await client.post(f"{nginx.url}/v1/chat/completions", json=CHAT)
             async with httpx.AsyncClient(timeout=30) as client:  # from 127.0.0.1: allowed
                 metrics = await client.get(f"{nginx.url}/metrics")
-                # /_/live through nginx (WebSocket upgrade): the subscribed instance shows a request.
-                async with open_websocket_url(f"ws://127.0.0.1:{nginx.port}/_/live", connect_timeout=10) as ws:
+                # /_/live through nginx (WebSocket upgrade), as the dashboard's page opens it: with its
+                # Origin, which names nginx's port (the gateway compares it with the Host nginx passes on).
+                origin = [(b"origin", f"http://127.0.0.1:{nginx.port}".encode())]
+                async with open_websocket_url(f"ws://127.0.0.1:{nginx.port}/_/live", connect_timeout=10,
+                                              extra_headers=origin) as ws:
                     for gw in gateways.values():  # one each: whichever instance nginx chose has one
                         await client.post(f"{gw.url}/v1/chat/completions", json=CHAT)
                     while (event := json.loads(await ws.get_message())).get("record", {}).get("route") != CHAT_ROUTE:

@@ -76,3 +76,15 @@ def test_a_bad_url_is_one_line_and_exit_2(url: str, capsys: pytest.CaptureFixtur
     assert run_from_args(parser.parse_args(["--url", url])) == 2
     err = capsys.readouterr().err
     assert err.startswith("trioproxy top: --url: ") and err.count("\n") == 1
+
+
+def test_a_client_s_model_name_is_shown_as_text_not_markup() -> None:
+    """``[/bold]`` stopped ``top`` (a MarkupError in its Live view); ``[link=...]`` made a hyperlink."""
+    state = TopState()
+    for i, model in enumerate(["[/bold]", "[link=https://evil.example/]gpt[/link]", "\x1b[2Jm"]):
+        state.add({"ts": "2026-11-24T06:00:00.000Z", "model_requested": model, "outcome": "ok", "status": 200,
+                   "request_id": f"r{i}"}, 0.0)
+    out = Console(record=True, width=200, color_system=None, file=io.StringIO())
+    out.print(render(state, url="http://127.0.0.1:8080"))
+    text = out.export_text()
+    assert "[/bold]" in text and "[link=https://evil.example/]gpt[/link]" in text and "\\x1b[2Jm" in text

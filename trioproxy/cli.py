@@ -132,7 +132,7 @@ def _check_listen_address(config: Config) -> None:
     Raises:
         ConfigError: why not.
     """
-    host, port = config.server.host, config.server.port
+    host, port = config.server.host.removeprefix("[").removesuffix("]"), config.server.port  # ([::1], as Hypercorn)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:

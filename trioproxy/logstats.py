@@ -185,7 +185,7 @@ def run_stats(args: argparse.Namespace, *, console: Console | None = None, now: 
         return 2
     rows = summarize(iter_records(directory, since=since), by=args.by, total=True)
     if args.json:
-        console.print_json(json.dumps({"by": args.by, "rows": [attrs.asdict(r) for r in rows]}))
+        console.print_json(json.dumps({"by": args.by, "rows": [attrs.asdict(r) for r in rows]}), ensure_ascii=True)
     else:
         when = f" since {args.since}" if args.since else ""
         console.print(render_stats(rows, by=args.by, title=f"trioproxy usage by {args.by}{when} ({directory})"))

@@ -107,10 +107,10 @@ def render(state: TopState, *, url: str) -> RenderableType:
     for r in state.recent:
         when = time.strftime("%H:%M:%S", time.localtime(_ts(r)))
         outcome = printable(str(r.get("outcome")))
-        last.add_row(
+        last.add_row(  # (Text, not str: Rich would read a client's "[link=...]" as markup)
             when,
-            printable(str(r.get("model_served") or r.get("model_requested") or "-")),  # (a client's words)
-            printable(str(r.get("upstream") or "-")),
+            Text(printable(str(r.get("model_served") or r.get("model_requested") or "-"))),
+            Text(printable(str(r.get("upstream") or "-"))),
             Text(outcome, "green" if outcome == "ok" else "red"),
             str(r.get("status")),
             fmt_ms(r.get("ttft_ms")),

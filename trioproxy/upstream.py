@@ -75,6 +75,11 @@ FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 409, 413, 415, 422})
 CONTEXT_LENGTH_CODES = frozenset({"context_length_exceeded", "context_window_exceeded"})
 
 
+#: A key shorter than this is not searched for in upstream text: a placeholder ("ollama", "test")
+#: would turn up inside ordinary words and JSON, and is no secret to keep.
+MIN_REDACTED_KEY = 8
+
+
 @define
 class UpstreamRuntime:
     """One upstream's live parts: settings, connection pool, health, breaker, concurrency gate."""
@@ -105,7 +110,7 @@ class UpstreamRuntime:
         """``text`` (an upstream's own words, for a usage record) without its API key, if it echoed it."""
         for _, value in self.auth_headers:
             key = value.decode(errors="replace").removeprefix("Bearer ").strip()
-            if key and key in text:
+            if len(key) >= MIN_REDACTED_KEY and key in text:
                 text = text.replace(key, "***")
         return text
 
@@ -114,7 +119,7 @@ class UpstreamRuntime:
         (as in "invalid API key sk-..."): the key is the operator's, not the client's."""
         for _, value in self.auth_headers:
             key = value.removeprefix(b"Bearer ").strip()
-            if key and key in body:
+            if len(key) >= MIN_REDACTED_KEY and key in body:
                 body = body.replace(key, b"***")
         return body
 
@@ -385,7 +390,8 @@ class _Race:
                 winner.first_content_index = len(winner.prefetched) - 1
                 break
             if scanner.error is not None:
-                raise UpstreamProtocolError(f"reported an error before any content: {scanner.error}", upstream=target.upstream)
+                message = runtime.redact(scanner.error)  # (shown to the client and recorded: errors.py)
+                raise UpstreamProtocolError(f"reported an error before any content: {message}", upstream=target.upstream)
             if scanner.done or scanner.finish_reason is not None:
                 break
         return winner
