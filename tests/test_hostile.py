@@ -875,23 +875,29 @@ SCRIPTS: dict[str, bytes] = {
 }
 
 
+async def read_request(stream: trio.SocketStream) -> tuple[bytes, bytes] | None:
+    """One request's head and its Content-Length body, as a scripted upstream reads them (None: closed first)."""
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        if not (data := await stream.receive_some()):
+            return None
+        buffer += data
+    head, _, body = buffer.partition(b"\r\n\r\n")
+    lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    while len(body) < (lengths[0] if lengths else 0):
+        if not (data := await stream.receive_some()):
+            return None
+        body += data
+    return head, body
+
+
 async def serve_scripted(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """An upstream that answers each request with ``SCRIPTS[its model]``, then closes."""
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
-            buffer = b""
-            while b"\r\n\r\n" not in buffer:
-                if not (data := await stream.receive_some()):
-                    return
-                buffer += data
-            head, _, body = buffer.partition(b"\r\n\r\n")
-            lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
-            while len(body) < (lengths[0] if lengths else 0):
-                if not (data := await stream.receive_some()):
-                    return
-                body += data
-            await stream.send_all(SCRIPTS[json.loads(body)["model"]])
+            if (request := await read_request(stream)) is not None:
+                await stream.send_all(SCRIPTS[json.loads(request[1])["model"]])
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     async with trio.open_nursery() as nursery:
@@ -950,12 +956,9 @@ async def test_an_upstream_that_echoes_its_api_key_does_not_get_it_into_the_usag
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
-            buffer = b""
-            while b"\r\n\r\n" not in buffer:
-                if not (data := await stream.receive_some()):
-                    return
-                buffer += data
-            head = buffer.partition(b"\r\n\r\n")[0]
+            if (request := await read_request(stream)) is None:
+                return
+            head, buffer = request
             auth = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"authorization"))
             error = b'{"error":{"message":"upstream blew up with key %s"}}' % auth
             if b'"early"' in buffer:  # an error event before any content: a failed attempt, the client gets a 502
