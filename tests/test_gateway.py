@@ -377,6 +377,8 @@ async def test_mid_stream_cut_ends_with_an_error_event(start_mock: StartMock, st
     assert error is not None and "incomplete" in str(error)
     (record,) = read_records(gw)
     assert record["outcome"] == "upstream_error" and record["bytes_out"] > 0
+    # The attempt won (its first tokens were relayed), then broke: it does not say "ok".
+    assert [(x["upstream"], x["outcome"], x["status"]) for x in record["attempts"]] == [("m", "broke", 200)]
 
 
 async def test_tokens_are_estimated_when_the_upstream_gives_no_usage(
@@ -493,3 +495,4 @@ async def test_an_upstream_silent_mid_stream_is_cut_at_idle_ms(start_mock: Start
     assert any(json.loads(e).get("choices") for e in events[:-1])  # the first token came through
     (record,) = read_records(gw)
     assert record["outcome"] == "upstream_error" and "no body data for 0.3s" in record["error"]
+    assert [x["outcome"] for x in record["attempts"]] == ["broke"]

@@ -993,6 +993,10 @@ async def test_an_upstream_that_echoes_its_api_key_does_not_get_it_into_the_usag
     assert early.status_code == 502 and key.encode() not in early.content and b"Bearer ***" in early.content
     assert [(r["outcome"], r["status"]) for r in records] == [
         ("upstream_error", 200), ("upstream_error", 200), ("ok", 401), ("upstream_error", 500), ("upstream_error", 502)]
+    # The attempts: the two 200s won, then their answers were errors; 401 and 500 were passed through
+    # as given (500 after failing over to nothing else); the early error event failed the attempt.
+    assert [[(a["outcome"], a["status"]) for a in r["attempts"]] for r in records] == [
+        [("broke", 200)], [("broke", 200)], [("client_error", 401)], [("status", 500)], [("protocol_error", 200)]]
     assert all("blew up with key Bearer ***" in r["error"] for r in records[:2]), [r["error"] for r in records]
     log_text = "".join(p.read_text() for p in Path(gw.services.config.telemetry.dir).glob("usage-*.jsonl"))
     assert key not in log_text

@@ -132,18 +132,21 @@ def test_hedges_and_failovers_are_counted_from_the_records() -> None:
     # a refused, then b raced by a hedge on c; b answered first (in start order, as recorded).
     failed_then_hedged = (AttemptRecord("a", "m", "connect_error", None, 1.0), AttemptRecord("b", "m", "ok", 200, 800.0),
                           AttemptRecord("c", "m", "lost_race", None, 10.0))
+    # The hedge won, then its stream broke: it still won the race.
+    hedge_broke = (AttemptRecord("a", "m", "lost_race", None, 250.0), AttemptRecord("b", "m", "broke", 200, 140.0))
     metrics.observe([
         rec(0, upstream="b", hedged=True, attempts=primary_slow),   # the hedge won
+        rec(5, upstream="b", hedged=True, attempts=hedge_broke, outcome="upstream_error"),
         rec(1, upstream="b", hedged=True, attempts=primary_slow),
         rec(2, upstream="a", hedged=True, attempts=primary_fast),   # the hedge was cancelled
         rec(3, upstream="b", attempts=failed_over),                 # a failover, no hedge
         rec(4, upstream="b", hedged=True, attempts=failed_then_hedged),  # the hedge (c) was cancelled
     ])
     values = samples(metrics.render().decode())
-    assert values[("trioproxy_hedges_total", (("result", "won"),))] == 2
+    assert values[("trioproxy_hedges_total", (("result", "won"),))] == 3
     assert values[("trioproxy_hedges_total", (("result", "cancelled"),))] == 2
-    assert values[("trioproxy_failovers_total", (("model", "llama3:8b"),))] == 4  # answered by another than the first
-    assert values[("trioproxy_upstream_attempts_total", (("outcome", "lost_race"), ("upstream", "a")))] == 2
+    assert values[("trioproxy_failovers_total", (("model", "llama3:8b"),))] == 5  # answered by another than the first
+    assert values[("trioproxy_upstream_attempts_total", (("outcome", "lost_race"), ("upstream", "a")))] == 3
 
 
 # --- counting a batch at once ---------------------------------------------------------------

@@ -296,6 +296,15 @@ async def test_a_client_error_is_final(autojump_clock: trio.testing.MockClock) -
     assert outcomes(attempts) == [("a", "client_error", 404)]
 
 
+async def test_a_server_error_not_failed_over_on_is_final_and_says_status(autojump_clock: trio.testing.MockClock) -> None:
+    unsupported = Script(status=501, pieces=((0.0, b'{"error":"not implemented"}'),))
+    r = rig({"a": [unsupported], "b": [Script()]})
+    winner, attempts, _ = await r.race("a", "b")
+    assert winner.target.upstream == "a" and winner.body == b'{"error":"not implemented"}'
+    assert r.pools["b"].opened == []
+    assert outcomes(attempts) == [("a", "status", 501)]  # an error status, not the client's error
+
+
 async def test_the_last_failure_status_is_passed_through(autojump_clock: trio.testing.MockClock) -> None:
     down = Script(status=503, pieces=((0.0, b'{"error":"busy"}'),))
     r = rig({"a": [down], "b": [down]})

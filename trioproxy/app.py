@@ -62,7 +62,7 @@ from .relay import (
 )
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
-from .upstream import OutgoingRequest, RaceResult, UpstreamRuntime, open_winning_response
+from .upstream import OutgoingRequest, RaceResult, UpstreamRuntime, open_winning_response, with_outcome
 from .usage import NDJSONScanner, SSEScanner, estimate_tokens
 from .usagefilter import UsageEventFilter
 
@@ -366,6 +366,9 @@ class ProxyApp:
                 )
                 if winner.scanner is not None:
                     _take_usage(ex, winner.scanner)
+            if ex.outcome == "upstream_error" and ex.status < 400 and winner.attempt_slot >= 0:
+                # The attempt won, then its answer failed: cut, stalled or an error in it (``ex.error`` says which).
+                ex.attempts[winner.attempt_slot] = with_outcome(ex.attempts[winner.attempt_slot], "broke")
             if ex.outcome == "ok" and ex.status >= 500:
                 ex.outcome = "upstream_error"
         finally:

@@ -50,7 +50,7 @@ def hedge_won(rec: Record) -> bool:
     for attempt in rec.attempts:
         if attempt.outcome == "lost_race":
             lost_before = True
-        elif attempt.upstream == rec.upstream and attempt.outcome in ("ok", "client_error"):
+        elif attempt.upstream == rec.upstream and attempt.outcome in ("ok", "client_error", "broke"):
             return lost_before
     return False
 

@@ -38,7 +38,8 @@ SCHEMA_VERSION = 1
 class AttemptRecord:
     upstream: str
     model: str | None
-    #: "ok" | "connect_error" | "timeout" | "status" | "protocol_error" | "cancelled" | "lost_race" | "saturated"
+    #: "ok" | "broke" | "client_error" | "connect_error" | "timeout" | "status" | "context_length" | "protocol_error"
+    #: | "cancelled" | "lost_race" | "saturated" | "circuit_open" (docs/telemetry.md)
     outcome: str
     status: int | None
     ms: float

@@ -255,7 +255,7 @@ class _Race:
                         self.scope.cancel()
                 else:  # finished in the same tick as the winner
                     winner.release()
-                    self.attempts[winner.attempt_slot] = _with_outcome(self.attempts[winner.attempt_slot], "lost_race")
+                    self.attempts[winner.attempt_slot] = with_outcome(self.attempts[winner.attempt_slot], "lost_race")
                 return
         finally:
             self.wake.set()  # whatever happened, the loop may start the next target now
@@ -350,7 +350,8 @@ class _Race:
             except BaseException:
                 response.release()
                 raise
-            outcome = "ok" if status < 400 else "client_error"  # a 4xx relayed as the upstream gave it
+            # A 4xx, or a 5xx not failed over on, is relayed as the upstream gave it.
+            outcome = "ok" if status < 400 else "client_error" if status < 500 else "status"
             winner.attempt_slot = slot
             return winner
         except UpstreamError as exc:
@@ -472,7 +473,7 @@ async def open_winning_response(
     return race.winner
 
 
-def _with_outcome(record: AttemptRecord, outcome: str) -> AttemptRecord:
+def with_outcome(record: AttemptRecord, outcome: str) -> AttemptRecord:
     return AttemptRecord(upstream=record.upstream, model=record.model, outcome=outcome, status=record.status, ms=record.ms)
 
 
