@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import socket
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ import trio.testing
 
 from trioproxy.server import GC_GEN0_THRESHOLD
 
-from .conftest import StartGateway, StartMock, read_records, stop, upstream_toml
+from .conftest import NO_PROBES, StartGateway, StartMock, read_records, stop, upstream_toml
 
 CHAT = {"model": "mock-llama", "messages": [{"role": "user", "content": "say hello to the gateway"}]}
 
@@ -338,9 +339,9 @@ async def test_failover_to_the_next_upstream(start_mock: StartMock, start_gatewa
     with trio.fail_after(30):
         primary = await start_mock(fault=FaultPlan(kind="status", status=503))
         fallback = await start_mock(tokens=3, token_delay_ms=0, ttft_ms=0)
-        gw = await start_gateway(
-            upstream_toml("primary", f"http://127.0.0.1:{primary.port}", extra="priority = 0")
-            + upstream_toml("fallback", f"http://127.0.0.1:{fallback.port}", extra="priority = 1")
+        gw = await start_gateway(  # (no probes: a probe's 503 would take the primary out before the request)
+            upstream_toml("primary", f"http://127.0.0.1:{primary.port}", extra="priority = 0\n" + NO_PROBES)
+            + upstream_toml("fallback", f"http://127.0.0.1:{fallback.port}", extra="priority = 1\n" + NO_PROBES)
         )
         async with httpx.AsyncClient() as client:
             r = await client.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": True})
@@ -352,6 +353,63 @@ async def test_failover_to_the_next_upstream(start_mock: StartMock, start_gatewa
         ("primary", "status", 503),
         ("fallback", "ok", 200),
     ]
+
+
+async def test_an_upstream_down_at_start_is_down_after_its_first_probe_and_readyz_waits_for_it(
+    nursery: trio.Nursery, start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """Healthy is assumed until an upstream's first probe answers (traffic flows meanwhile), but
+    /readyz does not count an assumption: it says ready once a probe has seen a usable upstream.
+    The first probe's verdict stands at once: a primary down at start is skipped from its first
+    failed probe, not after ``fall`` of them."""
+    # A server that takes connections (the kernel's backlog) and never answers: its probe hangs.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    down = socket.socket()  # bound, not listening: connections are refused
+    down.bind(("127.0.0.1", 0))
+    with trio.fail_after(30), silent, down:
+        fallback = await start_mock(tokens=3, token_delay_ms=0, ttft_ms=0)
+        probes = "[upstreams.health]\ninterval_ms = 60000\ntimeout_ms = 60000\nfall = 3\n"
+        gw = await start_gateway(
+            upstream_toml("silent", "http://127.0.0.1:%d" % silent.getsockname()[1], extra="priority = 0\n" + probes)
+        )
+        async with httpx.AsyncClient() as client:
+            unknown = await client.get(f"{gw.url}/readyz")  # the probe is still waiting for an answer
+        await stop(gw)
+        gw = await start_gateway(
+            upstream_toml("down", "http://127.0.0.1:%d" % down.getsockname()[1], extra="priority = 0\n" + probes)
+            + upstream_toml("fallback", f"http://127.0.0.1:{fallback.port}", extra="priority = 1\n" + probes)
+        )
+        for runtime in gw.services.runtimes.values():
+            await runtime.checked.wait()
+        async with httpx.AsyncClient() as client:
+            ready = await client.get(f"{gw.url}/readyz")
+            r = await client.post(f"{gw.url}/v1/chat/completions", json=CHAT)
+        await stop(gw)
+    assert unknown.status_code == 503 and unknown.json()["ready"] is False
+    assert unknown.json()["upstreams"]["silent"] | {"state_for_s": None} == {
+        "usable": True, "healthy": True, "checked": False, "in_flight": 0, "circuit": "closed",
+        "state_for_s": None, "reason": ""}
+    assert ready.status_code == 200
+    assert {uid: (u["healthy"], u["checked"]) for uid, u in ready.json()["upstreams"].items()} == {
+        "down": (False, True), "fallback": (True, True)}
+    assert r.status_code == 200 and r.headers["x-trioproxy-upstream"] == "fallback"
+    (record,) = [rec for rec in read_records(gw) if rec["route"] == "/v1/chat/completions"]
+    assert [a["upstream"] for a in record["attempts"]] == ["fallback"]  # the primary was not tried
+
+
+async def test_every_upstream_down_at_start_is_not_ready(start_gateway: StartGateway) -> None:
+    down = socket.socket()  # bound, not listening: connections are refused
+    down.bind(("127.0.0.1", 0))
+    with trio.fail_after(30), down:
+        gw = await start_gateway(upstream_toml("down", "http://127.0.0.1:%d" % down.getsockname()[1]))
+        await gw.services.runtimes["down"].checked.wait()
+        async with httpx.AsyncClient() as client:
+            readyz = await client.get(f"{gw.url}/readyz")
+        await stop(gw)
+    assert readyz.status_code == 503
+    assert readyz.json()["upstreams"]["down"]["healthy"] is False  # at the first probe (fall is 2)
 
 
 async def test_mid_stream_cut_ends_with_an_error_event(start_mock: StartMock, start_gateway: StartGateway) -> None:

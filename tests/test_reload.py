@@ -183,3 +183,37 @@ async def test_a_reload_stops_the_embedded_mocks_no_upstream_names_any_more(
         await stop(gw)
     assert answer.status_code == 200
     assert answer.json()["usage"]["completion_tokens"] == 3
+
+
+async def test_an_upstream_whose_settings_change_is_judged_afresh_by_its_probes(
+    nursery: trio.Nursery, start_mock: StartMock, tmp_path: Path
+) -> None:
+    """A reload that changes a down upstream's settings builds it a new runtime: the probes' verdict
+    reaches it (its runtime used to start healthy, and stay so while the board said down: a probe
+    that agreed with the board changed nothing)."""
+    import socket
+
+    path = tmp_path / "gw.toml"
+    down = socket.socket()  # bound, not listening: connections are refused
+    down.bind(("127.0.0.1", 0))
+    url = "http://127.0.0.1:%d" % down.getsockname()[1]
+    logs = f'[telemetry]\ndir = "{tmp_path / "logs"}"\n'
+    with trio.fail_after(30), down:
+        mock = await start_mock(models=("*",), tokens=2, token_delay_ms=0, ttft_ms=0)
+        fallback = upstream_toml("fallback", f"http://127.0.0.1:{mock.port}", extra="priority = 1\n" + NO_PROBES)
+        path.write_text(upstream_toml("down", url, extra="priority = 0\n") + fallback + logs)
+        gw = await start_from_file(nursery, path)
+        await gw.services.runtimes["down"].checked.wait()
+        assert gw.services.runtimes["down"].healthy is False
+        path.write_text(upstream_toml("down", url, extra="priority = 0\nmax_concurrent = 7\n") + fallback + logs)
+        async with httpx.AsyncClient(timeout=30) as client:
+            reloaded = await client.post(f"{gw.url}/_/reload")
+            rebuilt = gw.services.runtimes["down"]
+            await rebuilt.checked.wait()
+            served = await client.post(f"{gw.url}/v1/chat/completions", json=CHAT)
+        await stop(gw)
+    assert reloaded.status_code == 200 and reloaded.json()["started"] == ["down"]
+    assert rebuilt.healthy is False and rebuilt.cfg.max_concurrent == 7
+    assert served.status_code == 200 and served.headers["x-trioproxy-upstream"] == "fallback"
+    (record,) = [r for r in read_records(gw) if r["route"] == "/v1/chat/completions"]
+    assert [a["upstream"] for a in record["attempts"]] == ["fallback"]

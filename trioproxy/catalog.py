@@ -216,18 +216,20 @@ def readiness(services: Services) -> tuple[int, dict[str, Any]]:
     for uid, rt in services.runtimes.items():
         snapshot = rt.state(now)
         breaker = rt.breaker.snapshot(now)
-        usable = snapshot.usable
         state = services.board.describe(uid)
         upstreams[uid] = {
-            "usable": usable,
+            "usable": snapshot.usable,  # routing's view: healthy is assumed until the first probe answers
             "healthy": state["healthy"],
+            # its first probe has answered (or it has none): what it says is seen, not assumed
+            "checked": rt.checked.is_set() or not rt.cfg.health.enabled,
             "in_flight": rt.in_flight,
             "circuit": breaker.state,
             # seconds since its last up/down change (None before the first probe)
             "state_for_s": round(now - since, 1) if isinstance(since := state["since"], float) and since else None,
             "reason": state["reason"],
         }
-    ready = any(u["usable"] for u in upstreams.values())
+    # Ready: an upstream is usable, and known to be (a start with every upstream down is not ready).
+    ready = any(u["usable"] and u["checked"] for u in upstreams.values())
     stats = services.sink.statistics()
     telemetry = {"submitted": stats.submitted, "written": stats.written, "dropped": stats.dropped, "lost": stats.lost}
     return (200 if ready else 503), {"ready": ready, "upstreams": upstreams, "telemetry": telemetry}

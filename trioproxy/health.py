@@ -31,6 +31,8 @@ class Transition:
 @define
 class _Track:
     healthy: bool = True
+    #: A probe has answered: ``healthy`` is observed, not assumed.
+    checked: bool = False
     streak: int = 0  # consecutive observations that disagree with ``healthy``
     last_change: float = 0.0
     last_reason: str = ""
@@ -47,11 +49,17 @@ class HealthBoard:
     def observe(self, upstream: str, *, ok: bool, now: float, reason: str = "") -> Transition | None:
         """Record one probe result; return the transition it caused, if any.
 
-        An upstream starts healthy (so traffic flows before the first probe ends);
-        ``fall`` consecutive failures take it down, ``rise`` consecutive successes
-        bring it back.
+        An upstream starts healthy (so traffic flows before the first probe ends), but
+        that is assumed, not seen: the first probe's verdict stands at once (a server
+        down at start is down after one probe, not ``fall``). After it, ``fall``
+        consecutive failures take it down, ``rise`` consecutive successes bring it back.
         """
         track = self._tracks.setdefault(upstream, _Track(last_change=now))
+        if not track.checked:
+            track.checked = True
+            if not ok:
+                track.healthy, track.streak, track.last_change, track.last_reason = False, 0, now, reason
+                return Transition(upstream, False, reason)
         if ok == track.healthy:
             track.streak = 0
             return None
@@ -66,9 +74,18 @@ class HealthBoard:
         track = self._tracks.get(upstream)
         return track.healthy if track is not None else True
 
+    def checked(self, upstream: str) -> bool:
+        """Whether a probe has answered for it (since it started, or since ``forget``)."""
+        track = self._tracks.get(upstream)
+        return track is not None and track.checked
+
+    def forget(self, upstream: str) -> None:
+        """Its settings changed (a reload), or it was removed: the next probe starts afresh."""
+        self._tracks.pop(upstream, None)
+
     def describe(self, upstream: str) -> dict[str, object]:
         track = self._tracks.get(upstream, _Track())
-        return {"healthy": track.healthy, "since": track.last_change, "reason": track.last_reason}
+        return {"healthy": track.healthy, "checked": track.checked, "since": track.last_change, "reason": track.last_reason}
 
 
 def probe_url(runtime: UpstreamRuntime) -> str:
@@ -112,23 +129,29 @@ async def refresh_models(runtime: UpstreamRuntime, http: httpx.AsyncClient, head
 
 
 async def run_checker(runtime: UpstreamRuntime, board: HealthBoard, http: httpx.AsyncClient) -> None:
-    """Probe one upstream forever (until cancelled), updating ``runtime.healthy`` (and its models)."""
+    """Probe one upstream forever (until cancelled), updating ``runtime.healthy`` (and its models).
+
+    With health checks off (``models = "discover"`` only), it refreshes the models and
+    probes nothing: the upstream stays healthy, as configured.
+    """
     cfg = runtime.cfg.health
     url = probe_url(runtime)
     headers = {k.decode(): v.decode() for k, v in runtime.auth_headers}
+    uid = runtime.cfg.id
     while True:
         if runtime.cfg.discovers:
             await refresh_models(runtime, http, headers)
-        reason = ""
-        try:
-            response = await http.get(url, headers=headers, timeout=cfg.timeout_ms / 1000)
-            ok = response.status_code < 400
-            reason = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            ok, reason = False, type(exc).__name__
-        transition = board.observe(runtime.cfg.id, ok=ok, now=trio.current_time(), reason=reason)
-        if transition is not None:
-            runtime.healthy = transition.healthy
-            state = "up" if transition.healthy else "down"
-            logger.info("upstream {} is {} ({})", runtime.cfg.id, state, reason)
+        if cfg.enabled:
+            reason = ""
+            try:
+                response = await http.get(url, headers=headers, timeout=cfg.timeout_ms / 1000)
+                ok = response.status_code < 400
+                reason = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                ok, reason = False, type(exc).__name__
+            transition = board.observe(uid, ok=ok, now=trio.current_time(), reason=reason)
+            runtime.healthy = board.healthy(uid)  # (the board's word, whatever the runtime was built with)
+            if transition is not None:
+                logger.info("upstream {} is {} ({})", uid, "up" if transition.healthy else "down", reason)
+            runtime.checked.set()
         await trio.sleep(cfg.interval_ms / 1000)

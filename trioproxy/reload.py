@@ -126,6 +126,9 @@ class Reloader:
             if runtimes.get(uid) is not runtime:
                 scope.cancel()
                 del self.checkers[uid]
+        for uid, runtime in old_runtimes.items():
+            if runtimes.get(uid) is not runtime:  # new settings (another server, perhaps) or gone: judged afresh
+                self.board.forget(uid)
         for runtime in runtimes.values():
             if runtime.cfg.id not in self.checkers:
                 self.start_checker(runtime)

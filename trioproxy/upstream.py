@@ -91,6 +91,8 @@ class UpstreamRuntime:
     breaker: CircuitBreaker
     gate: ConcurrencyGate
     healthy: bool = True
+    #: Set once its health checker's first probe has answered (``health.run_checker``).
+    checked: trio.Event = field(factory=trio.Event)
     #: Model names from its own listing (``models = "discover"``), refreshed by the health checker.
     discovered: frozenset[str] | None = None
 
