@@ -3,10 +3,13 @@
 ::
 
     main(config)
-    └─ async with httpx.AsyncClient() as http           probes and model discovery; closes last
+    └─ with open_signal_receiver(SIGINT, SIGTERM, SIGHUP)  for the whole run (a late signal is not fatal)
+     └─ async with httpx.AsyncClient() as http          probes and model discovery; closes last
        └─ root nursery
           ├─ usagelog.run_writer(records_recv, ...)      drains until records_send is closed
           │  (run_discarder when the log is disabled: the same batches, to the metrics only)
+          ├─ _take_late_signals                          once serving stopped: signals taken, ignored,
+          │                                              until the writer has written the last records
           └─ [body] async with sink:                    closing it (records_send) is the writer's stop signal
              └─ service nursery
                 ├─ mock.serve_mock(...) × embedded mock  (the demo profile's upstreams)
@@ -24,7 +27,8 @@ Shutdown, bottom-up: Hypercorn stops accepting and gives in-flight requests
 Hypercorn cancels what is left ``SHUTDOWN_CUT_MARGIN_S`` later (each request still sends
 its record from its ``finally``); ``serve`` returns; the service nursery is cancelled
 (checkers, mocks); ``records_send`` closes; the writer writes every queued record
-and returns; the pools and the httpx client close.
+and returns (a SIGINT/SIGTERM meanwhile is logged and ignored); the pools and the httpx
+client close.
 
 Several worker processes (``serve --workers N``, ``workers.py``): each runs this
 same ``main`` on the listening socket its supervisor opened (``listen_fd``), writes
@@ -38,6 +42,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
@@ -238,100 +243,111 @@ async def main(
         if not feed_from_files:
             feed.publish(batch)
 
-    try:
-        async with httpx.AsyncClient() as http:
-            async with trio.open_nursery() as root:
-                if config.telemetry.enabled:
-                    writer = partial(
-                        run_writer, records_recv, sink, config.telemetry, file_tag=_file_tag(config),
-                        observe=observe,
-                    )
-                    root.start_soon(writer)
-                else:
-                    root.start_soon(partial(run_discarder, records_recv, sink, config.telemetry, observe=observe))
-                async with sink:  # closes records_send: the writer's stop signal
-                    async with trio.open_nursery() as service:
-                        mocks: dict[str, MockUpstream] = {}
-                        config = await start_embedded_mocks(config, service, mocks)
-                        # Started first: the pools' body reads and the relay's client writes rely on it.
-                        watchdog = Watchdog()
-                        service.start_soon(watchdog.run)
-                        runtimes = build_runtimes(config, watchdog=watchdog)
-                        board = HealthBoard(
-                            rise={u.id: u.health.rise for u in config.upstreams},
-                            fall={u.id: u.health.fall for u in config.upstreams},
+    # Open for the whole run, not only while the service nursery reads it: a signal that comes
+    # during the last write of the usage records is taken and ignored (that write is bounded),
+    # where its default action would end the process and lose them.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signal_stream:
+        try:
+            async with httpx.AsyncClient() as http:
+                async with trio.open_nursery() as root:
+                    if config.telemetry.enabled:
+                        writer = partial(
+                            run_writer, records_recv, sink, config.telemetry, file_tag=_file_tag(config),
+                            observe=observe,
                         )
-                        reload_send, reload_recv = trio.open_memory_channel[ReloadRequest](PENDING_RELOADS)
-                        budget = HedgeBudget(percent=config.routing.hedge_budget_percent)
-                        services = Services(
-                            config=config,
-                            runtimes=runtimes,
-                            sink=sink,
-                            http=http,
-                            board=board,
-                            hedge_budget=budget,
-                            keys=KeyTable.from_config(config.auth),
-                            admin=AdminGate.from_config(config.admin),
-                            metrics=metrics,
-                            feed=feed,
-                            reload_send=reload_send if profiles else None,
-                            worker_link=link,
-                            shutdown=shutdown,
-                            watchdog=watchdog,
-                        )
-                        live.append(services)
-                        reloader = Reloader(
-                            profiles=list(profiles or []),
-                            services=services,
-                            nursery=service,
-                            board=board,
-                            http=http,
-                            build=partial(build_runtime, watchdog=watchdog),
-                            start_mocks=start_embedded_mocks,
-                            mocks=mocks,
-                        )
-                        for runtime in runtimes.values():
-                            reloader.start_checker(runtime)
-                        service.start_soon(run_reloader, reload_recv, reloader)
-                        service.start_soon(watch_upstreams, feed, services)
-                        if watch and profiles:
-                            paths = [resolve_profile(name) for name in profiles]
-                            service.start_soon(watch_profiles, paths, reload_send)
-                        service.start_soon(_watch_signals, shutdown, service.cancel_scope, reload_send)
-                        service.start_soon(_end_after_grace, services)
-                        app = ProxyApp(services)
+                    else:
+                        writer = partial(run_discarder, records_recv, sink, config.telemetry, observe=observe)
+                    late_signals = trio.CancelScope()  # ended with the writer
 
-                        async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
-                            await hypercorn_serve(
-                                app,  # type: ignore[arg-type]
-                                hypercorn_config(config, listen_fd),
-                                shutdown_trigger=shutdown.wait,
-                                task_status=task_status,
+                    async def write() -> None:
+                        await writer()
+                        late_signals.cancel()
+
+                    root.start_soon(write)
+                    async with sink:  # closes records_send: the writer's stop signal
+                        async with trio.open_nursery() as service:
+                            mocks: dict[str, MockUpstream] = {}
+                            config = await start_embedded_mocks(config, service, mocks)
+                            # Started first: the pools' body reads and the relay's client writes rely on it.
+                            watchdog = Watchdog()
+                            service.start_soon(watchdog.run)
+                            runtimes = build_runtimes(config, watchdog=watchdog)
+                            board = HealthBoard(
+                                rise={u.id: u.health.rise for u in config.upstreams},
+                                fall={u.id: u.health.fall for u in config.upstreams},
                             )
-                            service.cancel_scope.cancel()
+                            reload_send, reload_recv = trio.open_memory_channel[ReloadRequest](PENDING_RELOADS)
+                            budget = HedgeBudget(percent=config.routing.hedge_budget_percent)
+                            services = Services(
+                                config=config,
+                                runtimes=runtimes,
+                                sink=sink,
+                                http=http,
+                                board=board,
+                                hedge_budget=budget,
+                                keys=KeyTable.from_config(config.auth),
+                                admin=AdminGate.from_config(config.admin),
+                                metrics=metrics,
+                                feed=feed,
+                                reload_send=reload_send if profiles else None,
+                                worker_link=link,
+                                shutdown=shutdown,
+                                watchdog=watchdog,
+                            )
+                            live.append(services)
+                            reloader = Reloader(
+                                profiles=list(profiles or []),
+                                services=services,
+                                nursery=service,
+                                board=board,
+                                http=http,
+                                build=partial(build_runtime, watchdog=watchdog),
+                                start_mocks=start_embedded_mocks,
+                                mocks=mocks,
+                            )
+                            for runtime in runtimes.values():
+                                reloader.start_checker(runtime)
+                            service.start_soon(run_reloader, reload_recv, reloader)
+                            service.start_soon(watch_upstreams, feed, services)
+                            if watch and profiles:
+                                paths = [resolve_profile(name) for name in profiles]
+                                service.start_soon(watch_profiles, paths, reload_send)
+                            service.start_soon(_watch_signals, signal_stream, shutdown, service.cancel_scope, reload_send)
+                            service.start_soon(_end_after_grace, services)
+                            app = ProxyApp(services)
 
-                        binds = await service.start(serve)
-                        settle_gc()
-                        settled = True
-                        if link is not None:
-                            service.start_soon(link.run, shutdown, reload_send)
-                            service.start_soon(refresh_every, metrics)
-                            if feed_from_files:
-                                service.start_soon(follow_usage_files, feed, Path(config.telemetry.dir))
-                            link.tell({"ready": os.getpid()})
-                        logger.info("trioproxy listening on {} (profile {})", ", ".join(binds), config.source)
-                        task_status.started(
-                            RunningServer(binds=binds, shutdown=shutdown, stopped=stopped, services=services)
-                        )
-                logger.info("stopped serving; writing the last usage records" if config.telemetry.enabled
-                            else "stopped serving")
-    finally:
-        if settled:
-            unsettle_gc()
-        with trio.CancelScope(shield=True):
-            for runtime in {**runtimes, **(live[0].runtimes if live else {})}.values():
-                await runtime.pool.aclose()
-        stopped.set()
+                            async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
+                                await hypercorn_serve(
+                                    app,  # type: ignore[arg-type]
+                                    hypercorn_config(config, listen_fd),
+                                    shutdown_trigger=shutdown.wait,
+                                    task_status=task_status,
+                                )
+                                service.cancel_scope.cancel()
+
+                            binds = await service.start(serve)
+                            settle_gc()
+                            settled = True
+                            if link is not None:
+                                service.start_soon(link.run, shutdown, reload_send)
+                                service.start_soon(refresh_every, metrics)
+                                if feed_from_files:
+                                    service.start_soon(follow_usage_files, feed, Path(config.telemetry.dir))
+                                link.tell({"ready": os.getpid()})
+                            logger.info("trioproxy listening on {} (profile {})", ", ".join(binds), config.source)
+                            task_status.started(
+                                RunningServer(binds=binds, shutdown=shutdown, stopped=stopped, services=services)
+                            )
+                    logger.info("stopped serving; writing the last usage records" if config.telemetry.enabled
+                                else "stopped serving")
+                    root.start_soon(_take_late_signals, signal_stream, late_signals)
+        finally:
+            if settled:
+                unsettle_gc()
+            with trio.CancelScope(shield=True):
+                for runtime in {**runtimes, **(live[0].runtimes if live else {})}.values():
+                    await runtime.pool.aclose()
+            stopped.set()
     stats = sink.statistics()
     if config.telemetry.enabled:
         logger.info(
@@ -360,26 +376,39 @@ async def _end_after_grace(services: Services) -> None:
         scope.cancel()
 
 
+async def _take_late_signals(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    """Serving has stopped: a signal now is taken and ignored until the last usage records are written.
+
+    (One left pending when the receiver closes would be delivered again, with its default action.)
+    """
+    with scope:
+        async for signum in signals:
+            logger.warning("{}: already stopping; writing the last usage records", signal.Signals(signum).name)
+
+
 def _file_tag(config: Config) -> str:
     return str(os.getpid()) if config.server.workers > 1 else ""
 
 
 async def _watch_signals(
-    shutdown: trio.Event, service_scope: trio.CancelScope, reload_send: trio.MemorySendChannel[ReloadRequest]
+    signals: AsyncIterator[int],
+    shutdown: trio.Event,
+    service_scope: trio.CancelScope,
+    reload_send: trio.MemorySendChannel[ReloadRequest],
 ) -> None:
-    """First SIGINT/SIGTERM: graceful shutdown. A second one: stop now. SIGHUP: reload the profiles."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                try:
-                    reload_send.send_nowait(ReloadRequest())
-                except trio.WouldBlock:
-                    pass  # reloads already pending will read the same files
-                continue
-            if not shutdown.is_set():
-                logger.info("{}: shutting down gracefully", signal.Signals(signum).name)
-                shutdown.set()
-            else:
-                logger.warning("second signal: stopping now")
-                service_scope.cancel()
-                return
+    """First SIGINT/SIGTERM: graceful shutdown. A second one: stop now (the usage records
+    queued are still written). SIGHUP: reload the profiles."""
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            try:
+                reload_send.send_nowait(ReloadRequest())
+            except trio.WouldBlock:
+                pass  # reloads already pending will read the same files
+            continue
+        if not shutdown.is_set():
+            logger.info("{}: shutting down gracefully", signal.Signals(signum).name)
+            shutdown.set()
+        else:
+            logger.warning("second signal: stopping now; writing the usage records queued")
+            service_scope.cancel()
+            return
