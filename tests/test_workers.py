@@ -251,3 +251,53 @@ async def test_a_reload_does_not_wait_for_a_worker_that_exited() -> None:
     supervisor.pending["r0"] = (verdicts, {12}, done)
     supervisor._no_answer_from(12)
     assert done.is_set() and verdicts == {"11": [], "12": ["the worker exited before it answered"]}
+
+
+async def test_stopped_like_systemd_does_the_workers_finish_their_streams_and_new_connections_are_refused(
+    start_mock: StartMock, tmp_path: Path
+) -> None:
+    """systemd's default ``KillMode=control-group`` sends SIGTERM to the supervisor and to every
+    worker at once. A worker's one SIGTERM is its graceful shutdown; the supervisor's word to
+    stop goes through the control pipe, not a second SIGTERM ("stop now": streams used to be cut).
+    And once every process has closed the listening socket, a new connection is refused at once
+    (it used to wait in the backlog, served by nobody, and be reset when the last worker exited)."""
+    mock = await start_mock(tokens=12, token_delay_ms=100, ttft_ms=0)
+    logs = tmp_path / "logs"
+    profile = tmp_path / "profile.toml"
+    profile.write_text(_profile(f"http://127.0.0.1:{mock.port}", logs) + "[server]\nshutdown_grace_s = 30\n")
+    command = [sys.executable, "-m", "trioproxy", "serve", "--config", str(profile)]
+    command += ["--workers", "2", "--host", "127.0.0.1", "--port", "0"]
+    chat = {"model": "mock-llama", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
+            process = await nursery.start(partial(trio.run_process, command, stderr=subprocess.PIPE, check=False))
+            gateway = Gateway(process)
+            nursery.start_soon(gateway.drain)
+            started = await gateway.wait_for(r"listening on (http://\S+) \(2 workers: (\d+), (\d+)\)")
+            url, workers = started[1], [int(started[2]), int(started[3])]
+            port = int(url.rsplit(":", 1)[1])
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=chat) as response:
+                chunks = response.aiter_bytes()
+                body = await chunks.__anext__()  # the stream is under way
+                mark = len(gateway.log)
+                for pid in [process.pid, *workers]:  # as systemd stops the unit's control group
+                    os.kill(pid, signal.SIGTERM)
+                await gateway.wait_for("stopping 2 workers gracefully", mark)
+                while gateway.log.count("SIGTERM: shutting down gracefully", mark) < len(workers):
+                    await gateway.changed.wait()  # each worker's own SIGTERM: graceful
+                refused = False
+                for _ in range(500):  # until the workers' serve loops have closed their sockets too
+                    try:
+                        stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    except OSError:
+                        refused = True
+                        break
+                    await stream.aclose()
+                assert refused, "new connections are still taken while the workers drain"
+                async for chunk in chunks:
+                    body += chunk
+            assert await process.wait() == 0
+    assert body.endswith(b"data: [DONE]\n\n"), body[-200:]
+    assert "stopping now" not in gateway.log
+    (record,) = [r for records in _records(logs).values() for r in records if r["route"] == "/v1/chat/completions"]
+    assert record["outcome"] == "ok" and record["stream"] is True

@@ -9,7 +9,8 @@
        ├─ _Slot.run × N      start a worker, wait for "ready", restart it if it dies
        │  └─ trio.run_process(python -m trioproxy serve ... --worker-fd FD)
        │     └─ worker: server.main(..., link=WorkerLink) on fd://FD
-       └─ _watch_signals     SIGINT/SIGTERM → SIGTERM to every worker; SIGHUP → reload all
+       └─ _watch_signals     SIGINT/SIGTERM → close the socket, {"stop"} to every worker (a second
+                             signal: SIGTERM to every worker, "stop now"); SIGHUP → reload all
 
 The kernel hands each new connection to whichever worker accepts it first. A worker
 is a whole gateway: its own pools, health checks, breakers, limits and usage file
@@ -23,7 +24,8 @@ the parent to the worker's stdin.
 - worker → parent: ``{"ready": pid}`` once it listens; ``{"reload": token}`` after
   ``POST /_/reload`` was applied here (reload every other worker, then tell me);
   ``{"reloaded": token, "errors": [...]}``, its verdict on a reload it was told to do.
-- parent → worker: ``{"reload": token}`` (reload now and report);
+- parent → worker: ``{"stop": true}`` (shut down gracefully, as a first SIGTERM does);
+  ``{"reload": token}`` (reload now and report);
   ``{"reload_done": token, "workers": {pid: [errors]}}`` (the other workers' verdicts).
 """
 
@@ -108,6 +110,8 @@ class Supervisor:
     #: The profiles, by name, and the last version of them every worker accepted (path, text).
     names: list[str]
     snapshot: list[tuple[str, str]]
+    #: The listening socket (closed by ``stop``: the kernel then refuses new connections).
+    listener: socket.socket | None = None
     stopping: bool = False
     stopped: trio.Event = field(factory=trio.Event)  # set with ``stopping``: ends restart waits
     workers: dict[int, _Worker] = field(factory=dict)  # slot → its current worker
@@ -130,11 +134,31 @@ class Supervisor:
             with trio.move_on_after(delay):
                 await self.stopped.wait()
 
-    def stop(self) -> None:
-        """Graceful shutdown: no more restarts; every worker gets SIGTERM and finishes its streams."""
+    async def stop(self) -> None:
+        """Graceful shutdown: no more restarts; every worker is told to stop and finishes its streams.
+
+        The listening socket is closed first: once the workers have closed theirs too, a new
+        connection is refused at once (safe to retry elsewhere) instead of waiting in the kernel's
+        backlog, which nobody serves any more, until the last worker exits and it is reset.
+        Told through its control pipe rather than with SIGTERM: under systemd's default
+        ``KillMode=control-group`` every worker gets a SIGTERM of its own at the same moment,
+        and a second one would mean "stop now". A worker whose pipe is gone gets SIGTERM.
+        """
         self.stopping = True
         self.stopped.set()
-        self.signal_all(signal.SIGTERM)
+        if self.listener is not None:
+            self.listener.close()
+        async with trio.open_nursery() as nursery:
+            for worker in list(self.workers.values()):
+                nursery.start_soon(self._tell_to_stop, worker)
+
+    @staticmethod
+    async def _tell_to_stop(worker: _Worker) -> None:
+        if not await _send(worker, {"stop": True}):
+            try:
+                worker.process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     async def _run_one(self, slot: int, task_status: trio.TaskStatus[None] | None) -> int:
         async with trio.open_nursery() as nursery:
@@ -324,6 +348,7 @@ async def supervise(
         count=config.server.workers,
         env=env,
         fd=sock.fileno(),
+        listener=sock,
         grace_s=config.server.shutdown_grace_s,
         metrics_dir=metrics_dir,
         names=names,
@@ -359,7 +384,7 @@ async def _watch_signals(supervisor: Supervisor) -> None:
                     continue
                 if not supervisor.stopping:
                     logger.info("{}: stopping {} workers gracefully", signal.Signals(signum).name, supervisor.count)
-                    supervisor.stop()
+                    nursery.start_soon(supervisor.stop)
                 else:
                     logger.warning("second signal: stopping the workers now")
                     supervisor.signal_all(signal.SIGTERM)  # a worker's second signal: stop now
@@ -436,16 +461,24 @@ class WorkerLink:
                     except ValueError:
                         continue
                     if isinstance(message, dict):
-                        self._handle(message, nursery, reload_send)
+                        self._handle(message, nursery, reload_send, shutdown)
             if not shutdown.is_set():
                 logger.warning("the supervisor went away: shutting down")
                 shutdown.set()
             nursery.cancel_scope.cancel()
 
     def _handle(
-        self, message: dict[str, Any], nursery: trio.Nursery, reload_send: trio.MemorySendChannel[ReloadRequest]
+        self,
+        message: dict[str, Any],
+        nursery: trio.Nursery,
+        reload_send: trio.MemorySendChannel[ReloadRequest],
+        shutdown: trio.Event,
     ) -> None:
-        if "reload_done" in message:
+        if "stop" in message:
+            if not shutdown.is_set():
+                logger.info("the supervisor is stopping: shutting down gracefully")
+                shutdown.set()
+        elif "reload_done" in message:
             entry = self.waiting.get(str(message["reload_done"]))
             if entry is not None:
                 entry[1].append(message)
