@@ -290,12 +290,46 @@ async def test_routes_and_limits(start_mock: StartMock, start_gateway: StartGate
     assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "Invalid URL (GET /v1/nothing)"
     assert wrong_method.status_code == 405
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+    assert too_big.headers["connection"] == "close"  # answered before its body was read: not kept alive
+    assert "connection" not in ollama_missing.headers  # (its body was read: the connection stays open)
     assert too_big_chunked.status_code == 413
     # Native routes answer in Ollama's own error shape.
     assert ollama_missing.status_code == 404 and isinstance(ollama_missing.json()["error"], str)
     assert healthz.json() == {"status": "ok"}
     assert readyz.status_code == 200 and readyz.json()["upstreams"]["m"]["usable"] is True
     assert len(read_records(gw)) == 7
+
+
+async def test_a_client_keeps_working_after_a_413_on_its_kept_alive_connection(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """The 413 goes out before the body is read, and the server then closes the connection: the answer
+    says ``Connection: close``, so the client does not send its next request into that close
+    (about 1 in 8 did, and failed with "Server disconnected", the SDKs' retries hiding it)."""
+    with trio.fail_after(60):
+        mock = await start_mock(models=("*",), tokens=2, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}") + "[server]\nmax_body_bytes = 1000\n")
+
+        def pairs() -> list[tuple[int, str]]:
+            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+            seen = []
+            for _ in range(40):
+                try:
+                    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 200_000}])
+                except openai.APIStatusError as exc:
+                    status = exc.status_code
+                try:
+                    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+                except openai.APIError as exc:
+                    seen.append((status, f"{type(exc).__name__}: {exc}"))
+                else:
+                    seen.append((status, "ok"))
+            return seen
+
+        statuses = await trio.to_thread.run_sync(pairs)
+        await stop(gw)
+    assert statuses == [(413, "ok")] * 40
+    assert len(read_records(gw)) == 80
 
 
 async def _chunks(*parts: bytes) -> Any:

@@ -142,12 +142,12 @@ class ProxyApp:
             raise
         except TrioproxyError as exc:
             if not ex.response_started:
-                await _send_error(send, ex, route, exc)
+                await _send_error(send, ex, route, exc, scope)
         except Exception as exc:  # the one broad boundary: log it, answer 500, keep serving
             logger.exception("request {} failed: {}", ex.request_id.decode(), type(exc).__name__)
             ex.outcome, ex.error = "upstream_error", f"internal error: {type(exc).__name__}"
             if not ex.response_started:
-                await _send_error(send, ex, route, TrioproxyError("internal gateway error"))
+                await _send_error(send, ex, route, TrioproxyError("internal gateway error"), scope)
         finally:
             services.active -= 1
             if admitted is not None:
@@ -641,7 +641,7 @@ async def _pass_through(send: Send, ex: Exchange, exc: UpstreamStatusError) -> N
     await send_whole(ex, send, exc.status, headers, exc.body)
 
 
-async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: TrioproxyError) -> None:
+async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: TrioproxyError, scope: dict[str, Any]) -> None:
     status = exc.status_hint
     family = route.family if route is not None else ("ollama" if ex.route.startswith("/api/") else "openai")
     body = error_body(exc, ollama=family == "ollama")
@@ -652,6 +652,11 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
     ]
     if isinstance(exc, (NoHealthyUpstream, RateLimited, ShuttingDown)):
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+    if not ex.body_read and _declares_body(scope["headers"]) and scope.get("http_version") in ("1.0", "1.1"):
+        # Answered before its body was read (a 413, a 401, a 404 for the path...): the server
+        # closes the connection after this answer unless the whole body had come. Say so
+        # (RFC 9112 §9.6), or the client's next request on it may meet the close.
+        headers.append((b"connection", b"close"))
     ex.error = ex.error or exc.message  # an internal error's record keeps its cause
     await send_whole(ex, send, status, headers, body)
     if ex.outcome == "ok":
@@ -659,6 +664,12 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
         ex.outcome = "rejected" if rejected else "upstream_error"
         if isinstance(exc, UpstreamError) and exc.status_hint == 504:
             ex.outcome = "timeout"
+
+
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request says a body follows (a length above 0, or chunked)."""
+    length = header_value(headers, b"content-length")
+    return (length is not None and length.strip(b"0 \t") != b"") or header_value(headers, b"transfer-encoding") is not None
 
 
 __all__ = ["ProxyApp", "Exchange", "sse_error_event", "ndjson_error_line"]

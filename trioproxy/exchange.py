@@ -69,6 +69,8 @@ class Exchange:
     ended: bool = False
     client_gone: bool = False
     first_content_index: int | None = None
+    #: The request's body was read to its end.
+    body_read: bool = False
 
     def to_record(self, now: float) -> Record:
         return Record(
@@ -152,6 +154,7 @@ async def read_body(
             raise BodyTooLarge(limit)
         parts.append(chunk)
         if not message.get("more_body", False):
+            ex.body_read = True
             return b"".join(parts)
 
 
