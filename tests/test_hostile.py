@@ -855,6 +855,7 @@ ERROR_200 = b'{"error":{"message":"the model is overloaded","type":"server_error
 WHOLE = b'{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}]}'
 PARTIAL_SSE = b'data: {"id":"c1","object":"chat.compl'
 NDJSON_LINE = b'{"model":"m","created_at":"2026-01-01T00:00:00Z","message":{"role":"assistant","content":"Hi"},"done":false}\n'
+NDJSON_DONE = b'{"model":"m","created_at":"2026-01-01T00:00:01Z","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","eval_count":1}'
 
 #: model name → the scripted upstream's whole answer (it closes the connection after).
 SCRIPTS: dict[str, bytes] = {
@@ -868,6 +869,8 @@ SCRIPTS: dict[str, bytes] = {
     "no-finish-close": _head(b"text/event-stream", chunked=False) + HI + THERE,
     "json-for-a-stream": _head(b"application/json", length=len(WHOLE)) + WHOLE,
     "ndjson-no-done": _head(b"application/x-ndjson") + _chunked(NDJSON_LINE, NDJSON_LINE),
+    # A done line without its newline (a client reading lines gets it all the same).
+    "ndjson-done-no-newline": _head(b"application/x-ndjson") + _chunked(NDJSON_LINE, NDJSON_DONE),
     # Cut in the middle of an event: close-delimited (a clean EOF), and chunked without its last chunk.
     "cut-mid-event": _head(b"text/event-stream", chunked=False) + HI + PARTIAL_SSE,
     "cut-mid-event-chunked": _head(b"text/event-stream") + b"%x\r\n%s\r\n" % (len(HI + PARTIAL_SSE), HI + PARTIAL_SSE),
@@ -1048,13 +1051,14 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
             unfinished = [await post(CHAT, m, True) for m in ("no-finish", "no-finish-close")]
             json_for_stream = await post(CHAT, "json-for-a-stream", True)
             ndjson_unfinished = await post(OLLAMA_CHAT, "ndjson-no-done", True)
+            ndjson_done_no_newline = await post(OLLAMA_CHAT, "ndjson-done-no-newline", True)
         await stop(gw)
     records = records_by_id(gw)
 
     def record(r: httpx.Response) -> dict[str, Any]:
         return records[r.headers["x-request-id"]]
 
-    assert len(records) == 9
+    assert len(records) == 10
     assert error_event.status_code == 200 and error_event.headers["x-trioproxy-upstream"] == "fallback"
     assert error_event.content.endswith(b"data: [DONE]\n\n")
     assert [(a["upstream"], a["outcome"]) for a in record(error_event)["attempts"]] == [
@@ -1078,6 +1082,8 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
     lines = ndjson_unfinished.content.splitlines()
     assert lines[:2] == [NDJSON_LINE.strip()] * 2 and ends_with_ndjson_error(ndjson_unfinished.content)
     assert record(ndjson_unfinished)["outcome"] == "upstream_error"
+    assert ndjson_done_no_newline.content == NDJSON_LINE + NDJSON_DONE  # as it came, no error line after it
+    assert record(ndjson_done_no_newline)["outcome"] == "ok" and record(ndjson_done_no_newline)["finish_reason"] == "stop"
 
 
 @pytest.mark.parametrize(
@@ -1096,16 +1102,15 @@ async def test_a_stream_cut_mid_event_still_ends_with_a_readable_error(
     model: str,
     include_usage: bool,
 ) -> None:
-    """The mock only cuts between events; a real server (or a reset) can cut anywhere. The gateway appends
-    ``data: {"error": ...}\\n\\n`` (or an NDJSON error line) right after the partial bytes, so an SSE client
-    sees ``data: {"id":"c1","object":"chat.compldata: {"error":...}`` as one event: a JSON error in the
-    client (the openai SDK raises a decode error), not the gateway's message. Fix: in ``relay.pump``,
-    remember whether the relayed bytes ended an event (SSE ``\\n\\n``, NDJSON ``\\n``) and, if not, send the
-    separator first.
+    """The mock only cuts between events; a real server (or a reset) can cut anywhere. What the client
+    gets must still parse: whole events (lines), then the gateway's error. The broken line is not
+    relayed: a line-framed stream goes out a whole line at a time (``relay.pump``), and the usage
+    filter's held line is dropped on the error path. (The gateway used to end the broken line and
+    append the error: an SSE client then had an event ``{"id":"c1","object":"chat.compl``, and the
+    openai SDK and the ollama client raised a JSON decode error instead of the gateway's message.)
 
-    (A cut that raises, chunked here, is glued too unless the gateway's own usage filter is active: it
-    holds the partial event and drops it on the error path, but flushes it on a clean EOF. Hence the
-    client asks for usage itself in that case, which turns the filter off.)"""
+    A close-delimited cut is a clean EOF; a chunked body without its last chunk raises. With
+    ``include_usage`` asked by the client, the usage filter is off and the relay holds the line itself."""
     body: dict[str, Any] = {"model": model, "stream": True, "messages": []}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
@@ -1116,7 +1121,50 @@ async def test_a_stream_cut_mid_event_still_ends_with_a_readable_error(
         await stop(gw)
     (record,) = read_records(gw)
     assert r.status_code == 200 and record["outcome"] == "upstream_error"
-    assert (ends_with_ndjson_error if path == OLLAMA_CHAT else ends_with_sse_error)(r.content), r.content[-200:]
+    if path == OLLAMA_CHAT:
+        lines = r.content.splitlines()
+        assert [json.loads(line) for line in lines[:-1]] == [json.loads(NDJSON_LINE)]
+        assert ends_with_ndjson_error(r.content), r.content[-200:]
+    else:
+        events = sse_events(r.content)
+        assert [json.loads(e) for e in events[:-1]] == [json.loads(HI[6:])]  # the whole event, then the error
+        assert ends_with_sse_error(r.content), r.content[-200:]
+
+
+async def test_the_sdks_read_the_error_of_a_stream_cut_mid_line(
+    nursery: trio.Nursery, start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """The same cut, read by the clients we did not write: each raises its API error with the gateway's
+    message (not a JSON decode error), after the content that came whole."""
+    import ollama
+    import openai
+
+    with trio.fail_after(30):
+        gw = await _scripted_gateway(nursery, start_mock, start_gateway)
+
+        def read() -> tuple[str, BaseException | None, str, BaseException | None]:
+            sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+            text, sdk_error = "", None
+            try:
+                for chunk in sdk.chat.completions.create(model="cut-mid-event", messages=[], stream=True):
+                    text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+            except Exception as exc:
+                sdk_error = exc
+            client = ollama.Client(host=gw.url)
+            said, ollama_error = "", None
+            try:
+                for part in client.chat(model="ndjson-cut-mid-line", messages=[], stream=True):
+                    said += part.message.content or ""
+            except Exception as exc:
+                ollama_error = exc
+            return text, sdk_error, said, ollama_error
+
+        text, sdk_error, said, ollama_error = await trio.to_thread.run_sync(read)
+        await stop(gw)
+    assert text == "Hi" and isinstance(sdk_error, openai.APIError), repr(sdk_error)
+    assert "the answer is incomplete" in str(sdk_error)
+    assert said == "Hi" and isinstance(ollama_error, ollama.ResponseError), repr(ollama_error)
+    assert "the answer is incomplete" in str(ollama_error)
 
 
 async def test_a_200_with_an_error_body_is_recorded_as_an_error(

@@ -24,6 +24,9 @@ ends before its ``finish_reason``/``done``): the status line is long gone, so th
 stream ends with one error event in the stream's own format (an SSE ``data:
 {"error": ...}`` event, or an NDJSON ``{"error": ...}`` line) and then ends
 cleanly. The record says ``upstream_error`` and how many bytes were delivered.
+The client's last line before that error is a whole one: an SSE or NDJSON stream
+is relayed a whole line at a time (what a read gave after its last newline waits
+for the rest of its line, microseconds at most), and a broken line is dropped.
 A stream that did finish (it carried its ``finish_reason``) but whose upstream
 closed without ``[DONE]`` is complete: it is ended at once, not waited on.
 """
@@ -178,6 +181,16 @@ async def pump(
     sent = 0
     # The whole answer came with the first content: the last of these chunks ends it (see below).
     done_at = len(winner.prefetched) - 1 if scanner is not None and scanner.done else -1
+    # A line-framed stream (SSE, NDJSON) is relayed a whole line at a time: what a read gave
+    # after its last newline waits for the rest of its line. Were the stream cut, the client
+    # would otherwise get a broken line before the error event, and its parser would fail on
+    # that line (JSONDecodeError in the SDKs) instead of reading the error. (The usage filter
+    # holds lines back by itself.)
+    hold = scanner is not None and usage_filter is None
+    tail = b""
+    # Only the end of what was last relayed matters (``_closing``); nothing relayed is kept while
+    # the stream waits for its next piece: with hundreds of slow streams open, that is memory.
+    last = b"\n\n"
     for index, data in enumerate(winner.prefetched):
         if index == winner.first_content_index:
             ex.first_content_index = sent
@@ -187,18 +200,24 @@ async def pump(
             data = usage_filter.feed(data)
             if not data:
                 continue
+        elif hold:
+            if tail:
+                data, tail = tail + data, b""
+            if data[-1:] != b"\n":
+                cut = data.rfind(b"\n") + 1
+                data, tail = data[:cut], data[cut:]
+                if not data:
+                    continue
         await write(data)
         if ex.client_gone:
             return
+        last = data[-2:]
         sent += 1
     if sent == 0:  # nothing relayed yet: a first body message before any wait, for the head (WITH_FIRST_BODY)
         await writer.write(b"", count=False)
         if ex.client_gone:
             return
     received = sum(len(d) for d in winner.prefetched)
-    # Only the end of the last chunk matters (``_closing``); nothing relayed is kept while the
-    # stream waits for its next piece: with hundreds of slow streams open, that is memory.
-    last = winner.prefetched[-1][-2:] if winner.prefetched else b"\n\n"
     winner.prefetched.clear()
     data = b""
     try:
@@ -230,31 +249,42 @@ async def pump(
                 data = usage_filter.feed(data)
                 if not data:
                     continue
+            elif hold and data[-1] != 10:  # (10: b"\n"; the common piece ends a line: one test)
+                if tail:
+                    data, tail = tail + data, b""
+                cut = data.rfind(b"\n") + 1
+                data, tail = data[:cut], data[cut:]
+                if not data:
+                    continue
+            elif tail:
+                data, tail = tail + data, b""
             await write(data, unscheduled=True)
             if ex.client_gone:  # (the write found the client gone: nothing more to relay)
                 return
             last, data = data[-2:], b""
             sent += 1
     except UpstreamError as exc:
+        # What waited for the rest of its line (here, or in the usage filter) is not sent: the
+        # client's last line is whole, and the error follows it.
         ex.outcome, ex.error = "upstream_error", exc.message
-        if usage_filter is not None and (held := usage_filter.flush()):
-            await write(held)
-            last = held[-2:]
         await write(_closing(last, error_line(f"{exc.message}; the answer is incomplete")))
         return
     except trio.ClosedResourceError:
         return  # released by the Watchdog: the client is gone, the outcome is already said
-    if usage_filter is not None and (tail := usage_filter.flush()):
+    if usage_filter is not None:
+        tail = usage_filter.flush()
+    if scanner is not None:
+        scanner.end_of_body()
+        if scanner.error is None and not scanner.done and scanner.finish_reason is None:
+            # It ended before it finished: a last line without its newline is a broken one, not sent.
+            ex.outcome = "upstream_error"
+            ex.error = f"upstream {winner.target.upstream!r} ended the stream before it finished"
+            await write(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
+            return
+        if scanner.error is not None:
+            ex.outcome, ex.error = "upstream_error", f"upstream reported: {winner.runtime.redact(scanner.error)}"
+    if tail:  # a finished body's last line without its newline: relayed as it came
         await write(tail)
-        last = tail[-2:]
-    if scanner is None:
-        return
-    if scanner.error is not None:
-        ex.outcome, ex.error = "upstream_error", f"upstream reported: {winner.runtime.redact(scanner.error)}"
-    elif not scanner.done and scanner.finish_reason is None:
-        ex.outcome = "upstream_error"
-        ex.error = f"upstream {winner.target.upstream!r} ended the stream before it finished"
-        await write(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
 
 
 def _closing(last: bytes, error: bytes) -> bytes:

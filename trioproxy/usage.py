@@ -180,6 +180,10 @@ class _LineScanner:
         self._malformed = 0
         self._oversize = 0
 
+    def end_of_body(self) -> None:
+        """The body ended (cleanly). A last line without its newline is dropped here: an SSE
+        client discards an event the stream did not finish (NDJSON overrides this)."""
+
     def statistics(self) -> ScannerStatistics:
         """Counters for telemetry: cost (``decoded``) and bad input, which is never raised."""
         return ScannerStatistics(lines=self._lines, decoded=self._decoded,
@@ -546,6 +550,11 @@ class NDJSONScanner(_LineScanner):
     ``eval_count``; Ollama omits a zero count, so a missing one reads as 0). A bare
     ``{"error": "..."}`` line sets ``error`` even though the status stayed 200.
     """
+
+    def end_of_body(self) -> None:
+        """A last line without its newline is a line all the same (a client reading lines gets it)."""
+        if self._held:
+            self.feed(b"\n")
 
     def feed(self, chunk: bytes) -> bool:
         """Scan the next piece of the body.
