@@ -301,3 +301,39 @@ async def test_stopped_like_systemd_does_the_workers_finish_their_streams_and_ne
     assert "stopping now" not in gateway.log
     (record,) = [r for records in _records(logs).values() for r in records if r["route"] == "/v1/chat/completions"]
     assert record["outcome"] == "ok" and record["stream"] is True
+
+
+async def test_a_second_signal_stops_the_workers_now_and_their_records_are_written(
+    start_mock: StartMock, tmp_path: Path
+) -> None:
+    """The supervisor's second SIGTERM reaches each worker as ``{"stop": "now"}`` (a worker's own
+    signals count separately): the stream still running is cut, its record is written."""
+    mock = await start_mock(tokens=600, token_delay_ms=100, ttft_ms=0)  # a minute of tokens
+    logs = tmp_path / "logs"
+    profile = tmp_path / "profile.toml"
+    profile.write_text(_profile(f"http://127.0.0.1:{mock.port}", logs) + "[server]\nshutdown_grace_s = 120\n")
+    command = [sys.executable, "-m", "trioproxy", "serve", "--config", str(profile)]
+    command += ["--workers", "2", "--host", "127.0.0.1", "--port", "0"]
+    chat = {"model": "mock-llama", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
+            process = await nursery.start(partial(trio.run_process, command, stderr=subprocess.PIPE, check=False))
+            gateway = Gateway(process)
+            nursery.start_soon(gateway.drain)
+            url = (await gateway.wait_for(r"listening on (http://\S+) \(2 workers"))[1]
+            body = b""
+            try:
+                async with client.stream("POST", f"{url}/v1/chat/completions", json=chat) as response:
+                    async for chunk in response.aiter_bytes():
+                        if not body:
+                            process.send_signal(signal.SIGTERM)
+                            await gateway.wait_for("stopping 2 workers gracefully")
+                            process.send_signal(signal.SIGTERM)
+                        body += chunk
+            except httpx.HTTPError:
+                pass  # cut: that is the point
+            assert await process.wait() == 0
+    assert not body.endswith(b"data: [DONE]\n\n")
+    assert gateway.log.count("the supervisor says: stopping now") == 2
+    (record,) = [r for records in _records(logs).values() for r in records if r["route"] == "/v1/chat/completions"]
+    assert record["outcome"] == "cancelled"

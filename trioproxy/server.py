@@ -329,7 +329,7 @@ async def main(
                             settle_gc()
                             settled = True
                             if link is not None:
-                                service.start_soon(link.run, shutdown, reload_send)
+                                service.start_soon(link.run, shutdown, reload_send, service.cancel_scope.cancel)
                                 service.start_soon(refresh_every, metrics)
                                 if feed_from_files:
                                     service.start_soon(follow_usage_files, feed, Path(config.telemetry.dir))
@@ -397,7 +397,12 @@ async def _watch_signals(
     reload_send: trio.MemorySendChannel[ReloadRequest],
 ) -> None:
     """First SIGINT/SIGTERM: graceful shutdown. A second one: stop now (the usage records
-    queued are still written). SIGHUP: reload the profiles."""
+    queued are still written). SIGHUP: reload the profiles.
+
+    Counted in signals: a shutdown begun otherwise (a worker told by its supervisor) does not
+    make the first signal a second one (systemd signals every process of the unit at once).
+    """
+    signalled = False
     async for signum in signals:
         if signum == signal.SIGHUP:
             try:
@@ -405,7 +410,8 @@ async def _watch_signals(
             except trio.WouldBlock:
                 pass  # reloads already pending will read the same files
             continue
-        if not shutdown.is_set():
+        if not signalled:
+            signalled = True
             logger.info("{}: shutting down gracefully", signal.Signals(signum).name)
             shutdown.set()
         else:

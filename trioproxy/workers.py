@@ -9,8 +9,8 @@
        ├─ _Slot.run × N      start a worker, wait for "ready", restart it if it dies
        │  └─ trio.run_process(python -m trioproxy serve ... --worker-fd FD)
        │     └─ worker: server.main(..., link=WorkerLink) on fd://FD
-       └─ _watch_signals     SIGINT/SIGTERM → close the socket, {"stop"} to every worker (a second
-                             signal: SIGTERM to every worker, "stop now"); SIGHUP → reload all
+       └─ _watch_signals     SIGINT/SIGTERM → close the socket, {"stop": "graceful"} to every worker
+                             (a second signal: {"stop": "now"}); SIGHUP → reload all
 
 The kernel hands each new connection to whichever worker accepts it first. A worker
 is a whole gateway: its own pools, health checks, breakers, limits and usage file
@@ -24,7 +24,8 @@ the parent to the worker's stdin.
 - worker → parent: ``{"ready": pid}`` once it listens; ``{"reload": token}`` after
   ``POST /_/reload`` was applied here (reload every other worker, then tell me);
   ``{"reloaded": token, "errors": [...]}``, its verdict on a reload it was told to do.
-- parent → worker: ``{"stop": true}`` (shut down gracefully, as a first SIGTERM does);
+- parent → worker: ``{"stop": "graceful"}`` (shut down gracefully, as a first SIGTERM
+  does), ``{"stop": "now"}`` (as a second one does);
   ``{"reload": token}`` (reload now and report);
   ``{"reload_done": token, "workers": {pid: [errors]}}`` (the other workers' verdicts).
 """
@@ -148,13 +149,20 @@ class Supervisor:
         self.stopped.set()
         if self.listener is not None:
             self.listener.close()
+        await self._tell_all({"stop": "graceful"})
+
+    async def stop_now(self) -> None:
+        """A second signal: every worker stops at once (what is still running is cut; records are written)."""
+        await self._tell_all({"stop": "now"})
+
+    async def _tell_all(self, message: dict[str, Any]) -> None:
         async with trio.open_nursery() as nursery:
             for worker in list(self.workers.values()):
-                nursery.start_soon(self._tell_to_stop, worker)
+                nursery.start_soon(self._tell, worker, message)
 
     @staticmethod
-    async def _tell_to_stop(worker: _Worker) -> None:
-        if not await _send(worker, {"stop": True}):
+    async def _tell(worker: _Worker, message: dict[str, Any]) -> None:
+        if not await _send(worker, message):  # its pipe is gone: the signal, then
             try:
                 worker.process.send_signal(signal.SIGTERM)
             except ProcessLookupError:
@@ -292,13 +300,6 @@ class Supervisor:
             return  # changed again since, and broken: keep the last good one
         self.snapshot = snapshot
 
-    def signal_all(self, signum: int) -> None:
-        for worker in list(self.workers.values()):
-            try:
-                worker.process.send_signal(signum)
-            except ProcessLookupError:
-                pass
-
 
 async def _send(worker: _Worker, message: dict[str, Any]) -> bool:
     stdin = worker.process.stdin
@@ -387,7 +388,7 @@ async def _watch_signals(supervisor: Supervisor) -> None:
                     nursery.start_soon(supervisor.stop)
                 else:
                     logger.warning("second signal: stopping the workers now")
-                    supervisor.signal_all(signal.SIGTERM)  # a worker's second signal: stop now
+                    nursery.start_soon(supervisor.stop_now)
 
 
 async def _reload_and_log(supervisor: Supervisor) -> None:
@@ -444,8 +445,12 @@ class WorkerLink:
         workers = answer[0].get("workers")
         return {str(k): list(v) for k, v in workers.items()} if isinstance(workers, dict) else {}
 
-    async def run(self, shutdown: trio.Event, reload_send: trio.MemorySendChannel[ReloadRequest]) -> None:
-        """Read the parent's lines until it goes away; then shut this worker down gracefully."""
+    async def run(
+        self, shutdown: trio.Event, reload_send: trio.MemorySendChannel[ReloadRequest], stop_now: Callable[[], None]
+    ) -> None:
+        """Read the parent's lines until it goes away; then shut this worker down gracefully.
+
+        ``stop_now``: what a second signal does (the supervisor's ``{"stop": "now"}``)."""
         stream = trio.lowlevel.FdStream(os.dup(self.in_fd))
         buffer = b""
         async with stream, trio.open_nursery() as nursery:
@@ -461,7 +466,7 @@ class WorkerLink:
                     except ValueError:
                         continue
                     if isinstance(message, dict):
-                        self._handle(message, nursery, reload_send, shutdown)
+                        self._handle(message, nursery, reload_send, shutdown, stop_now)
             if not shutdown.is_set():
                 logger.warning("the supervisor went away: shutting down")
                 shutdown.set()
@@ -473,9 +478,14 @@ class WorkerLink:
         nursery: trio.Nursery,
         reload_send: trio.MemorySendChannel[ReloadRequest],
         shutdown: trio.Event,
+        stop_now: Callable[[], None],
     ) -> None:
         if "stop" in message:
-            if not shutdown.is_set():
+            if message["stop"] == "now":
+                logger.warning("the supervisor says: stopping now; writing the usage records queued")
+                shutdown.set()
+                stop_now()
+            elif not shutdown.is_set():
                 logger.info("the supervisor is stopping: shutting down gracefully")
                 shutdown.set()
         elif "reload_done" in message:
