@@ -588,3 +588,39 @@ async def test_an_upstream_silent_mid_stream_is_cut_at_idle_ms(start_mock: Start
     (record,) = read_records(gw)
     assert record["outcome"] == "upstream_error" and "no body data for 0.3s" in record["error"]
     assert [x["outcome"] for x in record["attempts"]] == ["broke"]
+
+
+async def test_what_ollama_tools_and_http_clients_expect(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    """Details found by a conformance campaign against Ollama's and OpenAI's wire formats."""
+    with trio.fail_after(30):
+        mock = await start_mock(kind="both", models=("mock-llama",), tokens=3, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(
+            upstream_toml("m", f"http://127.0.0.1:{mock.port}", kind="ollama", models='["mock-llama"]') + NO_PROBES
+        )
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            root, root_head = await client.get("/"), await client.head("/")
+            show = await client.post("/api/show", json={"name": "mock-llama"})  # Ollama's older field
+            wrong_method = await client.get("/api/chat")
+            missing = await client.post("/api/chat", json={"model": "nope", "messages": []})
+            version = await client.get("/api/version")
+            streamed_404 = await client.post("/v1/chat/completions", json={**CHAT, "model": "nope", "stream": True})
+            options = {**CHAT, "model": "mock-llama", "stream": True, "stream_options": {}}
+            with_options = await client.post("/v1/chat/completions", json=options)
+            sent_upstream = mock.requests[-1].body
+            huge = await client.post("/v1/chat/completions", content=b'{"model":"mock-llama","stream":true,'
+                                     b'"temperature":1e400,"messages":[{"role":"user","content":"hi"}]}')
+        await stop(gw)
+    # Ollama answers GET and HEAD / with 200 "Ollama is running": tools check it before they call.
+    assert (root.status_code, root.text, root_head.status_code) == (200, "Ollama is running", 200)
+    assert show.status_code == 200 and "modelfile" in show.json()
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"  # RFC 9110 §15.5.6
+    assert missing.status_code == 404 and missing.json()["error"].startswith("model 'nope' not found (not served here")
+    assert missing.headers["content-type"] == "application/json; charset=utf-8"  # as Ollama sends it
+    # stream_options without include_usage: the upstream's own default (vLLM's is true), body as sent.
+    assert with_options.status_code == 200 and json.loads(sent_upstream)["stream_options"] == {}
+    # A rewritten body (usage asked for the gateway's count) cannot carry 1e400 back: not JSON as Infinity.
+    assert huge.status_code == 400 and "1e400" in huge.json()["error"]["message"]
+    records = {r["route"]: r for r in read_records(gw)}
+    assert records["/api/version"]["model_served"] is None and version.status_code == 200
+    assert streamed_404.status_code == 404
+    assert [r["stream"] for r in read_records(gw) if r["status"] == 404 and r["route"] == "/v1/chat/completions"] == [False]

@@ -1496,6 +1496,8 @@ def test_the_app_answers_once_in_json_and_records_once_whatever_comes_in(
         assert path == "/metrics" and start["status"] == 200  # Prometheus text
     elif path in DASHBOARD_FILES and start["status"] == 200:
         assert content == dashboard_file(path)  # the dashboard's own files
+    elif path == "/" and start["status"] == 200:
+        assert content == b"Ollama is running"  # Ollama's liveness answer
     else:
         json.loads(content)  # every other answer here is JSON: errors, local routes
     if start["status"] >= 400:

@@ -34,6 +34,7 @@ from .catalog import OPEN_ROUTES, Route, lookup_route, serve_local
 from .errors import (
     AuthError,
     Forbidden,
+    MethodNotAllowed,
     NoHealthyUpstream,
     RateLimited,
     RequestError,
@@ -343,10 +344,11 @@ class ProxyApp:
         # The race is over: the decoded request it kept for re-sends (~1 KiB) need not live as
         # long as the stream (_proxy no longer holds it either).
         del outgoing
-        ex.upstream, ex.model_served = winner.target.upstream, winner.target.model
+        ex.upstream, ex.model_served = winner.target.upstream, winner.target.model or None  # ("": a route without a model)
         ex.queue_ms = round(winner.queue_s * 1000, 3)
         try:
             if winner.body is not None:
+                ex.stream = False  # (asked for or not, this answer is not streamed: the record says what was sent)
                 await relay_whole(ex, winner, send, winner.body)
                 ex.prompt_tokens, ex.completion_tokens, ex.finish_reason = facts_from_body(winner.body)
                 if ex.status < 400 and (message := error_in_body(winner.body)) is not None:
@@ -393,6 +395,8 @@ def _prepare(
       RoutingError: no upstream serves the model.
     """
     doc = decode_json(body) if route.needs_model or body else {}
+    if route.path == "/api/show" and "model" not in doc and isinstance(doc.get("name"), str):
+        doc["model"] = doc["name"]  # (Ollama still takes its older field; the body goes on as sent)
     model = model_of(doc) if route.needs_model else None
     ex.model_requested = model
     if config.telemetry.log_payloads:  # the operator opted in: keep the prompt, never a key
@@ -416,7 +420,8 @@ def _prepare(
     )
     bodies: dict[str, bytes] = {}
     # A body rewritten for some target (another model name, or usage asked for) is decoded again
-    # by the json module, which keeps every number exactly as the client wrote it.
+    # by the json module, which keeps every integer exact (a float is written back as the same
+    # double, perhaps spelled otherwise: 1E2 as 100.0).
     exact = (
         decode_json(body, exact=True)
         if model is not None and (inject_usage or any(t.model != model for t in plan.attempts))
@@ -496,12 +501,15 @@ def _scanner_factory(route: Route) -> Callable[[], SSEScanner | NDJSONScanner | 
 def _served(ex: Exchange, upstream: str) -> str | None:
     for a in reversed(ex.attempts):
         if a.upstream == upstream:
-            return a.model
+            return a.model or None
     return None
 
 
 def _asks_usage(options: object) -> bool:
-    return isinstance(options, dict) and options.get("include_usage") is True
+    """Whether the client's ``stream_options`` settle usage for it: ``include_usage: true``, or an
+    object without the key, where the upstream's own default holds (vLLM's is true, OpenAI's
+    false): either way the stream goes as asked, neither injected nor filtered."""
+    return isinstance(options, dict) and options.get("include_usage") is not False
 
 
 class _DisconnectWatch:
@@ -637,7 +645,7 @@ async def _pass_through(send: Send, ex: Exchange, exc: UpstreamStatusError) -> N
         exc.headers, request_id=ex.request_id, upstream_id=exc.upstream.encode(), streamed=False
     )
     headers.append((b"content-length", str(len(exc.body)).encode()))
-    ex.outcome, ex.error = "upstream_error", exc.message
+    ex.outcome, ex.error, ex.stream = "upstream_error", exc.message, False
     await send_whole(ex, send, exc.status, headers, exc.body)
 
 
@@ -646,12 +654,15 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
     family = route.family if route is not None else ("ollama" if ex.route.startswith("/api/") else "openai")
     body = error_body(exc, ollama=family == "ollama")
     headers = [
-        (b"content-type", b"application/json"),
+        (b"content-type", b"application/json; charset=utf-8" if family == "ollama" else b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", ex.request_id),
     ]
     if isinstance(exc, (NoHealthyUpstream, RateLimited, ShuttingDown)):
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+    elif isinstance(exc, MethodNotAllowed):
+        headers.append((b"allow", exc.allow.encode()))
+    ex.stream = False  # (the record's "stream": the answer was not streamed)
     if not ex.body_read and _declares_body(scope["headers"]) and scope.get("http_version") in ("1.0", "1.1"):
         # Answered before its body was read (a 413, a 401, a 404 for the path...): the server
         # closes the connection after this answer unless the whole body had come. Say so

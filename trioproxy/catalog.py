@@ -19,7 +19,7 @@ import trio
 from attrs import frozen
 
 from .config import Upstream
-from .errors import Forbidden, RateLimited, RequestError, RoutingError
+from .errors import Forbidden, MethodNotAllowed, RateLimited, RequestError, RoutingError
 from .relay import Send, ndjson_error_line, send_whole, sse_error_event
 from .routing import ApiFamily, eligible
 
@@ -75,6 +75,8 @@ ROUTES: dict[str, Route] = {
         Route("/api/embeddings", "POST", "ollama"),
         Route("/api/show", "POST", "ollama"),
         Route("/api/tags", "GET", "ollama", needs_model=False, local="tags"),
+        # Ollama's liveness answer, which tools check before they call it ("Ollama is running").
+        Route("/", "GET", "ollama", needs_model=False, local="root"),
         Route("/api/version", "GET", "ollama", needs_model=False),
         Route("/api/ps", "GET", "ollama", needs_model=False),
         Route("/healthz", "GET", "openai", needs_model=False, local="healthz"),
@@ -111,7 +113,7 @@ def dashboard_file(path: str) -> bytes:
 
 
 #: Answered without a client key even when auth is on: probes must work without secrets.
-OPEN_ROUTES = frozenset({"healthz", "readyz", "metrics", "reload", "dashboard"})
+OPEN_ROUTES = frozenset({"healthz", "readyz", "metrics", "reload", "dashboard", "root"})
 #: Admin endpoints: loopback clients, or the admin key ([admin] in the profile).
 ADMIN_ROUTES = frozenset({"metrics", "reload", "dashboard"})
 
@@ -129,7 +131,8 @@ def lookup_route(method: str, path: str) -> Route:
     if route is None:
         raise RoutingError(f"Invalid URL ({method} {path})", code=None, param=None)
     if route.method != method and not (method == "HEAD" and route.method == "GET"):
-        raise RequestError(f"Method {method} is not allowed on {path}; use {route.method}", status_hint=405)
+        allow = "GET, HEAD" if route.method == "GET" else route.method
+        raise MethodNotAllowed(f"Method {method} is not allowed on {path}; use {route.method}", allow=allow)
     return route
 
 
@@ -149,10 +152,12 @@ async def serve_local(
     payload: dict[str, Any]
     if route.local in ADMIN_ROUTES and not services.admin.allows(client, authorization):
         raise Forbidden(f"{route.path} is served to loopback clients, or with the admin key")
-    if route.local in ("metrics", "dashboard"):
+    if route.local in ("metrics", "dashboard", "root"):
         if route.local == "metrics":
             body = services.metrics.render() if services.metrics is not None else b""
             headers = [(b"content-type", CONTENT_TYPE)]
+        elif route.local == "root":
+            body, headers = b"Ollama is running", [(b"content-type", b"text/plain; charset=utf-8")]
         else:
             body = dashboard_file(route.path)
             headers = [(b"content-type", DASHBOARD_FILES[route.path][1]), (b"cache-control", b"no-cache"),

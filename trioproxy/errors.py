@@ -80,6 +80,14 @@ class RequestError(TrioproxyError):
         self.error_code = code
 
 
+class MethodNotAllowed(RequestError):
+    """A known path, another method: 405 with the ``Allow`` header (RFC 9110 §15.5.6)."""
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message, status_hint=405)
+        self.allow = allow
+
+
 class BodyTooLarge(RequestError):
     status_hint = 413
 

@@ -8,6 +8,7 @@ two fields routing needs (``model``, ``stream``) [sans-IO but for the body read]
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -162,11 +163,16 @@ def decode_json(body: bytes, *, exact: bool = False) -> dict[str, Any]:
     """The request body as an object.
 
     To read it, ``jsonread`` (orjson: an integer beyond 64 bits may come back as a float).
-    ``exact``: the json module, which keeps every number as the client wrote it, for a body
+    ``exact``: the json module, which keeps every integer exact (orjson may round one beyond 64
+    bits) and refuses a number beyond a double's range, for a body
     that is rewritten for an upstream or logged.
     """
     try:
-        doc = json.loads(body) if exact else jsonread.loads(body)
+        doc = json.loads(body, parse_float=_finite) if exact else jsonread.loads(body)
+    except _OutOfRange as exc:
+        raise RequestError(
+            f"The number {exc.text[:40]} in the request body is out of range (beyond a 64-bit float)."
+        ) from None
     except (ValueError, RecursionError):
         raise RequestError(
             "We could not parse the JSON body of your request: expected a JSON object (UTF-8)."
@@ -174,6 +180,21 @@ def decode_json(body: bytes, *, exact: bool = False) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise RequestError(f"The request body must be a JSON object, not {_JSON_KINDS.get(type(doc), 'a number')}.")
     return doc
+
+
+class _OutOfRange(Exception):
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; one beyond a double's range would be written back as ``Infinity``,
+    which is not JSON."""
+    value = float(text)
+    if math.isinf(value):
+        raise _OutOfRange(text)
+    return value
 
 
 #: What a client sent, in JSON's words (not Python's: ``NoneType``, ``list``, ``str``).

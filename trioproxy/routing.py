@@ -178,6 +178,8 @@ def plan_any(family: ApiFamily, config: Config, states: Mapping[str, UpstreamSta
 def _not_found_message(model: str, family: ApiFamily, config: Config) -> str:
     names = public_models(config.upstreams, family, aliases=config.routing.aliases, routes=config.routes)
     listing = ", ".join(names) if names else "none configured by name"
+    if family == "ollama":  # Ollama's own words first (tools look for "not found")
+        return f"model '{model}' not found (not served here; available: {listing})"
     return f"The model `{model}` does not exist or is not served here. Available: {listing}."
 
 
