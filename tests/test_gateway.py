@@ -232,6 +232,8 @@ async def test_client_disconnect_mid_stream_closes_the_upstream(
     assert record["outcome"] == "client_disconnect"
     assert 0 < record["bytes_out"]
     assert mock.statistics().in_progress == 0
+    # What it had when the client left is counted (the tokens relayed so far, estimated).
+    assert record["token_source"] == "estimate" and record["completion_tokens"] >= 1
 
 
 ERROR_CASES = [

@@ -366,8 +366,6 @@ class ProxyApp:
                     write_timeout=config.server.client_write_timeout_s,
                     watchdog=services.watchdog,
                 )
-                if winner.scanner is not None:
-                    _take_usage(ex, winner.scanner)
             if ex.outcome == "upstream_error" and ex.status < 400 and winner.attempt_slot >= 0:
                 # The attempt won, then its answer failed: cut, stalled or an error in it (``ex.error`` says which).
                 ex.attempts[winner.attempt_slot] = with_outcome(ex.attempts[winner.attempt_slot], "broke")
@@ -375,6 +373,9 @@ class ProxyApp:
                 ex.outcome = "upstream_error"
         finally:
             winner.release()
+            if winner.body is None and winner.scanner is not None:
+                # (Also for a stream cut short from outside, its client gone: what it had so far.)
+                _take_usage(ex, winner.scanner)
 
 
 def _prepare(
