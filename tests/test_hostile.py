@@ -854,6 +854,7 @@ HI, THERE, STOP = _sse(b'{"content":"Hi"}'), _sse(b'{"content":" there"}'), _sse
 ERROR_200 = b'{"error":{"message":"the model is overloaded","type":"server_error","param":null,"code":503}}'
 WHOLE = b'{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}]}'
 PARTIAL_SSE = b'data: {"id":"c1","object":"chat.compl'
+SSE_ERROR = b'data: {"error":{"message":"the model crashed"}}\n\n'
 NDJSON_LINE = b'{"model":"m","created_at":"2026-01-01T00:00:00Z","message":{"role":"assistant","content":"Hi"},"done":false}\n'
 NDJSON_DONE = b'{"model":"m","created_at":"2026-01-01T00:00:01Z","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","eval_count":1}'
 
@@ -869,6 +870,9 @@ SCRIPTS: dict[str, bytes] = {
     "no-finish-close": _head(b"text/event-stream", chunked=False) + HI + THERE,
     "json-for-a-stream": _head(b"application/json", length=len(WHOLE)) + WHOLE,
     "ndjson-no-done": _head(b"application/x-ndjson") + _chunked(NDJSON_LINE, NDJSON_LINE),
+    # A stream sent whole, with its length (a server or proxy that buffers it): finished, and with an error event.
+    "sse-with-length": _head(b"text/event-stream", length=len(HI + STOP + b"data: [DONE]\n\n")) + HI + STOP + b"data: [DONE]\n\n",
+    "sse-error-with-length": _head(b"text/event-stream", length=len(HI + SSE_ERROR)) + HI + SSE_ERROR,
     # A done line without its newline (a client reading lines gets it all the same).
     "ndjson-done-no-newline": _head(b"application/x-ndjson") + _chunked(NDJSON_LINE, NDJSON_DONE),
     # Cut in the middle of an event: close-delimited (a clean EOF), and chunked without its last chunk.
@@ -1165,6 +1169,28 @@ async def test_the_sdks_read_the_error_of_a_stream_cut_mid_line(
     assert "the answer is incomplete" in str(sdk_error)
     assert said == "Hi" and isinstance(ollama_error, ollama.ResponseError), repr(ollama_error)
     assert "the answer is incomplete" in str(ollama_error)
+
+
+async def test_a_stream_sent_whole_with_its_length_is_read_as_a_stream(
+    nursery: trio.Nursery, start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """An event stream that comes with a Content-Length is read whole (not relayed piece by piece), but it
+    is still a stream: its record has its end, its TTFT and tokens, and an error event in it (it said
+    ``ok`` with no error, no TTFT, no tokens); the usage the gateway asked for does not reach a client
+    that did not ask (the mock's usage chunk is absent here, so the bytes go out as they came)."""
+    with trio.fail_after(30):
+        gw = await _scripted_gateway(nursery, start_mock, start_gateway)
+        async with httpx.AsyncClient(timeout=30) as client:
+            whole = await client.post(gw.url + CHAT, json={"model": "sse-with-length", "stream": True, "messages": []})
+            failed = await client.post(gw.url + CHAT, json={"model": "sse-error-with-length", "stream": True, "messages": []})
+        await stop(gw)
+    records = records_by_id(gw)
+    ok, bad = records[whole.headers["x-request-id"]], records[failed.headers["x-request-id"]]
+    assert whole.content == HI + STOP + b"data: [DONE]\n\n" and failed.content == HI + SSE_ERROR
+    assert (ok["outcome"], ok["stream"], ok["finish_reason"], ok["token_source"]) == ("ok", True, "stop", "estimate")
+    assert ok["ttft_ms"] is not None and ok["completion_tokens"] >= 1
+    assert bad["outcome"] == "upstream_error" and "the model crashed" in bad["error"]
+    assert [a["outcome"] for a in bad["attempts"]] == ["broke"]
 
 
 async def test_a_200_with_an_error_body_is_recorded_as_an_error(

@@ -63,7 +63,7 @@ from .relay import (
 )
 from .routing import RoutePlan, Target, plan_any, plan_route
 from .services import Services
-from .upstream import OutgoingRequest, RaceResult, UpstreamRuntime, open_winning_response, with_outcome
+from .upstream import OutgoingRequest, RaceResult, UpstreamRuntime, Winner, open_winning_response, with_outcome
 from .usage import NDJSONScanner, SSEScanner, estimate_tokens
 from .usagefilter import UsageEventFilter
 
@@ -347,7 +347,9 @@ class ProxyApp:
         ex.upstream, ex.model_served = winner.target.upstream, winner.target.model or None  # ("": a route without a model)
         ex.queue_ms = round(winner.queue_s * 1000, 3)
         try:
-            if winner.body is not None:
+            if winner.body is not None and ex.stream and _sent_whole_stream(winner):
+                await _relay_whole_stream(ex, winner, send, route, inject_usage)
+            elif winner.body is not None:
                 ex.stream = False  # (asked for or not, this answer is not streamed: the record says what was sent)
                 await relay_whole(ex, winner, send, winner.body)
                 ex.prompt_tokens, ex.completion_tokens, ex.finish_reason = facts_from_body(winner.body)
@@ -480,6 +482,36 @@ def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     if len(leaves) == 1 or all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
         return leaves[0]
     return group
+
+
+def _sent_whole_stream(winner: Winner) -> bool:
+    """A successful answer to a streamed request that came with its length (read whole), and is not
+    JSON: an event stream or NDJSON sent in one piece (a server or proxy that buffers streams)."""
+    content_type = header_value(winner.response.headers, b"content-type") or b""
+    return winner.response.status < 400 and not content_type.lower().startswith(b"application/json")
+
+
+async def _relay_whole_stream(ex: Exchange, winner: Winner, send: Send, route: Route, inject_usage: bool) -> None:
+    """Such an answer is read as the stream it is: its tokens, its end, an error event in it; the
+    usage the gateway asked for is taken out if the client did not ask; and it goes out whole."""
+    body = winner.body or b""
+    scanner = _scanner_factory(route)()
+    if scanner is not None:
+        scanner.feed(body)
+        scanner.end_of_body()
+    if inject_usage:
+        usage_filter = UsageEventFilter()
+        body = usage_filter.feed(body) + usage_filter.flush()
+    await relay_whole(ex, winner, send, body)
+    if scanner is None:
+        return
+    if scanner.first_content:
+        ex.ttft_ms = (trio.current_time() - ex.arrival) * 1000  # (all of it at once)
+    _take_usage(ex, scanner)
+    if scanner.error is not None:
+        ex.outcome, ex.error = "upstream_error", f"upstream reported: {winner.runtime.redact(scanner.error)}"
+    elif not scanner.done and scanner.finish_reason is None:
+        ex.outcome, ex.error = "upstream_error", f"upstream {winner.target.upstream!r} ended the stream before it finished"
 
 
 def _take_usage(ex: Exchange, scanner: SSEScanner | NDJSONScanner) -> None:
