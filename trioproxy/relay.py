@@ -27,8 +27,11 @@ cleanly. The record says ``upstream_error`` and how many bytes were delivered.
 The client's last line before that error is a whole one: an SSE or NDJSON stream
 is relayed a whole line at a time (what a read gave after its last newline waits
 for the rest of its line, microseconds at most), and a broken line is dropped.
-A stream that did finish (it carried its ``finish_reason``) but whose upstream
-closed without ``[DONE]`` is complete: it is ended at once, not waited on.
+A stream that did finish (it carried its ``finish_reason``) and whose body then
+ended cleanly without ``[DONE]`` is complete: it ends without an error. One whose
+upstream keeps the connection open after its ``finish_reason`` is waited on (up
+to ``idle_ms``: a usage event and ``[DONE]`` may follow), and one whose framing is
+cut after it (a chunked body without its last chunk) ends with the error event.
 """
 
 from __future__ import annotations
