@@ -626,3 +626,47 @@ async def test_what_ollama_tools_and_http_clients_expect(start_mock: StartMock, 
     assert records["/api/version"]["model_served"] is None and version.status_code == 200
     assert streamed_404.status_code == 404
     assert [r["stream"] for r in read_records(gw) if r["status"] == 404 and r["route"] == "/v1/chat/completions"] == [False]
+
+
+async def test_100_continue_is_sent_only_when_the_gateway_wants_the_body(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """A client that sends ``Expect: 100-continue`` waits before it uploads the body. Hypercorn used to
+    say 100 at once, so a body the gateway refuses anyway (over ``max_body_bytes`` by its declared
+    length) was uploaded for nothing; now the 100 goes out when the gateway first waits for the body,
+    and a refusal comes alone."""
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=2, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}") + "[server]\nmax_body_bytes = 1000\n")
+        port = int(gw.url.rsplit(":", 1)[1])
+        body = json.dumps(CHAT).encode()
+
+        def head(length: int) -> bytes:
+            return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % length)
+
+        async def read_head(stream: trio.SocketStream, buffer: bytearray) -> bytes:
+            while b"\r\n\r\n" not in buffer:
+                data = await stream.receive_some()
+                assert data, bytes(buffer)
+                buffer += data
+            end = buffer.index(b"\r\n\r\n") + 4
+            first = bytes(buffer[:end])
+            del buffer[:end]
+            return first
+
+        too_big = await trio.open_tcp_stream("127.0.0.1", port)
+        async with too_big:
+            await too_big.send_all(head(5000))
+            refused = await read_head(too_big, bytearray())
+        wanted = await trio.open_tcp_stream("127.0.0.1", port)
+        async with wanted:
+            await wanted.send_all(head(len(body)))
+            buffer = bytearray()
+            go_on = await read_head(wanted, buffer)
+            await wanted.send_all(body)
+            answered = await read_head(wanted, buffer)
+        await stop(gw)
+    assert refused.startswith(b"HTTP/1.1 413 "), refused
+    assert go_on.startswith(b"HTTP/1.1 100 "), go_on
+    assert answered.startswith(b"HTTP/1.1 200 "), answered

@@ -24,6 +24,10 @@ four messages a request gets (a deque, two ordered dicts, two sets, two channel 
   gateway, relaying a stream) subscribes a callback instead of parking a task in
   ``receive()`` for ``http.disconnect`` (a task and a wait in the inbox: ~3 KB per open
   stream). ``http.disconnect`` is still queued for ``receive()`` as before.
+- **on_wait**: an inbox's hook, run once when the app first waits for a message that has
+  not come: ``hypercorn_fast`` sends the ``100 Continue`` there that Hypercorn would send as
+  soon as it has the head (so a request refused before its body is read, a 413 by its
+  declared length, a 401, is not uploaded for nothing).
 - **ATOMIC_END**: set (True) in an HTTP request's scope when its last message, marked
   ``UNSCHEDULED``, is written whatever the cancellation state (``hypercorn_fast``: h11 on
   plain TCP), so the app need not shield it; absent otherwise (TLS, HTTP/2, Hypercorn's
@@ -32,7 +36,7 @@ four messages a request gets (a deque, two ordered dicts, two sets, two channel 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -92,13 +96,16 @@ class AppInbox:
     waits (see there).
     """
 
-    __slots__ = ("_capacity", "_messages", "_receivers", "_senders")
+    __slots__ = ("_capacity", "_messages", "_receivers", "_senders", "on_wait")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 0:
             raise ValueError(f"an inbox holds 0 or more messages, not {capacity}")
         self._capacity = capacity
         self._messages: list[Any] = []
+        #: Run (once) when a ``receive`` first finds nothing and must wait: the server's
+        #: ``100 Continue`` to a client that waits for it before it sends the body.
+        self.on_wait: Callable[[], Awaitable[None]] | None = None
         #: Tasks waiting in ``receive``, first come first served (None until the first waits).
         self._receivers: list[trio.lowlevel.Task] | None = None
         #: ``[task, message]`` of tasks waiting in ``send`` for room (None until the first waits).
@@ -134,6 +141,10 @@ class AppInbox:
         """The oldest message, waiting for one if there is none (the app's ASGI ``receive``)."""
         await _checkpoint_if_cancelled()
         message = self._take()
+        if message is _NOTHING and self.on_wait is not None:
+            hook, self.on_wait = self.on_wait, None
+            await hook()
+            message = self._take()
         if message is not _NOTHING:
             await _cancel_shielded_checkpoint()
             return message
@@ -228,6 +239,7 @@ async def _spawn_app(self: Any, app: Any, config: Any, scope: dict[str, Any], se
         extensions[INBOX] = inbox
         if _atomic_end(send):
             extensions[ATOMIC_END] = True
+        inbox.on_wait = _on_first_wait(send)
     self._nursery.start_soon(
         _handle, app, config, scope, inbox.receive, send, trio.to_thread.run_sync, trio.from_thread.run
     )
@@ -246,17 +258,27 @@ def _never(send: Any) -> bool:
     return False
 
 
+def _nothing(send: Any) -> Callable[[], Awaitable[None]] | None:
+    return None
+
+
 #: Given an app's ``send``, whether its last message is written atomically (``install`` sets it).
 _atomic_end: Callable[[Any], bool] = _never
+#: Given an app's ``send``, what to run when the app first waits for its body, if anything.
+_on_first_wait: Callable[[Any], Callable[[], Awaitable[None]] | None] = _nothing
 
 
-def install(atomic_end: Callable[[Any], bool] = _never) -> None:
+def install(
+    atomic_end: Callable[[Any], bool] = _never,
+    on_first_wait: Callable[[Any], Callable[[], Awaitable[None]] | None] = _nothing,
+) -> None:
     """Install both on Hypercorn's Trio ``TaskGroup`` and ``HTTPStream`` (``hypercorn_fast.apply`` calls it).
 
     ``atomic_end``: given an app's ``send``, whether its last message is written whatever the
-    cancellation state (``ATOMIC_END``).
+    cancellation state (``ATOMIC_END``). ``on_first_wait``: given an app's ``send``, a coroutine
+    function for its inbox's ``on_wait`` (the deferred ``100 Continue``), or None.
     """
-    global _atomic_end
-    _atomic_end = atomic_end
+    global _atomic_end, _on_first_wait
+    _atomic_end, _on_first_wait = atomic_end, on_first_wait
     TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign,assignment]
     HTTPStream.handle = _http_stream_handle  # type: ignore[method-assign]

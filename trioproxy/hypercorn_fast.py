@@ -78,7 +78,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from functools import partial
 from importlib import metadata
 from typing import Any
 
@@ -302,6 +303,11 @@ async def _h11_stream_send(self: Any, event: StreamEvent) -> None:
 
 
 async def _h11_send_h11_event(self: Any, event: Any) -> None:
+    if type(event) is h11.InformationalResponse and event.status_code == 100:
+        # Hypercorn answers Expect: 100-continue as soon as it has the head, before the app has
+        # looked at it: a body over the limit, or a request refused (401, 404...), was uploaded
+        # for nothing. The 100 goes out when the app first waits for the body (``_continue``).
+        return
     if self._defer_head:
         try:
             self._pending_head = self.connection.send(event)
@@ -497,6 +503,21 @@ async def _flush_head(self: Any) -> None:
     await self.send(RawData(data=pending))
 
 
+def _continue_hook(app_send: Any) -> Callable[[], Awaitable[None]] | None:
+    """For a request whose client waits for ``100 Continue``: what sends it (``AppInbox.on_wait``)."""
+    protocol = getattr(getattr(getattr(app_send, "__self__", None), "send", None), "__self__", None)
+    if type(protocol) is not H11Protocol or not protocol.connection.they_are_waiting_for_100_continue:
+        return None
+    return partial(_continue, protocol)
+
+
+async def _continue(protocol: Any) -> None:
+    """The app waits for the body: tell a client that still waits for it to send it."""
+    if protocol.connection.they_are_waiting_for_100_continue:
+        event = h11.InformationalResponse(status_code=100, headers=protocol.config.response_headers("h11"))
+        await _stock_send_h11_event(protocol, event)
+
+
 def _atomic_end(app_send: Any) -> bool:
     """Whether an app's UNSCHEDULED last message is written whatever the cancellation state: h11 on plain TCP."""
     protocol = getattr(getattr(getattr(app_send, "__self__", None), "send", None), "__self__", None)
@@ -538,7 +559,7 @@ def apply() -> bool:
         H11Protocol._send_h11_event = _h11_send_h11_event  # type: ignore[method-assign]
         HTTPStream.app_send = _app_send  # type: ignore[method-assign]
         HTTPStream._chunks_to = None  # type: ignore[attr-defined]
-        hypercorn_app.install(_atomic_end)
+        hypercorn_app.install(_atomic_end, _continue_hook)
         headers_class = _h11_headers_class()
         if headers_class is not None:
             headers_class.__iter__ = _h11_headers_iter
