@@ -1,8 +1,9 @@
 """The mock upstream's per-API payloads: request bodies in, replies out [sans-IO].
 
-One handler per route reads the OpenAI or Ollama request body and returns a
-``mockreply`` reply: a :class:`Generation` to stream, or a :class:`Static` whose
-JSON payload is built here (embeddings, model lists, ``/api/show``...).
+One handler per route reads the OpenAI or Ollama request body (with
+``mockcheck``'s helpers) and returns a ``mockreply`` reply: a :class:`Generation`
+to stream, or a :class:`Static` whose JSON payload is built here (embeddings,
+model lists, ``/api/show``...).
 :func:`error_reply` builds an error body in each API's shape. ``_ROUTES`` maps
 each path to its handler; ``mockwire.plan_reply`` looks requests up in it.
 
@@ -28,8 +29,18 @@ import math
 import struct
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Literal
 
+from .mockcheck import (
+    ErrorFormat,
+    _cap,
+    _flag,
+    _inputs,
+    _json_object,
+    _messages_words,
+    _model,
+    _with_tag,
+    _words,
+)
 from .mockhttp import Request
 from .mockreply import LOAD_DURATION_NS, Api, Generation, Reply, Static
 
@@ -47,8 +58,6 @@ OLLAMA_VERSION = "0.12.6"
 MODEL_SIZE = 2_019_393_189
 #: Same model's parameter count (model_info); keeps /api/show self-consistent with details.
 PARAMETER_COUNT = 3_212_749_888
-
-ErrorFormat = Literal["openai", "ollama"]
 
 _OPENAI_ERROR_TYPES = {
     400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
@@ -80,109 +89,6 @@ def error_reply(fmt: ErrorFormat, status: int, message: str, *, retry_after_s: i
         body = _dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
     headers = (("retry-after", str(retry_after_s)),) if retry_after_s is not None and status in (429, 503) else ()
     return Static(status, "application/json", body, headers)
-
-
-# --- routing and request bodies ---------------------------------------------------
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise _Reject(400, f"invalid JSON body: {exc}") from None
-    if not isinstance(value, dict):
-        raise _Reject(400, "the JSON body must be an object")
-    return value
-
-
-def _with_tag(name: str) -> str:
-    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
-
-
-@lru_cache(maxsize=64)
-def _known_names(models: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(models) | {_with_tag(m) for m in models}
-
-
-def _model(body: dict[str, Any], models: tuple[str, ...], fmt: ErrorFormat, *, key: str = "model") -> str:
-    model = body.get(key)
-    if not isinstance(model, str) or not model:
-        raise _Reject(400, "model is required" if fmt == "ollama" else "you must provide a model parameter")
-    if "*" in models or model in _known_names(models) or _with_tag(model) in _known_names(models):
-        return model
-    if fmt == "ollama":
-        raise _Reject(404, f"model '{model}' not found")
-    raise _Reject(404, f"The model `{model}` does not exist.")
-
-
-def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _Reject(400, f"'{key}' must be a boolean")
-    return value
-
-
-def _cap(values: list[object], tokens: int) -> tuple[int, Literal["stop", "length"]]:
-    """Tokens to send and why they end: the first integer limit given caps ``tokens``."""
-    for value in values:
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise _Reject(400, "max_tokens must be a non-negative integer")
-        if value < tokens:
-            return value, "length"
-        break
-    return tokens, "stop"
-
-
-def _words(value: object) -> int:
-    """Words in a string; in a list: of its strings and text parts; a token array counts its length.
-
-    Not recursive on purpose: a deeply nested body must not raise RecursionError.
-    """
-    if isinstance(value, str):
-        return len(value.split())
-    if not isinstance(value, list):
-        return 0
-    if value and all(isinstance(v, int) for v in value):
-        return len(value)
-    total = 0
-    for item in value:
-        if isinstance(item, dict):
-            item = item.get("text")
-        if isinstance(item, str):
-            total += len(item.split())
-        elif isinstance(item, list):  # one token array of a batch
-            total += len(item)
-    return total
-
-
-def _messages_words(body: dict[str, Any]) -> int:
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return 0
-    return sum(_words(m.get("content")) for m in messages if isinstance(m, dict))
-
-
-def _inputs(body: dict[str, Any]) -> list[str]:
-    value = body.get("input")
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value:
-        if all(isinstance(v, int) for v in value):
-            return [" ".join(map(str, value))]  # one token array
-        if all(isinstance(v, str) or isinstance(v, list) for v in value):
-            return [v if isinstance(v, str) else " ".join(map(str, v)) for v in value]
-    raise _Reject(400, "'input' must be a string or a list of strings")
 
 
 @lru_cache(maxsize=1024)

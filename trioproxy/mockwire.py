@@ -6,8 +6,9 @@ for the request's ``x-mock-*`` settings, and writes the ``mockreply`` reply it
 gets back. The per-route request handling and payloads live in ``mockpayloads``.
 
 The mock's sans-IO layers, bottom up: ``mockhttp`` (HTTP/1.1), ``mockreply``
-(reply types and generation bytes), ``mockpayloads`` (per-API handlers and
-route table), ``mockwire`` (this module).
+(reply types and generation bytes), ``mockcheck`` (request bodies and their
+checks), ``mockpayloads`` (per-API handlers and route table), ``mockwire`` (this
+module).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from collections.abc import Callable
 from attrs import frozen
 
 from .config import MockKind
+from .mockcheck import _Reject
 from .mockhttp import Request
-from .mockpayloads import _MODEL_BY_ID, _ROUTES, _Reject, error_format, error_reply
+from .mockpayloads import _MODEL_BY_ID, _ROUTES, error_format, error_reply
 from .mockreply import Reply, Static
 
 #: Upper bound of x-mock-tokens: a typo must not make the mock build a gigabyte answer.
