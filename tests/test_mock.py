@@ -26,6 +26,8 @@ from trioproxy.mockcli import add_arguments, run_from_args, settings_from_args
 from trioproxy.mockpayloads import embedding
 from trioproxy.mockreply import content_text
 
+from .conftest import StartGateway, StartMock, upstream_toml
+
 #: No waiting anywhere unless a test asks for it.
 FAST = MockSettings(ttft_ms=0, token_delay_ms=0, tokens=4)
 CHAT = {"model": "mock-llama", "messages": [{"role": "user", "content": "say hello to me"}]}
@@ -231,6 +233,7 @@ async def test_ollama_client(nursery: trio.Nursery) -> None:
             out["chat"] = api.chat(model="mock-llama:latest", messages=[{"role": "user", "content": "a"}])
             out["generate"] = api.generate(model="mock-llama", prompt="why")
             out["embed"] = api.embed(model="mock-llama", input=["p", "q r"])
+            out["embeddings"] = api.embeddings(model="mock-llama", prompt="q r")  # the legacy /api/embeddings
             out["list"] = api.list()
             out["show"] = api.show("mock-llama")
             out["ps"] = api.ps()
@@ -246,6 +249,7 @@ async def test_ollama_client(nursery: trio.Nursery) -> None:
         assert out["chat"].message.content == content_text(3) and out["chat"].done_reason == "stop"
         assert out["generate"].response == content_text(3)
         assert [list(v) for v in out["embed"].embeddings] == [list(embedding("p")), list(embedding("q r"))]
+        assert list(out["embeddings"].embedding) == list(embedding("q r"))
         assert [m.model for m in out["list"].models] == ["mock-llama:latest"]
         assert out["show"].details.family == "llama" and out["show"].capabilities == ["completion"]
         assert out["show"].modelinfo["general.architecture"] == "llama"
@@ -296,6 +300,25 @@ async def test_errors_in_route_format(nursery: trio.Nursery, path: str, body: An
             assert got == error
         else:
             assert isinstance(got, str if path.startswith("/api/") else dict)
+
+
+# --- through the gateway -----------------------------------------------------------------
+
+
+async def test_legacy_ollama_embeddings_through_the_gateway(start_mock: StartMock,
+                                                             start_gateway: StartGateway) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(kind="ollama", models=("mock-llama",), ttft_ms=0, token_delay_ms=0)
+        gw = await start_gateway(upstream_toml("o", f"http://127.0.0.1:{mock.port}", kind="ollama"))
+        api = ollama.Client(host=gw.url, trust_env=False)
+
+        def run() -> Any:
+            return api.embeddings(model="mock-llama", prompt="why is the sky blue"), api.embeddings(model="mock-llama")
+
+        vector, loaded = await trio.to_thread.run_sync(run)
+    assert list(vector.embedding) == list(embedding("why is the sky blue"))
+    assert list(loaded.embedding) == []  # no prompt: the model is loaded, nothing embedded
+    assert mock.statistics().by_path["/api/embeddings"] == 2  # (and the health probe's /api/version)
 
 
 # --- faults ---------------------------------------------------------------------------------

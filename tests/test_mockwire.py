@@ -190,6 +190,32 @@ def test_embeddings_are_deterministic_unit_vectors() -> None:
 
 
 @pytest.mark.parametrize(
+    ("body", "status", "expected"),
+    [
+        ({"model": "m", "prompt": "a b"}, 200, {"embedding": list(embedding("a b"))}),
+        ({"model": "m:latest", "prompt": "a b", "options": {}, "keep_alive": "5m"}, 200,
+         {"embedding": list(embedding("a b"))}),
+        ({"model": "m"}, 200, {"embedding": []}),  # no prompt: the model is loaded, nothing embedded
+        ({"model": "m", "prompt": ""}, 200, {"embedding": []}),
+        ({"model": "m", "prompt": None}, 200, {"embedding": []}),
+        ({"model": "m", "prompt": ["a"]}, 400,
+         {"error": "json: cannot unmarshal array into Go struct field EmbeddingRequest.prompt of type string"}),
+        ({"model": "m", "prompt": 5}, 400,
+         {"error": "json: cannot unmarshal number into Go struct field EmbeddingRequest.prompt of type string"}),
+        ({"prompt": "a"}, 400, {"error": "model is required"}),
+        ({"model": "nope", "prompt": "a"}, 404, {"error": 'model "nope" not found, try pulling it first'}),
+    ],
+)
+def test_legacy_ollama_embeddings(body: Any, status: int, expected: Any) -> None:
+    reply = plan_reply(_request("POST", "/api/embeddings", body), kind="ollama", models=("m",), tokens=1)
+    assert isinstance(reply, Static) and (reply.status, reply.content_type) == (status, "application/json")
+    assert json.loads(reply.body) == expected
+    _compact(reply.body.decode())
+    openai_only = plan_reply(_request("POST", "/api/embeddings", body), kind="openai", models=("m",), tokens=1)
+    assert isinstance(openai_only, Static) and openai_only.status == 404  # an Ollama route
+
+
+@pytest.mark.parametrize(
     ("headers", "expected"),
     [
         ([("x-mock-fault", "status=429"), ("x-mock-tokens", "3")], Overrides(("status", 429), 3)),

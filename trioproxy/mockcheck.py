@@ -43,15 +43,41 @@ def _known_names(models: tuple[str, ...]) -> frozenset[str]:
     return frozenset(models) | {_with_tag(m) for m in models}
 
 
-def _model(body: dict[str, Any], models: tuple[str, ...], fmt: ErrorFormat, *, key: str = "model") -> str:
+def _model_name(body: dict[str, Any], fmt: ErrorFormat, *, key: str = "model") -> str:
+    """The model named by ``body[key]``: 400 if missing or not a string."""
     model = body.get(key)
     if not isinstance(model, str) or not model:
         raise _Reject(400, "model is required" if fmt == "ollama" else "you must provide a model parameter")
+    return model
+
+
+def _known(model: str, models: tuple[str, ...], fmt: ErrorFormat) -> str:
+    """``model`` if this mock serves it, else 404 (``models``: as in ``MockSettings``)."""
     if "*" in models or model in _known_names(models) or _with_tag(model) in _known_names(models):
         return model
     if fmt == "ollama":
         raise _Reject(404, f"model '{model}' not found")
     raise _Reject(404, f"The model `{model}` does not exist.")
+
+
+def _model(body: dict[str, Any], models: tuple[str, ...], fmt: ErrorFormat, *, key: str = "model") -> str:
+    return _known(_model_name(body, fmt, key=key), models, fmt)
+
+
+#: Go's encoding/json words for a JSON value's type ("json: cannot unmarshal number into ...").
+_GO_TYPES: dict[type, str] = {str: "string", bool: "bool", int: "number", float: "number", list: "array",
+                              dict: "object"}
+
+
+def _go_field(body: dict[str, Any], key: str, struct: str, go_type: str, python_type: type) -> None:
+    """Refuse ``body[key]`` (400) as Ollama's Go decoder does when it is not a ``python_type``.
+
+    ``null`` is accepted: Go decodes it to the field's zero value.
+    """
+    value = body.get(key)
+    if value is not None and not isinstance(value, python_type):
+        raise _Reject(400, f"json: cannot unmarshal {_GO_TYPES[type(value)]} into Go struct field "
+                           f"{struct}.{key} of type {go_type}")
 
 
 def _flag(body: dict[str, Any], key: str, default: bool) -> bool:

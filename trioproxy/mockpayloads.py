@@ -34,10 +34,14 @@ from .mockcheck import (
     ErrorFormat,
     _cap,
     _flag,
+    _go_field,
     _inputs,
     _json_object,
+    _known,
     _messages_words,
     _model,
+    _model_name,
+    _Reject,
     _with_tag,
     _words,
 )
@@ -167,6 +171,22 @@ def _ollama_embed(request: Request, models: tuple[str, ...], tokens: int) -> Rep
     return Static(200, "application/json", _dumps(payload))
 
 
+def _ollama_embeddings(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+    """The legacy ``/api/embeddings``: one ``prompt`` in, ``{"embedding": [...]}`` out, no counters.
+
+    An empty (or missing) prompt only loads the model: ``{"embedding": []}``.
+    """
+    body = _json_object(request.body)
+    _go_field(body, "prompt", "EmbeddingRequest", "string", str)
+    name = _model_name(body, "ollama")
+    try:
+        _known(name, models, "ollama")
+    except _Reject:  # this handler's own wording (Ollama's scheduler's), with Go's %q quoting
+        raise _Reject(404, f"model {json.dumps(name)} not found, try pulling it first") from None
+    prompt = body.get("prompt")
+    return Static(200, "application/json", _dumps({"embedding": embedding(prompt) if prompt else []}))
+
+
 def _listed(models: tuple[str, ...]) -> list[str]:
     return [m for m in models if m != "*"]
 
@@ -251,6 +271,7 @@ _ROUTES: dict[str, tuple[str, Handler, frozenset[str]]] = {
     "/api/chat": ("POST", _ollama("ollama_chat"), _OLLAMA_KINDS),
     "/api/generate": ("POST", _ollama("ollama_generate"), _OLLAMA_KINDS),
     "/api/embed": ("POST", _ollama_embed, _OLLAMA_KINDS),
+    "/api/embeddings": ("POST", _ollama_embeddings, _OLLAMA_KINDS),  # legacy, still served (ollama.embeddings)
     "/api/tags": ("GET", _tags, _OLLAMA_KINDS),
     "/api/show": ("POST", _show, _OLLAMA_KINDS),
     "/api/ps": ("GET", _ps, _OLLAMA_KINDS),
