@@ -169,7 +169,10 @@ async def test_openai_sdk(nursery: trio.Nursery) -> None:
             out["embeddings"] = sdk.embeddings.create(model="a", input=["x y", "z"])  # SDK asks for base64
             out["models"] = [m.id for m in sdk.models.list()]
             with pytest.raises(openai.NotFoundError):
-                sdk.chat.completions.create(model="nope", messages=[])
+                sdk.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+            with pytest.raises(openai.BadRequestError) as refused:
+                sdk.chat.completions.create(model="a", messages=[])
+            out["refused"] = refused.value
             with pytest.raises(openai.RateLimitError):
                 sdk.chat.completions.create(model="a", messages=[], extra_headers={"x-mock-fault": "status=429"})
             return out
@@ -185,6 +188,8 @@ async def test_openai_sdk(nursery: trio.Nursery) -> None:
         assert vectors == [pytest.approx(list(embedding("x y")), abs=1e-6), pytest.approx(list(embedding("z")),
                                                                                           abs=1e-6)]
         assert out["models"] == ["a", "b"]
+        assert (out["refused"].code, out["refused"].param, out["refused"].type) == (
+            "empty_array", "messages", "invalid_request_error")
 
 
 async def test_embeddings_and_models_shapes(nursery: trio.Nursery) -> None:
@@ -287,6 +292,11 @@ async def test_routes_by_kind(nursery: trio.Nursery, kind: Any, path: str, statu
         ("/api/generate", {"model": "x"}, 404, "model 'x' not found"),
         ("/v1/chat/completions", "{", 400, None),
         ("/api/embed", "{", 400, None),
+        ("/v1/chat/completions", {"model": "x", "messages": "hi"}, 400,
+         {"message": "Invalid type for 'messages': expected an array of objects, but got a string instead.",
+          "type": "invalid_request_error", "param": "messages", "code": "invalid_type"}),
+        ("/api/chat", {"model": "x", "messages": {}}, 400,
+         "json: cannot unmarshal object into Go struct field ChatRequest.messages of type []api.Message"),
     ],
 )
 async def test_errors_in_route_format(nursery: trio.Nursery, path: str, body: Any, status: int, error: Any) -> None:

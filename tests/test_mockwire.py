@@ -13,6 +13,10 @@ from trioproxy.mockreply import TOKENS, Generation, GenerationRenderer, Static, 
 from trioproxy.mockwire import Overrides, parse_overrides, plan_reply
 
 
+#: The smallest chat a real server accepts: one message of one word.
+HI = [{"role": "user", "content": "hi"}]
+
+
 def _request(method: str, path: str, body: Any = None, headers: list[tuple[str, str]] | None = None) -> Request:
     raw = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
     return Request(method, path, path, "", False, headers or [], raw, True)
@@ -42,7 +46,7 @@ def test_routes_by_kind(kind: Any, method: str, path: str, status: int) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "status", "expected"),
     [
-        ("/v1/chat/completions", {"model": "gpt-9"}, 404,
+        ("/v1/chat/completions", {"model": "gpt-9", "messages": HI}, 404,
          {"error": {"message": "The model `gpt-9` does not exist.", "type": "NotFoundError", "param": None,
                     "code": 404}}),
         ("/api/chat", {"model": "gpt-9"}, 404, {"error": "model 'gpt-9' not found"}),
@@ -51,7 +55,7 @@ def test_routes_by_kind(kind: Any, method: str, path: str, status: int) -> None:
         ("/api/generate", b"\xff\xfe", 400, None),
         ("/api/embed", b"[1]", 400, None),
         ("/v1/completions", {"model": "mock-llama", "max_tokens": -1}, 400, None),
-        ("/v1/chat/completions", {"model": "mock-llama", "stream": "yes"}, 400, None),
+        ("/v1/chat/completions", {"model": "mock-llama", "stream": "yes", "messages": HI}, 400, None),
         ("/v1/chat/completions", {"messages": []}, 400, None),
     ],
 )
@@ -67,6 +71,55 @@ def test_request_errors_in_the_route_format(path: str, body: Any, status: int, e
         assert decoded["error"]["code"] == status and decoded["error"]["type"] == "BadRequestError"
 
 
+_EMPTY = "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead."
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "code"),
+    [
+        ({"model": "m"}, "Missing required parameter: 'messages'.", "missing_required_parameter"),
+        ({"model": "m", "messages": None}, "Missing required parameter: 'messages'.", "missing_required_parameter"),
+        ({"model": "m", "messages": "hi"},
+         "Invalid type for 'messages': expected an array of objects, but got a string instead.", "invalid_type"),
+        ({"model": "m", "messages": {"role": "user", "content": "hi"}},
+         "Invalid type for 'messages': expected an array of objects, but got an object instead.", "invalid_type"),
+        ({"model": "m", "messages": 3},
+         "Invalid type for 'messages': expected an array of objects, but got an integer instead.", "invalid_type"),
+        ({"model": "m", "messages": []}, _EMPTY, "empty_array"),
+        ({"model": "gpt-9", "messages": []}, _EMPTY, "empty_array"),  # the body is refused before the model
+    ],
+)
+def test_chat_messages_are_checked_as_openai_does(body: Any, message: str, code: str) -> None:
+    reply = plan_reply(_request("POST", "/v1/chat/completions", body), kind="both", models=("m",), tokens=4)
+    assert isinstance(reply, Static) and reply.status == 400
+    assert json.loads(reply.body) == {"error": {"message": message, "type": "invalid_request_error",
+                                                "param": "messages", "code": code}}
+
+
+_GO = "json: cannot unmarshal {} into Go struct field {} of type {}"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "error"),
+    [
+        ("/api/chat", {"model": "m", "messages": "hi"}, _GO.format("string", "ChatRequest.messages", "[]api.Message")),
+        ("/api/chat", {"model": "m", "messages": {"role": "user"}},
+         _GO.format("object", "ChatRequest.messages", "[]api.Message")),
+        ("/api/chat", {"model": "m", "messages": 7.5}, _GO.format("number", "ChatRequest.messages", "[]api.Message")),
+        ("/api/chat", {"model": "m", "messages": True}, _GO.format("bool", "ChatRequest.messages", "[]api.Message")),
+        ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "a"}, "b"]},
+         _GO.format("string", "ChatRequest.messages", "api.Message")),
+        ("/api/chat", {"model": "nope", "messages": "hi"},  # decoded before the model is looked up
+         _GO.format("string", "ChatRequest.messages", "[]api.Message")),
+        ("/api/generate", {"model": "m", "prompt": ["a"]}, _GO.format("array", "GenerateRequest.prompt", "string")),
+        ("/api/generate", {"model": "m", "prompt": 1}, _GO.format("number", "GenerateRequest.prompt", "string")),
+    ],
+)
+def test_ollama_refuses_fields_of_the_wrong_type_as_go_decodes_them(path: str, body: Any, error: str) -> None:
+    reply = plan_reply(_request("POST", path, body), kind="ollama", models=("m",), tokens=4)
+    assert isinstance(reply, Static) and reply.status == 400 and json.loads(reply.body) == {"error": error}
+
+
 def test_model_names_match_with_and_without_tag_and_star_accepts_all() -> None:
     for model, models in [("mock-llama:latest", ("mock-llama",)), ("m", ("m:latest",)), ("any", ("*",))]:
         reply = plan_reply(_request("POST", "/api/chat", {"model": model}), kind="both", models=models, tokens=1)
@@ -80,9 +133,10 @@ def test_model_names_match_with_and_without_tag_and_star_accepts_all() -> None:
                                                              {"content": [{"type": "text", "text": "d e"}]}]},
          Generation("chat", "m", False, 5, "stop", 5, False)),
         ("/v1/chat/completions", {"model": "m", "stream": True, "max_tokens": 9, "max_completion_tokens": 2,
-                                  "stream_options": {"include_usage": True}},
+                                  "stream_options": {"include_usage": True}, "messages": HI},
          Generation("chat", "m", True, 2, "length", 1, True)),
-        ("/v1/chat/completions", {"model": "m", "stream": False, "stream_options": {"include_usage": True}},
+        ("/v1/chat/completions", {"model": "m", "stream": False, "stream_options": {"include_usage": True},
+                                  "messages": HI},
          Generation("chat", "m", False, 5, "stop", 1, False)),
         ("/v1/completions", {"model": "m", "prompt": [1, 2, 3], "max_tokens": 5, "stream": True},
          Generation("completion", "m", True, 5, "stop", 3, False)),

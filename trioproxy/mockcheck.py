@@ -4,6 +4,12 @@
 request they refuse raises :class:`_Reject` (status and message), which
 ``mockwire.plan_reply`` turns into an error reply in the route's format.
 
+Requests are checked as the real servers check them, once per request (never per
+token), in their words: OpenAI refuses a chat completion whose ``messages`` is
+missing, not an array or empty (400, OpenAI's ``invalid_request_error`` with its
+``param`` and ``code``); Ollama refuses a field of the wrong JSON type with Go's
+decoding error (400, before it looks the model up).
+
 Kept apart from ``mockpayloads`` (the replies) because this is the input side
 only: what each API accepts, and the prompt-size counts the replies report.
 """
@@ -18,10 +24,14 @@ ErrorFormat = Literal["openai", "ollama"]
 
 
 class _Reject(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """A refused request: ``status`` and ``message``; ``param`` and ``code``: OpenAI's checks."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.param = param
+        self.code = code
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -64,6 +74,29 @@ def _model(body: dict[str, Any], models: tuple[str, ...], fmt: ErrorFormat, *, k
     return _known(_model_name(body, fmt, key=key), models, fmt)
 
 
+#: OpenAI's words for a JSON value's type ("expected an integer, but got a string instead").
+_OPENAI_TYPES: dict[type, str] = {str: "a string", bool: "a boolean", int: "an integer", float: "a decimal",
+                                  list: "an array", dict: "an object"}
+
+
+def _openai_messages(body: dict[str, Any]) -> list[Any]:
+    """``messages`` as OpenAI checks it: present, an array, not empty (400 with its ``code``).
+
+    ``null`` counts as missing. The messages themselves are not checked.
+    """
+    messages = body.get("messages")
+    if messages is None:
+        raise _Reject(400, "Missing required parameter: 'messages'.", param="messages",
+                      code="missing_required_parameter")
+    if not isinstance(messages, list):
+        raise _Reject(400, f"Invalid type for 'messages': expected an array of objects, but got "
+                           f"{_OPENAI_TYPES[type(messages)]} instead.", param="messages", code="invalid_type")
+    if not messages:
+        raise _Reject(400, "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an "
+                           "empty array instead.", param="messages", code="empty_array")
+    return messages
+
+
 #: Go's encoding/json words for a JSON value's type ("json: cannot unmarshal number into ...").
 _GO_TYPES: dict[type, str] = {str: "string", bool: "bool", int: "number", float: "number", list: "array",
                               dict: "object"}
@@ -78,6 +111,15 @@ def _go_field(body: dict[str, Any], key: str, struct: str, go_type: str, python_
     if value is not None and not isinstance(value, python_type):
         raise _Reject(400, f"json: cannot unmarshal {_GO_TYPES[type(value)]} into Go struct field "
                            f"{struct}.{key} of type {go_type}")
+
+
+def _ollama_messages(body: dict[str, Any]) -> None:
+    """``messages`` of ``/api/chat`` as Go decodes it: an array (or null) of objects (or nulls)."""
+    _go_field(body, "messages", "ChatRequest", "[]api.Message", list)
+    for message in body.get("messages") or ():
+        if message is not None and not isinstance(message, dict):
+            raise _Reject(400, f"json: cannot unmarshal {_GO_TYPES[type(message)]} into Go struct field "
+                               "ChatRequest.messages of type api.Message")
 
 
 def _flag(body: dict[str, Any], key: str, default: bool) -> bool:

@@ -41,6 +41,8 @@ from .mockcheck import (
     _messages_words,
     _model,
     _model_name,
+    _ollama_messages,
+    _openai_messages,
     _Reject,
     _with_tag,
     _words,
@@ -81,13 +83,20 @@ def error_format(path: str) -> ErrorFormat:
     return "ollama" if path.startswith("/api/") or path == "/" else "openai"
 
 
-def error_reply(fmt: ErrorFormat, status: int, message: str, *, retry_after_s: int | None = None) -> Static:
+def error_reply(
+    fmt: ErrorFormat, status: int, message: str, *, retry_after_s: int | None = None,
+    param: str | None = None, code: str | None = None,
+) -> Static:
     """An error in the route's format: vLLM's ``{"error":{...}}`` or Ollama's ``{"error":"..."}``.
 
+    With ``param`` (one of OpenAI's request checks): OpenAI's own shape instead, type
+    ``invalid_request_error``, the ``param`` and OpenAI's ``code`` (a string or null).
     ``retry_after_s`` is sent as ``Retry-After`` only with 429 and 503, as servers do.
     """
     if fmt == "ollama":
         body = _dumps({"error": message})
+    elif param is not None:
+        body = _dumps({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}})
     else:
         kind = _OPENAI_ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
         body = _dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
@@ -109,7 +118,9 @@ Handler = Callable[[Request, tuple[str, ...], int], Reply]
 
 def _chat(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
     body = _json_object(request.body)
-    model = _model(body, models, "openai")
+    name = _model_name(body, "openai")
+    _openai_messages(body)  # a malformed request is refused (400) before its model is looked up (404)
+    model = _known(name, models, "openai")
     stream = _flag(body, "stream", False)
     n, reason = _cap([body.get("max_completion_tokens"), body.get("max_tokens")], tokens)
     options = body.get("stream_options")
@@ -130,6 +141,10 @@ def _completion(request: Request, models: tuple[str, ...], tokens: int) -> Reply
 def _ollama(api: Api) -> Handler:
     def handler(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
         body = _json_object(request.body)
+        if api == "ollama_chat":  # Go decodes the whole body first: a wrong type is a 400 before any lookup
+            _ollama_messages(body)
+        else:
+            _go_field(body, "prompt", "GenerateRequest", "string", str)
         model = _model(body, models, "ollama")
         stream = _flag(body, "stream", True)
         options = body.get("options")

@@ -32,8 +32,9 @@ def plan_reply(request: Request, *, kind: MockKind, models: tuple[str, ...], tok
     """Decide the answer to ``request``: a :class:`Static` reply or a :class:`Generation`.
 
     Never raises for a bad request: unknown routes (404), wrong methods (405, with
-    ``Allow``), bad JSON (400) and unknown models (404) become error replies in the
-    route's format. ``HEAD`` is served like ``GET`` (the caller drops the body).
+    ``Allow``), bad JSON (400), bodies the real server refuses (400, in its words:
+    see ``mockcheck``) and unknown models (404) become error replies in the route's
+    format. ``HEAD`` is served like ``GET`` (the caller drops the body).
 
     Args:
       kind: which API family this mock imitates (``/v1/*`` is served by all three).
@@ -52,7 +53,7 @@ def plan_reply(request: Request, *, kind: MockKind, models: tuple[str, ...], tok
     try:
         return handler(request, models, tokens)
     except _Reject as exc:
-        return error_reply(fmt, exc.status, exc.message)
+        return error_reply(fmt, exc.status, exc.message, param=exc.param, code=exc.code)
 
 
 @frozen
