@@ -262,6 +262,44 @@ async def test_ollama_client(nursery: trio.Nursery) -> None:
         assert out["error"].status_code == 404 and out["error"].error == "model 'nope' not found"
 
 
+@pytest.mark.parametrize("stream", [True, False, None])
+@pytest.mark.parametrize(("path", "body"), [("/api/chat", {"messages": []}), ("/api/generate", {"prompt": ""})])
+async def test_ollama_with_nothing_to_answer_loads_the_model(
+    nursery: trio.Nursery, path: str, body: dict[str, Any], stream: bool | None
+) -> None:
+    with trio.fail_after(10):
+        mock = await start(nursery, MockSettings(ttft_ms=60_000, token_delay_ms=60_000))  # a load does not wait
+        sock = await connect(mock)
+        request = {"model": "mock-llama", **body} | ({} if stream is None else {"stream": stream})
+        await sock.send(post(path, request, b"connection: close\r\n"))
+        [(status, headers, raw)] = split_responses(await read_all(sock))
+        assert status == b"HTTP/1.1 200 OK" and headers["content-type"] == "application/json"  # one object, not NDJSON
+        answer = json.loads(raw)
+        assert answer["created_at"].endswith("Z")
+        del answer["created_at"]
+        if path == "/api/chat":
+            assert list(answer) == ["model", "message", "done_reason", "done"]
+            assert answer == {"model": "mock-llama", "message": {"role": "assistant", "content": ""},
+                              "done_reason": "load", "done": True}
+        else:
+            assert answer == {"model": "mock-llama", "response": "", "done": True, "done_reason": "load"}
+
+
+async def test_ollama_client_loads_a_model(nursery: trio.Nursery) -> None:
+    with trio.fail_after(30):
+        mock = await start(nursery)
+        api = ollama.Client(host=f"http://127.0.0.1:{mock.port}", trust_env=False)
+
+        def run() -> list[Any]:
+            return [api.chat(model="mock-llama"), *api.chat(model="mock-llama", messages=[], stream=True),
+                    api.generate(model="mock-llama"), *api.generate(model="mock-llama", stream=True)]
+
+        answers = await trio.to_thread.run_sync(run)
+    assert [(a.done, a.done_reason, a.eval_count) for a in answers] == [(True, "load", None)] * 4
+    assert answers[0].message.content == answers[1].message.content == ""
+    assert answers[2].response == answers[3].response == ""
+
+
 @pytest.mark.parametrize(
     ("kind", "path", "status", "body"),
     [
@@ -331,6 +369,20 @@ async def test_legacy_ollama_embeddings_through_the_gateway(start_mock: StartMoc
     assert mock.statistics().by_path["/api/embeddings"] == 2  # (and the health probe's /api/version)
 
 
+async def test_ollama_model_loads_through_the_gateway(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(kind="ollama", models=("mock-llama",), ttft_ms=0, token_delay_ms=0)
+        gw = await start_gateway(upstream_toml("o", f"http://127.0.0.1:{mock.port}", kind="ollama"))
+        api = ollama.Client(host=gw.url, trust_env=False)
+
+        def run() -> list[Any]:
+            return [api.chat(model="mock-llama", messages=[]), *api.chat(model="mock-llama", stream=True),
+                    api.generate(model="mock-llama"), *api.generate(model="mock-llama", prompt="", stream=True)]
+
+        answers = await trio.to_thread.run_sync(run)
+    assert [(a.done, a.done_reason) for a in answers] == [(True, "load")] * 4
+
+
 # --- faults ---------------------------------------------------------------------------------
 
 
@@ -383,7 +435,8 @@ async def test_cut_fault_truncates_the_stream(nursery: trio.Nursery, path: str) 
     with trio.fail_after(10):
         mock = await start(nursery, MockSettings(ttft_ms=0, token_delay_ms=0, fault=FaultPlan("cut")))
         received = b""
-        async with client(mock) as http, http.stream("POST", path, json={**CHAT, "stream": True}) as r:
+        body = {**CHAT, "prompt": "say hello", "stream": True}  # (each route reads its own field)
+        async with client(mock) as http, http.stream("POST", path, json=body) as r:
             assert r.status_code == 200
             with pytest.raises(httpx.RemoteProtocolError):
                 async for chunk in r.aiter_bytes():
@@ -513,7 +566,8 @@ async def test_ttft_applies_to_non_streamed_and_header_overrides_it(
     with trio.fail_after(120):
         mock = await start(nursery, MockSettings(ttft_ms=30_000, token_delay_ms=10_000))
         sock = await connect(mock)
-        await sock.send(post("/api/generate", {**CHAT, "stream": False}, b"x-mock-ttft-ms: 5000\r\n"))
+        await sock.send(post("/api/generate", {"model": "mock-llama", "prompt": "hi", "stream": False},
+                             b"x-mock-ttft-ms: 5000\r\n"))
         await trio.testing.wait_all_tasks_blocked()
         assert mock.statistics().in_progress == 1  # the request is in: its clock has started
         steerable_clock.jump(4)

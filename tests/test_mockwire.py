@@ -145,12 +145,40 @@ def test_model_names_match_with_and_without_tag_and_star_accepts_all() -> None:
         ("/api/generate", {"model": "m", "prompt": "x y z", "system": "s", "stream": False,
                            "options": {"num_predict": 3}},
          Generation("ollama_generate", "m", False, 3, "length", 4, False)),
-        ("/api/generate", {"model": "m", "options": {"num_predict": -1}},
+        ("/api/generate", {"model": "m", "prompt": "x", "options": {"num_predict": -1}},
          Generation("ollama_generate", "m", True, 5, "stop", 1, False)),
     ],
 )
 def test_generation_plans(path: str, body: Any, expected: Generation) -> None:
     assert plan_reply(_request("POST", path, body), kind="both", models=("*",), tokens=5) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/chat", {"model": "m"}), ("/api/chat", {"model": "m", "messages": []}),
+        ("/api/chat", {"model": "m", "messages": None, "stream": True}),
+        ("/api/chat", {"model": "m", "messages": [], "stream": False, "options": {"num_predict": 3}}),
+        ("/api/generate", {"model": "m"}), ("/api/generate", {"model": "m", "prompt": "", "stream": True}),
+        ("/api/generate", {"model": "m", "prompt": None, "system": "you are terse"}),
+    ],
+)
+def test_nothing_to_answer_only_loads_the_model(path: str, body: Any) -> None:
+    reply = plan_reply(_request("POST", path, body), kind="ollama", models=("m",), tokens=4)
+    api = "ollama_chat" if path == "/api/chat" else "ollama_generate"
+    assert reply == Generation(api, "m", False, 0, "load", 0)  # never streamed, no tokens
+    unknown = plan_reply(_request("POST", path, {**body, "model": "nope"}), kind="ollama", models=("m",), tokens=4)
+    assert isinstance(unknown, Static) and unknown.status == 404  # the model is looked up first
+
+
+def test_load_answers_bytes() -> None:
+    chat = GenerationRenderer(Generation("ollama_chat", "m", False, 0, "load", 0), number=1, created=0, chunked=True)
+    assert chat.whole(Timings(1, 2, 3), created_at="T") == (
+        b'{"model":"m","created_at":"T","message":{"role":"assistant","content":""},"done_reason":"load","done":true}')
+    gen = GenerationRenderer(Generation("ollama_generate", "m", False, 0, "load", 0), number=1, created=0,
+                             chunked=True)
+    assert gen.whole(Timings(), created_at="T") == (
+        b'{"model":"m","created_at":"T","response":"","done":true,"done_reason":"load"}')
 
 
 def _events(pieces: list[bytes]) -> list[str]:

@@ -355,6 +355,8 @@ class MockUpstream:
         if slow:
             assert fault is not None
             ttft = fault.slow_ttft_ms / 1000
+        elif reply.finish_reason == "load":  # no prompt to evaluate: a warm model answers at once
+            ttft = 0.0
         delay = (settings.token_delay_ms if overrides.token_delay_ms is None else overrides.token_delay_ms) / 1000
         render = GenerationRenderer(reply, number=number, created=int(time.time()), chunked=not request.http10)
         if not reply.stream and ttft == 0 and cut is None:  # the hot path: nothing to wait for, no watcher

@@ -143,10 +143,14 @@ def _ollama(api: Api) -> Handler:
         body = _json_object(request.body)
         if api == "ollama_chat":  # Go decodes the whole body first: a wrong type is a 400 before any lookup
             _ollama_messages(body)
+            empty = not body.get("messages")
         else:
             _go_field(body, "prompt", "GenerateRequest", "string", str)
+            empty = not body.get("prompt")
         model = _model(body, models, "ollama")
         stream = _flag(body, "stream", True)
+        if empty:  # Ollama loads the model and says so (c.JSON: one object, even when a stream was asked for)
+            return Generation(api, model, False, 0, "load", 0)
         options = body.get("options")
         limit = options.get("num_predict") if isinstance(options, dict) else None
         n, reason = _cap([limit if isinstance(limit, int) and limit > 0 else None], tokens)

@@ -79,13 +79,18 @@ class Static:
 
 @frozen
 class Generation:
-    """A completion to produce over time; ``tokens`` is already capped by max_tokens."""
+    """A completion to produce over time; ``tokens`` is already capped by max_tokens.
+
+    ``finish_reason`` ``"load"``: an Ollama request with nothing to answer (empty
+    ``messages`` or ``prompt``) that only loads the model: one ``done`` object without
+    content or counters, never streamed, no tokens.
+    """
 
     api: Api
     model: str
     stream: bool
     tokens: int
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "load"]
     prompt_tokens: int
     include_usage: bool = False
 
@@ -186,6 +191,14 @@ class GenerationRenderer:
         )
         return self._prefix + created_at.encode() + b'",' + middle + b"," + metrics
 
+    def _ollama_load(self, created_at: str) -> bytes:
+        # Ollama's handlers answer it with c.JSON: its metrics are all omitempty and zero.
+        if self.gen.api == "ollama_chat":
+            middle = b'"message":{"role":"assistant","content":""},"done_reason":"load","done":true}'
+        else:
+            middle = b'"response":"","done":true,"done_reason":"load"}'
+        return self._prefix + created_at.encode() + b'",' + middle
+
     def closing(self, timings: Timings, *, created_at: str = "") -> list[bytes]:
         """The events after the last token, one write each; the last one ends the body."""
         g = self.gen
@@ -208,6 +221,8 @@ class GenerationRenderer:
         g = self.gen
         content = _json_str(content_text(g.tokens))
         if g.api in ("ollama_chat", "ollama_generate"):
+            if g.finish_reason == "load":
+                return self._ollama_load(created_at)
             return self._ollama_final(content, timings, created_at)
         if g.api == "chat":
             obj, choice = b"chat.completion", b'"message":{"role":"assistant","content":%s}' % content
