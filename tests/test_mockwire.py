@@ -9,7 +9,7 @@ import pytest
 
 from trioproxy.mockhttp import LAST_CHUNK, Request
 from trioproxy.mockpayloads import embedding, error_reply
-from trioproxy.mockreply import TOKENS, Generation, GenerationRenderer, Static, Timings, content_text
+from trioproxy.mockreply import TOKENS, Api, Generation, GenerationRenderer, Static, Timings, content_text
 from trioproxy.mockwire import Overrides, parse_overrides, plan_reply
 
 
@@ -165,7 +165,7 @@ def test_generation_plans(path: str, body: Any, expected: Generation) -> None:
 )
 def test_nothing_to_answer_only_loads_the_model(path: str, body: Any) -> None:
     reply = plan_reply(_request("POST", path, body), kind="ollama", models=("m",), tokens=4)
-    api = "ollama_chat" if path == "/api/chat" else "ollama_generate"
+    api: Api = "ollama_chat" if path == "/api/chat" else "ollama_generate"
     assert reply == Generation(api, "m", False, 0, "load", 0)  # never streamed, no tokens
     unknown = plan_reply(_request("POST", path, {**body, "model": "nope"}), kind="ollama", models=("m",), tokens=4)
     assert isinstance(unknown, Static) and unknown.status == 404  # the model is looked up first
@@ -224,6 +224,82 @@ def test_chat_stream_bytes(include_usage: bool) -> None:
         assert len(decoded) == 6
     else:
         assert len(decoded) == 5 and all("usage" not in d for d in decoded)
+
+
+@pytest.mark.parametrize(
+    ("n", "message", "code"),
+    [
+        (0, "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead.",
+         "integer_below_min_value"),
+        (129, "Invalid 'n': integer above maximum value. Expected a value <= 128, but got 129 instead.",
+         "integer_above_max_value"),
+        ("2", "Invalid type for 'n': expected an integer, but got a string instead.", "invalid_type"),
+        (2.5, "Invalid type for 'n': expected an integer, but got a decimal instead.", "invalid_type"),
+        (True, "Invalid type for 'n': expected an integer, but got a boolean instead.", "invalid_type"),
+    ],
+)
+def test_n_is_checked_as_openai_does(n: object, message: str, code: str) -> None:
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        reply = plan_reply(_request("POST", path, {"model": "m", "messages": HI, "prompt": "hi", "n": n}),
+                           kind="both", models=("m",), tokens=4)
+        assert isinstance(reply, Static) and reply.status == 400
+        assert json.loads(reply.body) == {"error": {"message": message, "type": "invalid_request_error",
+                                                    "param": "n", "code": code}}
+
+
+def test_n_plans_and_the_bound_on_an_answers_size() -> None:
+    for n, expected in [(None, 1), (1, 1), (3, 3), (128, 128)]:
+        reply = plan_reply(_request("POST", "/v1/chat/completions", {"model": "m", "messages": HI, "n": n}),
+                           kind="both", models=("m",), tokens=4)
+        assert reply == Generation("chat", "m", False, 4, "stop", 1, False, expected)
+    big = {"model": "m", "messages": HI, "n": 101}
+    refused = plan_reply(_request("POST", "/v1/chat/completions", big), kind="both", models=("m",), tokens=10_000)
+    assert isinstance(refused, Static) and refused.status == 400  # 1,010,000 tokens: past the mock's bound
+    capped = plan_reply(_request("POST", "/v1/chat/completions", {**big, "max_tokens": 9_900}), kind="both",
+                        models=("m",), tokens=10_000)
+    assert isinstance(capped, Generation) and (capped.tokens, capped.choices) == (9_900, 101)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_n_choices_stream_interleaved(include_usage: bool) -> None:
+    gen = Generation("chat", "m", True, 3, "length", 7, include_usage, choices=3)
+    render = GenerationRenderer(gen, number=1, created=5, chunked=True)
+    events = _events([render.opening(), *(render.step(i) for i in range(3)), *render.closing(Timings())])
+    assert events[-1] == "[DONE]"
+    decoded = [json.loads(e) for e in events[:-1]]
+    for event in events[:-1]:
+        _compact(event)
+    choices = [d["choices"][0] for d in decoded if d["choices"]]
+    assert [c["index"] for c in choices] == [0, 1, 2] * 5  # role, 3 tokens, finish: each step every choice
+    assert all(c["delta"] == {"role": "assistant", "content": ""} for c in choices[:3])
+    for index in range(3):
+        mine = [c for c in choices if c["index"] == index]
+        assert "".join(c["delta"].get("content", "") for c in mine) == content_text(3, index)
+        assert [c["finish_reason"] for c in mine] == [None] * 4 + ["length"]
+    assert content_text(3, 1) == " from the mock" and len({content_text(3, i) for i in range(3)}) == 3
+    if include_usage:
+        assert decoded[-1]["choices"] == [] and decoded[-1]["usage"] == {
+            "prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
+    else:
+        assert all("usage" not in d for d in decoded)
+
+
+def test_n_choices_whole_and_completions() -> None:
+    whole = json.loads(GenerationRenderer(Generation("chat", "m", False, 2, "stop", 4, choices=3), number=9,
+                                          created=5, chunked=True).whole(Timings()))
+    assert whole["choices"] == [
+        {"index": i, "message": {"role": "assistant", "content": content_text(2, i)}, "logprobs": None,
+         "finish_reason": "stop"} for i in range(3)]
+    assert whole["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+    text = GenerationRenderer(Generation("completion", "m", True, 2, "stop", 1, choices=2), number=1, created=5,
+                              chunked=False)
+    raw = text.opening() + text.step(0) + text.step(1) + b"".join(text.closing(Timings()))
+    events = [json.loads(e.removeprefix(b"data: ")) for e in raw.split(b"\n\n")[:-2]]
+    assert [(e["choices"][0]["index"], e["choices"][0]["text"]) for e in events] == [
+        (0, "Hello"), (1, " from"), (0, " from"), (1, " the"), (0, ""), (1, "")]
+    whole = json.loads(GenerationRenderer(Generation("completion", "m", False, 2, "stop", 1, choices=2), number=1,
+                                          created=5, chunked=True).whole(Timings()))
+    assert [c["text"] for c in whole["choices"]] == ["Hello from", " from the"]
 
 
 def test_completion_stream_and_whole() -> None:
