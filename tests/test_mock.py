@@ -192,6 +192,34 @@ async def test_openai_sdk(nursery: trio.Nursery) -> None:
             "empty_array", "messages", "invalid_request_error")
 
 
+async def test_openai_sdk_n_choices(nursery: trio.Nursery) -> None:
+    with trio.fail_after(30):
+        mock = await start(nursery, MockSettings(ttft_ms=0, token_delay_ms=0, tokens=4))
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{mock.port}/v1", api_key="k", max_retries=0,
+                            http_client=openai.DefaultHttpxClient(trust_env=False))
+
+        def run() -> tuple[Any, list[Any], Any]:
+            whole = sdk.chat.completions.create(model="mock-llama", messages=[{"role": "user", "content": "hi there"}],
+                                                n=3, max_tokens=3)
+            chunks = list(sdk.chat.completions.create(
+                model="mock-llama", messages=[{"role": "user", "content": "hi there"}], n=2, stream=True,
+                stream_options={"include_usage": True}))
+            return whole, chunks, sdk.completions.create(model="mock-llama", prompt="hi", n=2)
+
+        whole, chunks, completion = await trio.to_thread.run_sync(run)
+    assert [(c.index, c.message.content, c.finish_reason) for c in whole.choices] == [
+        (i, content_text(3, i), "length") for i in range(3)]
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (2, 9)
+    indices = [c.choices[0].index for c in chunks if c.choices]
+    assert indices == [0, 1] * 6  # role, 4 tokens, finish: interleaved, a step at a time
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(c.delta.content or "" for c in mine) == content_text(4, i)
+        assert [c.finish_reason for c in mine][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.total_tokens == 10
+    assert [c.text for c in completion.choices] == [content_text(4), content_text(4, 1)]
+
+
 async def test_embeddings_and_models_shapes(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         mock = await start(nursery, MockSettings(models=("m1", "*")))
@@ -381,6 +409,28 @@ async def test_ollama_model_loads_through_the_gateway(start_mock: StartMock, sta
 
         answers = await trio.to_thread.run_sync(run)
     assert [(a.done, a.done_reason) for a in answers] == [(True, "load")] * 4
+
+
+async def test_n_choices_through_the_gateway(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    with trio.fail_after(30):
+        mock = await start_mock(models=("mock-llama",), tokens=3, ttft_ms=0, token_delay_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}"))
+        sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0,
+                            http_client=openai.DefaultHttpxClient(trust_env=False))
+
+        def run() -> tuple[Any, list[Any]]:
+            whole = sdk.chat.completions.create(model="mock-llama", messages=[{"role": "user", "content": "hi"}], n=2)
+            return whole, list(sdk.chat.completions.create(
+                model="mock-llama", messages=[{"role": "user", "content": "hi"}], n=2, stream=True,
+                stream_options={"include_usage": True}))
+
+        whole, chunks = await trio.to_thread.run_sync(run)
+    assert [c.message.content for c in whole.choices] == [content_text(3), content_text(3, 1)]
+    assert whole.usage.completion_tokens == 6
+    for i in range(2):
+        assert "".join(c.choices[0].delta.content or "" for c in chunks
+                       if c.choices and c.choices[0].index == i) == content_text(3, i)
+    assert chunks[-1].usage.completion_tokens == 6
 
 
 # --- faults ---------------------------------------------------------------------------------

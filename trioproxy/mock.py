@@ -420,7 +420,9 @@ class MockUpstream:
                              keep_alive=keep_alive, http10=request.http10)
         await _send_all(sock, head + render.opening())
         due = start + ttft
-        token = (lambda i: render.token(i, created_at=rfc3339(time.time()))) if ollama else render.token
+        # n > 1: each event written is a step, every choice's token (chosen here: nothing more per token at n = 1)
+        token = ((lambda i: render.token(i, created_at=rfc3339(time.time()))) if ollama
+                 else render.token if gen.choices == 1 else render.step)
         paced = PacedStream(sock.fileno(), token, gen.tokens if cut is None else min(cut, gen.tokens), due, delay)
         await self._pacer.stream(paced, partial(_send_all, sock))
         if cut is not None:

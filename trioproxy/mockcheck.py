@@ -6,8 +6,8 @@ request they refuse raises :class:`_Reject` (status and message), which
 
 Requests are checked as the real servers check them, once per request (never per
 token), in their words: OpenAI refuses a chat completion whose ``messages`` is
-missing, not an array or empty (400, OpenAI's ``invalid_request_error`` with its
-``param`` and ``code``); Ollama refuses a field of the wrong JSON type with Go's
+missing, not an array or empty, or whose ``n`` is not an integer 1..128 (400,
+OpenAI's ``invalid_request_error`` with its ``param`` and ``code``); Ollama refuses a field of the wrong JSON type with Go's
 decoding error (400, before it looks the model up).
 
 Kept apart from ``mockpayloads`` (the replies) because this is the input side
@@ -21,6 +21,9 @@ from functools import lru_cache
 from typing import Any, Literal
 
 ErrorFormat = Literal["openai", "ollama"]
+
+#: OpenAI's upper bound of ``n``, the choices of one chat completion.
+MAX_CHOICES = 128
 
 
 class _Reject(Exception):
@@ -95,6 +98,23 @@ def _openai_messages(body: dict[str, Any]) -> list[Any]:
         raise _Reject(400, "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an "
                            "empty array instead.", param="messages", code="empty_array")
     return messages
+
+
+def _openai_n(body: dict[str, Any]) -> int:
+    """``n``, the number of choices, as OpenAI checks it: 1 by default, else an integer 1..MAX_CHOICES."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise _Reject(400, f"Invalid type for 'n': expected an integer, but got {_OPENAI_TYPES[type(n)]} instead.",
+                      param="n", code="invalid_type")
+    if n < 1:
+        raise _Reject(400, f"Invalid 'n': integer below minimum value. Expected a value >= 1, but got {n} instead.",
+                      param="n", code="integer_below_min_value")
+    if n > MAX_CHOICES:
+        raise _Reject(400, f"Invalid 'n': integer above maximum value. Expected a value <= {MAX_CHOICES}, but got "
+                           f"{n} instead.", param="n", code="integer_above_max_value")
+    return n
 
 
 #: Go's encoding/json words for a JSON value's type ("json: cannot unmarshal number into ...").

@@ -29,6 +29,7 @@ import math
 import struct
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 from .mockcheck import (
     ErrorFormat,
@@ -43,6 +44,7 @@ from .mockcheck import (
     _model_name,
     _ollama_messages,
     _openai_messages,
+    _openai_n,
     _Reject,
     _with_tag,
     _words,
@@ -64,6 +66,8 @@ OLLAMA_VERSION = "0.12.6"
 MODEL_SIZE = 2_019_393_189
 #: Same model's parameter count (model_info); keeps /api/show self-consistent with details.
 PARAMETER_COUNT = 3_212_749_888
+#: Tokens of all the choices of one answer: n × x-mock-tokens must not make the mock build a gigabyte.
+MAX_ANSWER_TOKENS = 1_000_000
 
 _OPENAI_ERROR_TYPES = {
     400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
@@ -116,26 +120,37 @@ def embedding(text: str) -> tuple[float, ...]:
 Handler = Callable[[Request, tuple[str, ...], int], Reply]
 
 
+def _choices(body: dict[str, Any], tokens: int) -> int:
+    """``n`` (OpenAI's check), within the mock's bound on one answer's size."""
+    n = _openai_n(body)
+    if n * tokens > MAX_ANSWER_TOKENS:
+        raise _Reject(400, f"n x tokens: at most {MAX_ANSWER_TOKENS} tokens in one mock answer")
+    return n
+
+
 def _chat(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
     body = _json_object(request.body)
     name = _model_name(body, "openai")
     _openai_messages(body)  # a malformed request is refused (400) before its model is looked up (404)
+    n, reason = _cap([body.get("max_completion_tokens"), body.get("max_tokens")], tokens)
+    choices = _choices(body, n)
     model = _known(name, models, "openai")
     stream = _flag(body, "stream", False)
-    n, reason = _cap([body.get("max_completion_tokens"), body.get("max_tokens")], tokens)
     options = body.get("stream_options")
     usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    return Generation("chat", model, stream, n, reason, max(1, _messages_words(body)), usage)
+    return Generation("chat", model, stream, n, reason, max(1, _messages_words(body)), usage, choices)
 
 
 def _completion(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
     body = _json_object(request.body)
-    model = _model(body, models, "openai")
-    stream = _flag(body, "stream", False)
+    name = _model_name(body, "openai")
     n, reason = _cap([body.get("max_tokens")], tokens)
+    choices = _choices(body, n)
+    model = _known(name, models, "openai")
+    stream = _flag(body, "stream", False)
     options = body.get("stream_options")
     usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    return Generation("completion", model, stream, n, reason, max(1, _words(body.get("prompt"))), usage)
+    return Generation("completion", model, stream, n, reason, max(1, _words(body.get("prompt"))), usage, choices)
 
 
 def _ollama(api: Api) -> Handler:

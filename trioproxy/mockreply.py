@@ -9,7 +9,9 @@ because this is the output side only: the reply types every layer above shares,
 and the byte templates of OpenAI SSE, Ollama NDJSON and whole JSON generations,
 built from the fixed token cycle below.
 
-Determinism (tests rely on it): content token ``i`` is ``TOKENS[i % len(TOKENS)]``.
+Determinism (tests rely on it): content token ``i`` of choice ``c`` (OpenAI's ``n``) is
+``TOKENS[(i + c) % len(TOKENS)]``: choice 0 reads "Hello from the mock upstream...", and
+each other choice is told apart from it by its text as well as by its index.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ def _json_str(text: str) -> bytes:
 
 
 @lru_cache(maxsize=256)
-def content_text(n: int) -> str:
-    """The text of the first ``n`` content tokens."""
-    return "".join(TOKENS[i % len(TOKENS)] for i in range(n))
+def content_text(n: int, choice: int = 0) -> str:
+    """The text of the first ``n`` content tokens (of choice ``choice``)."""
+    return "".join(TOKENS[(i + choice) % len(TOKENS)] for i in range(n))
 
 
 def rfc3339(ts: float) -> str:
@@ -81,6 +83,7 @@ class Static:
 class Generation:
     """A completion to produce over time; ``tokens`` is already capped by max_tokens.
 
+    ``tokens`` counts each choice's tokens; ``choices`` is OpenAI's ``n`` (1 for Ollama).
     ``finish_reason`` ``"load"``: an Ollama request with nothing to answer (empty
     ``messages`` or ``prompt``) that only loads the model: one ``done`` object without
     content or counters, never streamed, no tokens.
@@ -93,6 +96,7 @@ class Generation:
     finish_reason: Literal["stop", "length", "load"]
     prompt_tokens: int
     include_usage: bool = False
+    choices: int = 1
 
     @property
     def content_type(self) -> str:
@@ -120,6 +124,15 @@ _TEXT_TOKEN = tuple(b'[{"index":0,"text":%s,"logprobs":null,"finish_reason":null
 _OLLAMA_CHAT_TOKEN = tuple(b'","message":{"role":"assistant","content":%s},"done":false}\n' % t for t in _TOKEN_JSON)
 _OLLAMA_GEN_TOKEN = tuple(b'","response":%s,"done":false}\n' % t for t in _TOKEN_JSON)
 _ROLE_CHOICES = b'[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
+
+
+@lru_cache(maxsize=256)
+def _choice_tokens(api: Api, c: int) -> tuple[bytes, ...]:
+    """Choice ``c``'s event payloads (``n`` > 1), one per token of the cycle, in the cycle's order."""
+    if api == "chat":
+        return tuple(b'[{"index":%d,"delta":{"content":%s},"logprobs":null,"finish_reason":null}]' % (c, t)
+                     for t in _TOKEN_JSON)
+    return tuple(b'[{"index":%d,"text":%s,"logprobs":null,"finish_reason":null}]' % (c, t) for t in _TOKEN_JSON)
 
 
 def _identity(data: bytes) -> bytes:
@@ -158,8 +171,13 @@ class GenerationRenderer:
         return self._frame(self._prefix + choices + self._usage_null + b"}\n\n")
 
     def opening(self) -> bytes:
-        """What goes out with the headers: the chat role chunk, else nothing."""
-        return self._sse(_ROLE_CHOICES) if self.gen.api == "chat" else b""
+        """What goes out with the headers: the chat role chunk (one per choice), else nothing."""
+        if self.gen.api != "chat":
+            return b""
+        if self.gen.choices == 1:
+            return self._sse(_ROLE_CHOICES)
+        return b"".join(self._sse(b'[{"index":%d,"delta":{"role":"assistant","content":""},"logprobs":null,'
+                                  b'"finish_reason":null}]' % c) for c in range(self.gen.choices))
 
     def token(self, i: int, *, created_at: str = "") -> bytes:
         """Content token ``i`` as one event; ``created_at`` is used by Ollama lines."""
@@ -172,8 +190,18 @@ class GenerationRenderer:
         suffix = _OLLAMA_CHAT_TOKEN[k] if api == "ollama_chat" else _OLLAMA_GEN_TOKEN[k]
         return self._frame(self._prefix + created_at.encode() + suffix)
 
+    def step(self, i: int) -> bytes:
+        """Token ``i`` of every choice (``n`` > 1), one event each, in index order, for one write.
+
+        A server samples the ``n`` sequences together, so a step's events leave together:
+        the pacer writes one step per token delay, the schedule of ``n`` = 1.
+        """
+        size = len(TOKENS)
+        return b"".join(self._sse(_choice_tokens(self.gen.api, c)[(i + c) % size])
+                        for c in range(self.gen.choices))
+
     def _usage(self) -> bytes:
-        p, c = self.gen.prompt_tokens, self.gen.tokens
+        p, c = self.gen.prompt_tokens, self.gen.tokens * self.gen.choices
         return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % (p, c, p + c)
 
     def _ollama_final(self, content: bytes, timings: Timings, created_at: str) -> bytes:
@@ -207,10 +235,10 @@ class GenerationRenderer:
             return [self._frame(self._ollama_final(b'""', timings, created_at) + b"\n") + end]
         reason = g.finish_reason.encode()
         if g.api == "chat":
-            finish = b'[{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}]' % reason
+            finish = b'[{"index":%d,"delta":{},"logprobs":null,"finish_reason":"%s"}]'
         else:
-            finish = b'[{"index":0,"text":"","logprobs":null,"finish_reason":"%s"}]' % reason
-        pieces = [self._sse(finish)]
+            finish = b'[{"index":%d,"text":"","logprobs":null,"finish_reason":"%s"}]'
+        pieces = [self._sse(finish % (c, reason)) for c in range(g.choices)]  # each choice's own end
         if g.include_usage:
             pieces.append(self._frame(self._prefix + b'[],"usage":' + self._usage() + b"}\n\n"))
         pieces.append(self._frame(b"data: [DONE]\n\n") + end)
@@ -219,17 +247,22 @@ class GenerationRenderer:
     def whole(self, timings: Timings, *, created_at: str = "") -> bytes:
         """The non-streamed answer body."""
         g = self.gen
-        content = _json_str(content_text(g.tokens))
         if g.api in ("ollama_chat", "ollama_generate"):
             if g.finish_reason == "load":
                 return self._ollama_load(created_at)
-            return self._ollama_final(content, timings, created_at)
+            return self._ollama_final(_json_str(content_text(g.tokens)), timings, created_at)
         if g.api == "chat":
-            obj, choice = b"chat.completion", b'"message":{"role":"assistant","content":%s}' % content
+            obj, shape = b"chat.completion", b'"message":{"role":"assistant","content":%s}'
         else:
-            obj, choice = b"text_completion", b'"text":%s' % content
+            obj, shape = b"text_completion", b'"text":%s'
+        choice = b'{"index":%d,%s,"logprobs":null,"finish_reason":"%s"}'
+        reason = g.finish_reason.encode()
+        if g.choices == 1:  # the hot path: a small answer, one choice
+            choices = choice % (0, shape % _json_str(content_text(g.tokens)), reason)
+        else:
+            choices = b",".join(choice % (c, shape % _json_str(content_text(g.tokens, c)), reason)
+                                for c in range(g.choices))
         return (
-            b'{"id":"%s","object":"%s","created":%d,"model":%s,"choices":[{"index":0,%s,"logprobs":null,'
-            b'"finish_reason":"%s"}],"usage":%s}'
-            % (self._id, obj, self._created, self._model, choice, g.finish_reason.encode(), self._usage())
+            b'{"id":"%s","object":"%s","created":%d,"model":%s,"choices":[%s],"usage":%s}'
+            % (self._id, obj, self._created, self._model, choices, self._usage())
         )
