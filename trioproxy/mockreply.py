@@ -255,13 +255,16 @@ class GenerationRenderer:
             obj, shape = b"chat.completion", b'"message":{"role":"assistant","content":%s}'
         else:
             obj, shape = b"text_completion", b'"text":%s'
-        choice = b'{"index":%d,%s,"logprobs":null,"finish_reason":"%s"}'
         reason = g.finish_reason.encode()
-        if g.choices == 1:  # the hot path: a small answer, one choice
-            choices = choice % (0, shape % _json_str(content_text(g.tokens)), reason)
-        else:
-            choices = b",".join(choice % (c, shape % _json_str(content_text(g.tokens, c)), reason)
-                                for c in range(g.choices))
+        if g.choices == 1:  # the hot path (a small answer, one choice): one template, as few operations as ever
+            return (
+                b'{"id":"%s","object":"%s","created":%d,"model":%s,"choices":[{"index":0,%s,"logprobs":null,'
+                b'"finish_reason":"%s"}],"usage":%s}'
+                % (self._id, obj, self._created, self._model, shape % _json_str(content_text(g.tokens)), reason,
+                   self._usage())
+            )
+        choices = b",".join(b'{"index":%d,%s,"logprobs":null,"finish_reason":"%s"}'
+                            % (c, shape % _json_str(content_text(g.tokens, c)), reason) for c in range(g.choices))
         return (
             b'{"id":"%s","object":"%s","created":%d,"model":%s,"choices":[%s],"usage":%s}'
             % (self._id, obj, self._created, self._model, choices, self._usage())
