@@ -292,8 +292,9 @@ async def test_routes_and_limits(start_mock: StartMock, start_gateway: StartGate
     assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "Invalid URL (GET /v1/nothing)"
     assert wrong_method.status_code == 405
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
-    assert too_big.headers["connection"] == "close"  # answered before its body was read: not kept alive
+    assert "connection" not in too_big.headers  # (101 bytes: they came with the head, the connection stays open)
     assert "connection" not in ollama_missing.headers  # (its body was read: the connection stays open)
+    assert "connection" not in wrong_method.headers  # (no body: kept alive)
     assert too_big_chunked.status_code == 413
     # Native routes answer in Ollama's own error shape.
     assert ollama_missing.status_code == 404 and isinstance(ollama_missing.json()["error"], str)
@@ -329,9 +330,12 @@ async def test_a_client_keeps_working_after_a_413_on_its_kept_alive_connection(
             return seen
 
         statuses = await trio.to_thread.run_sync(pairs)
+        async with httpx.AsyncClient() as client:  # (one look at the header itself)
+            refused = await client.post(f"{gw.url}/v1/chat/completions", content=b"x" * 200_000)
         await stop(gw)
     assert statuses == [(413, "ok")] * 40
-    assert len(read_records(gw)) == 80
+    assert refused.status_code == 413 and refused.headers["connection"] == "close"
+    assert len(read_records(gw)) == 81
 
 
 async def _chunks(*parts: bytes) -> Any:
@@ -626,6 +630,44 @@ async def test_what_ollama_tools_and_http_clients_expect(start_mock: StartMock, 
     assert records["/api/version"]["model_served"] is None and version.status_code == 200
     assert streamed_404.status_code == 404
     assert [r["stream"] for r in read_records(gw) if r["status"] == 404 and r["route"] == "/v1/chat/completions"] == [False]
+
+
+async def test_an_error_before_the_body_was_read_keeps_the_connection_when_the_body_came(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """A 401 (keys on) for a small body that came with the head: the connection stays open, and the
+    next requests on it are answered (a Connection: close on every such refusal would cost each
+    client a new connection under rate limiting or a wrong key)."""
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=2, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}") + NO_PROBES
+                                 + '[[auth.keys]]\nid = "t"\nkey_sha256 = "%s"\n' % ("0" * 64))
+        port = int(gw.url.rsplit(":", 1)[1])
+        body = json.dumps(CHAT).encode()
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   b"Authorization: Bearer wrong\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        answers = []
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            buffer = b""
+            for _ in range(3):
+                await stream.send_all(request)
+                while buffer.count(b"\r\n\r\n") == 0 or not _whole_answer(buffer):
+                    data = await stream.receive_some()
+                    assert data, (answers, buffer)  # closed: the next request would have failed
+                    buffer += data
+                head, _, rest = buffer.partition(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: (\d+)", head, re.I)[1])  # type: ignore[index]
+                answers.append(head.split(b"\r\n")[0])
+                buffer = rest[length:]
+        await stop(gw)
+    assert len(answers) == 3 and all(a.startswith(b"HTTP/1.1 401") for a in answers), answers
+
+
+def _whole_answer(buffer: bytes) -> bool:
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    match = re.search(rb"content-length: (\d+)", head, re.I)
+    return match is not None and len(rest) >= int(match[1])
 
 
 async def test_100_continue_is_sent_only_when_the_gateway_wants_the_body(

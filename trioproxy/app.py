@@ -696,9 +696,9 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
     elif isinstance(exc, MethodNotAllowed):
         headers.append((b"allow", exc.allow.encode()))
     ex.stream = False  # (the record's "stream": the answer was not streamed)
-    if not ex.body_read and _declares_body(scope["headers"]) and scope.get("http_version") in ("1.0", "1.1"):
-        # Answered before its body was read (a 413, a 401, a 404 for the path...): the server
-        # closes the connection after this answer unless the whole body had come. Say so
+    if not ex.body_read and scope.get("http_version") in ("1.0", "1.1") and not _body_came(scope):
+        # Answered before its body came whole (a 413 by its declared length, a 401 while a large
+        # body is on its way...): the server closes the connection after this answer. Say so
         # (RFC 9112 §9.6), or the client's next request on it may meet the close.
         headers.append((b"connection", b"close"))
     ex.error = ex.error or exc.message  # an internal error's record keeps its cause
@@ -710,10 +710,21 @@ async def _send_error(send: Send, ex: Exchange, route: Route | None, exc: Triopr
             ex.outcome = "timeout"
 
 
-def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether the request says a body follows (a length above 0, or chunked)."""
+def _body_came(scope: dict[str, Any]) -> bool:
+    """Whether the request's whole body has come (none declared, or its last piece is in the inbox).
+
+    What has come is taken from the inbox (the answer does not need it). Without the inbox
+    (Hypercorn's own I/O), a declared body counts as not come.
+    """
+    headers = scope["headers"]
     length = header_value(headers, b"content-length")
-    return (length is not None and length.strip(b"0 \t") != b"") or header_value(headers, b"transfer-encoding") is not None
+    if (length is None or length.strip(b"0 \t") == b"") and header_value(headers, b"transfer-encoding") is None:
+        return True  # no body
+    inbox = scope["extensions"].get(INBOX) if "extensions" in scope else None
+    while inbox is not None and (message := inbox.receive_nowait()) is not None:
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return bool(message["type"] == "http.request")
+    return False
 
 
 __all__ = ["ProxyApp", "Exchange", "sse_error_event", "ndjson_error_line"]
