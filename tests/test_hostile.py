@@ -879,6 +879,12 @@ SCRIPTS: dict[str, bytes] = {
     "cut-mid-event": _head(b"text/event-stream", chunked=False) + HI + PARTIAL_SSE,
     "cut-mid-event-chunked": _head(b"text/event-stream") + b"%x\r\n%s\r\n" % (len(HI + PARTIAL_SSE), HI + PARTIAL_SSE),
     "ndjson-cut-mid-line": _head(b"application/x-ndjson", chunked=False) + NDJSON_LINE + NDJSON_LINE[:30],
+    # Cut after the first data line of an event with two (whole lines, a broken event).
+    "cut-mid-multiline-event": _head(b"text/event-stream", chunked=False) + HI + b'data: {"id":"c1",\n',
+    # A whole last line without its newline, not the done one: it went out, then the error.
+    "ndjson-whole-line-then-eof": _head(b"application/x-ndjson", chunked=False) + NDJSON_LINE + NDJSON_LINE.strip(),
+    # A server that ignores "stream" and answers chunked JSON: relayed as it comes, then the error.
+    "json-chunked-for-a-stream": _head(b"application/json") + _chunked(WHOLE),
 }
 
 
@@ -1095,6 +1101,7 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
     [
         (CHAT, "cut-mid-event", False),
         (CHAT, "cut-mid-event-chunked", True),
+        (CHAT, "cut-mid-multiline-event", False),
         (OLLAMA_CHAT, "ndjson-cut-mid-line", False),
     ],
 )
@@ -1133,6 +1140,24 @@ async def test_a_stream_cut_mid_event_still_ends_with_a_readable_error(
         events = sse_events(r.content)
         assert [json.loads(e) for e in events[:-1]] == [json.loads(HI[6:])]  # the whole event, then the error
         assert ends_with_sse_error(r.content), r.content[-200:]
+
+
+async def test_what_waits_for_its_end_is_relayed_when_it_is_whole_or_not_framed(
+    nursery: trio.Nursery, start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """The hold-back keeps only a broken event or line from the client: an NDJSON line that is whole
+    but lacks its newline at the end goes out before the error; a JSON answer (chunked) to a stream
+    request, which is not framed in events, goes out as it comes, then the error."""
+    with trio.fail_after(30):
+        gw = await _scripted_gateway(nursery, start_mock, start_gateway)
+        async with httpx.AsyncClient(timeout=30) as client:
+            ndjson = await client.post(gw.url + OLLAMA_CHAT, json={"model": "ndjson-whole-line-then-eof", "messages": []})
+            chunked_json = await client.post(gw.url + CHAT, json={"model": "json-chunked-for-a-stream", "stream": True,
+                                                                  "messages": []})
+        await stop(gw)
+    lines = ndjson.content.splitlines()
+    assert [json.loads(line) for line in lines[:2]] == [json.loads(NDJSON_LINE)] * 2 and ends_with_ndjson_error(ndjson.content)
+    assert chunked_json.content.startswith(WHOLE) and ends_with_sse_error(chunked_json.content)
 
 
 async def test_the_sdks_read_the_error_of_a_stream_cut_mid_line(

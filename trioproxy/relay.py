@@ -44,9 +44,10 @@ import trio
 
 from . import jsonread
 from .errors import UpstreamError
-from .headers import client_response_headers
+from .headers import client_response_headers, header_value
 from .hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY
 from .upstream import Winner
+from .usage import DEFAULT_MAX_LINE_BYTES, SSEScanner
 from .usagefilter import UsageEventFilter
 from .watchdog import Watchdog
 
@@ -100,6 +101,8 @@ async def relay_stream(
     headers = client_response_headers(
         response.headers, request_id=ex.request_id, upstream_id=winner.target.upstream.encode(), streamed=True
     )
+    # Framed in events or lines, unless it says JSON (a server that ignored "stream": relayed as it comes).
+    framed = not (header_value(response.headers, b"content-type") or b"").lower().startswith(b"application/json")
     response.forget_headers()
     # The first body message follows at once (``pump``): the head may go out with it, in one write.
     # (Started before the send: once Hypercorn has framed the head, no other answer may follow it.)
@@ -109,7 +112,7 @@ async def relay_stream(
     if watchdog is not None:
         watchdog.watch(writer)
     try:
-        await pump(ex, winner, writer, usage_filter, error_line, max_bytes)
+        await pump(ex, winner, writer, usage_filter, error_line, max_bytes, framed=framed)
     finally:
         if watchdog is not None:
             watchdog.forget(writer)
@@ -177,19 +180,24 @@ async def pump(
     usage_filter: UsageEventFilter | None,
     error_line: Callable[[str], bytes],
     max_bytes: int,
+    *,
+    framed: bool = True,
 ) -> None:
-    """Relay what the attempt already read, then the rest of the upstream body, to the client."""
+    """Relay what the attempt already read, then the rest of the upstream body, to the client.
+
+    ``framed``: the body is the route's events (SSE) or lines (NDJSON), not JSON.
+    """
     response, scanner = winner.response, winner.scanner
     write = writer.write
     sent = 0
     # The whole answer came with the first content: the last of these chunks ends it (see below).
     done_at = len(winner.prefetched) - 1 if scanner is not None and scanner.done else -1
-    # A line-framed stream (SSE, NDJSON) is relayed a whole line at a time: what a read gave
-    # after its last newline waits for the rest of its line. Were the stream cut, the client
-    # would otherwise get a broken line before the error event, and its parser would fail on
-    # that line (JSONDecodeError in the SDKs) instead of reading the error. (The usage filter
-    # holds lines back by itself.)
-    hold = scanner is not None and usage_filter is None
+    # An event stream (SSE) is relayed a whole event at a time, NDJSON a whole line at a time:
+    # what a read gave after the last boundary waits for the rest (``_Held``). Were the stream
+    # cut, the client would otherwise get a broken event or line before the error, and its
+    # parser would fail on it (JSONDecodeError in the SDKs) instead of reading the error. (After
+    # the usage filter, which holds lines back, not events.)
+    held = _Held(sse=isinstance(scanner, SSEScanner)) if scanner is not None and framed else None
     tail = b""
     # Only the end of what was last relayed matters (``_closing``); nothing relayed is kept while
     # the stream waits for its next piece: with hundreds of slow streams open, that is memory.
@@ -201,16 +209,10 @@ async def pump(
             ex.finished = True
         if usage_filter is not None:
             data = usage_filter.feed(data)
-            if not data:
-                continue
-        elif hold:
-            if tail:
-                data, tail = tail + data, b""
-            if data[-1:] != b"\n":
-                cut = data.rfind(b"\n") + 1
-                data, tail = data[:cut], data[cut:]
-                if not data:
-                    continue
+        if held is not None and data:
+            data = held.take(data)
+        if not data:
+            continue
         await write(data)
         if ex.client_gone:
             return
@@ -252,15 +254,10 @@ async def pump(
                 data = usage_filter.feed(data)
                 if not data:
                     continue
-            elif hold and data[-1] != 10:  # (10: b"\n"; the common piece ends a line: one test)
-                if tail:
-                    data, tail = tail + data, b""
-                cut = data.rfind(b"\n") + 1
-                data, tail = data[:cut], data[cut:]
+            if held is not None and (held.tail or not data.endswith(held.end)):
+                data = held.take(data)  # (the common piece ends where it should: one test)
                 if not data:
                     continue
-            elif tail:
-                data, tail = tail + data, b""
             await write(data, unscheduled=True)
             if ex.client_gone:  # (the write found the client gone: nothing more to relay)
                 return
@@ -276,10 +273,17 @@ async def pump(
         return  # released by the Watchdog: the client is gone, the outcome is already said
     if usage_filter is not None:
         tail = usage_filter.flush()
+    if held is not None:
+        tail = held.tail + tail  # (what the filter gave at its end comes after what was held)
     if scanner is not None:
         scanner.end_of_body()
         if scanner.error is None and not scanner.done and scanner.finish_reason is None:
-            # It ended before it finished: a last line without its newline is a broken one, not sent.
+            # It ended before it finished: what waited for its end is sent if it is not framed
+            # in events, or a whole line of NDJSON (an SSE client drops an event the stream did
+            # not end, and would choke on a broken line).
+            if tail and (held is None or (not held.sse and _whole_json(tail))):
+                await write(tail)
+                last = tail[-2:]
             ex.outcome = "upstream_error"
             ex.error = f"upstream {winner.target.upstream!r} ended the stream before it finished"
             await write(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
@@ -288,6 +292,59 @@ async def pump(
             ex.outcome, ex.error = "upstream_error", f"upstream reported: {winner.runtime.redact(scanner.error)}"
     if tail:  # a finished body's last line without its newline: relayed as it came
         await write(tail)
+
+
+class _Held:
+    """What a read of an event stream (SSE) or an NDJSON stream gave after its last whole event
+    (a blank line) or line, kept until the rest comes [sans-IO].
+
+    Bounded: past ``DEFAULT_MAX_LINE_BYTES`` (an event that long is not a token), what is held
+    goes on as it came, as the usage filter does with a line that long.
+    """
+
+    __slots__ = ("sse", "end", "tail")
+
+    def __init__(self, *, sse: bool) -> None:
+        self.sse = sse
+        #: How the common piece ends (one test per piece in the relay's loop).
+        self.end = b"\n\n" if sse else b"\n"
+        self.tail = b""
+
+    def take(self, data: bytes) -> bytes:
+        """What of ``data`` (after what was held) can go to the client now; the rest is held."""
+        cut = _boundary(data, self.sse)
+        if cut == len(data):
+            data, self.tail = self.tail + data if self.tail else data, b""
+            return data
+        if cut:
+            out, self.tail = self.tail + data[:cut] if self.tail else data[:cut], data[cut:]
+            return out
+        joined = self.tail + data
+        cut = _boundary(joined, self.sse)  # (a boundary split across two reads: "\n" | "\n")
+        if cut:
+            out, self.tail = joined[:cut], joined[cut:]
+            return out
+        if len(joined) > DEFAULT_MAX_LINE_BYTES:
+            self.tail = b""
+            return joined
+        self.tail = joined
+        return b""
+
+
+def _boundary(data: bytes, sse: bool) -> int:
+    """Where the last whole event (SSE: its blank line) or line (NDJSON) in ``data`` ends; 0 if none."""
+    if not sse:
+        return data.rfind(b"\n") + 1
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+
+
+def _whole_json(line: bytes) -> bool:
+    try:
+        jsonread.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def _closing(last: bytes, error: bytes) -> bytes:
