@@ -244,8 +244,8 @@ async def main(
             feed.publish(batch)
 
     # Open for the whole run, not only while the service nursery reads it: a signal that comes
-    # during the last write of the usage records is taken and ignored (that write is bounded),
-    # where its default action would end the process and lose them.
+    # while the last usage records are written is taken (``_take_late_signals``), where its
+    # default action would end the process and lose them.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signal_stream:
         try:
             async with httpx.AsyncClient() as http:
@@ -257,10 +257,16 @@ async def main(
                         )
                     else:
                         writer = partial(run_discarder, records_recv, sink, config.telemetry, observe=observe)
-                    late_signals = trio.CancelScope()  # ended with the writer
+                    writing, late_signals = trio.CancelScope(), trio.CancelScope()
 
                     async def write() -> None:
-                        await writer()
+                        with writing:
+                            await writer()
+                        # The pools too, before late signals are let go: one pending when the
+                        # receiver closes would be delivered again, with its default action.
+                        with trio.CancelScope(shield=True):
+                            for runtime in {**runtimes, **(live[0].runtimes if live else {})}.values():
+                                await runtime.pool.aclose()
                         late_signals.cancel()
 
                     root.start_soon(write)
@@ -340,7 +346,7 @@ async def main(
                             )
                     logger.info("stopped serving; writing the last usage records" if config.telemetry.enabled
                                 else "stopped serving")
-                    root.start_soon(_take_late_signals, signal_stream, late_signals)
+                    root.start_soon(_take_late_signals, signal_stream, late_signals, writing)
         finally:
             if settled:
                 unsettle_gc()
@@ -376,14 +382,31 @@ async def _end_after_grace(services: Services) -> None:
         scope.cancel()
 
 
-async def _take_late_signals(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
-    """Serving has stopped: a signal now is taken and ignored until the last usage records are written.
-
-    (One left pending when the receiver closes would be delivered again, with its default action.)
+async def _take_late_signals(signals: AsyncIterator[int], scope: trio.CancelScope, writing: trio.CancelScope) -> None:
+    """Serving has stopped, the last usage records are being written: a first signal now is
+    taken and logged; a second stops the writer (a disk that does not answer), which makes one
+    last bounded try and counts what it could not write as lost; a third, should the writer
+    still not return (a write stuck in the kernel cannot be cancelled), ends the process as
+    the signal's default action does. Ended (``scope``) once the records are written and the
+    pools closed.
     """
     with scope:
+        seen = 0
         async for signum in signals:
-            logger.warning("{}: already stopping; writing the last usage records", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                continue
+            seen += 1
+            if seen == 1:
+                logger.warning("{}: already stopping; writing the last usage records (another signal stops "
+                               "waiting for them: what is not written is counted as lost)", name)
+            elif seen == 2:
+                logger.warning("{}: no longer waiting for the usage records", name)
+                writing.cancel()
+            else:
+                logger.warning("{}: exiting now", name)
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
 
 
 def _file_tag(config: Config) -> str:
