@@ -283,16 +283,17 @@ async def test_stopped_like_systemd_does_the_workers_finish_their_streams_and_ne
                 for pid in [process.pid, *workers]:  # as systemd stops the unit's control group
                     os.kill(pid, signal.SIGTERM)
                 await gateway.wait_for("stopping 2 workers gracefully", mark)
-                while gateway.log.count("SIGTERM: shutting down gracefully", mark) < len(workers):
-                    await gateway.changed.wait()  # each worker's own SIGTERM: graceful
+                for pid in workers:  # each has begun its graceful stop (its own SIGTERM, or the pipe's word first)
+                    await gateway.wait_for(rf"\[worker {pid}\] .*shutting down gracefully", mark)
                 refused = False
-                for _ in range(500):  # until the workers' serve loops have closed their sockets too
-                    try:
-                        stream = await trio.open_tcp_stream("127.0.0.1", port)
-                    except OSError:
-                        refused = True
-                        break
-                    await stream.aclose()
+                with trio.move_on_after(10):  # until the workers' serve loops have closed their sockets too
+                    while not refused:
+                        try:
+                            stream = await trio.open_tcp_stream("127.0.0.1", port)
+                        except OSError:
+                            refused = True
+                        else:
+                            await stream.aclose()
                 assert refused, "new connections are still taken while the workers drain"
                 async for chunk in chunks:
                     body += chunk
@@ -334,6 +335,38 @@ async def test_a_second_signal_stops_the_workers_now_and_their_records_are_writt
                 pass  # cut: that is the point
             assert await process.wait() == 0
     assert not body.endswith(b"data: [DONE]\n\n")
-    assert gateway.log.count("the supervisor says: stopping now") == 2
     (record,) = [r for records in _records(logs).values() for r in records if r["route"] == "/v1/chat/completions"]
     assert record["outcome"] == "cancelled"
+    # The worker that served it was told "now" (an idle one may have ended before the word came).
+    assert f"[worker {record['worker']}] the supervisor says: stopping now" in gateway.log
+
+
+async def test_a_worker_started_while_the_supervisor_stops_is_told_to_stop_too(tmp_path: Path) -> None:
+    """A stop that comes while a worker is being started (its process is spawned in a thread):
+    the listening socket stays open until the spawn has handed it over (its fd number would
+    otherwise be another file's in the child), and the new worker is told to stop like the others
+    (it was not among them yet)."""
+    import socket as socket_module
+
+    from trioproxy.workers import Supervisor
+
+    said = tmp_path / "said.txt"
+    fake_worker = ("import sys\n"
+                   f"with open({str(said)!r}, 'w') as out:\n"
+                   "    for line in sys.stdin:\n"
+                   "        out.write(line); out.flush()\n"
+                   "        if 'stop' in line: break\n")
+    listener = socket_module.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    supervisor = Supervisor(command=lambda fd: [sys.executable, "-c", fake_worker], count=1, env=dict(os.environ),
+                            fd=listener.fileno(), listener=listener, grace_s=1.0, metrics_dir=str(tmp_path),
+                            names=[], snapshot=[])
+    with trio.fail_after(30):
+        supervisor.spawning += 1  # a spawn in progress (the thread's Popen) when the signal comes
+        supervisor.begin_stop()
+        assert listener.fileno() != -1  # kept open for it
+        supervisor.spawning -= 1
+        status = await supervisor._run_one(0, None)  # the spawn, then what follows it
+    assert status == 0 and listener.fileno() == -1  # closed once no spawn needs it
+    assert [json.loads(line) for line in said.read_text().splitlines()] == [{"start": {"profiles": []}}, {"stop": "graceful"}]

@@ -114,7 +114,11 @@ class Supervisor:
     #: The listening socket (closed by ``stop``: the kernel then refuses new connections).
     listener: socket.socket | None = None
     stopping: bool = False
+    #: Set once stopping "now" (a second signal): a worker that starts after it is told so too.
+    now: bool = False
     stopped: trio.Event = field(factory=trio.Event)  # set with ``stopping``: ends restart waits
+    #: Workers being spawned (their process handed the listening socket's fd): it stays open meanwhile.
+    spawning: int = 0
     workers: dict[int, _Worker] = field(factory=dict)  # slot → its current worker
     #: token → (the verdicts so far by pid, the pids still to answer, set once none is left)
     pending: dict[str, tuple[dict[str, list[str]], set[int], trio.Event]] = field(factory=dict)
@@ -135,27 +139,33 @@ class Supervisor:
             with trio.move_on_after(delay):
                 await self.stopped.wait()
 
-    async def stop(self) -> None:
-        """Graceful shutdown: no more restarts; every worker is told to stop and finishes its streams.
+    def begin_stop(self) -> None:
+        """Graceful shutdown, its first part, at once (sync: a second signal right after is a second
+        one): no more restarts; the listening socket closed, unless a worker is being given it.
+        Then ``tell_all({"stop": "graceful"})``: every worker finishes its streams.
 
-        The listening socket is closed first: once the workers have closed theirs too, a new
+        The listening socket is closed: once the workers have closed theirs too, a new
         connection is refused at once (safe to retry elsewhere) instead of waiting in the kernel's
         backlog, which nobody serves any more, until the last worker exits and it is reset.
-        Told through its control pipe rather than with SIGTERM: under systemd's default
-        ``KillMode=control-group`` every worker gets a SIGTERM of its own at the same moment,
-        and a second one would mean "stop now". A worker whose pipe is gone gets SIGTERM.
+        Workers are told through their control pipe rather than with SIGTERM: under systemd's
+        default ``KillMode=control-group`` every worker gets a SIGTERM of its own at the same
+        moment, and a second one would mean "stop now". A worker whose pipe is gone gets SIGTERM.
         """
         self.stopping = True
         self.stopped.set()
+        if self.spawning == 0:
+            self._close_listener()
+
+    def _close_listener(self) -> None:
         if self.listener is not None:
             self.listener.close()
-        await self._tell_all({"stop": "graceful"})
 
     async def stop_now(self) -> None:
         """A second signal: every worker stops at once (what is still running is cut; records are written)."""
-        await self._tell_all({"stop": "now"})
+        self.now = True
+        await self.tell_all({"stop": "now"})
 
-    async def _tell_all(self, message: dict[str, Any]) -> None:
+    async def tell_all(self, message: dict[str, Any]) -> None:
         async with trio.open_nursery() as nursery:
             for worker in list(self.workers.values()):
                 nursery.start_soon(self._tell, worker, message)
@@ -170,22 +180,30 @@ class Supervisor:
 
     async def _run_one(self, slot: int, task_status: trio.TaskStatus[None] | None) -> int:
         async with trio.open_nursery() as nursery:
-            process: trio.Process = await nursery.start(
-                partial(
-                    trio.run_process,
-                    self.command(self.fd),
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    pass_fds=(self.fd,),
-                    env=self.env,
-                    start_new_session=True,  # a terminal's Ctrl-C reaches the parent only
-                    check=False,
-                    deliver_cancel=self._deliver_cancel,
+            self.spawning += 1  # (the process is started in a thread: a stop meanwhile must not close its fd)
+            try:
+                process: trio.Process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        self.command(self.fd),
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        pass_fds=(self.fd,),
+                        env=self.env,
+                        start_new_session=True,  # a terminal's Ctrl-C reaches the parent only
+                        check=False,
+                        deliver_cancel=self._deliver_cancel,
+                    )
                 )
-            )
+            finally:
+                self.spawning -= 1
+                if self.stopping and self.spawning == 0:
+                    self._close_listener()
             worker = _Worker(process, process.pid)
             self.workers[slot] = worker
             await _send(worker, {"start": {"profiles": self.snapshot}})
+            if self.stopping:  # (stopped while it was being started: told like the others were)
+                await self._tell(worker, {"stop": "now" if self.now else "graceful"})
             try:
                 await self._read_lines(worker, slot, task_status, nursery)
                 status = await process.wait()
@@ -385,7 +403,8 @@ async def _watch_signals(supervisor: Supervisor) -> None:
                     continue
                 if not supervisor.stopping:
                     logger.info("{}: stopping {} workers gracefully", signal.Signals(signum).name, supervisor.count)
-                    nursery.start_soon(supervisor.stop)
+                    supervisor.begin_stop()
+                    nursery.start_soon(supervisor.tell_all, {"stop": "graceful"})
                 else:
                     logger.warning("second signal: stopping the workers now")
                     nursery.start_soon(supervisor.stop_now)
