@@ -185,12 +185,13 @@ async def test_a_reload_stops_the_embedded_mocks_no_upstream_names_any_more(
     assert answer.json()["usage"]["completion_tokens"] == 3
 
 
-async def test_an_upstream_whose_settings_change_is_judged_afresh_by_its_probes(
+async def test_an_upstream_whose_settings_change_keeps_its_health_unless_its_probes_change(
     nursery: trio.Nursery, start_mock: StartMock, tmp_path: Path
 ) -> None:
-    """A reload that changes a down upstream's settings builds it a new runtime: the probes' verdict
-    reaches it (its runtime used to start healthy, and stay so while the board said down: a probe
-    that agreed with the board changed nothing)."""
+    """A reload that changes a down upstream's settings builds it a new runtime. Its health carries
+    over when its probes see the same (same server, probe, key): it used to start healthy, and stay so
+    while the board said down (a probe that agreed with the board changed nothing), and /readyz
+    would drop to "not checked" for a probe. With another address it is judged afresh."""
     import socket
 
     path = tmp_path / "gw.toml"
@@ -217,3 +218,31 @@ async def test_an_upstream_whose_settings_change_is_judged_afresh_by_its_probes(
     assert served.status_code == 200 and served.headers["x-trioproxy-upstream"] == "fallback"
     (record,) = [r for r in read_records(gw) if r["route"] == "/v1/chat/completions"]
     assert [a["upstream"] for a in record["attempts"]] == ["fallback"]
+
+
+async def test_a_reload_that_changes_no_probe_keeps_readyz_ready(
+    nursery: trio.Nursery, start_mock: StartMock, tmp_path: Path
+) -> None:
+    """Only a limit changes: the rebuilt upstream is known healthy at once (no probe runs for an
+    hour here), so /readyz stays 200; a new address is probed afresh."""
+    path = tmp_path / "gw.toml"
+    logs = f'[telemetry]\ndir = "{tmp_path / "logs"}"\n'
+    probes = "[upstreams.health]\ninterval_ms = 3600000\n"
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=2, token_delay_ms=0, ttft_ms=0)
+        other = await start_mock(models=("*",), tokens=2, token_delay_ms=0, ttft_ms=0)
+        path.write_text(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=probes) + logs)
+        gw = await start_from_file(nursery, path)
+        await gw.services.runtimes["m"].checked.wait()
+        async with httpx.AsyncClient(timeout=30) as client:
+            path.write_text(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra="max_concurrent = 9\n" + probes) + logs)
+            assert (await client.post(f"{gw.url}/_/reload")).status_code == 200
+            kept = (await client.get(f"{gw.url}/readyz")).json()
+            path.write_text(upstream_toml("m", f"http://127.0.0.1:{other.port}", extra=probes) + logs)
+            assert (await client.post(f"{gw.url}/_/reload")).status_code == 200
+            moved = gw.services.runtimes["m"]
+            fresh = moved.checked.is_set()
+            await moved.checked.wait()
+        await stop(gw)
+    assert kept["ready"] is True and kept["upstreams"]["m"]["checked"] is True
+    assert fresh is False and moved.healthy is True  # (another server: its first probe decides)

@@ -127,7 +127,16 @@ class Reloader:
                 scope.cancel()
                 del self.checkers[uid]
         for uid, runtime in old_runtimes.items():
-            if runtimes.get(uid) is not runtime:  # new settings (another server, perhaps) or gone: judged afresh
+            new_runtime = runtimes.get(uid)
+            if new_runtime is runtime:
+                continue
+            if new_runtime is not None and _probed_alike(runtime, new_runtime):
+                # Other settings changed (limits, timeouts, models), not what its probes see: its
+                # health carries over (/readyz would otherwise drop to "not checked" for a probe).
+                new_runtime.healthy = runtime.healthy
+                if runtime.checked.is_set():
+                    new_runtime.checked.set()
+            else:  # another server, other probes, or gone: judged afresh
                 self.board.forget(uid)
         for runtime in runtimes.values():
             if runtime.cfg.id not in self.checkers:
@@ -148,6 +157,12 @@ class Reloader:
         }
         logger.info("profile reloaded from {}: {}", config.source, summary)
         return summary
+
+
+def _probed_alike(old: UpstreamRuntime, new: UpstreamRuntime) -> bool:
+    """Whether the health probes of ``new`` see what those of ``old`` saw: same server, same probe, same key."""
+    a, b = old.cfg, new.cfg
+    return (a.base_url, a.kind, a.health, old.auth_headers) == (b.base_url, b.kind, b.health, new.auth_headers)
 
 
 #: Seconds between two looks at the profile files (serve --watch): a reload a second at most.
