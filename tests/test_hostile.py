@@ -182,25 +182,26 @@ REJECTED: list[tuple[str, bytes | dict[str, Any], int, str | None]] = [
     ("a JSON number", b"3", 400, None),
     ("JSON null", b"null", 400, None),
     ("two JSON objects", b'{"model": "m"}{"model": "m"}', 400, None),
-    ("model missing", {"messages": []}, 400, "model"),
-    ("model empty", {"model": "", "messages": []}, 400, "model"),
-    ("model a number", {"model": 7, "messages": []}, 400, "model"),
-    ("model a list", {"model": ["m"], "messages": []}, 400, "model"),
-    ("model an object", {"model": {"name": "m"}, "messages": []}, 400, "model"),
-    ("model true", {"model": True, "messages": []}, 400, "model"),
-    ("stream a string", {"model": "m", "stream": "yes", "messages": []}, 400, "stream"),
-    ("stream a number", {"model": "m", "stream": 1, "messages": []}, 400, "stream"),
-    ("stream an object", {"model": "m", "stream": {}, "messages": []}, 400, "stream"),
-    ("invalid UTF-8", b'{"model": "m\xff\xfe", "messages": []}', 400, None),
+    ("model missing", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ("model empty", {"model": "", "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ("model a number", {"model": 7, "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ("model a list", {"model": ["m"], "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ("model an object", {"model": {"name": "m"}, "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ("model true", {"model": True, "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ("stream a string", {"model": "m", "stream": "yes", "messages": [{"role": "user", "content": "hi"}]}, 400, "stream"),
+    ("stream a number", {"model": "m", "stream": 1, "messages": [{"role": "user", "content": "hi"}]}, 400, "stream"),
+    ("stream an object", {"model": "m", "stream": {}, "messages": [{"role": "user", "content": "hi"}]}, 400, "stream"),
+    ("invalid UTF-8", b'{"model": "m\xff\xfe", "messages": [{"role": "user", "content": "hi"}]}', 400, None),
     ("truncated UTF-8", b'{"model": "m", "messages": "\xc3', 400, None),
     ("deeply nested arrays", b'{"model": "m", "messages": ' + _nest(100_000) + b"}", 400, None),
     ("deeply nested objects", b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, 400, None),
     ("an integer too long to convert", b'{"model": "m", "max_tokens": ' + b"9" * 5000 + b"}", 400, None),
-    ("unknown model", {"model": "no-such-model", "messages": []}, 404, "model"),
+    ("unknown model", {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
 ]
 
 # The gateway checks model and stream only: messages is the upstream's business, so these are
-# relayed and the (lenient) mock answers them. A real server would answer 400, passed through.
+# relayed, and the upstream's answer (the mock checks messages as the real servers do: 400 in the
+# API's format for a wrong type, or an answer) is passed through as it gave it.
 RELAYED: list[tuple[str, dict[str, Any] | bytes]] = [
     ("messages a string", {"model": "m", "messages": "hello"}),
     ("messages a number", {"model": "m", "messages": 3}),
@@ -209,9 +210,9 @@ RELAYED: list[tuple[str, dict[str, Any] | bytes]] = [
     ("messages an object", {"model": "m", "messages": {"role": "user"}}),
     ("messages missing", {"model": "m"}),
     ("nested 200 deep (valid JSON)", b'{"model": "m", "messages": [' + _nest(200) + b"]}"),
-    ("NaN in a field the gateway ignores", b'{"model": "m", "temperature": NaN, "messages": []}'),
-    ("a UTF-8 byte order mark", b'\xef\xbb\xbf{"model": "m", "messages": []}'),
-    ("UTF-16 (json.loads detects it)", json.dumps({"model": "m", "messages": []}).encode("utf-16")),
+    ("NaN in a field the gateway ignores", b'{"model": "m", "temperature": NaN, "messages": [{"role": "user", "content": "hi"}]}'),
+    ("a UTF-8 byte order mark", b'\xef\xbb\xbf{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'),
+    ("UTF-16 (json.loads detects it)", json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode("utf-16")),
 ]
 
 
@@ -253,13 +254,17 @@ async def test_malformed_bodies_get_clean_errors_and_the_gateway_keeps_serving(
             for name, body in RELAYED:
                 r = await client.post(gw.url + path, content=_encode(body))
                 ids.append(r.headers["x-request-id"])
-                if r.status_code != 200 or (problem := answer_problem(path, r.content)):
-                    problems.append(f"{name}: {r.status_code} {r.content[:120]!r}")
+                problem = (answer_problem(path, r.content) if r.status_code == 200
+                           else api_error_problem(path, r.content) if r.status_code == 400 else "status")
+                if problem:
+                    problems.append(f"{name}: {r.status_code} {problem} {r.content[:120]!r}")
+            relayed_upstream = mock.statistics().by_path.get(path, 0) - rejected_upstream
             normal = await client.post(gw.url + path, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
             ids.append(normal.headers["x-request-id"])
         await stop(gw)
     assert problems == []
     assert rejected_upstream == 0, "a rejected request reached the upstream"
+    assert relayed_upstream == len(RELAYED), "a relayed request did not reach the upstream"
     assert normal.status_code == 200 and answer_problem(path, normal.content) is None
     records = records_by_id(gw)
     assert sorted(records) == sorted(ids)
@@ -276,7 +281,7 @@ async def test_stream_null_means_the_routes_default(start_mock: StartMock, start
         mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
         gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", kind="ollama", extra=NO_PROBES))
         async with httpx.AsyncClient(timeout=30) as client:
-            r = await client.post(gw.url + path, json={"model": "m", "stream": None, "messages": []})
+            r = await client.post(gw.url + path, json={"model": "m", "stream": None, "messages": [{"role": "user", "content": "hi"}]})
         await stop(gw)
     assert r.status_code == 200, r.text
     assert answer_problem(path, r.content) is None
@@ -289,7 +294,7 @@ LIMIT = 65_536
 
 def padded(size: int) -> bytes:
     """A valid chat request of exactly ``size`` bytes."""
-    skeleton = b'{"model": "m", "messages": [], "pad": ""}'
+    skeleton = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "pad": ""}'
     return skeleton[:-2] + b"x" * (size - len(skeleton)) + b'"}'
 
 
@@ -315,7 +320,7 @@ async def test_bodies_at_and_over_max_body_bytes(start_mock: StartMock, start_ga
             over_chunked = await client.post(gw.url + CHAT, content=chunked(padded(LIMIT + 1)))
             # Nothing but the head: the answer must not wait for a terabyte that never comes.
             raw = await raw_exchange(port_of(gw), b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000000000000\r\n\r\n")
-            after = await client.post(gw.url + CHAT, json={"model": "m", "messages": []})
+            after = await client.post(gw.url + CHAT, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
         await stop(gw)
     assert at_limit.status_code == 200 and answer_problem(CHAT, at_limit.content) is None
     for r, path in ((over, CHAT), (over_ollama, OLLAMA_CHAT), (over_chunked, CHAT)):
@@ -342,7 +347,7 @@ async def test_the_content_type_is_not_checked_and_json_goes_upstream(
     header says (as Ollama does; and the README's ``curl -d`` examples send
     application/x-www-form-urlencoded). Upstream it always goes as application/json, since the gateway has
     decoded it as JSON: FastAPI-based servers such as vLLM would answer 422 to any other type."""
-    body = json.dumps({"model": "m", "messages": []}).encode()
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
     types = [b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=x", None]
     with trio.fail_after(30):
         mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
@@ -379,10 +384,10 @@ async def test_duplicate_keys_route_on_the_value_the_upstream_sees(
                 seen = json.loads(mock.requests[-1].body) if len(mock.requests) > before else None
                 return r, seen
 
-            last_is_known, seen1 = await post(b'{"model": "unknown", "model": "m", "messages": []}')
-            last_is_unknown, seen2 = await post(b'{"model": "m", "model": "unknown", "messages": []}')
-            last_says_no_stream, seen3 = await post(b'{"model": "m", "stream": true, "stream": false, "messages": []}')
-            last_says_stream, seen4 = await post(b'{"model": "m", "stream": false, "stream": true, "messages": []}')
+            last_is_known, seen1 = await post(b'{"model": "unknown", "model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+            last_is_unknown, seen2 = await post(b'{"model": "m", "model": "unknown", "messages": [{"role": "user", "content": "hi"}]}')
+            last_says_no_stream, seen3 = await post(b'{"model": "m", "stream": true, "stream": false, "messages": [{"role": "user", "content": "hi"}]}')
+            last_says_stream, seen4 = await post(b'{"model": "m", "stream": false, "stream": true, "messages": [{"role": "user", "content": "hi"}]}')
         await stop(gw)
     assert last_is_known.status_code == 200 and seen1 is not None and seen1["model"] == "m"
     assert last_is_known.json()["model"] == "m"
@@ -417,7 +422,7 @@ async def test_a_chunked_body_that_never_ends_does_not_block_anyone_else(
         endless = await trio.open_tcp_stream("127.0.0.1", port_of(gw))
         await endless.send_all(ENDLESS_HEAD)
         async with httpx.AsyncClient(timeout=30) as client:
-            others = [await client.post(gw.url + CHAT, json={"model": "m", "messages": []}) for _ in range(3)]
+            others = [await client.post(gw.url + CHAT, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}) for _ in range(3)]
         await endless.aclose()
         await stop(gw)
     assert [r.status_code for r in others] == [200] * 3
@@ -531,9 +536,9 @@ async def test_pipelined_requests_are_answered_in_order(start_mock: StartMock, s
         gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", kind="ollama", extra=NO_PROBES))
         data = await raw_exchange(
             port_of(gw),
-            request_line("POST", CHAT, b'{"model": "m", "stream": true, "messages": []}')
+            request_line("POST", CHAT, b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}')
             + b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
-            + request_line("POST", OLLAMA_CHAT, b'{"model": "m", "stream": false, "messages": []}', extra=b"Connection: close\r\n"),
+            + request_line("POST", OLLAMA_CHAT, b'{"model": "m", "stream": false, "messages": [{"role": "user", "content": "hi"}]}', extra=b"Connection: close\r\n"),
         )
         await stop(gw)
     streamed, health, ollama = parse_responses(data)
@@ -557,9 +562,9 @@ async def test_an_http10_client_gets_its_answer_and_the_connection_closes(
     with trio.fail_after(30):
         mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
         gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
-        whole = await raw_exchange(port_of(gw), request_line("POST", CHAT, b'{"model": "m", "messages": []}', version=b"HTTP/1.0"))
+        whole = await raw_exchange(port_of(gw), request_line("POST", CHAT, b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}', version=b"HTTP/1.0"))
         streamed = await raw_exchange(
-            port_of(gw), request_line("POST", CHAT, b'{"model": "m", "stream": true, "messages": []}', version=b"HTTP/1.0")
+            port_of(gw), request_line("POST", CHAT, b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}', version=b"HTTP/1.0")
         )
         await stop(gw)
     (answer,) = parse_responses(whole)
@@ -578,15 +583,15 @@ async def test_http2_cleartext_with_prior_knowledge_is_served(start_mock: StartM
         mock = await start_mock(models=("*",), tokens=5, token_delay_ms=1, ttft_ms=0)
         gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", kind="ollama", extra=NO_PROBES))
         async with httpx.AsyncClient(http1=False, http2=True, timeout=30) as client:
-            whole = await client.post(gw.url + CHAT, json={"model": "m", "messages": []})
-            async with client.stream("POST", gw.url + CHAT, json={"model": "m", "stream": True, "messages": []}) as r:
+            whole = await client.post(gw.url + CHAT, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            async with client.stream("POST", gw.url + CHAT, json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
                 streamed = b"".join([chunk async for chunk in r.aiter_bytes()])
                 stream_version = r.http_version
             bad = await client.post(gw.url + OLLAMA_CHAT, content=b"{")
             concurrent: list[httpx.Response] = []
 
             async def one() -> None:
-                concurrent.append(await client.post(gw.url + OLLAMA_CHAT, json={"model": "m", "messages": []}))
+                concurrent.append(await client.post(gw.url + OLLAMA_CHAT, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
 
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
@@ -617,7 +622,7 @@ async def test_http2_data_after_an_early_answer_is_dropped_and_the_gateway_serve
         async with httpx.AsyncClient(http1=False, http2=True, timeout=30) as client:
             unknown = await client.post(gw.url + "/nope", content=b"x" * 70_000)
             too_big = await client.post(gw.url + CHAT, content=b"x" * 300_000, headers={"content-type": "application/json"})
-            after = await client.post(gw.url + CHAT, json={"model": "m", "messages": []})
+            after = await client.post(gw.url + CHAT, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
         async with httpx.AsyncClient(timeout=30) as client:
             health = await client.get(gw.url + "/healthz")
         await stop(gw)
@@ -654,7 +659,7 @@ async def test_an_internal_error_of_hypercorn_ends_its_connection_not_the_server
             gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
             boom: list[str] = []
             async with httpx.AsyncClient(timeout=30) as streaming, httpx.AsyncClient(timeout=30) as other:
-                async with streaming.stream("POST", gw.url + CHAT, json={"model": "m", "stream": True, "messages": []}) as r:
+                async with streaming.stream("POST", gw.url + CHAT, json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
                     raw = r.aiter_raw()
                     chunks = [await raw.__anext__()]  # the stream is under way
                     try:
@@ -662,7 +667,7 @@ async def test_an_internal_error_of_hypercorn_ends_its_connection_not_the_server
                     except httpx.RemoteProtocolError as exc:  # (the connection closed without an answer)
                         boom.append(type(exc).__name__)
                     chunks += [chunk async for chunk in raw]
-                after = await other.post(gw.url + CHAT, json={"model": "m", "messages": []})
+                after = await other.post(gw.url + CHAT, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
             await stop(gw)
     finally:
         logger.remove(sink_id)
@@ -692,7 +697,7 @@ async def test_an_http2_path_that_http11_would_refuse_never_reaches_an_upstream_
         conn.initiate_connection()
         headers = [(":method", "POST"), (":scheme", "http"), (":authority", "gw"), (":path", f"{CHAT}?a b")]
         conn.send_headers(1, headers)
-        conn.send_data(1, b'{"model": "m", "messages": []}', end_stream=True)
+        conn.send_data(1, b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}', end_stream=True)
         status, body, response_headers = 0, b"", {}
         stream = await trio.open_tcp_stream("127.0.0.1", port_of(gw))
         async with stream:
@@ -734,7 +739,7 @@ async def test_a_head_far_over_max_header_bytes_is_refused_and_the_gateway_survi
                 pass  # closed on us mid-send: a clean refusal too
             answer = await receive_until_eof(stream)
         async with httpx.AsyncClient(timeout=30) as client:
-            after = await client.post(gw.url + CHAT, json={"model": "m", "messages": []})
+            after = await client.post(gw.url + CHAT, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
         await stop(gw)
     assert answer == b"" or parse_responses(answer)[0].status == 431
     assert after.status_code == 200
@@ -812,7 +817,7 @@ async def test_deep_nesting_with_payload_logging_is_relayed(start_mock: StartMoc
         )
         async with httpx.AsyncClient(timeout=30) as client:
             r = await client.post(gw.url + CHAT, content=b'{"model": "m", "messages": %s}' % _nest(700))
-            after = await client.post(gw.url + CHAT, json={"model": "m", "messages": []})
+            after = await client.post(gw.url + CHAT, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
         await stop(gw)
     assert after.status_code == 200
     assert r.status_code in (200, 400), r.text
@@ -828,7 +833,7 @@ async def test_a_huge_model_name_does_not_bloat_the_usage_log(start_mock: StartM
             + "[server]\nmax_body_bytes = 2000000\n"
         )
         async with httpx.AsyncClient(timeout=30) as client:
-            r = await client.post(gw.url + CHAT, json={"model": "x" * 1_000_000, "messages": []})
+            r = await client.post(gw.url + CHAT, json={"model": "x" * 1_000_000, "messages": [{"role": "user", "content": "hi"}]})
         await stop(gw)
     assert r.status_code == 400 and api_error_problem(CHAT, r.content) is None
     (record,) = read_records(gw)
@@ -991,11 +996,11 @@ async def test_an_upstream_that_echoes_its_api_key_does_not_get_it_into_the_usag
     with trio.fail_after(30):
         gw = await start_gateway(upstream_toml("echo", f"http://127.0.0.1:{port}", extra='api_key_env = "S16_UPSTREAM_KEY"\n' + NO_PROBES))
         async with httpx.AsyncClient(timeout=30) as client:
-            streamed = await client.post(gw.url + CHAT, json={"model": "m", "stream": True, "messages": []})
-            whole = await client.post(gw.url + CHAT, json={"model": "m", "stream": False, "messages": []})
-            denied = await client.post(gw.url + CHAT, json={"model": "deny", "messages": []})
-            failed = await client.post(gw.url + CHAT, json={"model": "fail", "messages": []})
-            early = await client.post(gw.url + CHAT, json={"model": "early", "stream": True, "messages": []})
+            streamed = await client.post(gw.url + CHAT, json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+            whole = await client.post(gw.url + CHAT, json={"model": "m", "stream": False, "messages": [{"role": "user", "content": "hi"}]})
+            denied = await client.post(gw.url + CHAT, json={"model": "deny", "messages": [{"role": "user", "content": "hi"}]})
+            failed = await client.post(gw.url + CHAT, json={"model": "fail", "messages": [{"role": "user", "content": "hi"}]})
+            early = await client.post(gw.url + CHAT, json={"model": "early", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
         await stop(gw)
     assert key.encode() in streamed.content and key.encode() in whole.content  # (relayed as the upstream sent it)
     # An error status's body is passed through whole, but without the operator's key in it.
@@ -1051,7 +1056,7 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
         gw = await _scripted_gateway(nursery, start_mock, start_gateway)
 
         async def post(path: str, model: str, stream: bool) -> httpx.Response:
-            return await client.post(gw.url + path, json={"model": model, "stream": stream, "messages": []})
+            return await client.post(gw.url + path, json={"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
 
         async with httpx.AsyncClient(timeout=30) as client:
             error_event = await post(CHAT, "error-event", True)
@@ -1122,7 +1127,7 @@ async def test_a_stream_cut_mid_event_still_ends_with_a_readable_error(
 
     A close-delimited cut is a clean EOF; a chunked body without its last chunk raises. With
     ``include_usage`` asked by the client, the usage filter is off and the relay holds the line itself."""
-    body: dict[str, Any] = {"model": model, "stream": True, "messages": []}
+    body: dict[str, Any] = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
     with trio.fail_after(30):
@@ -1151,9 +1156,9 @@ async def test_what_waits_for_its_end_is_relayed_when_it_is_whole_or_not_framed(
     with trio.fail_after(30):
         gw = await _scripted_gateway(nursery, start_mock, start_gateway)
         async with httpx.AsyncClient(timeout=30) as client:
-            ndjson = await client.post(gw.url + OLLAMA_CHAT, json={"model": "ndjson-whole-line-then-eof", "messages": []})
+            ndjson = await client.post(gw.url + OLLAMA_CHAT, json={"model": "ndjson-whole-line-then-eof", "messages": [{"role": "user", "content": "hi"}]})
             chunked_json = await client.post(gw.url + CHAT, json={"model": "json-chunked-for-a-stream", "stream": True,
-                                                                  "messages": []})
+                                                                  "messages": [{"role": "user", "content": "hi"}]})
         await stop(gw)
     lines = ndjson.content.splitlines()
     assert [json.loads(line) for line in lines[:2]] == [json.loads(NDJSON_LINE)] * 2 and ends_with_ndjson_error(ndjson.content)
@@ -1175,14 +1180,14 @@ async def test_the_sdks_read_the_error_of_a_stream_cut_mid_line(
             sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
             text, sdk_error = "", None
             try:
-                for chunk in sdk.chat.completions.create(model="cut-mid-event", messages=[], stream=True):
+                for chunk in sdk.chat.completions.create(model="cut-mid-event", messages=[{"role": "user", "content": "hi"}], stream=True):
                     text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
             except Exception as exc:
                 sdk_error = exc
             client = ollama.Client(host=gw.url)
             said, ollama_error = "", None
             try:
-                for part in client.chat(model="ndjson-cut-mid-line", messages=[], stream=True):
+                for part in client.chat(model="ndjson-cut-mid-line", messages=[{"role": "user", "content": "hi"}], stream=True):
                     said += part.message.content or ""
             except Exception as exc:
                 ollama_error = exc
@@ -1206,8 +1211,8 @@ async def test_a_stream_sent_whole_with_its_length_is_read_as_a_stream(
     with trio.fail_after(30):
         gw = await _scripted_gateway(nursery, start_mock, start_gateway)
         async with httpx.AsyncClient(timeout=30) as client:
-            whole = await client.post(gw.url + CHAT, json={"model": "sse-with-length", "stream": True, "messages": []})
-            failed = await client.post(gw.url + CHAT, json={"model": "sse-error-with-length", "stream": True, "messages": []})
+            whole = await client.post(gw.url + CHAT, json={"model": "sse-with-length", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+            failed = await client.post(gw.url + CHAT, json={"model": "sse-error-with-length", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
         await stop(gw)
     records = records_by_id(gw)
     ok, bad = records[whole.headers["x-request-id"]], records[failed.headers["x-request-id"]]
@@ -1228,7 +1233,7 @@ async def test_a_200_with_an_error_body_is_recorded_as_an_error(
     with trio.fail_after(30):
         gw = await _scripted_gateway(nursery, start_mock, start_gateway)
         async with httpx.AsyncClient(timeout=30) as client:
-            r = await client.post(gw.url + CHAT, json={"model": "error-200", "messages": []})
+            r = await client.post(gw.url + CHAT, json={"model": "error-200", "messages": [{"role": "user", "content": "hi"}]})
         await stop(gw)
     (record,) = read_records(gw)
     assert r.status_code == 200
@@ -1576,7 +1581,7 @@ def _internal_error_run(refused_port: int, monkeypatch: pytest.MonkeyPatch) -> A
         raise RuntimeError("a bug in the gateway")
 
     monkeypatch.setattr("trioproxy.app._plan", broken_plan)
-    body = b'{"model": "m", "messages": []}'
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"", "root_path": "", "headers": [],

@@ -170,7 +170,7 @@ async def test_no_request_reaches_anything_but_a_configured_upstream_path(
         mock = await start_mock(models=("*",), tokens=1, token_delay_ms=0, ttft_ms=0)
         gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
         port = int(gw.url.rsplit(":", 1)[1])
-        body = b'{"model":"m","messages":[]}'
+        body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
         response = await raw_request(
             port,
             b"POST %s HTTP/1.1\r\nHost: evil.example:80\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
@@ -197,7 +197,7 @@ async def test_a_client_that_stops_reading_is_cut_and_the_upstream_released(
             + "[server]\nclient_write_timeout_s = 0.5\n"
         )
         port = int(gw.url.rsplit(":", 1)[1])
-        body = b'{"model":"m","stream":true,"messages":[]}'
+        body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             await stream.send_all(
@@ -291,7 +291,7 @@ async def test_a_request_too_deep_to_log_is_still_relayed_and_its_record_says_wh
             upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES) + "[telemetry]\nlog_payloads = true\n"
         )
         depth = 1_010
-        body = b'{"model":"m","messages":[],"x":' + b"[" * depth + b"]" * depth + b"}"
+        body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"x":' + b"[" * depth + b"]" * depth + b"}"
         async with httpx.AsyncClient() as client:
             response = await client.post(f"{gw.url}/v1/chat/completions", content=body,
                                          headers={"content-type": "application/json"})

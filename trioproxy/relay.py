@@ -264,9 +264,13 @@ async def pump(
             last, data = data[-2:], b""
             sent += 1
     except UpstreamError as exc:
-        # What waited for the rest of its line (here, or in the usage filter) is not sent: the
-        # client's last line is whole, and the error follows it.
+        # What waited for the rest of its event or line (here, or in the usage filter) is not
+        # sent if it would break the client's parse: its last event or line is whole, and the
+        # error follows it.
         ex.outcome, ex.error = "upstream_error", exc.message
+        if held is not None and held.tail and held.harmless(held.tail):
+            await write(held.tail)
+            last = held.tail[-2:]
         await write(_closing(last, error_line(f"{exc.message}; the answer is incomplete")))
         return
     except trio.ClosedResourceError:
@@ -279,9 +283,8 @@ async def pump(
         scanner.end_of_body()
         if scanner.error is None and not scanner.done and scanner.finish_reason is None:
             # It ended before it finished: what waited for its end is sent if it is not framed
-            # in events, or a whole line of NDJSON (an SSE client drops an event the stream did
-            # not end, and would choke on a broken line).
-            if tail and (held is None or (not held.sse and _whole_json(tail))):
+            # in events, or would not break the client's parse (see ``_Held.harmless``).
+            if tail and (held is None or held.harmless(tail)):
                 await write(tail)
                 last = tail[-2:]
             ex.outcome = "upstream_error"
@@ -309,6 +312,12 @@ class _Held:
         #: How the common piece ends (one test per piece in the relay's loop).
         self.end = b"\n\n" if sse else b"\n"
         self.tail = b""
+
+    def harmless(self, tail: bytes) -> bool:
+        """Whether ``tail``, an unfinished event or line, can go to the client before an error:
+        an NDJSON line that is whole JSON; SSE bytes without a data field (a comment, text),
+        which a client ignores, where a broken ``data:`` line would be parsed as broken JSON."""
+        return b"data" not in tail if self.sse else _whole_json(tail)
 
     def take(self, data: bytes) -> bytes:
         """What of ``data`` (after what was held) can go to the client now; the rest is held."""
