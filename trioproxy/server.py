@@ -8,8 +8,8 @@
        └─ root nursery
           ├─ usagelog.run_writer(records_recv, ...)      drains until records_send is closed
           │  (run_discarder when the log is disabled: the same batches, to the metrics only)
-          ├─ _take_late_signals                          once serving stopped: signals taken, ignored,
-          │                                              until the writer has written the last records
+          ├─ _take_late_signals                          once serving stopped: a signal logged; a second
+          │                                              cancels the writer; a third exits
           └─ [body] async with sink:                    closing it (records_send) is the writer's stop signal
              └─ service nursery
                 ├─ mock.serve_mock(...) × embedded mock  (the demo profile's upstreams)
@@ -27,8 +27,8 @@ Shutdown, bottom-up: Hypercorn stops accepting and gives in-flight requests
 Hypercorn cancels what is left ``SHUTDOWN_CUT_MARGIN_S`` later (each request still sends
 its record from its ``finally``); ``serve`` returns; the service nursery is cancelled
 (checkers, mocks); ``records_send`` closes; the writer writes every queued record
-and returns (a SIGINT/SIGTERM meanwhile is logged and ignored); the pools and the httpx
-client close.
+and returns (a SIGINT/SIGTERM meanwhile is logged; a second cuts the wait short); the pools
+and the httpx client close.
 
 Several worker processes (``serve --workers N``, ``workers.py``): each runs this
 same ``main`` on the listening socket its supervisor opened (``listen_fd``), writes
