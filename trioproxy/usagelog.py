@@ -45,7 +45,10 @@ CLEANUP_TIMEOUT_S = 5.0
 #: (~10 µs per record on a slow guest), not for a whole batch. Encoding in the worker thread
 #: instead held the GIL for the whole batch, which a request then waited for, and cost
 #: 4-10 % more CPU per request (docs/benchmarks-history.md). A checkpoint per 16 records is
-#: <1 % of their cost.
+#: <1 % of their cost. But on a saturated core a checkpoint waits for every other runnable
+#: task's step (tens of ms with hundreds of connections): 16 records per turn fell behind
+#: 3,500 requests/s and the queue overflowed. So a writer that is behind (a full batch more
+#: waiting in the queue) takes its whole batch in one turn (``_slice``).
 SLICE = 16
 
 _T = TypeVar("_T")
@@ -285,11 +288,17 @@ async def _collect(
     return True
 
 
+def _slice(records_recv: trio.MemoryReceiveChannel[Record], batch_max: int) -> int:
+    """Records per turn: ``SLICE``, or, when a full batch more is already waiting (the writer is
+    behind: the core is saturated and its checkpoints wait long), a whole batch."""
+    return batch_max if records_recv.statistics().current_buffer_used >= batch_max else SLICE
+
+
 async def _prepare(
     batch: Sequence[Record], observe: Callable[[list[Record]], None] | None, sink: TelemetrySink,
-    *, note: bool = True,
+    *, note: bool = True, size: int = SLICE,
 ) -> tuple[bytes, int]:
-    """Hand ``batch`` to ``observe`` and encode it, ``SLICE`` records at a time with a checkpoint between.
+    """Hand ``batch`` to ``observe`` and encode it, ``size`` records at a time with a checkpoint between.
 
     Returns the JSONL lines and how many records could not be encoded (counted as lost; the
     others still go out). ``note``: count the records as observed (``sink.wait_observed``).
@@ -300,10 +309,10 @@ async def _prepare(
     # at 512 streams (docs/benchmarks.md, stream-512-telemetry).
     lines = bytearray()
     unencodable = 0
-    for start in range(0, len(batch), SLICE):
+    for start in range(0, len(batch), size):
         if start:
             await trio.lowlevel.checkpoint()  # let the requests that came meanwhile run
-        part = list(batch[start : start + SLICE])
+        part = list(batch[start : start + size])
         if observe is not None:
             observe(part)
         if note:
@@ -337,9 +346,10 @@ async def run_discarder(
         more = True
         while more:
             more = await _collect(records_recv, batch, sink, batch_max=cfg.batch_max, flush_s=cfg.flush_ms / 1000)
+            size = _slice(records_recv, cfg.batch_max)
             while batch:  # a slice at a time, taken off the batch as it goes: what is left is unseen
-                part = batch[:SLICE]
-                del batch[:SLICE]
+                part = batch[:size]
+                del batch[:size]
                 observe(part)
                 sink.note_observed(len(part))
                 if batch:
@@ -392,7 +402,8 @@ async def run_writer(
         while more:
             more = await _collect(records_recv, batch, sink, batch_max=cfg.batch_max, flush_s=cfg.flush_ms / 1000)
             if batch:
-                await writer.write(batch, await _prepare(batch, observe, sink))
+                size = _slice(records_recv, cfg.batch_max)
+                await writer.write(batch, await _prepare(batch, observe, sink, size=size))
     finally:
         # Empty on a normal return. After a cancellation: what we hold plus what is queued.
         with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
