@@ -253,6 +253,25 @@ async def test_a_reload_does_not_wait_for_a_worker_that_exited() -> None:
     assert done.is_set() and verdicts == {"11": [], "12": ["the worker exited before it answered"]}
 
 
+STREAM_CHAT = {"model": "mock-llama", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _two_workers(tmp_path: Path, mock_port: int, *, grace_s: float) -> tuple[list[str], Path]:
+    """``serve --workers 2`` on a profile for the mock, with its shutdown grace: the command, the usage-log directory."""
+    logs = tmp_path / "logs"
+    profile = tmp_path / "profile.toml"
+    profile.write_text(_profile(f"http://127.0.0.1:{mock_port}", logs) + f"[server]\nshutdown_grace_s = {grace_s}\n")
+    command = [sys.executable, "-m", "trioproxy", "serve", "--config", str(profile)]
+    return command + ["--workers", "2", "--host", "127.0.0.1", "--port", "0"], logs
+
+
+async def _start(nursery: trio.Nursery, command: list[str]) -> Gateway:
+    process = await nursery.start(partial(trio.run_process, command, stderr=subprocess.PIPE, check=False))
+    gateway = Gateway(process)
+    nursery.start_soon(gateway.drain)
+    return gateway
+
+
 async def test_stopped_like_systemd_does_the_workers_finish_their_streams_and_new_connections_are_refused(
     start_mock: StartMock, tmp_path: Path
 ) -> None:
@@ -262,21 +281,15 @@ async def test_stopped_like_systemd_does_the_workers_finish_their_streams_and_ne
     And once every process has closed the listening socket, a new connection is refused at once
     (it used to wait in the backlog, served by nobody, and be reset when the last worker exited)."""
     mock = await start_mock(tokens=12, token_delay_ms=100, ttft_ms=0)
-    logs = tmp_path / "logs"
-    profile = tmp_path / "profile.toml"
-    profile.write_text(_profile(f"http://127.0.0.1:{mock.port}", logs) + "[server]\nshutdown_grace_s = 30\n")
-    command = [sys.executable, "-m", "trioproxy", "serve", "--config", str(profile)]
-    command += ["--workers", "2", "--host", "127.0.0.1", "--port", "0"]
-    chat = {"model": "mock-llama", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    command, logs = _two_workers(tmp_path, mock.port, grace_s=30)
     with trio.fail_after(TEST_TIMEOUT_S):
         async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
-            process = await nursery.start(partial(trio.run_process, command, stderr=subprocess.PIPE, check=False))
-            gateway = Gateway(process)
-            nursery.start_soon(gateway.drain)
+            gateway = await _start(nursery, command)
+            process = gateway.process
             started = await gateway.wait_for(r"listening on (http://\S+) \(2 workers: (\d+), (\d+)\)")
             url, workers = started[1], [int(started[2]), int(started[3])]
             port = int(url.rsplit(":", 1)[1])
-            async with client.stream("POST", f"{url}/v1/chat/completions", json=chat) as response:
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=STREAM_CHAT) as response:
                 chunks = response.aiter_bytes()
                 body = await chunks.__anext__()  # the stream is under way
                 mark = len(gateway.log)
@@ -310,21 +323,15 @@ async def test_a_second_signal_stops_the_workers_now_and_their_records_are_writt
     """The supervisor's second SIGTERM reaches each worker as ``{"stop": "now"}`` (a worker's own
     signals count separately): the stream still running is cut, its record is written."""
     mock = await start_mock(tokens=600, token_delay_ms=100, ttft_ms=0)  # a minute of tokens
-    logs = tmp_path / "logs"
-    profile = tmp_path / "profile.toml"
-    profile.write_text(_profile(f"http://127.0.0.1:{mock.port}", logs) + "[server]\nshutdown_grace_s = 120\n")
-    command = [sys.executable, "-m", "trioproxy", "serve", "--config", str(profile)]
-    command += ["--workers", "2", "--host", "127.0.0.1", "--port", "0"]
-    chat = {"model": "mock-llama", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    command, logs = _two_workers(tmp_path, mock.port, grace_s=120)
     with trio.fail_after(TEST_TIMEOUT_S):
         async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
-            process = await nursery.start(partial(trio.run_process, command, stderr=subprocess.PIPE, check=False))
-            gateway = Gateway(process)
-            nursery.start_soon(gateway.drain)
+            gateway = await _start(nursery, command)
+            process = gateway.process
             url = (await gateway.wait_for(r"listening on (http://\S+) \(2 workers"))[1]
             body = b""
             try:
-                async with client.stream("POST", f"{url}/v1/chat/completions", json=chat) as response:
+                async with client.stream("POST", f"{url}/v1/chat/completions", json=STREAM_CHAT) as response:
                     async for chunk in response.aiter_bytes():
                         if not body:
                             process.send_signal(signal.SIGTERM)
