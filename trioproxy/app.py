@@ -59,6 +59,7 @@ from .relay import (
     relay_stream,
     relay_whole,
     send_whole,
+    say_how_it_ended,
     sse_error_event,
 )
 from .routing import RoutePlan, Target, plan_any, plan_route
@@ -508,10 +509,7 @@ async def _relay_whole_stream(ex: Exchange, winner: Winner, send: Send, route: R
     if scanner.first_content:
         ex.ttft_ms = (trio.current_time() - ex.arrival) * 1000  # (all of it at once)
     _take_usage(ex, scanner)
-    if scanner.error is not None:
-        ex.outcome, ex.error = "upstream_error", f"upstream reported: {winner.runtime.redact(scanner.error)}"
-    elif not scanner.done and scanner.finish_reason is None:
-        ex.outcome, ex.error = "upstream_error", f"upstream {winner.target.upstream!r} ended the stream before it finished"
+    say_how_it_ended(ex, winner, scanner)
 
 
 def _take_usage(ex: Exchange, scanner: SSEScanner | NDJSONScanner) -> None:

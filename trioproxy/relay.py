@@ -47,7 +47,7 @@ from .errors import UpstreamError
 from .headers import client_response_headers, header_value
 from .hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY
 from .upstream import Winner
-from .usage import DEFAULT_MAX_LINE_BYTES, SSEScanner
+from .usage import DEFAULT_MAX_LINE_BYTES, NDJSONScanner, SSEScanner
 from .usagefilter import UsageEventFilter
 from .watchdog import Watchdog
 
@@ -287,14 +287,21 @@ async def pump(
             if tail and (held is None or held.harmless(tail)):
                 await write(tail)
                 last = tail[-2:]
-            ex.outcome = "upstream_error"
-            ex.error = f"upstream {winner.target.upstream!r} ended the stream before it finished"
+            say_how_it_ended(ex, winner, scanner)
             await write(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
             return
-        if scanner.error is not None:
-            ex.outcome, ex.error = "upstream_error", f"upstream reported: {winner.runtime.redact(scanner.error)}"
+        say_how_it_ended(ex, winner, scanner)
     if tail:  # a finished body's last line without its newline: relayed as it came
         await write(tail)
+
+
+def say_how_it_ended(ex: Exchange, winner: Winner, scanner: SSEScanner | NDJSONScanner) -> None:
+    """A stream's end, as the scanner saw it, in the record: an error event in it, or an end
+    before it finished (no ``[DONE]``/``done`` and no finish reason) is ``upstream_error``."""
+    if scanner.error is not None:
+        ex.outcome, ex.error = "upstream_error", f"upstream reported: {winner.runtime.redact(scanner.error)}"
+    elif not scanner.done and scanner.finish_reason is None:
+        ex.outcome, ex.error = "upstream_error", f"upstream {winner.target.upstream!r} ended the stream before it finished"
 
 
 class _Held:
