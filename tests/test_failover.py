@@ -73,6 +73,42 @@ async def test_a_cut_after_the_first_byte_is_not_failed_over(start_mock: StartMo
     assert record["outcome"] == "upstream_error" and record["bytes_out"] > 0
 
 
+async def test_a_whole_answer_cut_mid_body_fails_over(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    # Nothing of a non-streamed answer reaches the client before its end: a cut one is tried elsewhere,
+    # and its attempt says the answer broke (a protocol error), not that the connection was refused.
+    with trio.fail_after(30):
+        primary = await start_mock(models=("*",), fault=FaultPlan(kind="cut"))
+        fallback = await start_mock(models=("*",), tokens=4, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(two_upstreams(primary.port, fallback.port))
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": False})
+        await stop(gw)
+    assert r.status_code == 200 and r.headers["x-trioproxy-upstream"] == "fallback"
+    assert r.json()["choices"][0]["finish_reason"] == "stop" and r.json()["choices"][0]["message"]["content"]
+    (record,) = read_records(gw)
+    assert record["outcome"] == "ok"
+    assert [(a["upstream"], a["outcome"]) for a in record["attempts"]] == [("primary", "protocol_error"), ("fallback", "ok")]
+
+
+async def test_whole_answers_cut_everywhere_are_a_502(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    with trio.fail_after(30):
+        primary = await start_mock(models=("*",), fault=FaultPlan(kind="cut"))
+        fallback = await start_mock(models=("*",), fault=FaultPlan(kind="cut"))
+        gw = await start_gateway(two_upstreams(primary.port, fallback.port))
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": False})
+        await stop(gw)
+    # A broken answer is a bad gateway (502), not "no healthy upstream" (503): both were up and answered.
+    assert r.status_code == 502
+    error = r.json()["error"]
+    assert error["type"] == "upstream_error"
+    assert error["message"] == "upstream 'fallback': connection closed mid-body"
+    (record,) = read_records(gw)
+    assert record["status"] == 502 and record["outcome"] == "upstream_error"
+    assert [(a["upstream"], a["outcome"]) for a in record["attempts"]] == [
+        ("primary", "protocol_error"), ("fallback", "protocol_error")]
+
+
 async def test_the_ollama_routes_fail_over_and_end_cut_streams_in_ndjson(
     start_mock: StartMock, start_gateway: StartGateway
 ) -> None:

@@ -501,7 +501,7 @@ async def test_cut_mid_body(nursery: trio.Nursery, framing: bytes, how: str) -> 
             with await get(pool) as response:
                 assert await response.receive_some() == b"abc"
                 sent.set()
-                with pytest.raises(UpstreamConnectError, match="connection closed mid-body"):
+                with pytest.raises(UpstreamProtocolError, match="connection closed mid-body"):
                     await response.receive_some()
             assert pool.statistics().idle == 0
 

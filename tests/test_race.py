@@ -347,11 +347,11 @@ async def test_all_saturated_is_a_429(autojump_clock: trio.testing.MockClock) ->
 
 async def test_nobody_reachable_is_a_503(autojump_clock: trio.testing.MockClock) -> None:
     r = rig({"a": [Script(error=UpstreamConnectError("refused", upstream="a"))],
-             "b": [Script(error=UpstreamConnectError("connection closed mid-body", upstream="b"))]})
+             "b": [Script(error=UpstreamConnectError("closed before response headers", upstream="b"))]})
     with pytest.raises(NoHealthyUpstream) as failed:
         await r.race("a", "b")
     # What was tried, and why the last one failed (the client's one clue: safe to show, errors.py).
-    assert failed.value.message == "no upstream could take the request (tried: a, b; last: upstream 'b': connection closed mid-body)"
+    assert failed.value.message == "no upstream could take the request (tried: a, b; last: upstream 'b': closed before response headers)"
 
 
 def test_discovery_listing_drives_routing() -> None:

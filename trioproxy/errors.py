@@ -15,7 +15,7 @@
     ├── ShuttingDown           status_hint=503     the shutdown grace ran out before an answer began (.retry_after_s)
     └── UpstreamError          .upstream, status_hint=502
         ├── UpstreamConnectError                   refused, reset or closed before a response
-        ├── UpstreamProtocolError                  bytes that are not HTTP/1.1
+        ├── UpstreamProtocolError                  bytes that are not HTTP/1.1, bad framing, a body cut short
         ├── UpstreamStatusError                    a final error status (.status, .body, .headers)
         └── UpstreamTimeout    status_hint=504     .phase: connect | first_byte | idle
 

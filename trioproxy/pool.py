@@ -28,9 +28,10 @@ Policies, in one place:
 - No tasks, no locks, no global state: every I/O happens in the caller's task (the one
   exception: with a ``watchdog``, an idle timeout closes the socket from the watchdog's task).
 
-Transport failures become our errors here, once: connect problems and resets
-``UpstreamConnectError``, non-HTTP bytes ``UpstreamProtocolError``, silence
-``UpstreamTimeout``. Messages never carry header values.
+Transport failures become our errors here, once: connect problems, and resets or
+closes before the response head, ``UpstreamConnectError``; non-HTTP bytes, bad framing
+and a body cut short (closed or reset after the head) ``UpstreamProtocolError``;
+silence ``UpstreamTimeout``. Messages never carry header values.
 """
 
 from __future__ import annotations
@@ -173,8 +174,9 @@ class UpstreamResponse:
 
         Raises:
           UpstreamTimeout: no body bytes for ``idle_timeout`` seconds.
-          UpstreamConnectError: the connection ended or was reset before the body did.
-          UpstreamProtocolError: bad chunked framing.
+          UpstreamProtocolError: bad chunked framing, or the connection ended or was reset
+            before the body did (the answer is cut short: a broken answer, not a refused
+            connection).
           trio.ClosedResourceError: the response was released before its end.
         """
         await _checkpoint_if_cancelled()
@@ -206,7 +208,7 @@ class UpstreamResponse:
                     if idle is not None and idle.expired:  # closed by the watchdog before this read ran
                         data = None
                     else:
-                        raise UpstreamConnectError(f"connection closed mid-body ({_reason(exc)})", upstream=upstream) from exc
+                        raise UpstreamProtocolError(f"connection closed mid-body ({_reason(exc)})", upstream=upstream) from exc
                 except trio.ClosedResourceError:
                     if idle is None or not idle.expired:
                         raise  # released by its owner meanwhile
@@ -223,7 +225,7 @@ class UpstreamResponse:
                 try:
                     piece = parser.next_body_piece()
                 except IncompleteMessage as exc:
-                    raise UpstreamConnectError("connection closed mid-body", upstream=upstream) from exc
+                    raise UpstreamProtocolError("connection closed mid-body", upstream=upstream) from exc
                 except ProtocolError as exc:
                     raise UpstreamProtocolError(str(exc), upstream=upstream) from exc
                 if piece is not None:
