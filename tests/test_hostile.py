@@ -871,6 +871,9 @@ SCRIPTS: dict[str, bytes] = {
     "plain-text": _head(b"text/plain") + _chunked(b"this is not an event stream\n"),
     "finish-no-done": _head(b"text/event-stream") + _chunked(HI, STOP),
     "finish-no-done-close": _head(b"text/event-stream", chunked=False) + HI + STOP,
+    # Chunked, closed after the finish_reason (or after [DONE]) without the last chunk.
+    "finish-cut-chunked": _head(b"text/event-stream") + b"%x\r\n%s\r\n" % (len(HI + STOP), HI + STOP),
+    "done-cut-chunked": _head(b"text/event-stream") + b"%x\r\n%s\r\n" % (len(HI + STOP + b"data: [DONE]\n\n"), HI + STOP + b"data: [DONE]\n\n"),
     "no-finish": _head(b"text/event-stream") + _chunked(HI, THERE),
     "no-finish-close": _head(b"text/event-stream", chunked=False) + HI + THERE,
     "json-for-a-stream": _head(b"application/json", length=len(WHOLE)) + WHOLE,
@@ -1043,8 +1046,8 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
     - an SSE error event before any content: a failed attempt, failed over; the client never sees it;
     - a stream under a wrong content type (text/plain) is relayed as it is, content type included:
       complete if it is a complete stream, else ended with an SSE error event;
-    - a stream that sent its finish_reason but closes without ``[DONE]`` (chunked or close-delimited)
-      is complete: relayed as sent, no error added;
+    - a stream that sent its finish_reason but closes without ``[DONE]`` (chunked or close-delimited,
+      a chunked one even without its last chunk) is complete: relayed as sent, no error added;
     - a stream that closes before any finish_reason ends with an in-band error event (SSE or NDJSON);
     - a whole JSON answer to a streaming request (a server that ignores ``stream``) is relayed whole.
 
@@ -1062,7 +1065,8 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
             error_event = await post(CHAT, "error-event", True)
             plain_sse = await post(CHAT, "plain-sse", True)
             plain_text = await post(CHAT, "plain-text", True)
-            finished = [await post(CHAT, m, True) for m in ("finish-no-done", "finish-no-done-close")]
+            finished = [await post(CHAT, m, True) for m in ("finish-no-done", "finish-no-done-close", "finish-cut-chunked")]
+            done_cut = await post(CHAT, "done-cut-chunked", True)
             unfinished = [await post(CHAT, m, True) for m in ("no-finish", "no-finish-close")]
             json_for_stream = await post(CHAT, "json-for-a-stream", True)
             ndjson_unfinished = await post(OLLAMA_CHAT, "ndjson-no-done", True)
@@ -1073,7 +1077,7 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
     def record(r: httpx.Response) -> dict[str, Any]:
         return records[r.headers["x-request-id"]]
 
-    assert len(records) == 10
+    assert len(records) == 12
     assert error_event.status_code == 200 and error_event.headers["x-trioproxy-upstream"] == "fallback"
     assert error_event.content.endswith(b"data: [DONE]\n\n")
     assert [(a["upstream"], a["outcome"]) for a in record(error_event)["attempts"]] == [
@@ -1088,6 +1092,7 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
     for r in finished:
         assert r.status_code == 200 and r.content == HI + STOP, r.content
         assert record(r)["outcome"] == "ok" and record(r)["finish_reason"] == "stop"
+    assert done_cut.content == HI + STOP + b"data: [DONE]\n\n" and record(done_cut)["outcome"] == "ok"
     for r in unfinished:
         assert r.status_code == 200 and r.content.startswith(HI + THERE)
         assert ends_with_sse_error(r.content) and b"incomplete" in r.content
