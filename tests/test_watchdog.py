@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trioproxy.relay import _ClientWriter
 from trioproxy.watchdog import Watchdog
@@ -142,3 +145,51 @@ async def test_while_it_runs_it_reads_the_runs_own_clock() -> None:
     assert watch.now is trio.current_time
     # Stopped, it holds no wake-up scope whose deadline a later watch() would move for no one.
     assert watch._wakeup is None
+
+
+class Entry:
+    """A watched wait whose expiries are counted."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.since: float | None = None
+        self.expired = 0
+
+    def expire(self) -> None:
+        self.expired += 1
+
+
+@given(st.lists(st.tuples(st.sampled_from(["watch", "forget", "start", "end", "check"]), st.integers(0, 5),
+                          st.floats(0.0, 2.0)), max_size=80))
+def test_it_expires_exactly_the_waits_that_lasted_their_timeout(ops: list[tuple[str, int, float]]) -> None:
+    """Against the plain rule: at each check, every entry whose wait has lasted its timeout expires,
+    and no other; the next check is due no later than the first moment one can expire."""
+    watch = Watchdog()
+    clock = [0.0]
+    watch.now = lambda: clock[0]
+    entries = [Entry(timeout) for timeout in (0.5, 1.0, 3.0, 0.5, 1.0, 3.0)]
+    watched: set[int] = set()
+    for op, i, step in ops:
+        entry = entries[i]
+        if op == "watch":
+            watch.watch(entry)
+            watched.add(i)
+        elif op == "forget":
+            watch.forget(entry)
+            watched.discard(i)
+        elif op == "start":
+            entry.since = clock[0]
+        elif op == "end":
+            entry.since = None
+        else:
+            clock[0] += step
+            now = clock[0]
+            before = {j: entries[j].expired for j in range(len(entries))}
+            expect = {j for j in watched if entries[j].since is not None and now - entries[j].since >= entries[j].timeout}
+            due = watch.check(now)
+            assert {j for j in range(len(entries)) if entries[j].expired > before[j]} == expect
+            watched -= expect
+            assert len(watch) == len(watched)
+            soonest = min(((entries[j].since if entries[j].since is not None else now) + entries[j].timeout
+                           for j in watched), default=math.inf)
+            assert now < due <= soonest
