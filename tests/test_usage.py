@@ -732,6 +732,57 @@ def test_generated_sse_streams_event_by_event(stream: GeneratedSSE) -> None:
 
 
 
+#: Token texts as a server writes them in JSON: plain, and every kind that leaves the steadiest path.
+STEADY_TEXTS = [b"hi", b" there", b"", b"x" * 40, b'say \\"no\\"', b"back\\\\slash", b"line\\nbreak",
+                b"caf\xc3\xa9", b"\\u00e9", b"\r"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(STEADY_TEXTS), st.integers(0, 9)), min_size=1, max_size=30))
+def test_one_event_per_piece_in_a_steady_shape_counts_as_byte_by_byte(tokens: list[tuple[bytes, int]]) -> None:
+    """``feed``'s steadiest path (a whole event of the last events' shape, its text plain) gives
+    what the general path gives on the same bytes fed one at a time, whatever comes between:
+    texts with escapes or line ends, an event of another shape (one that has the prefix and
+    suffix of the steady one around other keys too), a finish event, a CRLF event, a comment,
+    an event split in two, the raw line end the path refuses."""
+    event = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"%s"},"finish_reason":null}],"usage":null}\n\n'
+    pieces = []
+    for text, twist in tokens:
+        piece = event % text
+        if twist == 1:
+            piece = piece.replace(b'"c"', b'"d"')  # another shape
+        elif twist == 2:
+            piece = piece.replace(b"null}]", b'"stop"}]')  # a finish event: decoded
+        elif twist == 3:
+            piece = piece[:-2] + b"\r\n\r\n"
+        elif twist == 4:
+            pieces.append(b": ping\n\n")
+        elif twist == 5:
+            pieces.append(piece[:20])
+            piece = piece[20:]
+        elif twist == 7:  # its prefix and suffix around other keys: another shape
+            piece = event % (text + b'","reasoning_content":"' + text)
+        elif twist == 6:
+            piece = piece.replace(b"%s" % text if text else b'"content":""', b"raw\nline" if text else b'"content":"raw\nline"', 1)
+        pieces.append(piece)
+    steady = SSEScanner()
+    outcome, _ = run(steady, pieces)
+    assert outcome == run(SSEScanner(), [bytes([b]) for b in b"".join(pieces)])[0]
+
+
+def test_the_steadiest_path_is_taken_by_a_stream_of_one_shape() -> None:
+    scanner = SSEScanner()
+    event = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"%d"},"finish_reason":null}]}\n\n'
+    assert scanner.feed(event % 0)  # learns the shape
+    scanner.feed(event % 1)  # has it: steady from here
+    assert scanner._steady is not None
+    for i in range(2, 10):
+        assert not scanner.feed(event % i)
+    assert scanner._steady is not None and scanner.content_events == 10 and scanner.content_chars == 10
+    scanner.feed(b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
+    assert scanner._steady is None and scanner.finish_reason == "stop"
+
+
 @pytest.mark.parametrize("held", [b": ping", b"event: x", b"x"])
 def test_a_whole_event_after_a_held_piece_continues_that_line(held: bytes) -> None:
     # A piece shaped like one whole event, after bytes held from an unfinished line, is
