@@ -339,6 +339,42 @@ async def test_no_reuse_after_cancellation_mid_body(nursery: trio.Nursery) -> No
             assert upstream.accepts == 2
 
 
+async def test_a_read_asked_to_schedule_is_one_checkpoint_whether_bytes_are_at_hand_or_not(nursery: trio.Nursery) -> None:
+    # The relay's reads: a cancellation point and a schedule point each time (the wait, or the
+    # checkpoint with bytes at hand); cancelled, they raise instead of returning a piece.
+    sent = trio.Event()
+
+    async def script(stream: Stream, request: Request) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await sent.wait()
+        await stream.send_all(b"3\r\ndef\r\n3\r\nghi\r\n0\r\n\r\n")
+        return True
+
+    upstream = await start_upstream(nursery, script)
+    with trio.fail_after(LIMIT):
+        async with make_pool(upstream) as pool:
+            for cancelled in (False, True):
+                with await get(pool) as response:
+                    with trio.CancelScope() as scope:
+                        if cancelled:
+                            scope.cancel()
+                        with trio.testing.assert_checkpoints():  # (the head came with "abc": at hand)
+                            assert await response.receive_some(schedule=True) == b"abc"
+                    assert scope.cancelled_caught == cancelled
+                    with trio.CancelScope() as scope:
+                        scope.cancel()
+                        await response.receive_some(schedule=True)  # nothing at hand: the wait raises
+                        raise AssertionError("not cancelled")
+                    assert scope.cancelled_caught
+                    if cancelled:
+                        continue
+                    sent.set()
+                    with trio.testing.assert_checkpoints():
+                        assert await response.receive_some(schedule=True) == b"defghi"
+                    with trio.testing.assert_checkpoints():
+                        assert await response.receive_some(schedule=True) == b""
+
+
 async def test_no_reuse_after_cancellation_before_the_head(nursery: trio.Nursery) -> None:
     async def script(stream: Stream, request: Request) -> bool:
         if request.conn == 1:

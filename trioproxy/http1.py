@@ -289,6 +289,8 @@ class ResponseParser:
           RuntimeError: called before the head was returned.
         """
         state = self._state
+        if _CHUNK_HEADER <= state <= _TRAILER:  # (first: a stream's reads ask twice per piece)
+            return self._next_chunked(state)
         if state == _LENGTH:
             buf = self._buf
             pos = self._pos
@@ -324,9 +326,7 @@ class ResponseParser:
                 self._state = _DONE
                 return b""
             return None
-        if state == _HEAD:
-            raise RuntimeError("next_body_piece() called before next_head() returned the head")
-        return self._next_chunked(state)
+        raise RuntimeError("next_body_piece() called before next_head() returned the head")  # (_HEAD)
 
     def _next_chunked(self, state: int) -> bytes | None:
         buf = self._buf

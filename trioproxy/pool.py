@@ -56,8 +56,7 @@ __all__ = ["ConnectionPool", "PoolStatistics", "UpstreamResponse"]
 # Hot-path aliases: one global lookup instead of two attribute lookups per call
 # (and the seams loadtest/bench_pool.py swaps to measure the alternatives).
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
-_cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
-_yield_after_send = trio.lowlevel.checkpoint
+_yield_after_send = _checkpoint = trio.lowlevel.checkpoint
 
 
 @frozen
@@ -179,7 +178,10 @@ class UpstreamResponse:
             connection).
           trio.ClosedResourceError: the response was released before its end.
         """
-        await _checkpoint_if_cancelled()
+        if not schedule:
+            await _checkpoint_if_cancelled()
+        # (Else the wait below, or the checkpoint with bytes at hand, is the cancellation point:
+        # a relay's read makes one check, not two.)
         parser = self._parser
         if self._conn is None and not parser.complete:
             raise trio.ClosedResourceError("the response was released before its end")
@@ -231,7 +233,7 @@ class UpstreamResponse:
                 if piece is not None:
                     break
         elif schedule:
-            await _cancel_shielded_checkpoint()
+            await _checkpoint()  # (a cancellation here drops the piece: its reader is gone anyway)
         if self._conn is not None and parser.complete:
             self.release()  # clean end: hand the socket back before the caller even asks
         return piece
