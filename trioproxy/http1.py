@@ -58,6 +58,8 @@ _DONE = 7  # message complete
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # chunk-size [BWS chunk-ext] OWS: h11 allows 20 hex digits and any extension text.
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?")
+# The same line with its CRLF, as the common read (one whole chunk) starts: one match, no search.
+_CHUNK_LINE_CRLF = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?\r\n")
 # Status codes that carry no body whatever the headers say (RFC 9112 §6.3 rule 1).
 _NO_BODY_STATUS = frozenset((204, 304))
 
@@ -338,10 +340,18 @@ class ResponseParser:
             if self._eof:
                 raise IncompleteMessage("stream ended inside the chunked response body")
             return None
+        if state == _CHUNK_HEADER and (match := _CHUNK_LINE_CRLF.match(buf, pos)) is not None:
+            # The common read at token pace: one whole chunk, and nothing after it.
+            start = match.end()
+            stop = start + int(match[1], 16)
+            if stop + 2 == end and stop != start and start - pos <= MAX_CHUNK_LINE + 2 and buf.startswith(b"\r\n", stop):
+                self._buf = b""
+                self._pos = 0
+                return buf[start:stop]
         pieces: list[bytes] = []
         if state == _CHUNK_HEADER:
-            # The common read: whole chunks (one at token pace, more when the relay lags),
-            # each taken in one pass here; the loop below takes over at anything else.
+            # Whole chunks (more than one when the relay lags), each taken in one pass here;
+            # the loop below takes over at anything else.
             while True:  # bounded: each pass consumes a whole chunk or breaks
                 eol = buf.find(b"\r\n", pos)
                 if not 0 <= eol - pos <= MAX_CHUNK_LINE or (match := _CHUNK_LINE.fullmatch(buf, pos, eol)) is None:
