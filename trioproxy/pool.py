@@ -192,14 +192,14 @@ class UpstreamResponse:
         if piece is None:  # (inline, not a helper: a waiting stream holds one coroutine frame fewer)
             conn = self._conn
             assert conn is not None  # checked above; release() while we wait closes the socket under us
-            upstream = self._pool.upstream_id
-            watchdog = self._pool._watchdog
             idle = self._idle
-            if idle is None and watchdog is not None and type(conn) is RawConnection:
-                # Watched: no cancel scope per wait (one per relayed chunk otherwise); the watchdog
-                # closes the connection if a wait lasts idle_timeout. release() forgets it.
-                idle = self._idle = _IdleWait(self, self._idle_timeout, watchdog.now)
-                watchdog.watch(idle)
+            if idle is None:  # (the first wait of a response: a stream's later ones skip this)
+                watchdog = self._pool._watchdog
+                if watchdog is not None and type(conn) is RawConnection:
+                    # Watched: no cancel scope per wait (one per relayed chunk otherwise); the watchdog
+                    # closes the connection if a wait lasts idle_timeout. release() forgets it.
+                    idle = self._idle = _IdleWait(self, self._idle_timeout, watchdog.now)
+                    watchdog.watch(idle)
             deadline = math.inf if idle is not None else trio.current_time() + self._idle_timeout
             while True:  # bounded: each pass feeds bytes or EOF, or raises on the deadline
                 if idle is not None:
@@ -210,7 +210,8 @@ class UpstreamResponse:
                     if idle is not None and idle.expired:  # closed by the watchdog before this read ran
                         data = None
                     else:
-                        raise UpstreamProtocolError(f"connection closed mid-body ({_reason(exc)})", upstream=upstream) from exc
+                        raise UpstreamProtocolError(f"connection closed mid-body ({_reason(exc)})",
+                                                    upstream=self._pool.upstream_id) from exc
                 except trio.ClosedResourceError:
                     if idle is None or not idle.expired:
                         raise  # released by its owner meanwhile
@@ -219,7 +220,7 @@ class UpstreamResponse:
                     if idle is not None:
                         idle.since = None
                 if data is None:
-                    raise UpstreamTimeout(f"no body data for {self._idle_timeout:g}s", upstream=upstream, phase="idle")
+                    raise UpstreamTimeout(f"no body data for {self._idle_timeout:g}s", upstream=self._pool.upstream_id, phase="idle")
                 if data:
                     parser.feed(data)
                 else:
@@ -227,9 +228,9 @@ class UpstreamResponse:
                 try:
                     piece = parser.next_body_piece()
                 except IncompleteMessage as exc:
-                    raise UpstreamProtocolError("connection closed mid-body", upstream=upstream) from exc
+                    raise UpstreamProtocolError("connection closed mid-body", upstream=self._pool.upstream_id) from exc
                 except ProtocolError as exc:
-                    raise UpstreamProtocolError(str(exc), upstream=upstream) from exc
+                    raise UpstreamProtocolError(str(exc), upstream=self._pool.upstream_id) from exc
                 if piece is not None:
                     break
         elif schedule:
