@@ -42,7 +42,9 @@ def drive(parts: Iterable[bytes], *, head_request: bool = False, eof: bool = Tru
             if head is None:
                 return
         for _ in range(100_000):
+            wants = parser.wants_bytes()  # (the relay's shortcut: it must mean "None now")
             piece = parser.next_body_piece()
+            assert piece is None or not wants
             if not piece:
                 return
             assert type(piece) is bytes

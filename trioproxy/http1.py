@@ -165,6 +165,11 @@ class ResponseParser:
         """True once the whole message, body included, has been parsed."""
         return self._state == _DONE
 
+    def wants_bytes(self) -> bool:
+        """True if :meth:`next_body_piece` would return None now: a body under way, nothing
+        unread, no EOF (a relay that has passed on everything asks this before it waits)."""
+        return self._pos >= len(self._buf) and not self._eof and self._state != _DONE
+
     @property
     def reusable(self) -> bool:
         """True if the message is complete, keep-alive holds and nothing follows it."""

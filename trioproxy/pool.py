@@ -185,10 +185,13 @@ class UpstreamResponse:
         parser = self._parser
         if self._conn is None and not parser.complete:
             raise trio.ClosedResourceError("the response was released before its end")
-        try:
-            piece = parser.next_body_piece()
-        except ProtocolError as exc:
-            raise UpstreamProtocolError(str(exc), upstream=self._pool.upstream_id) from exc
+        if schedule and parser.wants_bytes():
+            piece = None  # (the relay's common case: it has passed on everything; no parse to ask)
+        else:
+            try:
+                piece = parser.next_body_piece()
+            except ProtocolError as exc:
+                raise UpstreamProtocolError(str(exc), upstream=self._pool.upstream_id) from exc
         if piece is None:  # (inline, not a helper: a waiting stream holds one coroutine frame fewer)
             conn = self._conn
             assert conn is not None  # checked above; release() while we wait closes the socket under us
