@@ -308,7 +308,7 @@ async def run_scenario(
                 run.commands[FLOOR_STOCK] = [f"{STOCK_ENV}=1", *stock.argv]
                 targets.append(Target(FLOOR_STOCK, parse_target(stock.url), stock, stock.pid))
                 run.notes.append(f"{FLOOR_STOCK}: the floor app with Hypercorn's own I/O ({STOCK_ENV}=1); the "
-                                 "floor, and every gateway here, run with trioproxy/hypercorn_fast.py's")
+                                 "floor, and every gateway here, run with trioproxy/hypercorn_fast.py's plain-TCP I/O")
         else:
             run.notes.append(f"floor skipped: {FLOOR_APP} not found (run from a source checkout)")
     run.targets = [t.label for t in targets]
