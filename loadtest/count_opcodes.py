@@ -125,13 +125,7 @@ def main() -> int:
                     time.sleep(0.1)  # (the handler writes the file: polled, from another process)
             counts = json.loads((out / "counts.json").read_text())
         finally:
-            for child in reversed(children):
-                child.terminate()
-            for child in children:
-                try:
-                    child.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            count_process.stop(children)
     per = args.n if args.small else args.n * EVENTS_PER_STREAM
     what = "small request" if args.small else "relayed event"
     total = sum(n for _, n in counts)

@@ -83,6 +83,17 @@ def send(client: httpx.Client, n: int, *, stream: bool) -> None:
                 pass
 
 
+def stop(children: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate the children, last started first, and wait for each (killed after 30 s)."""
+    for child in reversed(children):
+        child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
 def callgrind_control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True)
 
@@ -133,13 +144,7 @@ def main() -> int:
                     if line.startswith("totals:"):  # (not summary:, which callgrind may write beside it)
                         total += int(line.split()[1])
         finally:
-            for child in reversed(children):
-                child.terminate()
-            for child in children:
-                try:
-                    child.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            stop(children)
     what = "small answer" if args.small else f"{args.tokens}-token stream"
     print(f"{checkout}: {total / args.n:,.0f} instructions per {what} ({args.n} counted, the whole gateway process)")
     return 0
