@@ -873,6 +873,7 @@ SCRIPTS: dict[str, bytes] = {
     "finish-no-done-close": _head(b"text/event-stream", chunked=False) + HI + STOP,
     # Chunked, closed after the finish_reason (or after [DONE]) without the last chunk.
     "finish-cut-chunked": _head(b"text/event-stream") + b"%x\r\n%s\r\n" % (len(HI + STOP), HI + STOP),
+    "finish-line-cut-chunked": _head(b"text/event-stream") + b"%x\r\n%s\r\n" % (len(HI + STOP[:-1]), HI + STOP[:-1]),
     "done-cut-chunked": _head(b"text/event-stream") + b"%x\r\n%s\r\n" % (len(HI + STOP + b"data: [DONE]\n\n"), HI + STOP + b"data: [DONE]\n\n"),
     "no-finish": _head(b"text/event-stream") + _chunked(HI, THERE),
     "no-finish-close": _head(b"text/event-stream", chunked=False) + HI + THERE,
@@ -1046,8 +1047,10 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
     - an SSE error event before any content: a failed attempt, failed over; the client never sees it;
     - a stream under a wrong content type (text/plain) is relayed as it is, content type included:
       complete if it is a complete stream, else ended with an SSE error event;
-    - a stream that sent its finish_reason but closes without ``[DONE]`` (chunked or close-delimited,
-      a chunked one even without its last chunk) is complete: relayed as sent, no error added;
+    - a stream that sent its finish_reason but closes without ``[DONE]`` (chunked or close-delimited)
+      is complete: relayed as sent, no error added; so is a chunked one cut after its ``[DONE]``,
+      before its last chunk; one cut after its finish_reason but before ``[DONE]`` ends with the error
+      (its framing broke, and another choice or the usage event may be missing);
     - a stream that closes before any finish_reason ends with an in-band error event (SSE or NDJSON);
     - a whole JSON answer to a streaming request (a server that ignores ``stream``) is relayed whole.
 
@@ -1065,7 +1068,9 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
             error_event = await post(CHAT, "error-event", True)
             plain_sse = await post(CHAT, "plain-sse", True)
             plain_text = await post(CHAT, "plain-text", True)
-            finished = [await post(CHAT, m, True) for m in ("finish-no-done", "finish-no-done-close", "finish-cut-chunked")]
+            finished = [await post(CHAT, m, True) for m in ("finish-no-done", "finish-no-done-close")]
+            finish_cut = await post(CHAT, "finish-cut-chunked", True)
+            finish_line_cut = await post(CHAT, "finish-line-cut-chunked", True)
             done_cut = await post(CHAT, "done-cut-chunked", True)
             unfinished = [await post(CHAT, m, True) for m in ("no-finish", "no-finish-close")]
             json_for_stream = await post(CHAT, "json-for-a-stream", True)
@@ -1077,7 +1082,7 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
     def record(r: httpx.Response) -> dict[str, Any]:
         return records[r.headers["x-request-id"]]
 
-    assert len(records) == 12
+    assert len(records) == 13
     assert error_event.status_code == 200 and error_event.headers["x-trioproxy-upstream"] == "fallback"
     assert error_event.content.endswith(b"data: [DONE]\n\n")
     assert [(a["upstream"], a["outcome"]) for a in record(error_event)["attempts"]] == [
@@ -1093,6 +1098,12 @@ async def test_upstream_misbehaviour_the_mock_cannot_script(
         assert r.status_code == 200 and r.content == HI + STOP, r.content
         assert record(r)["outcome"] == "ok" and record(r)["finish_reason"] == "stop"
     assert done_cut.content == HI + STOP + b"data: [DONE]\n\n" and record(done_cut)["outcome"] == "ok"
+    # Cut after the finish event (or inside it) but before [DONE]: broken framing, and the answer
+    # may lack a choice or its usage; the client gets the finished events, then the error.
+    assert finish_cut.content.startswith(HI + STOP) and ends_with_sse_error(finish_cut.content)
+    assert finish_line_cut.content.startswith(HI) and b"stop" not in finish_line_cut.content
+    assert ends_with_sse_error(finish_line_cut.content)
+    assert record(finish_cut)["outcome"] == record(finish_line_cut)["outcome"] == "upstream_error"
     for r in unfinished:
         assert r.status_code == 200 and r.content.startswith(HI + THERE)
         assert ends_with_sse_error(r.content) and b"incomplete" in r.content

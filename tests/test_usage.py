@@ -765,9 +765,13 @@ def test_one_event_per_piece_in_a_steady_shape_counts_as_byte_by_byte(tokens: li
         elif twist == 6:
             piece = piece.replace(b"%s" % text if text else b'"content":""', b"raw\nline" if text else b'"content":"raw\nline"', 1)
         pieces.append(piece)
-    steady = SSEScanner()
-    outcome, _ = run(steady, pieces)
-    assert outcome == run(SSEScanner(), [bytes([b]) for b in b"".join(pieces)])[0]
+    outcome, true_at = run(SSEScanner(), pieces)
+    expected, byte_true_at = run(SSEScanner(), [bytes([b]) for b in b"".join(pieces)])
+    assert outcome == expected
+    # feed() says True once, for the piece that completed the first line with content.
+    assert len(true_at) == len(byte_true_at) <= 1
+    if true_at:
+        assert true_at[0][0] <= byte_true_at[0][0] < true_at[0][1]
 
 
 def test_the_steadiest_path_is_taken_by_a_stream_of_one_shape() -> None:
@@ -781,6 +785,15 @@ def test_the_steadiest_path_is_taken_by_a_stream_of_one_shape() -> None:
     assert scanner._steady is not None and scanner.content_events == 10 and scanner.content_chars == 10
     scanner.feed(b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
     assert scanner._steady is None and scanner.finish_reason == "stop"
+    # Empty texts first (a server's opening chunks): the first content comes on the steady path,
+    # and that feed() says so.
+    scanner = SSEScanner()
+    empty = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":""},"finish_reason":null}]}\n\n'
+    assert not scanner.feed(empty) and not scanner.feed(empty)
+    assert scanner._steady is not None
+    assert scanner.feed(empty.replace(b'""', b'"hi"')) and scanner.first_content
+    assert not scanner.feed(empty.replace(b'""', b'"again"'))
+    assert scanner.content_events == 2 and scanner.content_chars == 7
 
 
 @pytest.mark.parametrize("held", [b": ping", b"event: x", b"x"])

@@ -237,7 +237,7 @@ class UpstreamResponse:
                 if piece is not None:
                     break
         elif schedule:
-            await _checkpoint()  # (a cancellation here drops the piece: its reader is gone anyway)
+            await _checkpoint()  # (cancelled here, the piece is parsed but not returned: its reader is ending)
         if self._conn is not None and parser.complete:
             self.release()  # clean end: hand the socket back before the caller even asks
         return piece

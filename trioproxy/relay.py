@@ -267,12 +267,11 @@ async def pump(
         # What waited for the rest of its event or line (here, or in the usage filter) is not
         # sent if it would break the client's parse: its last event or line is whole, and the
         # error follows it.
-        if scanner is not None and scanner.error is None and (scanner.done or scanner.finish_reason is not None):
-            # It broke after the answer had finished (its finish reason or its end relayed: a
-            # chunked body cut before its last chunk, say): the client has the whole answer, as
-            # when a close-delimited stream ends there; an error event would make it a failure.
-            if held is not None and held.tail and held.harmless(held.tail):
-                await write(held.tail)
+        if scanner is not None and scanner.done and scanner.error is None and (held is None or not held.tail):
+            # It broke after its terminator ([DONE], Ollama's done line) went out whole (a chunked
+            # body cut before its last chunk, say): the client has the whole answer, usage
+            # included; an error event after it would make it a failure. (Not after a mere
+            # finish_reason: another choice, or the usage event, may still be missing.)
             return
         ex.outcome, ex.error = "upstream_error", exc.message
         if held is not None and held.tail and held.harmless(held.tail):
