@@ -58,7 +58,7 @@ _DONE = 7  # message complete
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # chunk-size [BWS chunk-ext] OWS: h11 allows 20 hex digits and any extension text.
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?")
-# The same line with its CRLF, as the common read (one whole chunk) starts: one match, no search.
+# The same line with its CRLF, as a read of whole chunks takes each: one match, no search.
 _CHUNK_LINE_CRLF = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?\r\n")
 # Status codes that carry no body whatever the headers say (RFC 9112 §6.3 rule 1).
 _NO_BODY_STATUS = frozenset((204, 304))
@@ -357,20 +357,17 @@ class ResponseParser:
         if state == _CHUNK_HEADER:
             # Whole chunks (more than one when the relay lags), each taken in one pass here;
             # the loop below takes over at anything else.
-            while True:  # bounded: each pass consumes a whole chunk or breaks
-                eol = buf.find(b"\r\n", pos)
-                if not 0 <= eol - pos <= MAX_CHUNK_LINE or (match := _CHUNK_LINE.fullmatch(buf, pos, eol)) is None:
-                    break
-                start = eol + 2
+            while (match := _CHUNK_LINE_CRLF.match(buf, pos)) is not None:  # bounded: each pass consumes a whole chunk or breaks
+                start = match.end()
                 stop = start + int(match[1], 16)
-                if stop == start or not buf.startswith(b"\r\n", stop):  # the last chunk, or not whole
-                    break
+                if stop == start or start - pos > MAX_CHUNK_LINE + 2 or not buf.startswith(b"\r\n", stop):
+                    break  # the last chunk, a line too long, or not whole
                 pieces.append(buf[start:stop])
                 pos = stop + 2
                 if pos == end:
                     self._buf = b""
                     self._pos = 0
-                    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    return b"".join(pieces)
         while True:  # each pass consumes a chunk header, payload or CRLF, or breaks
             if state == _CHUNK_DATA:
                 avail = end - pos
