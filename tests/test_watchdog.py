@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from trioproxy.relay import _ClientWriter
@@ -42,6 +42,7 @@ def writer(timeout: float) -> tuple[_ClientWriter, FakeExchange, FakeWinner]:
 
 async def test_check_stalls_only_a_send_older_than_its_timeout() -> None:
     watch = Watchdog()
+    watch.now = lambda: 100.0  # the clock the watched stamp their waits with
     busy, busy_ex, busy_winner = writer(5.0)
     idle, idle_ex, _ = writer(5.0)
     fresh, fresh_ex, _ = writer(5.0)
@@ -159,29 +160,38 @@ class Entry:
         self.expired += 1
 
 
-@given(st.lists(st.tuples(st.sampled_from(["watch", "forget", "start", "end", "check"]), st.integers(0, 5),
-                          st.floats(0.0, 2.0)), max_size=80))
+# A one-shot wait stamped earlier than the one before it (same timeout): due first, though queued last.
+@example([("once", 6, 0.0), ("check", 0, 0.25), ("once-late", 8, 0.3), ("check", 0, 0.22)])
+@given(st.lists(st.tuples(st.sampled_from(["watch", "once", "once-late", "forget", "start", "end", "check"]),
+                          st.integers(0, 9), st.floats(0.0, 2.0)), max_size=80))
 def test_it_expires_exactly_the_waits_that_lasted_their_timeout(ops: list[tuple[str, int, float]]) -> None:
     """Against the plain rule: at each check, every entry whose wait has lasted its timeout expires,
-    and no other; the next check is due no later than the first moment one can expire."""
+    and no other; the next check is due no later than the first moment one can expire. Entries
+    0-5 are waits that come and go (``watch``), 6-9 one-shot ones (``watch_once``), stamped
+    now or, to take the out-of-order path, earlier than now ("once-late")."""
     watch = Watchdog()
     clock = [0.0]
     watch.now = lambda: clock[0]
-    entries = [Entry(timeout) for timeout in (0.5, 1.0, 3.0, 0.5, 1.0, 3.0)]
+    entries = [Entry(timeout) for timeout in (0.5, 1.0, 3.0, 0.5, 1.0, 3.0, 0.5, 1.0, 0.5, 1.0)]
     watched: set[int] = set()
     for op, i, step in ops:
         entry = entries[i]
-        if op == "watch":
+        once = i >= 6
+        if op == "watch" and not once:
             watch.watch(entry)
+            watched.add(i)
+        elif op in ("once", "once-late") and once and i not in watched:
+            entry.since = clock[0] - (step if op == "once-late" else 0.0)
+            watch.watch_once(entry)
             watched.add(i)
         elif op == "forget":
             watch.forget(entry)
             watched.discard(i)
-        elif op == "start":
+        elif op == "start" and not once:
             entry.since = clock[0]
-        elif op == "end":
+        elif op == "end" and not once:
             entry.since = None
-        else:
+        elif op == "check":
             clock[0] += step
             now = clock[0]
             before = {j: entries[j].expired for j in range(len(entries))}

@@ -267,7 +267,7 @@ class ProxyApp:
                 watch = _DisconnectWatch(limit, request, receive, ex, now, config.server.disconnect_watch_after_ms / 1000, notice)
                 watchdog = services.watchdog if watch.timeout > 0 else None
                 if watchdog is not None:
-                    watchdog.watch(watch)
+                    watchdog.watch_once(watch)
                 else:  # watched at once (or no watchdog: tests that build Services by hand)
                     watch.expire()
                 try:

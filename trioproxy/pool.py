@@ -459,7 +459,7 @@ class ConnectionPool:
             if watchdog is not None and type(conn) is RawConnection:
                 # Watched (no cancel scope): the watchdog closes the connection if the head is late.
                 wait = _HeadWait(conn, first_byte_timeout, watchdog.now())
-                watchdog.watch(wait)
+                watchdog.watch_once(wait)
                 head_wait: _HeadWait | None = wait
                 deadline = math.inf
             else:
