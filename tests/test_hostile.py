@@ -553,6 +553,33 @@ async def test_pipelined_requests_are_answered_in_order(start_mock: StartMock, s
     ]
 
 
+async def test_pipelined_requests_then_a_half_close_are_all_answered(start_mock: StartMock, start_gateway: StartGateway) -> None:
+    """A client that sends its requests and then shuts its side (``printf ... | nc -N``): the
+    end of its bytes is not the end of the exchange. Each request is answered whole, in
+    order, and recorded ``ok``; then the gateway closes."""
+    with trio.fail_after(30):
+        mock = await start_mock(models=("*",), tokens=3, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES))
+        stream = await trio.open_tcp_stream("127.0.0.1", port_of(gw))
+        async with stream:
+            await stream.send_all(
+                request_line("POST", CHAT, b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}')
+                + b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
+                + request_line("POST", CHAT, b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+            )
+            await stream.send_eof()
+            data = await receive_until_eof(stream)
+        await stop(gw)
+    streamed, health, whole = parse_responses(data)
+    assert streamed.status == 200 and streamed.body.endswith(b"data: [DONE]\n\n")
+    assert health.status == 200 and json.loads(health.body) == {"status": "ok"}
+    assert whole.status == 200 and answer_problem(CHAT, whole.body) is None
+    records = records_by_id(gw)
+    ids = [r.headers[b"x-request-id"].decode() for r in (streamed, health, whole)]
+    assert [(records[i]["route"], records[i]["outcome"]) for i in ids] == [(CHAT, "ok"), ("/healthz", "ok"), (CHAT, "ok")]
+    assert len(records) == 3
+
+
 async def test_an_http10_client_gets_its_answer_and_the_connection_closes(
     start_mock: StartMock, start_gateway: StartGateway
 ) -> None:
