@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from trioproxy.mock import FaultPlan
 from trioproxy.server import GC_GEN0_THRESHOLD
 
 from .conftest import NO_PROBES, StartGateway, StartMock, read_records, stop, upstream_toml
@@ -189,6 +190,69 @@ async def test_usage_injection_is_invisible_to_the_client(start_mock: StartMock,
     assert record["request_id"] == through.headers["x-request-id"]
 
 
+@pytest.mark.parametrize(
+    ("kind", "options", "injected"),
+    [
+        # An object without include_usage: no usage event at OpenAI, Ollama and llama.cpp, so the
+        # gateway asks for it and takes it out; vLLM's default there is true: left to vLLM.
+        ("openai", {}, True),
+        ("ollama", {}, True),
+        ("llamacpp", {}, True),
+        ("vllm", {}, False),
+        ("vllm", {"include_usage": None}, True),  # (null: no usage at vLLM either)
+        ("vllm", {"include_usage": False}, True),
+        ("openai", {"include_usage": True}, False),  # the client asked: it gets the event
+    ],
+)
+async def test_stream_options_as_each_upstream_kind_reads_them(
+    start_mock: StartMock, start_gateway: StartGateway, kind: str, options: dict[str, Any], injected: bool
+) -> None:
+    """The client gets what the upstream would send it directly; the gateway asks for usage
+    where that has no usage event, and the record then has the upstream's count."""
+    with trio.fail_after(30):
+        mock = await start_mock(tokens=6, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", kind=kind, extra=NO_PROBES))
+        body = {**CHAT, "stream": True, "stream_options": options}
+        async with httpx.AsyncClient() as client:
+            direct = await client.post(f"http://127.0.0.1:{mock.port}/v1/chat/completions", json=body)
+            through = await client.post(f"{gw.url}/v1/chat/completions", json=body)
+        forwarded = json.loads(mock.requests[-1].body)["stream_options"]
+        await stop(gw)
+    assert forwarded == ({**options, "include_usage": True} if injected else options)
+    assert through.status_code == 200 and strip_ids(through.content) == strip_ids(direct.content)
+    (record,) = read_records(gw)
+    upstream_counted = injected or options.get("include_usage") is True
+    assert record["token_source"] == ("upstream" if upstream_counted else "estimate")
+    assert record["completion_tokens"] == 6 or not upstream_counted
+
+
+@pytest.mark.parametrize(("primary_kind", "fallback_kind"), [("vllm", "openai"), ("openai", "vllm")])
+async def test_stream_options_follow_the_upstream_that_answers(
+    start_mock: StartMock, start_gateway: StartGateway, primary_kind: str, fallback_kind: str
+) -> None:
+    """``stream_options: {}`` when the primary refuses (503) and the fallback answers: each is sent
+    what its kind reads as the client meant it, and the usage event is taken out only of an answer
+    the gateway asked it for."""
+    with trio.fail_after(30):
+        primary = await start_mock(models=("*",), fault=FaultPlan(kind="status", status=503))
+        fallback = await start_mock(tokens=5, token_delay_ms=0, ttft_ms=0)
+        gw = await start_gateway(
+            upstream_toml("primary", f"http://127.0.0.1:{primary.port}", kind=primary_kind, extra="priority = 0\n" + NO_PROBES)
+            + upstream_toml("fallback", f"http://127.0.0.1:{fallback.port}", kind=fallback_kind, extra="priority = 1\n" + NO_PROBES)
+        )
+        body = {**CHAT, "stream": True, "stream_options": {}}
+        async with httpx.AsyncClient() as client:
+            through = await client.post(f"{gw.url}/v1/chat/completions", json=body)
+        await stop(gw)
+    asked = {"vllm": {}, "openai": {"include_usage": True}}
+    assert json.loads(primary.requests[-1].body)["stream_options"] == asked[primary_kind]
+    assert json.loads(fallback.requests[-1].body)["stream_options"] == asked[fallback_kind]
+    assert through.status_code == 200 and through.headers["x-trioproxy-upstream"] == "fallback"
+    assert through.content.endswith(b"data: [DONE]\n\n") and b'"usage"' not in through.content
+    (record,) = read_records(gw)
+    assert record["token_source"] == ("upstream" if fallback_kind == "openai" else "estimate")
+
+
 async def test_a_rewritten_body_keeps_every_number_as_the_client_wrote_it(
     start_mock: StartMock, start_gateway: StartGateway
 ) -> None:
@@ -344,8 +408,6 @@ async def _chunks(*parts: bytes) -> Any:
 
 async def test_upstream_failures_map_to_clear_errors(start_mock: StartMock, start_gateway: StartGateway) -> None:
     """Down → 503 + Retry-After; silent → 504; an error status with nowhere to fail over → passed through."""
-    from trioproxy.mock import FaultPlan
-
     with trio.fail_after(30):
         refusing = await start_mock(refuse=True)
         hanging = await start_mock(fault=FaultPlan(kind="hang"))
@@ -621,8 +683,9 @@ async def test_what_ollama_tools_and_http_clients_expect(start_mock: StartMock, 
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"  # RFC 9110 §15.5.6
     assert missing.status_code == 404 and missing.json()["error"].startswith("model 'nope' not found (not served here")
     assert missing.headers["content-type"] == "application/json; charset=utf-8"  # as Ollama sends it
-    # stream_options without include_usage: the upstream's own default (vLLM's is true), body as sent.
-    assert with_options.status_code == 200 and json.loads(sent_upstream)["stream_options"] == {}
+    # stream_options without include_usage: no usage event at Ollama, so asked for and taken out.
+    assert with_options.status_code == 200 and json.loads(sent_upstream)["stream_options"] == {"include_usage": True}
+    assert b'"usage"' not in with_options.content
     # A rewritten body (usage asked for the gateway's count) cannot carry 1e400 back: not JSON as Infinity.
     assert huge.status_code == 400 and "1e400" in huge.json()["error"]["message"]
     records = {r["route"]: r for r in read_records(gw)}

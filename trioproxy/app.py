@@ -316,7 +316,7 @@ class ProxyApp:
         send: Send,
         ex: Exchange,
         route: Route,
-        inject_usage: bool,
+        inject_usage: frozenset[str],
         config: Config,
         runtimes: dict[str, UpstreamRuntime],
     ) -> None:
@@ -349,7 +349,7 @@ class ProxyApp:
         ex.queue_ms = round(winner.queue_s * 1000, 3)
         try:
             if winner.body is not None and ex.stream and _sent_whole_stream(winner):
-                await _relay_whole_stream(ex, winner, send, route, inject_usage)
+                await _relay_whole_stream(ex, winner, send, route, winner.target.upstream in inject_usage)
             elif winner.body is not None:
                 ex.stream = False  # (asked for or not, this answer is not streamed: the record says what was sent)
                 await relay_whole(ex, winner, send, winner.body)
@@ -363,7 +363,7 @@ class ProxyApp:
                     ex,
                     winner,
                     send,
-                    usage_filter=UsageEventFilter() if inject_usage else None,
+                    usage_filter=UsageEventFilter() if winner.target.upstream in inject_usage else None,
                     error_line=route.error_line,
                     max_bytes=config.server.max_response_bytes,
                     write_timeout=config.server.client_write_timeout_s,
@@ -389,10 +389,11 @@ def _prepare(
     services: Services,
     config: Config,
     runtimes: dict[str, UpstreamRuntime],
-) -> tuple[RoutePlan, OutgoingRequest, bool]:
+) -> tuple[RoutePlan, OutgoingRequest, frozenset[str]]:
     """Decode the body once, route it, and build what every attempt sends [sync: no I/O].
 
-    Returns the plan, the outgoing request, and whether the stream is asked for usage.
+    Returns the plan, the outgoing request, and the upstreams the gateway asks for the stream's
+    usage itself (the client did not: their usage event is taken out of what it gets).
 
     Raises:
       RequestError: bad JSON, a bad ``model`` or ``stream``.
@@ -416,13 +417,13 @@ def _prepare(
     ex.stream = stream and route.streams
     services.rr += 1
     plan = _plan(route, model, services, config, runtimes)
-    inject_usage = (
-        ex.stream
-        and route.scanner == "sse"
-        and config.telemetry.request_usage
-        and not _asks_usage(doc.get("stream_options"))
-    )
-    bodies: dict[str, bytes] = {}
+    if ex.stream and route.scanner == "sse" and config.telemetry.request_usage:
+        options = doc.get("stream_options")
+        inject_usage = frozenset(t.upstream for t in plan.attempts
+                                 if _gateway_asks_usage(options, runtimes[t.upstream].cfg.kind))
+    else:
+        inject_usage = frozenset()
+    bodies: dict[tuple[str, bool], bytes] = {}
     # A body rewritten for some target (another model name, or usage asked for) is decoded again
     # by the json module, which keeps every integer exact (a float is written back as the same
     # double, perhaps spelled otherwise: 1E2 as 100.0).
@@ -433,15 +434,17 @@ def _prepare(
     )
 
     def body_for(target: Target) -> bytes:
-        if model is None or (target.model == model and not inject_usage):
+        inject = target.upstream in inject_usage
+        if model is None or (target.model == model and not inject):
             return body
-        if target.model not in bodies:
+        key = (target.model, inject)
+        if key not in bodies:
             edited = dict(exact, model=target.model)
-            if inject_usage:
+            if inject:
                 options = exact.get("stream_options")
                 edited["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
-            bodies[target.model] = json.dumps(edited, separators=(",", ":")).encode()  # ASCII: a lone surrogate stays an escape
-        return bodies[target.model]
+            bodies[key] = json.dumps(edited, separators=(",", ":")).encode()  # ASCII: a lone surrogate stays an escape
+        return bodies[key]
 
     outgoing = OutgoingRequest(
         method=scope["method"].encode(),
@@ -536,11 +539,20 @@ def _served(ex: Exchange, upstream: str) -> str | None:
     return None
 
 
-def _asks_usage(options: object) -> bool:
-    """Whether the client's ``stream_options`` settle usage for it: ``include_usage: true``, or an
-    object without the key, where the upstream's own default holds (vLLM's is true, OpenAI's
-    false): either way the stream goes as asked, neither injected nor filtered."""
-    return isinstance(options, dict) and options.get("include_usage") is not False
+def _gateway_asks_usage(options: object, kind: str) -> bool:
+    """Whether the gateway asks an upstream of this ``kind`` for a stream's usage (``include_usage:
+    true`` put in, and the usage event taken out of what the client gets), given the client's
+    ``stream_options``: when the client gets no usage event either way. Not when it asked
+    (``include_usage: true``), nor for an object without the key sent to vLLM, whose default
+    there is true (the client gets vLLM's usage event, as it would from vLLM); an object
+    without the key means no usage event at OpenAI, Ollama and llama.cpp. A value that is not
+    a boolean or null goes to the upstream as sent, its to judge."""
+    if not isinstance(options, dict):
+        return True  # (absent or null; another type is replaced, as before: the upstream would refuse it)
+    if "include_usage" not in options:
+        return kind != "vllm"
+    include = options["include_usage"]
+    return include is False or include is None
 
 
 class _DisconnectWatch:
