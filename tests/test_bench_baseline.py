@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trioproxy.bench.baseline import Baseline, resolve, unpack
+from trioproxy.bench.baseline import Baseline, resolve, this_checkout, unpack
 from trioproxy.bench.loadgen import Recorder, RoundResult
 from trioproxy.bench.processes import BenchError, open_fleet
 from trioproxy.bench.report import analyze, markdown
@@ -249,6 +250,72 @@ async def test_both_gateways_serve_the_same_rounds_and_every_baseline_process_ru
     result = analyze(run)
     assert result["baseline"]["pairs"][0]["baseline"] == twin
     assert len(result["baseline"]["pairs"][0]["cpu_ratio_rounds"]) == 2
+
+
+_PY_MARKER = "baseline-python-marker: started through the other interpreter"
+
+
+def _wrapper(tmp_path: Path, body: str) -> Path:
+    """An "interpreter" for ``--baseline-python``: a script in front of this one."""
+    path = tmp_path / "python-wrapper"
+    path.write_text(f"#!/bin/sh\n{body}\n", encoding="utf-8")
+    path.chmod(0o755)
+    return path
+
+
+async def test_another_interpreter_runs_this_checkouts_gateway_in_the_same_rounds(tmp_path: Path) -> None:
+    # ``--baseline-python`` alone: this checkout's code under the other interpreter, beside
+    # this one's. The wrapper marks what it starts, then runs this interpreter.
+    wrapper = _wrapper(tmp_path, f'echo "{_PY_MARKER}" >&2\nexec "{sys.executable}" "$@"')
+    baseline = this_checkout(str(wrapper))
+    version = platform.python_version()
+    assert (baseline.revision, baseline.commit, baseline.python, baseline.python_version) == (None, None, str(wrapper), version)
+    assert baseline.suffix == f"@py{version}" and baseline.env()["PYTHONPATH"].split(":")[0] == str(REPO)
+    scenario = parse_scenario(_SCENARIO.replace("workers = 2", "workers = 1"))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    async with open_fleet(logs, pin=False) as fleet:
+        run = await run_scenario(scenario, BenchOptions(pin=False, baseline=baseline), fleet, tmp_path)
+    twin = f"gateway@py{version}"
+    assert run.targets == ["direct", "gateway", twin]
+    assert [r.target for r in run.rounds] == ["direct", "gateway", twin, twin, "gateway", "direct"]
+    for r in run.rounds:
+        assert r.result.recorder.count > 0 and not r.result.recorder.error_counts()
+    assert run.commands[twin][2] == str(wrapper) and run.commands["gateway"][0] == sys.executable
+    assert (logs / f"{twin}.log").read_text().count(_PY_MARKER) == 1
+    assert _PY_MARKER not in (logs / "gateway.log").read_text()
+    assert run.usage[twin]["usage_records"] == run.usage[twin]["requests_sent"] > 0
+    result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": version})
+    assert result["baseline"]["python"] == str(wrapper) and result["baseline"]["commit"] is None
+    table = markdown(result)
+    assert f"Against the baseline, under {wrapper} (Python {version}), measured in the same rounds" in table
+    assert f"{twin}: this checkout's trioproxy, under {wrapper} (Python {version}), with the same profiles" in table
+
+
+def test_a_revision_under_another_interpreter_is_labelled_with_both(tmp_path: Path) -> None:
+    wrapper = _wrapper(tmp_path, f'exec "{sys.executable}" "$@"')
+    baseline = unpack("HEAD", resolve("HEAD"), tmp_path / "run", python=str(wrapper))
+    assert baseline.suffix == f"@{baseline.commit[:7]}-py{platform.python_version()}"  # type: ignore[index]
+    assert baseline.interpreter == str(wrapper) and baseline.source.is_relative_to(tmp_path)
+    assert baseline.describe().startswith(f"trioproxy as committed at HEAD ({baseline.commit}), under {wrapper}")
+
+
+def test_an_interpreter_that_cannot_run_or_import_the_gateway_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="needs /no/such/python, and it cannot be run here"):
+        this_checkout("/no/such/python")
+    broken = _wrapper(tmp_path, f'exec "{sys.executable}" -c "import no_such_dependency_here"')
+    with pytest.raises(BenchError, match=f"does not import under {broken}: ModuleNotFoundError: .*no_such_dependency_here"):
+        this_checkout(str(broken))
+
+
+def test_the_command_line_refuses_a_bad_interpreter_before_starting_anything(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "trioproxy", "bench", "-s", "sequential", "--baseline-python", "/no/such/python",
+         "--out", str(tmp_path)], capture_output=True, text=True, check=False, cwd=REPO, timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "/no/such/python" in done.stderr and "Traceback" not in done.stderr
+    assert "logs kept" not in done.stderr and not any(tmp_path.iterdir())
 
 
 def test_a_baseline_of_an_unpinned_variant_gets_no_noise_check_either() -> None:

@@ -1,4 +1,4 @@
-"""``--baseline REV``: the gateway as committed at a git revision, measured beside this one.
+"""``--baseline REV`` / ``--baseline-python PATH``: another build of the gateway, measured beside this one.
 
 This guest's speed moves by tens of percent between runs, so two builds compared in
 two runs tell more about the machine than about the change. A baseline is measured
@@ -14,6 +14,13 @@ gateway is started with ``PYTHONPATH`` pointing there first and ``PYTHONSAFEPATH
 once the same way and checks that ``import trioproxy`` really finds the unpacked
 copy, not the installed one. The baseline runs with this checkout's bench profiles:
 a revision whose profile schema differs fails to start, and says why.
+
+``--baseline-python PATH`` runs the twin under another interpreter (say, an optimized
+build of CPython: docs/operations.md), with this checkout's ``trioproxy`` on its
+``PYTHONPATH`` in the same way, or with REV's when ``--baseline`` is given too. That
+interpreter needs the gateway's dependencies (a virtual environment of its own with
+trioproxy installed); the same import check says which ``trioproxy`` it found. The load
+generator, the mock and the floor stay on this interpreter.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from attrs import frozen
 from .processes import BenchError
 from .scenarios import CHECKOUT
 
-__all__ = ["Baseline", "resolve", "unpack"]
+__all__ = ["Baseline", "resolve", "this_checkout", "unpack"]
 
 #: ``git`` and the import check each get this long (an archive of the package is a few hundred KB).
 GIT_TIMEOUT_S = 60.0
@@ -39,19 +46,41 @@ GIT_TIMEOUT_S = 60.0
 
 @frozen
 class Baseline:
-    """A revision's ``trioproxy`` package, unpacked and checked to be the one a child imports."""
+    """A build of the gateway to measure beside this one: a revision's ``trioproxy`` package,
+    unpacked, or this checkout's, each under this interpreter or another, and checked to be
+    the one a child of that interpreter imports."""
 
-    #: As given on the command line (``HEAD~3``, ``v0.1``, a commit).
-    revision: str
-    #: The full commit id it names.
-    commit: str
-    #: The directory holding the unpacked ``trioproxy/``: the baseline gateway's ``PYTHONPATH``.
+    #: As given on the command line (``HEAD~3``, ``v0.1``, a commit); None: this checkout's code.
+    revision: str | None
+    #: The full commit id it names (None: this checkout's code).
+    commit: str | None
+    #: The directory holding the ``trioproxy/`` it runs: the baseline gateway's ``PYTHONPATH``.
     source: Path
+    #: Another interpreter's path (``--baseline-python``), or None: this one.
+    python: str | None = None
+    #: That interpreter's version (``3.11.2``), as it said in the import check.
+    python_version: str | None = None
 
     @property
     def suffix(self) -> str:
-        """Appended to a gateway's label for its baseline twin: ``gateway@1a2b3c4``."""
-        return "@" + self.commit[:7]
+        """Appended to a gateway's label for its baseline twin: ``gateway@1a2b3c4``, ``gateway@py3.11.2``,
+        ``gateway@1a2b3c4-py3.11.2``."""
+        parts = [self.commit[:7]] if self.commit is not None else []
+        if self.python is not None:
+            parts.append(f"py{self.python_version}")
+        return "@" + "-".join(parts)
+
+    @property
+    def interpreter(self) -> str:
+        return self.python if self.python is not None else sys.executable
+
+    def describe(self) -> str:
+        """What the twin runs, for the report: ``trioproxy as committed at HEAD~1 (<commit>)``, and the interpreter."""
+        code = ("this checkout's trioproxy" if self.commit is None
+                else f"trioproxy as committed at {self.revision} ({self.commit})")
+        if self.python is None:
+            return code + ", with the same interpreter"
+        return code + f", under {self.python} (Python {self.python_version})"
 
     def env_changes(self) -> dict[str, str]:
         """What differs from our environment: the unpacked source first, no working directory."""
@@ -66,8 +95,8 @@ class Baseline:
 def _run(argv: list[str], what: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
     try:
         return subprocess.run(argv, capture_output=True, timeout=GIT_TIMEOUT_S, check=False, **kwargs)
-    except FileNotFoundError:
-        raise BenchError(f"--baseline needs {argv[0]}, and it is not installed") from None
+    except (FileNotFoundError, PermissionError):
+        raise BenchError(f"--baseline needs {argv[0]}, and it cannot be run here") from None
     except subprocess.TimeoutExpired:
         raise BenchError(f"--baseline: {what} took over {GIT_TIMEOUT_S:g} s") from None
 
@@ -94,7 +123,7 @@ def resolve(revision: str, *, repo: Path = CHECKOUT) -> str:
                 failed=f"{revision!r} names no commit in {repo}").decode().strip()
 
 
-def unpack(revision: str, commit: str, into: Path, *, repo: Path = CHECKOUT) -> Baseline:
+def unpack(revision: str, commit: str, into: Path, *, repo: Path = CHECKOUT, python: str | None = None) -> Baseline:
     """Unpack ``commit``'s ``trioproxy`` package under ``into`` and check a child imports it from there.
 
     Raises:
@@ -116,15 +145,36 @@ def unpack(revision: str, commit: str, into: Path, *, repo: Path = CHECKOUT) -> 
         raise BenchError(f"--baseline: cannot unpack revision {revision} into {source}: {exc}") from None
     if not (source / "trioproxy" / "__init__.py").is_file():
         raise BenchError(f"--baseline: revision {revision} ({commit[:12]}) has no trioproxy package")
-    baseline = Baseline(revision=revision, commit=commit, source=source)
-    probe = _run([sys.executable, "-c", "import trioproxy; print(trioproxy.__file__)"], "the import check",
-                 env=baseline.env())
+    return _checked(Baseline(revision=revision, commit=commit, source=source, python=python),
+                    f"revision {revision}'s trioproxy")
+
+
+def this_checkout(python: str) -> Baseline:
+    """This checkout's ``trioproxy`` under another interpreter (``--baseline-python`` alone).
+
+    Raises:
+      BenchError: an interpreter that cannot run, or that does not import this checkout's
+        ``trioproxy`` (its dependencies missing, or another copy ahead of ``PYTHONPATH``).
+    """
+    return _checked(Baseline(revision=None, commit=None, source=CHECKOUT, python=python), "this checkout's trioproxy")
+
+
+def _checked(baseline: Baseline, what: str) -> Baseline:
+    """``baseline``, its interpreter's version filled in, once a child of it imports its ``trioproxy``."""
+    code = "import platform, trioproxy; print(trioproxy.__file__); print(platform.python_version())"
+    probe = _run([baseline.interpreter, "-c", code], "the import check", env=baseline.env())
     if probe.returncode:
         lines = probe.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise BenchError(f"--baseline: revision {revision}'s trioproxy does not import here: "
+        where = f" under {baseline.python}" if baseline.python is not None else " here"
+        raise BenchError(f"--baseline: {what} does not import{where}: "
                          f"{lines[-1] if lines else f'exit status {probe.returncode}'}")
-    imported = Path(probe.stdout.decode().strip()).resolve()
+    file, version = (probe.stdout.decode().strip().splitlines() + ["", ""])[:2]
+    imported = Path(file).resolve()
+    source = baseline.source
     if not imported.is_relative_to(source.resolve()):
         raise BenchError(f"--baseline: the interpreter imported trioproxy from {imported}, not from {source} "
                          "(an import hook ahead of PYTHONPATH?)")
-    return baseline
+    if baseline.python is None:
+        return baseline
+    return Baseline(revision=baseline.revision, commit=baseline.commit, source=source,
+                    python=baseline.python, python_version=version)

@@ -7,6 +7,7 @@
     trioproxy bench -s stream-64 --target-upstream http://127.0.0.1:11434 --upstream-kind ollama --model llama3.2:1b
     trioproxy bench -s throughput --target-gateway http://127.0.0.1:8080 --gateway-pid 1234
     trioproxy bench -s sequential -s throughput --baseline HEAD~1   # did the last commit make it faster?
+    trioproxy bench -s stream-64 --baseline-python /opt/py311-pgo/bin/python  # what would another interpreter do?
 
 The load generator pins itself to ``--client-cpu`` (core 1), the mock upstream
 joins it there, and the gateway and the floor get ``--gateway-cpu`` (core 0): the
@@ -76,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--baseline", metavar="REV",
         help="also measure the gateway as committed at git revision REV, in the same interleaved rounds "
              "(needs a git checkout)")
+    add("--baseline-python", metavar="PATH",
+        help="also measure the gateway under the interpreter PATH (with its own environment: a venv with "
+             "trioproxy's dependencies), in the same interleaved rounds; with --baseline, REV's gateway under it")
 
 
 def _options(args: argparse.Namespace, pin: bool, baseline: Baseline | None = None) -> BenchOptions:
@@ -178,21 +182,26 @@ def run_from_args(args: argparse.Namespace) -> int:
     elif not args.no_pin:
         _progress(f"{cores} core(s): not pinning; the client and the gateway share the CPU")
     commit = None
-    if args.baseline is not None:
+    if args.baseline is not None or args.baseline_python is not None:
         if args.target_gateway:
             print("trioproxy bench: --baseline starts a gateway of its own: it does not go with --target-gateway",
                   file=sys.stderr)
             return 2
-        try:
+    checkout_under: Baseline | None = None
+    try:
+        if args.baseline is not None:
             commit = baseline_source.resolve(args.baseline)
-        except BenchError as exc:
-            print(f"trioproxy bench: {exc}", file=sys.stderr)
-            return 2
+        elif args.baseline_python is not None:
+            checkout_under = baseline_source.this_checkout(args.baseline_python)
+    except BenchError as exc:
+        print(f"trioproxy bench: {exc}", file=sys.stderr)
+        return 2
     run_dir = Path(tempfile.mkdtemp(prefix="trioproxy-bench-"))
     received: list[int] = []
     failed = True
     try:
-        baseline = baseline_source.unpack(args.baseline, commit, run_dir) if commit is not None else None
+        baseline = (baseline_source.unpack(args.baseline, commit, run_dir, python=args.baseline_python)
+                    if commit is not None else checkout_under)
         trio.run(_main, scenarios, _options(args, pin, baseline), args.out, run_dir, received)
         failed = bool(received)
     except BaseException as exc:  # the command's edge: nurseries wrap what they raise in groups

@@ -12,8 +12,9 @@ three outputs cannot disagree:
   held while every stream is open: on this guest it moved between runs as much as the peak);
 - per gateway: what it adds over ``direct`` (or over the first variant, in mode
   ``compare``), percentile by percentile;
-- with ``--baseline``: each gateway against its twin as committed at that
-  revision (CPU and requests/s as ratios, latency percentile by percentile);
+- with ``--baseline`` (or ``--baseline-python``): each gateway against its twin, as committed at
+  that revision or under that interpreter (CPU and requests/s as ratios, latency percentile
+  by percentile);
 - the issue's targets, where the scenario has one, as met / not met;
 - failover: errors and TTFT before the kill, in flight at the kill, after it,
   and TTFT over time in buckets.
@@ -305,7 +306,7 @@ def _gateway_metrics(g: dict[str, Any], c: dict[str, Any] | None) -> dict[str, f
 
 
 def _against_baseline(label: str, twin: str, targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """This checkout's gateway against the same variant as committed at the baseline revision."""
+    """This checkout's gateway against the same variant as the baseline build (a revision, an interpreter)."""
     t, b = targets[label], targets[twin]
     cpu, cpu_b = t["server_cpu_us_per_request"], b["server_cpu_us_per_request"]
     # Round i of each ran back to back: the spread of these ratios is the comparison's noise.
@@ -371,6 +372,9 @@ def analyze(run: ScenarioRun, *, machine: dict[str, Any] | None = None) -> dict[
         result["baseline"] = {
             "revision": run.baseline.revision,
             "commit": run.baseline.commit,
+            "python": run.baseline.python,
+            "python_version": run.baseline.python_version,
+            "described": run.baseline.describe(),
             "pairs": [_against_baseline(label, twin, targets) for label, twin in run.baselines.items()],
         }
     if s.mode == "failover":
@@ -538,7 +542,10 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(row)
     if "baseline" in result:
         base = result["baseline"]
-        lines += ["", f"Against the baseline, {base['revision']} ({base['commit'][:12]}), measured in the same rounds "
+        what = [f"{base['revision']} ({base['commit'][:12]})"] if base["commit"] is not None else []
+        if base.get("python") is not None:
+            what.append(f"under {base['python']} (Python {base['python_version']})")
+        lines += ["", f"Against the baseline, {', '.join(what)}, measured in the same rounds "
                   "(this checkout's gateway minus the baseline's; CPU and req/s as ratios):", "",
                   "| target | baseline | server CPU µs/req (sys) | CPU ratio (rounds) | req/s ratio | "
                   + ("TTFT p50/p90/p99 ms | " if stream else "") + "total p50/p90/p99 ms |",

@@ -74,7 +74,7 @@ class BenchOptions:
     client_cpu: int = 1
     #: Where py-spy writes one profile per scenario (None: no profiling round).
     profile_dir: Path | None = None
-    #: ``--baseline``: each gateway variant is also measured as committed at this revision.
+    #: ``--baseline`` / ``--baseline-python``: each gateway variant is also measured as this build.
     baseline: Baseline | None = None
     #: ``--stock-floor``: also Hypercorn alone with its own I/O (``FLOOR_STOCK``), where the floor runs.
     stock_floor: bool = False
@@ -190,7 +190,8 @@ async def _start_gateway(
     if workers > 1:  # every core: the workers share them with the client and the upstream
         args += ["--workers", str(workers)]
     env = baseline.env() if baseline is not None else None
-    child = await fleet.start(label, python_argv(*args), cpu=options.gateway_cpu if workers == 1 else None, env=env)
+    argv = [baseline.interpreter, *args] if baseline is not None else python_argv(*args)
+    child = await fleet.start(label, argv, cpu=options.gateway_cpu if workers == 1 else None, env=env)
     if baseline is not None:  # what to type to start it again by hand (with --keep-logs: the source is kept)
         child.argv = [f"{k}={v}" for k, v in baseline.env_changes().items()] + child.argv
     return child, telemetry_dir
@@ -277,7 +278,7 @@ async def run_scenario(
         else:
             base_urls = {uid: upstream_url for uid in ids}
         sources: list[Baseline | None] = [None] if options.baseline is None else [None, options.baseline]
-        for source in sources:  # this checkout's gateway, then (--baseline) the same as committed at REV
+        for source in sources:  # this checkout's gateway, then (--baseline) the same as the baseline build
             label = variant.label + (source.suffix if source is not None else "")
             child, telemetry_dir = await _start_gateway(fleet, label, paths, base_urls, options, run_dir,
                                                         variant.workers, source)
@@ -289,9 +290,8 @@ async def run_scenario(
             if source is not None:
                 run.baseline = source
                 run.baselines[variant.label] = label
-                run.notes.append(f"{label}: trioproxy as committed at {source.revision} ({source.commit}), with "
-                                 f"the same interpreter, profiles and pinning as {variant.label}; the two swap "
-                                 "places every other round")
+                run.notes.append(f"{label}: {source.describe()}, with the same profiles and pinning as "
+                                 f"{variant.label}; the two swap places every other round")
         if variant.workers > 1:
             run.notes.append(f"{variant.label}: {variant.workers} workers, not pinned: they share both cores with "
                              "the load generator and the upstream; its CPU is the supervisor's and workers' together")
