@@ -110,13 +110,19 @@ def test_a_revision_that_names_no_commit_is_refused_by_name(revision: str) -> No
         resolve(revision)
 
 
-def test_the_command_line_refuses_an_unknown_revision_before_starting_anything(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("option", "value", "said"), [
+    ("--baseline", "no-such-branch", "'no-such-branch' names no commit"),
+    ("--baseline-python", "/no/such/python", "needs /no/such/python, and it cannot be run here"),
+])
+def test_the_command_line_refuses_a_bad_baseline_before_starting_anything(
+    tmp_path: Path, option: str, value: str, said: str
+) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "trioproxy", "bench", "-s", "sequential", "--baseline", "no-such-branch",
-         "--out", str(tmp_path)], capture_output=True, text=True, check=False, cwd=REPO, timeout=60,
+        [sys.executable, "-m", "trioproxy", "bench", "-s", "sequential", option, value, "--out", str(tmp_path)],
+        capture_output=True, text=True, check=False, cwd=REPO, timeout=60,
     )
     assert done.returncode == 2, done.stderr
-    assert "'no-such-branch' names no commit" in done.stderr and "Traceback" not in done.stderr
+    assert said in done.stderr and "Traceback" not in done.stderr
     assert "logs kept" not in done.stderr and not any(tmp_path.iterdir())
 
 
@@ -306,16 +312,6 @@ def test_an_interpreter_that_cannot_run_or_import_the_gateway_is_refused(tmp_pat
     broken = _wrapper(tmp_path, f'exec "{sys.executable}" -c "import no_such_dependency_here"')
     with pytest.raises(BenchError, match=f"does not import under {broken}: ModuleNotFoundError: .*no_such_dependency_here"):
         this_checkout(str(broken))
-
-
-def test_the_command_line_refuses_a_bad_interpreter_before_starting_anything(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "trioproxy", "bench", "-s", "sequential", "--baseline-python", "/no/such/python",
-         "--out", str(tmp_path)], capture_output=True, text=True, check=False, cwd=REPO, timeout=60,
-    )
-    assert done.returncode == 2, done.stderr
-    assert "/no/such/python" in done.stderr and "Traceback" not in done.stderr
-    assert "logs kept" not in done.stderr and not any(tmp_path.iterdir())
 
 
 def test_a_baseline_of_an_unpinned_variant_gets_no_noise_check_either() -> None:
