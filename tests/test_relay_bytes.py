@@ -8,6 +8,7 @@ exact concatenation, whatever the framing on either side.
 from __future__ import annotations
 
 import random
+import socket
 
 import httpx
 import trio
@@ -78,3 +79,34 @@ async def test_streamed_bytes_are_relayed_exactly(nursery: trio.Nursery, start_g
     assert len(records) == 3
     assert all(r["bytes_out"] == len(STREAM) for r in records)
     assert all((r["prompt_tokens"], r["completion_tokens"], r["finish_reason"]) == (3, 2, "stop") for r in records)
+
+
+async def test_an_upstreams_own_usage_event_reaches_the_client_as_its_kind_sends_it(
+    nursery: trio.Nursery, start_gateway: StartGateway
+) -> None:
+    """``stream_options: {}``: vLLM sends its usage event (its default there), and the client gets
+    it; to an OpenAI-kind upstream the gateway asks for usage itself, and takes the event out.
+    The scripted upstream sends it either way, as vLLM does here."""
+    usage_event = STREAM[STREAM.index(b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage"'):]
+    usage_event = usage_event[: usage_event.index(b"\n\n") + 2]
+    with trio.fail_after(30):
+        port = await nursery.start(scripted_upstream)
+        with socket.socket() as closed:  # a port nothing listens on: the primary below refuses
+            closed.bind(("127.0.0.1", 0))
+            refused = closed.getsockname()[1]
+        no_probes = "[upstreams.health]\nenabled = false\n"
+        received = {}
+        for kind in ("vllm", "openai", "vllm after an openai primary"):
+            profile = upstream_toml("scripted", f"http://127.0.0.1:{port}", kind=kind.split()[0], extra="priority = 1\n" + no_probes)
+            if kind.endswith("primary"):  # asked for usage, it fails; the vLLM fallback's own event stays
+                profile += upstream_toml("down", f"http://127.0.0.1:{refused}", kind="openai", extra="priority = 0\n" + no_probes)
+            gw = await start_gateway(profile)
+            request = {"model": "m", "stream": True, "stream_options": {}, "messages": []}
+            async with httpx.AsyncClient() as client:
+                async with client.stream("POST", f"{gw.url}/v1/chat/completions", json=request) as response:
+                    received[kind] = b"".join([chunk async for chunk in response.aiter_raw()])
+            await stop(gw)
+            (record,) = read_records(gw)
+            assert (record["prompt_tokens"], record["completion_tokens"], record["token_source"]) == (3, 2, "upstream")
+    assert received["vllm"] == received["vllm after an openai primary"] == STREAM
+    assert received["openai"] == STREAM.replace(usage_event, b"") and usage_event in STREAM

@@ -148,6 +148,44 @@ async def test_while_it_runs_it_reads_the_runs_own_clock() -> None:
     assert watch._wakeup is None
 
 
+async def test_a_one_shot_entry_due_sooner_brings_the_next_check_forward(autojump_clock: trio.testing.MockClock) -> None:
+    watch = Watchdog()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch.run)
+        await trio.testing.wait_all_tasks_blocked()
+        slow, _, _ = writer(60.0)
+        watch.watch(slow)  # the watchdog now sleeps up to 60 s
+        await trio.testing.wait_all_tasks_blocked()
+        expired = trio.Event()
+
+        class Head(Entry):
+            def expire(self) -> None:
+                super().expire()
+                expired.set()
+
+        head = Head(1.0)
+        head.since = start = watch.now()
+        watch.watch_once(head)
+        await expired.wait()
+        assert trio.current_time() == pytest.approx(start + 1.0)
+        nursery.cancel_scope.cancel()
+
+
+def test_an_entry_is_due_exactly_when_the_check_says() -> None:
+    # since + timeout can round below the moment where now - since >= timeout holds
+    # (0.7 + 0.1 = 0.7999999999999999): the check and the due it returns agree, or the
+    # run loop would wake at that due and find nothing to expire, for ever.
+    for once in (False, True):
+        watch = Watchdog()
+        watch.now = lambda: 0.7
+        entry = Entry(0.1)
+        entry.since = 0.7
+        (watch.watch_once if once else watch.watch)(entry)
+        due = watch.check(0.75)
+        assert due == 0.7 + 0.1 and entry.expired == 0
+        assert watch.check(due) == math.inf and entry.expired == 1
+
+
 class Entry:
     """A watched wait whose expiries are counted."""
 
@@ -195,7 +233,7 @@ def test_it_expires_exactly_the_waits_that_lasted_their_timeout(ops: list[tuple[
             clock[0] += step
             now = clock[0]
             before = {j: entries[j].expired for j in range(len(entries))}
-            expect = {j for j in watched if entries[j].since is not None and now - entries[j].since >= entries[j].timeout}
+            expect = {j for j in watched if entries[j].since is not None and entries[j].since + entries[j].timeout <= now}
             due = watch.check(now)
             assert {j for j in range(len(entries)) if entries[j].expired > before[j]} == expect
             watched -= expect

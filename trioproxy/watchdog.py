@@ -119,23 +119,26 @@ class Watchdog:
                 since = entry.since
                 if since is None:
                     due = min(due, now + entry.timeout)
-                elif now - since >= entry.timeout:
+                elif since + entry.timeout <= now:  # (the sum it returns as due: the two agree to the last bit)
                     expired.append(entry)
                 else:
                     due = min(due, since + entry.timeout)
             self._entries_due = due
             self._entries.difference_update(expired)
+        emptied = []
         for timeout, queue in self._once.items():
-            if not queue:
-                continue
             gone = 0
             for entry in queue:  # bounded: stops at the first entry not yet due
-                if now - entry.since < timeout:  # type: ignore[operator]
+                if entry.since + timeout > now:  # type: ignore[operator]
                     break
                 expired.append(entry)
                 gone += 1
             for entry in expired[len(expired) - gone:]:
                 del queue[entry]
+            if not queue:
+                emptied.append(timeout)
+        for timeout in emptied:  # (a timeout a reload left behind is not walked for ever)
+            del self._once[timeout]
         # Expired last: an expiry may forget or watch entries (a released response forgets its wait).
         for entry in expired:
             try:

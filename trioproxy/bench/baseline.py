@@ -96,7 +96,7 @@ def _run(argv: list[str], what: str, **kwargs: Any) -> subprocess.CompletedProce
     try:
         return subprocess.run(argv, capture_output=True, timeout=GIT_TIMEOUT_S, check=False, **kwargs)
     except (FileNotFoundError, PermissionError):
-        raise BenchError(f"--baseline needs {argv[0]}, and it cannot be run here") from None
+        raise BenchError(f"cannot run {argv[0]} (not there, or not executable)") from None
     except subprocess.TimeoutExpired:
         raise BenchError(f"--baseline: {what} took over {GIT_TIMEOUT_S:g} s") from None
 
@@ -156,19 +156,25 @@ def this_checkout(python: str) -> Baseline:
       BenchError: an interpreter that cannot run, or that does not import this checkout's
         ``trioproxy`` (its dependencies missing, or another copy ahead of ``PYTHONPATH``).
     """
-    return _checked(Baseline(revision=None, commit=None, source=CHECKOUT, python=python), "this checkout's trioproxy")
+    # Its server module, not the package alone: that imports what a gateway needs (trio, Hypercorn...).
+    return _checked(Baseline(revision=None, commit=None, source=CHECKOUT, python=python), "this checkout's trioproxy",
+                    module="trioproxy.server")
 
 
-def _checked(baseline: Baseline, what: str) -> Baseline:
-    """``baseline``, its interpreter's version filled in, once a child of it imports its ``trioproxy``."""
-    code = "import platform, trioproxy; print(trioproxy.__file__); print(platform.python_version())"
+def _checked(baseline: Baseline, what: str, *, module: str = "trioproxy") -> Baseline:
+    """``baseline``, its interpreter's version filled in, once a child of it imports ``module`` of its ``trioproxy``."""
+    code = f"import platform, trioproxy, {module}; print(trioproxy.__file__); print(platform.python_version())"
     probe = _run([baseline.interpreter, "-c", code], "the import check", env=baseline.env())
     if probe.returncode:
         lines = probe.stderr.decode("utf-8", "replace").strip().splitlines()
         where = f" under {baseline.python}" if baseline.python is not None else " here"
         raise BenchError(f"--baseline: {what} does not import{where}: "
                          f"{lines[-1] if lines else f'exit status {probe.returncode}'}")
-    file, version = (probe.stdout.decode().strip().splitlines() + ["", ""])[:2]
+    said = probe.stdout.decode("utf-8", "replace").strip().splitlines()
+    if len(said) != 2 or not all(said):  # (not a Python interpreter: /bin/true says nothing)
+        raise BenchError(f"--baseline: {baseline.interpreter} did not answer as a Python interpreter "
+                         f"(it printed {len(said)} line(s) for the import check)")
+    file, version = said
     imported = Path(file).resolve()
     source = baseline.source
     if not imported.is_relative_to(source.resolve()):

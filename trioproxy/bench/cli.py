@@ -189,10 +189,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             return 2
     checkout_under: Baseline | None = None
     try:
+        if args.baseline_python is not None:  # (checked first, also with --baseline: nothing started yet)
+            checkout_under = baseline_source.this_checkout(args.baseline_python)
         if args.baseline is not None:
             commit = baseline_source.resolve(args.baseline)
-        elif args.baseline_python is not None:
-            checkout_under = baseline_source.this_checkout(args.baseline_python)
     except BenchError as exc:
         print(f"trioproxy bench: {exc}", file=sys.stderr)
         return 2
