@@ -152,6 +152,40 @@ async def test_chat_streamed(nursery: trio.Nursery, include_usage: bool) -> None
             assert len(events) == 5 and not any("usage" in e for e in events)
 
 
+@pytest.mark.parametrize(
+    ("kind", "options", "usage"),
+    [
+        # vLLM: a stream_options object without include_usage means true there (null does not);
+        # OpenAI: no usage unless include_usage is true.
+        ("vllm", {}, True),
+        ("vllm", {"continuous_usage_stats": False}, True),
+        ("vllm", {"include_usage": None}, False),
+        ("vllm", {"include_usage": False}, False),
+        ("vllm", None, False),
+        ("openai", {}, False),
+        ("both", {}, False),
+        ("openai", {"include_usage": True}, True),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_a_stream_ends_with_usage_as_each_kind_defaults(
+    nursery: trio.Nursery, kind: Any, options: dict[str, Any] | None, usage: bool, path: str
+) -> None:
+    with trio.fail_after(10):
+        mock = await start(nursery, MockSettings(kind=kind, ttft_ms=0, token_delay_ms=0, tokens=3))
+        request: dict[str, Any] = {**CHAT, "stream": True}
+        if path == "/v1/completions":
+            request = {"model": CHAT["model"], "prompt": "hi", "stream": True}
+        if options is not None:
+            request["stream_options"] = options
+        async with client(mock) as http:
+            r = await http.post(path, json=request)
+        events = sse_events(r.text)
+        assert r.status_code == 200 and events
+        assert (events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3) is usage
+        assert any("usage" in e for e in events) is usage
+
+
 async def test_openai_sdk(nursery: trio.Nursery) -> None:
     with trio.fail_after(30):
         mock = await start(nursery, MockSettings(ttft_ms=0, token_delay_ms=0, tokens=5, models=("a", "b")))
@@ -336,6 +370,9 @@ async def test_ollama_client_loads_a_model(nursery: trio.Nursery) -> None:
         ("ollama", "/health", 404, None),
         ("openai", "/api/tags", 404, b'{"error":"no route for GET /api/tags"}'),
         ("openai", "/health", 200, b""),
+        ("vllm", "/health", 200, b""),
+        ("vllm", "/api/tags", 404, b'{"error":"no route for GET /api/tags"}'),
+        ("vllm", "/v1/models", 200, None),
         ("both", "/api/ps", 200, None),
         ("both", "/v1/chat/completions", 405, None),
     ],

@@ -26,7 +26,7 @@ from cattrs.v import format_exception, transform_error
 from .errors import ConfigError
 
 UpstreamKind = Literal["ollama", "vllm", "openai", "llamacpp"]
-MockKind = Literal["openai", "ollama", "both"]
+MockKind = Literal["openai", "vllm", "ollama", "both"]
 
 #: Default health-check path per upstream kind: the cheapest probe each server offers.
 DEFAULT_HEALTH_PATH: dict[str, str] = {

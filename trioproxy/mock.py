@@ -114,7 +114,7 @@ class FaultPlan:
 class MockSettings:
     """Everything a mock run needs; ``"*"`` in ``models`` accepts any model name."""
 
-    kind: MockKind = field(default="both", validator=in_(("openai", "ollama", "both")))
+    kind: MockKind = field(default="both", validator=in_(("openai", "vllm", "ollama", "both")))
     models: tuple[str, ...] = ("mock-llama",)
     tokens: int = field(default=16, validator=ge(0))
     token_delay_ms: float = field(default=20.0, validator=_finite_non_negative)

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     add("--port", type=int, default=8081, help="port to bind; 0 picks a free one (default 8081)")
-    add("--kind", choices=("openai", "ollama", "both"), default="both", help="API family to imitate")
+    add("--kind", choices=("openai", "vllm", "ollama", "both"), default="both",
+        help="API family to imitate (vllm: OpenAI's, with vLLM's /health and its usage default)")
     add("--models", default="mock-llama", help="comma-separated model names; * accepts any")
     add("--tokens", type=int, default=16, help="content tokens per answer")
     add("--token-delay-ms", type=float, default=20.0, help="delay between streamed tokens")

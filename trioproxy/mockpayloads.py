@@ -28,7 +28,7 @@ import json
 import math
 import struct
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from .mockcheck import (
@@ -128,7 +128,16 @@ def _choices(body: dict[str, Any], tokens: int) -> int:
     return n
 
 
-def _chat(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+def _usage_asked(body: dict[str, Any], stream: bool, vllm: bool) -> bool:
+    """Whether a stream ends with a usage event: ``stream_options.include_usage`` true; at vLLM
+    also an object without the key (its default there is true; null is not)."""
+    options = body.get("stream_options")
+    if not stream or not isinstance(options, dict):
+        return False
+    return options.get("include_usage", True if vllm else None) is True
+
+
+def _chat(request: Request, models: tuple[str, ...], tokens: int, *, vllm: bool = False) -> Reply:
     body = _json_object(request.body)
     name = _model_name(body, "openai")
     _openai_messages(body)  # a malformed request is refused (400) before its model is looked up (404)
@@ -136,20 +145,18 @@ def _chat(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
     choices = _choices(body, n)
     model = _known(name, models, "openai")
     stream = _flag(body, "stream", False)
-    options = body.get("stream_options")
-    usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    usage = _usage_asked(body, stream, vllm)
     return Generation("chat", model, stream, n, reason, max(1, _messages_words(body)), usage, choices)
 
 
-def _completion(request: Request, models: tuple[str, ...], tokens: int) -> Reply:
+def _completion(request: Request, models: tuple[str, ...], tokens: int, *, vllm: bool = False) -> Reply:
     body = _json_object(request.body)
     name = _model_name(body, "openai")
     n, reason = _cap([body.get("max_tokens")], tokens)
     choices = _choices(body, n)
     model = _known(name, models, "openai")
     stream = _flag(body, "stream", False)
-    options = body.get("stream_options")
-    usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    usage = _usage_asked(body, stream, vllm)
     return Generation("completion", model, stream, n, reason, max(1, _words(body.get("prompt"))), usage, choices)
 
 
@@ -291,9 +298,9 @@ def _fixed(status: int, content_type: str, body: bytes) -> Handler:
     return lambda request, models, tokens: reply
 
 
-_OPENAI_KINDS = frozenset({"openai", "ollama", "both"})
+_OPENAI_KINDS = frozenset({"openai", "vllm", "ollama", "both"})
 _OLLAMA_KINDS = frozenset({"ollama", "both"})
-_VLLM_KINDS = frozenset({"openai", "both"})
+_VLLM_KINDS = frozenset({"openai", "vllm", "both"})
 #: path → (method, handler, the mock kinds that serve it)
 _ROUTES: dict[str, tuple[str, Handler, frozenset[str]]] = {
     "/v1/chat/completions": ("POST", _chat, _OPENAI_KINDS),
@@ -312,3 +319,11 @@ _ROUTES: dict[str, tuple[str, Handler, frozenset[str]]] = {
     "/api/version": ("GET", _fixed(200, "application/json", _dumps({"version": OLLAMA_VERSION})), _OLLAMA_KINDS),
 }
 _MODEL_BY_ID = ("GET", _model_by_id, _OPENAI_KINDS)
+#: Where a kind answers otherwise: vLLM's streams end with usage for a ``stream_options``
+#: object without ``include_usage``.
+_KIND_ROUTES: dict[str, dict[str, tuple[str, Handler, frozenset[str]]]] = {
+    "vllm": {
+        "/v1/chat/completions": ("POST", partial(_chat, vllm=True), _OPENAI_KINDS),
+        "/v1/completions": ("POST", partial(_completion, vllm=True), _OPENAI_KINDS),
+    },
+}

@@ -21,7 +21,7 @@ from attrs import frozen
 from .config import MockKind
 from .mockcheck import _Reject
 from .mockhttp import Request
-from .mockpayloads import _MODEL_BY_ID, _ROUTES, error_format, error_reply
+from .mockpayloads import _KIND_ROUTES, _MODEL_BY_ID, _ROUTES, error_format, error_reply
 from .mockreply import Reply, Static
 
 #: Upper bound of x-mock-tokens: a typo must not make the mock build a gigabyte answer.
@@ -37,13 +37,15 @@ def plan_reply(request: Request, *, kind: MockKind, models: tuple[str, ...], tok
     format. ``HEAD`` is served like ``GET`` (the caller drops the body).
 
     Args:
-      kind: which API family this mock imitates (``/v1/*`` is served by all three).
+      kind: which API family this mock imitates (``/v1/*`` is served by all four; ``vllm``
+        is OpenAI's with vLLM's ``/health`` and its stream-usage default).
       models: model names accepted (``"*"``: any); ``name`` matches ``name:latest``.
       tokens: content tokens to produce before any ``max_tokens`` cap.
     """
     path = request.path
     fmt = error_format(path)
-    route = _ROUTES.get(path) or (_MODEL_BY_ID if path.startswith("/v1/models/") else None)
+    route = (_KIND_ROUTES.get(kind, {}).get(path) or _ROUTES.get(path)
+             or (_MODEL_BY_ID if path.startswith("/v1/models/") else None))
     if route is None or kind not in route[2]:
         return error_reply(fmt, 404, f"no route for {request.method} {path}")
     method, handler, _ = route
