@@ -80,21 +80,33 @@ async def test_a_stuck_send_is_given_up_on_at_its_timeout(autojump_clock: trio.t
         nursery.cancel_scope.cancel()
 
 
-async def test_a_shorter_timeout_brings_the_next_check_forward(autojump_clock: trio.testing.MockClock) -> None:
+@pytest.mark.parametrize("once", [False, True], ids=["a wait", "a one-shot entry"])
+async def test_an_entry_due_sooner_brings_the_next_check_forward(autojump_clock: trio.testing.MockClock, once: bool) -> None:
     watch = Watchdog()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.run)
-        await trio.testing.wait_all_tasks_blocked()
-        slow, _, _ = writer(60.0)
-        watch.watch(slow)  # the watchdog now sleeps up to 60 s
-        await trio.testing.wait_all_tasks_blocked()
-        quick, _, quick_winner = writer(1.0)
-        watch.watch(quick)
-        start = trio.current_time()
-        quick.since = start
-        await quick_winner.released.wait()
-        assert quick_winner.released_at == pytest.approx(start + 1.0)
-        nursery.cancel_scope.cancel()
+    expired = trio.Event()
+
+    class Quick(Entry):
+        def expire(self) -> None:
+            super().expire()
+            expired.set()
+
+    with trio.fail_after(120):  # (virtual time: a watchdog that never wakes fails here, not hangs)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch.run)
+            await trio.testing.wait_all_tasks_blocked()
+            slow, _, _ = writer(60.0)
+            watch.watch(slow)  # the watchdog now sleeps up to 60 s
+            await trio.testing.wait_all_tasks_blocked()
+            quick = Quick(1.0)
+            if once:  # (stamped, then watched)
+                quick.since = start = watch.now()
+                watch.watch_once(quick)
+            else:  # (watched, then a wait starts)
+                watch.watch(quick)
+                quick.since = start = watch.now()
+            await expired.wait()
+            assert trio.current_time() == pytest.approx(start + 1.0)
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_writer_that_keeps_sending_is_never_stalled(autojump_clock: trio.testing.MockClock) -> None:
@@ -146,29 +158,6 @@ async def test_while_it_runs_it_reads_the_runs_own_clock() -> None:
     assert watch.now is trio.current_time
     # Stopped, it holds no wake-up scope whose deadline a later watch() would move for no one.
     assert watch._wakeup is None
-
-
-async def test_a_one_shot_entry_due_sooner_brings_the_next_check_forward(autojump_clock: trio.testing.MockClock) -> None:
-    watch = Watchdog()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.run)
-        await trio.testing.wait_all_tasks_blocked()
-        slow, _, _ = writer(60.0)
-        watch.watch(slow)  # the watchdog now sleeps up to 60 s
-        await trio.testing.wait_all_tasks_blocked()
-        expired = trio.Event()
-
-        class Head(Entry):
-            def expire(self) -> None:
-                super().expire()
-                expired.set()
-
-        head = Head(1.0)
-        head.since = start = watch.now()
-        watch.watch_once(head)
-        await expired.wait()
-        assert trio.current_time() == pytest.approx(start + 1.0)
-        nursery.cancel_scope.cancel()
 
 
 def test_an_entry_is_due_exactly_when_the_check_says() -> None:
