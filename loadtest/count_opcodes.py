@@ -12,6 +12,7 @@ but they are deterministic, and a path's count drops by what a change takes out 
     .venv/bin/python loadtest/count_opcodes.py              # 5 streams, 64 tokens 20 ms apart
     .venv/bin/python loadtest/count_opcodes.py --small -n 200
     .venv/bin/python loadtest/count_opcodes.py --top 60
+    .venv/bin/python loadtest/count_opcodes.py --relay-floor   # the bench's relay-floor row instead
 
 Background tasks that run by the clock (the usage log's writer, the watchdog) are counted
 too, spread over the events: with tokens 20 ms apart, a few opcodes per event. Not a
@@ -70,9 +71,24 @@ def serve_traced(argv: list[str]) -> int:
 
     signal.signal(signal.SIGUSR1, toggle)
     signal.signal(signal.SIGUSR2, dump)
+    if argv[0] == "--relay-floor":  # loadtest/floor_app.py as a bare relay: PORT UPSTREAM_URL
+        import trio
+        floor_app = _floor_app()
+        trio.run(floor_app.main, [str(count_process.BENCH_PROFILE)], int(argv[1]), argv[2])
+        return 0
     from trioproxy.cli import main as trioproxy_main
 
     return trioproxy_main(["serve", *argv])
+
+
+def _floor_app() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("floor_app", Path(__file__).resolve().parent / "floor_app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def module_of(filename: str) -> str:
@@ -92,6 +108,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="requests before counting (default 3)")
     parser.add_argument("--small", action="store_true", help="small non-streamed answers instead of streams")
     parser.add_argument("--top", type=int, default=40, help="functions listed (default 40)")
+    parser.add_argument("--relay-floor", action="store_true",
+                        help="count loadtest/floor_app.py relaying to the mock (the bench's relay-floor row) instead")
     args = parser.parse_args()
     root = count_process.ROOT
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,8 +118,12 @@ def main() -> int:
         (out / "override.toml").write_text(count_process.override(gateway_port, mock_port, out / "logs"))
         mock_cmd = [sys.executable, "-m", "trioproxy", "mock", "--port", str(mock_port), "--models", "*",
                     "--tokens", "64", "--token-delay-ms", "20", "--ttft-ms", "0"]
-        gateway_cmd = [sys.executable, __file__, "--serve-traced", "-p", str(count_process.BENCH_PROFILE),
-                       "-p", str(out / "override.toml")]
+        if args.relay_floor:
+            gateway_cmd = [sys.executable, __file__, "--serve-traced", "--relay-floor", str(gateway_port),
+                           f"http://127.0.0.1:{mock_port}"]
+        else:
+            gateway_cmd = [sys.executable, __file__, "--serve-traced", "-p", str(count_process.BENCH_PROFILE),
+                           "-p", str(out / "override.toml")]
         env = {**os.environ, "COUNT_OPCODES_OUT": str(out / "counts.json"), "PYTHONPATH": str(root)}
         children: list[subprocess.Popen[bytes]] = []
         try:
@@ -112,7 +134,8 @@ def main() -> int:
                 gateway = subprocess.Popen(gateway_cmd, cwd=root, env=env, stdout=gateway_log, stderr=subprocess.STDOUT)
             children.append(gateway)
             url = f"http://127.0.0.1:{gateway_port}"
-            count_process.wait_until_serving("gateway", url + "/healthz", gateway, out / "gateway.log")
+            ready = url + ("/v1/models" if args.relay_floor else "/healthz")
+            count_process.wait_until_serving("gateway", ready, gateway, out / "gateway.log")
             with httpx.Client(base_url=url, timeout=120.0) as client:
                 count_process.send(client, args.warmup, stream=not args.small)
                 gateway.send_signal(signal.SIGUSR1)

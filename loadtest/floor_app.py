@@ -19,6 +19,23 @@ the request body and answers from memory.
 
     python loadtest/floor_app.py --config loadtest/profiles/bench.toml --port 0
 
+With ``--upstream URL`` it is the **relay floor** instead (``trioproxy bench
+--relay-floor``): the least a relay on this stack does, on the gateway's own I/O parts.
+Each request goes to ``URL`` (plain HTTP) on an idle upstream socket from a list
+(``trioproxy.connection.RawConnection``: a wait for readability, then one ``recv``),
+with its method, path, headers and body; the answer is parsed with the gateway's HTTP/1.1
+parser (``trioproxy.http1``) and relayed: a body with its length in one ASGI message,
+a stream one message per upstream read (what the read gave, de-chunked), written
+without a schedule point of its own (``UNSCHEDULED``: the next await is the upstream
+read), the head with the first body piece (``WITH_FIRST_BODY``), the request body taken
+from Hypercorn's inbox as it came. No routing, health checks, failover, usage scanning,
+watchdog or usage log: what is left of the gateway's cost above this row is its features.
+
+    python loadtest/floor_app.py --config loadtest/profiles/bench.toml --port 0 --upstream http://127.0.0.1:PORT
+
+``TRIOPROXY_RELAY_FLOOR_SPIN_US=N`` makes the relay burn N µs of CPU per relayed piece:
+with the gateway's CPU per stream, does a bare relay have the gateway's latency?
+
 It prints ``floor listening on http://127.0.0.1:PORT`` once it listens and stops on
 SIGINT/SIGTERM. ``trioproxy bench`` starts it pinned to the gateway's core.
 """
@@ -29,16 +46,23 @@ import argparse
 import heapq
 import itertools
 import math
+import os
 import signal
+import socket
 import sys
+import time
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import trio
 from hypercorn.trio import serve
 
 from trioproxy.config import load_profiles
+from trioproxy.connection import RawConnection, connect_socket, literal_addresses, resolve
+from trioproxy.http1 import ResponseParser, serialize_request
+from trioproxy.hypercorn_app import INBOX, UNSCHEDULED, WITH_FIRST_BODY
 from trioproxy.server import hypercorn_config, settle_gc
 
 # The shape and size of the mock's 16-token chat completion (~290 bytes).
@@ -144,10 +168,153 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": CLOSING, "more_body": False})
 
 
-async def main(profiles: list[str], port: int) -> None:
+#: ``TRIOPROXY_RELAY_FLOOR_SPIN_US``: CPU the relay burns per relayed piece, an experiment's knob
+#: (what the added TTFT does as a relay's CPU per event grows; the bench passes its environment on).
+SPIN_S = float(os.environ.get("TRIOPROXY_RELAY_FLOOR_SPIN_US", "0")) / 1e6
+
+
+def _spin(seconds: float) -> None:
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:  # bounded: a few µs
+        pass
+
+
+#: Not passed on either way (RFC 9110 §7.6.1), nor the framing the parser has undone.
+_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                         b"transfer-encoding", b"upgrade"))
+#: Not passed back: the above, and what Hypercorn writes itself.
+_NOT_RELAYED = _HOP_BY_HOP | {b"date"}
+#: Seconds a write to the upstream may stall (the mock takes a request at once).
+_SEND_STALL_S = 30.0
+
+
+class Relay:
+    """The relay floor's app: every request to one plain-HTTP upstream, relayed as it comes."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise SystemExit(f"--upstream: expected http://HOST:PORT, got {url!r}")
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.family, self.sockaddr = socket.AF_INET, ("", 0)  # (``resolve`` sets them before any request)
+        self.host_header = parts.netloc.encode()
+        #: Upstream sockets after a whole answer, newest last (one task at a time: no lock on Trio).
+        self.idle: list[RawConnection] = []
+
+    async def resolve(self) -> None:
+        """Look the upstream's host up once, before serving (the first address is used)."""
+        addresses = literal_addresses(self.host, self.port) or await resolve(self.host, self.port)
+        self.family, self.sockaddr = addresses[0]
+
+    async def _connection(self) -> tuple[RawConnection, bool]:
+        """An idle socket still open (reused: True), or a new one."""
+        while self.idle:  # bounded by the list
+            conn = self.idle.pop()
+            if conn.is_alive():
+                return conn, True
+            conn.close()
+        return RawConnection(await connect_socket(self.family, self.sockaddr)), False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)  # lifespan
+            return
+        body = await _read_body(scope, receive)
+        if body is None:
+            return
+        headers = [(n, v) for n, v in scope["headers"] if n not in _HOP_BY_HOP]
+        target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
+        request = serialize_request(scope["method"].encode(), target, self.host_header, headers, body)
+        for _ in range(2):  # bounded: a reused socket the upstream closed meanwhile is retried once, on a new one
+            conn, reused = await self._connection()
+            try:
+                if await self._exchange(conn, request, send, reused):
+                    return
+            except BaseException:
+                conn.close()
+                raise
+        await send({"type": "http.response.start", "status": 502, "headers": JSON_HEADERS[:1]})
+        await send({"type": "http.response.body", "body": b'{"error":"upstream closed the connection"}'})
+
+    async def _exchange(self, conn: RawConnection, request: bytes, send: Any, reused: bool) -> bool:
+        """Relay one answer; False if a reused socket was found closed before any byte of it."""
+        if not await conn.send_all(request, _SEND_STALL_S):
+            raise OSError("the upstream took no request bytes")
+        parser = ResponseParser()
+        head = None
+        received = False
+        while head is None:  # bounded by the head's size (the parser caps it) or EOF
+            data = await conn.receive(math.inf, wait_first=True)
+            if not data:
+                if reused and not received:
+                    conn.close()
+                    return False
+                parser.feed_eof()  # the head's parse raises IncompleteMessage
+            else:
+                received = True
+                parser.feed(data)
+            head = parser.next_head()
+        out = [(n, v) for n, v in head.headers if n not in _NOT_RELAYED]
+        if any(n == b"content-length" for n, _ in out):  # whole: one message with its length
+            parts = []
+            while (piece := parser.next_body_piece()) != b"":  # bounded by the length
+                if piece is None:
+                    parser.feed(await conn.receive(math.inf, wait_first=True) or b"")
+                else:
+                    parts.append(piece)
+            await send({"type": "http.response.start", "status": head.status, "headers": out})
+            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": False})
+        else:  # a stream: one message per upstream read, the head with the first
+            await send({"type": "http.response.start", "status": head.status, "headers": out, WITH_FIRST_BODY: True})
+            first = True
+            while True:  # bounded by the upstream's body (its end, or EOF)
+                piece = parser.next_body_piece()
+                if piece == b"":
+                    break
+                if piece is None:
+                    if first:  # the head's promised body message: nothing more was in hand
+                        await send({"type": "http.response.body", "body": b"", "more_body": True, UNSCHEDULED: True})
+                        first = False
+                    data = await conn.receive(math.inf, wait_first=True)
+                    if data:
+                        parser.feed(data)
+                    else:
+                        parser.feed_eof()  # close-delimited: the end; chunked: IncompleteMessage
+                    continue
+                first = False
+                if SPIN_S:
+                    _spin(SPIN_S)
+                await send({"type": "http.response.body", "body": piece, "more_body": True, UNSCHEDULED: True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if parser.reusable:
+            self.idle.append(conn)
+        else:
+            conn.close()
+        return True
+
+
+async def _read_body(scope: dict[str, Any], receive: Any) -> bytes | None:
+    """The request's body (None if the client left): what came with the head without a wait."""
+    inbox = scope.get("extensions", {}).get(INBOX)
+    parts = []
+    while True:  # bounded by the client's body; Hypercorn caps it
+        message = inbox.receive_nowait() if inbox is not None else None
+        if message is None:
+            message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def main(profiles: list[str], port: int, upstream: str | None = None) -> None:
     config = load_profiles(profiles)
     config = attrs.evolve(config, server=attrs.evolve(config.server, port=port))
     shutdown = trio.Event()
+    relay = Relay(upstream) if upstream else None
+    if relay is not None:
+        await relay.resolve()
     async with trio.open_nursery() as clock:
         clock.start_soon(CLOCK.run)
         async with trio.open_nursery() as nursery:
@@ -161,7 +328,8 @@ async def main(profiles: list[str], port: int) -> None:
             nursery.start_soon(watch_signals)
             # (Hypercorn types the app with its own ASGI TypedDicts; ours takes plain dicts, as server.py's.)
             binds = await nursery.start(
-                partial(serve, app, hypercorn_config(config), shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+                partial(serve, relay or app, hypercorn_config(config),  # type: ignore[arg-type]
+                        shutdown_trigger=shutdown.wait)
             )
             settle_gc()  # the gateway's GC settings too, so the floor stays the floor
             print(f"floor listening on {binds[0]}", file=sys.stderr, flush=True)
@@ -174,5 +342,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", action="append", metavar="PATH", help="profile(s) whose [server] settings to use")
     parser.add_argument("--port", type=int, default=0, help="port (0: any free port)")
+    parser.add_argument("--upstream", metavar="URL", help="relay every request to this http:// upstream (the relay floor)")
     args = parser.parse_args()
-    trio.run(main, args.config or ["loadtest/profiles/bench.toml"], args.port)
+    trio.run(main, args.config or ["loadtest/profiles/bench.toml"], args.port, args.upstream)

@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--keep-logs", action="store_true", help="keep the processes' logs and usage logs (printed path)")
     add("--stock-floor", action="store_true",
         help="also measure Hypercorn alone with its own I/O (TRIOPROXY_STOCK_HYPERCORN=1), beside the floor")
+    add("--relay-floor", action="store_true",
+        help="also measure a bare relay to the upstream on the gateway's I/O parts, with no gateway features, "
+             "beside the floor (loadtest/floor_app.py --upstream)")
     add("--baseline", metavar="REV",
         help="also measure the gateway as committed at git revision REV, in the same interleaved rounds "
              "(needs a git checkout)")
@@ -98,6 +101,7 @@ def _options(args: argparse.Namespace, pin: bool, baseline: Baseline | None = No
         profile_dir=args.profile_dir,
         baseline=baseline,
         stock_floor=args.stock_floor,
+        relay_floor=args.relay_floor,
     )
 
 

@@ -44,8 +44,10 @@ __all__ = ["BenchOptions", "ScenarioRun", "TargetRound", "foreign_load", "run_sc
 FLOOR_APP = CHECKOUT / "loadtest" / "floor_app.py"
 #: Hypercorn alone with its own plain-TCP I/O (``TRIOPROXY_STOCK_HYPERCORN=1``; ``--stock-floor``).
 FLOOR_STOCK = "floor-stock"
-#: Targets that are not gateways: the upstream itself and Hypercorn answering by itself.
-NOT_GATEWAYS = ("direct", "floor", FLOOR_STOCK)
+#: The floor app relaying to the upstream on the gateway's I/O parts, no features (``--relay-floor``).
+RELAY_FLOOR = "relay-floor"
+#: Targets that are not gateways: the upstream itself, Hypercorn answering by itself, the bare relay.
+NOT_GATEWAYS = ("direct", "floor", FLOOR_STOCK, RELAY_FLOOR)
 #: More than this share of a core busy with other load during a window: the round is run again.
 NOISE_LIMIT = 0.15
 #: Re-runs of disturbed rounds allowed per target and scenario (then the round is kept, with a note).
@@ -78,6 +80,8 @@ class BenchOptions:
     baseline: Baseline | None = None
     #: ``--stock-floor``: also Hypercorn alone with its own I/O (``FLOOR_STOCK``), where the floor runs.
     stock_floor: bool = False
+    #: ``--relay-floor``: also the floor app as a bare relay to the upstream (``RELAY_FLOOR``), where the floor runs.
+    relay_floor: bool = False
 
 
 @define
@@ -309,6 +313,13 @@ async def run_scenario(
                 targets.append(Target(FLOOR_STOCK, parse_target(stock.url), stock, stock.pid))
                 run.notes.append(f"{FLOOR_STOCK}: the floor app with Hypercorn's own I/O ({STOCK_ENV}=1); the "
                                  "floor, and every gateway here, run with trioproxy/hypercorn_fast.py's plain-TCP I/O")
+            if options.relay_floor:
+                relay = await fleet.start(RELAY_FLOOR, [*argv, "--upstream", upstream_url], cpu=options.gateway_cpu)
+                run.commands[RELAY_FLOOR] = relay.argv
+                targets.append(Target(RELAY_FLOOR, parse_target(relay.url), relay, relay.pid, mock_pids))
+                run.notes.append(f"{RELAY_FLOOR}: the floor app relaying to the upstream as direct calls it, on the "
+                                 "gateway's I/O parts (raw upstream sockets, its HTTP/1.1 parser, hypercorn_fast), "
+                                 "with no routing, health checks, failover, usage scanning or usage log")
         else:
             run.notes.append(f"floor skipped: {FLOOR_APP} not found (run from a source checkout)")
     run.targets = [t.label for t in targets]

@@ -231,7 +231,7 @@ def validate(s: Scenario) -> list[str]:
             problems.append(f"$.gateways[{i}].workers: expected 1 or more")
         if not g.profiles:
             problems.append(f"$.gateways[{i}].profiles: expected at least one profile")
-        if g.label in ("direct", "floor", "floor-stock"):
+        if g.label in ("direct", "floor", "floor-stock", "relay-floor"):
             problems.append(f"$.gateways[{i}].label: {g.label!r} is reserved")
     if not s.gateways:
         problems.append("$.gateways: expected at least one gateway")
