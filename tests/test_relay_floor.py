@@ -21,7 +21,7 @@ import trio
 
 from trioproxy.bench.processes import open_fleet
 from trioproxy.bench.report import analyze, markdown
-from trioproxy.bench.runner import RELAY_FLOOR, BenchOptions, run_scenario
+from trioproxy.bench.runner import RELAY_FLOOR, RELAY_FLOOR_SPIN_ENV, BenchOptions, run_scenario
 from trioproxy.bench.scenarios import parse_scenario
 from trioproxy.errors import ConfigError
 
@@ -98,7 +98,10 @@ warmup_s = 0.1
 """
 
 
-async def test_a_run_with_the_relay_floor_measures_it_in_every_round_and_never_judges_it(tmp_path: Path) -> None:
+async def test_a_run_with_the_relay_floor_measures_it_in_every_round_and_never_judges_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(RELAY_FLOOR_SPIN_ENV, "1")  # (passed on to the relay floor; the report says so)
     scenario = parse_scenario(_SCENARIO)
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -115,7 +118,9 @@ async def test_a_run_with_the_relay_floor_measures_it_in_every_round_and_never_j
     result = analyze(run, machine={"cores": 2, "cpu_model": "test", "python": "3.11"})
     assert RELAY_FLOOR in result["comparisons"]
     assert all(v["target"] == "gateway" for v in result["verdicts"])
-    assert "relay-floor: the floor app relaying to the upstream as direct calls it" in markdown(result)
+    table = markdown(result)
+    assert "relay-floor: the floor app relaying to the upstream as direct calls it" in table
+    assert f"relay-floor: burning 1 µs of CPU per relayed piece ({RELAY_FLOOR_SPIN_ENV})" in table
 
 
 def test_relay_floor_is_a_reserved_label() -> None:

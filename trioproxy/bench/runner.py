@@ -46,6 +46,8 @@ FLOOR_APP = CHECKOUT / "loadtest" / "floor_app.py"
 FLOOR_STOCK = "floor-stock"
 #: The floor app relaying to the upstream on the gateway's I/O parts, no features (``--relay-floor``).
 RELAY_FLOOR = "relay-floor"
+#: The relay floor's knob: µs of CPU it burns per relayed piece (``loadtest/floor_app.py``).
+RELAY_FLOOR_SPIN_ENV = "TRIOPROXY_RELAY_FLOOR_SPIN_US"
 #: Targets that are not gateways: the upstream itself, Hypercorn answering by itself, the bare relay.
 NOT_GATEWAYS = ("direct", "floor", FLOOR_STOCK, RELAY_FLOOR)
 #: More than this share of a core busy with other load during a window: the round is run again.
@@ -320,6 +322,9 @@ async def run_scenario(
                 run.notes.append(f"{RELAY_FLOOR}: the floor app relaying to the upstream as direct calls it, on the "
                                  "gateway's I/O parts (raw upstream sockets, its HTTP/1.1 parser, hypercorn_fast), "
                                  "with no routing, health checks, failover, usage scanning or usage log")
+                spin = os.environ.get(RELAY_FLOOR_SPIN_ENV)
+                if spin:
+                    run.notes.append(f"{RELAY_FLOOR}: burning {spin} µs of CPU per relayed piece ({RELAY_FLOOR_SPIN_ENV})")
         else:
             run.notes.append(f"floor skipped: {FLOOR_APP} not found (run from a source checkout)")
     run.targets = [t.label for t in targets]
