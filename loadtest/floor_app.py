@@ -61,8 +61,8 @@ from hypercorn.trio import serve
 
 from trioproxy.config import load_profiles
 from trioproxy.connection import RawConnection, connect_socket, literal_addresses, resolve
-from trioproxy.http1 import ResponseParser, serialize_request
-from trioproxy.hypercorn_app import INBOX, UNSCHEDULED, WITH_FIRST_BODY
+from trioproxy.http1 import IncompleteMessage, ResponseParser, serialize_request
+from trioproxy.hypercorn_app import DISCONNECT_NOTICE, INBOX, UNSCHEDULED, WITH_FIRST_BODY
 from trioproxy.server import hypercorn_config, settle_gc
 
 # The shape and size of the mock's 16-token chat completion (~290 bytes).
@@ -168,24 +168,44 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": CLOSING, "more_body": False})
 
 
-#: ``TRIOPROXY_RELAY_FLOOR_SPIN_US``: CPU the relay burns per relayed piece, an experiment's knob
-#: (what the added TTFT does as a relay's CPU per event grows; the bench passes its environment on).
-SPIN_S = float(os.environ.get("TRIOPROXY_RELAY_FLOOR_SPIN_US", "0")) / 1e6
+#: The environment variable that makes the relay burn CPU per relayed piece (µs), an
+#: experiment's knob: what the added TTFT does as a relay's CPU per event grows (the bench
+#: passes its environment on, and its report says so).
+SPIN_ENV = "TRIOPROXY_RELAY_FLOOR_SPIN_US"
+
+
+def _spin_seconds() -> float:
+    text = os.environ.get(SPIN_ENV, "0")
+    try:
+        us = float(text)
+    except ValueError:
+        raise SystemExit(f"{SPIN_ENV}: expected microseconds, got {text!r}") from None
+    if not 0 <= us < 1e6:
+        raise SystemExit(f"{SPIN_ENV}: expected 0 to 999999 microseconds, got {text!r}")
+    return us / 1e6
 
 
 def _spin(seconds: float) -> None:
     until = time.perf_counter() + seconds
-    while time.perf_counter() < until:  # bounded: a few µs
+    while time.perf_counter() < until:  # bounded: under a second, by _spin_seconds
         pass
 
 
 #: Not passed on either way (RFC 9110 §7.6.1), nor the framing the parser has undone.
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                          b"transfer-encoding", b"upgrade"))
-#: Not passed back: the above, and what Hypercorn writes itself.
-_NOT_RELAYED = _HOP_BY_HOP | {b"date"}
 #: Seconds a write to the upstream may stall (the mock takes a request at once).
 _SEND_STALL_S = 30.0
+
+
+def _end_to_end(headers: list[tuple[bytes, bytes]], *, also: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
+    """``headers`` without the hop-by-hop ones, those the Connection header names, and ``also``."""
+    named = {t.strip().lower() for n, v in headers if n == b"connection" for t in v.split(b",")}
+    return [(n, v) for n, v in headers if n not in _HOP_BY_HOP and n not in named and n not in also]
+
+
+class _Stale(Exception):
+    """A reused upstream socket turned out closed before any byte of the answer: try a new one."""
 
 
 class Relay:
@@ -196,8 +216,11 @@ class Relay:
         if parts.scheme != "http" or not parts.hostname:
             raise SystemExit(f"--upstream: expected http://HOST:PORT, got {url!r}")
         self.host, self.port = parts.hostname, parts.port or 80
-        self.family, self.sockaddr = socket.AF_INET, ("", 0)  # (``resolve`` sets them before any request)
-        self.host_header = parts.netloc.encode()
+        self.family: int = socket.AF_INET
+        self.sockaddr: tuple[Any, ...] = ("", 0)  # (``resolve`` sets both before any request)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = (host if parts.port is None else f"{host}:{parts.port}").encode()
+        self.spin = _spin_seconds()
         #: Upstream sockets after a whole answer, newest last (one task at a time: no lock on Trio).
         self.idle: list[RawConnection] = []
 
@@ -206,9 +229,9 @@ class Relay:
         addresses = literal_addresses(self.host, self.port) or await resolve(self.host, self.port)
         self.family, self.sockaddr = addresses[0]
 
-    async def _connection(self) -> tuple[RawConnection, bool]:
-        """An idle socket still open (reused: True), or a new one."""
-        while self.idle:  # bounded by the list
+    async def _connection(self, *, reuse: bool) -> tuple[RawConnection, bool]:
+        """An idle socket still open (reused: True), if ``reuse``, else a new one."""
+        while reuse and self.idle:  # bounded by the list
             conn = self.idle.pop()
             if conn.is_alive():
                 return conn, True
@@ -222,75 +245,89 @@ class Relay:
         body = await _read_body(scope, receive)
         if body is None:
             return
-        headers = [(n, v) for n, v in scope["headers"] if n not in _HOP_BY_HOP]
         target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
-        request = serialize_request(scope["method"].encode(), target, self.host_header, headers, body)
-        for _ in range(2):  # bounded: a reused socket the upstream closed meanwhile is retried once, on a new one
-            conn, reused = await self._connection()
+        request = serialize_request(scope["method"].encode(), target, self.host_header,
+                                    _end_to_end(scope["headers"]), body)
+        for attempt in range(2):  # bounded: a reused socket found closed is retried once, on a new one
+            conn, reused = await self._connection(reuse=attempt == 0)
             try:
-                if await self._exchange(conn, request, send, reused):
-                    return
+                await self._exchange(conn, request, scope, send, reused)
+                return
+            except _Stale:
+                conn.close()
             except BaseException:
                 conn.close()
                 raise
-        await send({"type": "http.response.start", "status": 502, "headers": JSON_HEADERS[:1]})
-        await send({"type": "http.response.body", "body": b'{"error":"upstream closed the connection"}'})
 
-    async def _exchange(self, conn: RawConnection, request: bytes, send: Any, reused: bool) -> bool:
-        """Relay one answer; False if a reused socket was found closed before any byte of it."""
-        if not await conn.send_all(request, _SEND_STALL_S):
-            raise OSError("the upstream took no request bytes")
-        parser = ResponseParser()
+    async def _exchange(self, conn: RawConnection, request: bytes, scope: dict[str, Any], send: Any,
+                        reused: bool) -> None:
+        """Relay one answer. Raises _Stale if a reused socket was closed before any byte of it."""
+        parser = ResponseParser(head_request=scope["method"] == "HEAD")
         head = None
         received = False
-        while head is None:  # bounded by the head's size (the parser caps it) or EOF
-            data = await conn.receive(math.inf, wait_first=True)
-            if not data:
-                if reused and not received:
-                    conn.close()
-                    return False
-                parser.feed_eof()  # the head's parse raises IncompleteMessage
-            else:
-                received = True
-                parser.feed(data)
-            head = parser.next_head()
-        out = [(n, v) for n, v in head.headers if n not in _NOT_RELAYED]
-        if any(n == b"content-length" for n, _ in out):  # whole: one message with its length
-            parts = []
-            while (piece := parser.next_body_piece()) != b"":  # bounded by the length
-                if piece is None:
-                    parser.feed(await conn.receive(math.inf, wait_first=True) or b"")
+        try:
+            if not await conn.send_all(request, _SEND_STALL_S):
+                raise OSError("the upstream took no request bytes")
+            while head is None:  # bounded by the head's size (the parser caps it) or EOF
+                data = await conn.receive(math.inf, wait_first=True)
+                if data:
+                    received = True
+                    parser.feed(data)
                 else:
-                    parts.append(piece)
-            await send({"type": "http.response.start", "status": head.status, "headers": out})
-            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": False})
-        else:  # a stream: one message per upstream read, the head with the first
-            await send({"type": "http.response.start", "status": head.status, "headers": out, WITH_FIRST_BODY: True})
-            first = True
-            while True:  # bounded by the upstream's body (its end, or EOF)
-                piece = parser.next_body_piece()
-                if piece == b"":
-                    break
-                if piece is None:
-                    if first:  # the head's promised body message: nothing more was in hand
-                        await send({"type": "http.response.body", "body": b"", "more_body": True, UNSCHEDULED: True})
-                        first = False
-                    data = await conn.receive(math.inf, wait_first=True)
-                    if data:
-                        parser.feed(data)
-                    else:
-                        parser.feed_eof()  # close-delimited: the end; chunked: IncompleteMessage
-                    continue
-                first = False
-                if SPIN_S:
-                    _spin(SPIN_S)
+                    parser.feed_eof()  # the head's parse raises IncompleteMessage
+                head = parser.next_head()
+        except (IncompleteMessage, ConnectionResetError, BrokenPipeError):
+            if reused and not received:
+                raise _Stale() from None
+            raise
+        notice = scope.get("extensions", {}).get(DISCONNECT_NOTICE)
+        if head.content_length is not None or parser.complete:  # whole: one message with its length
+            parts = []
+            while (piece := await self._next_piece(conn, parser)) != b"":  # bounded by the body
+                parts.append(piece)
+            headers = _end_to_end(head.headers, also=_NOT_RELAYED)
+            await send({"type": "http.response.start", "status": head.status, "headers": headers})
+            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": False, UNSCHEDULED: True})
+        else:  # a stream, chunked or to EOF: Hypercorn re-chunks it; one message per upstream read
+            headers = _end_to_end(head.headers, also=_NOT_RELAYED_STREAMED)
+            await send({"type": "http.response.start", "status": head.status, "headers": headers,
+                        WITH_FIRST_BODY: True})
+            piece = parser.next_body_piece() or b""  # what came with the head, if anything
+            while piece != b"" or not parser.complete:  # bounded by the upstream's body
+                if self.spin and piece:
+                    _spin(self.spin)
+                # The head's promised body message is the first (empty if nothing is in hand); the
+                # next await after each is the upstream read, which waits first: a schedule point.
                 await send({"type": "http.response.body", "body": piece, "more_body": True, UNSCHEDULED: True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if notice is not None and notice.closed:  # the client left: stop reading for it
+                    conn.close()
+                    return
+                piece = await self._next_piece(conn, parser)
+            try:
+                await send({"type": "http.response.body", "body": b"", "more_body": False, UNSCHEDULED: True})
+            except trio.BusyResourceError:  # the client hung up while Hypercorn wrote (as relay.finish)
+                pass
         if parser.reusable:
             self.idle.append(conn)
         else:
             conn.close()
-        return True
+
+    @staticmethod
+    async def _next_piece(conn: RawConnection, parser: ResponseParser) -> bytes:
+        """The next de-chunked body bytes, b"" at the body's end (waiting for the upstream if needed)."""
+        while (piece := parser.next_body_piece()) is None:  # bounded: each pass feeds bytes or EOF
+            data = await conn.receive(math.inf, wait_first=True)
+            if data:
+                parser.feed(data)
+            else:
+                parser.feed_eof()  # close-delimited: the end; cut short: IncompleteMessage
+        return piece
+
+
+#: Upstream response headers not passed back: what Hypercorn writes itself.
+_NOT_RELAYED = frozenset((b"date",))
+#: ... and for a stream, whose length Hypercorn frames (an upstream's chunked and sized head).
+_NOT_RELAYED_STREAMED = _NOT_RELAYED | {b"content-length"}
 
 
 async def _read_body(scope: dict[str, Any], receive: Any) -> bytes | None:

@@ -317,12 +317,12 @@ async def run_scenario(
                                  "floor, and every gateway here, run with trioproxy/hypercorn_fast.py's plain-TCP I/O")
             if options.relay_floor:
                 relay = await fleet.start(RELAY_FLOOR, [*argv, "--upstream", upstream_url], cpu=options.gateway_cpu)
-                run.commands[RELAY_FLOOR] = relay.argv
+                spin = os.environ.get(RELAY_FLOOR_SPIN_ENV)
+                run.commands[RELAY_FLOOR] = [f"{RELAY_FLOOR_SPIN_ENV}={spin}", *relay.argv] if spin else relay.argv
                 targets.append(Target(RELAY_FLOOR, parse_target(relay.url), relay, relay.pid, mock_pids))
                 run.notes.append(f"{RELAY_FLOOR}: the floor app relaying to the upstream as direct calls it, on the "
                                  "gateway's I/O parts (raw upstream sockets, its HTTP/1.1 parser, hypercorn_fast), "
                                  "with no routing, health checks, failover, usage scanning or usage log")
-                spin = os.environ.get(RELAY_FLOOR_SPIN_ENV)
                 if spin:
                     run.notes.append(f"{RELAY_FLOOR}: burning {spin} µs of CPU per relayed piece ({RELAY_FLOOR_SPIN_ENV})")
         else:
