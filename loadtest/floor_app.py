@@ -292,17 +292,30 @@ class Relay:
             headers = _end_to_end(head.headers, also=_NOT_RELAYED_STREAMED)
             await send({"type": "http.response.start", "status": head.status, "headers": headers,
                         WITH_FIRST_BODY: True})
-            piece = parser.next_body_piece() or b""  # what came with the head, if anything
-            while piece != b"" or not parser.complete:  # bounded by the upstream's body
-                if self.spin and piece:
+            # Each body message is marked unscheduled: the next await after it is the upstream
+            # read, which waits first (a schedule point). The first is the head's promised one.
+            first = True
+            while True:  # bounded by the upstream's body (its end, or EOF)
+                piece = parser.next_body_piece()
+                if piece is None:  # (inline, as the gateway's relay loop: no coroutine per piece)
+                    if first:  # nothing came with the head: an empty message sends it
+                        await send({"type": "http.response.body", "body": b"", "more_body": True, UNSCHEDULED: True})
+                        first = False
+                    data = await conn.receive(math.inf, wait_first=True)
+                    if data:
+                        parser.feed(data)
+                    else:
+                        parser.feed_eof()  # close-delimited: the end; cut short: IncompleteMessage
+                    continue
+                if not piece:  # the body's end
+                    break
+                first = False
+                if self.spin:
                     _spin(self.spin)
-                # The head's promised body message is the first (empty if nothing is in hand); the
-                # next await after each is the upstream read, which waits first: a schedule point.
                 await send({"type": "http.response.body", "body": piece, "more_body": True, UNSCHEDULED: True})
                 if notice is not None and notice.closed:  # the client left: stop reading for it
                     conn.close()
                     return
-                piece = await self._next_piece(conn, parser)
             try:
                 await send({"type": "http.response.body", "body": b"", "more_body": False, UNSCHEDULED: True})
             except trio.BusyResourceError:  # the client hung up while Hypercorn wrote (as relay.finish)
