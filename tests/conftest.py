@@ -8,7 +8,11 @@ bounded with ``trio.fail_after`` so a deadlock fails instead of hanging CI.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -117,3 +121,22 @@ async def proxy_services(nursery: trio.Nursery) -> AsyncIterator[Any]:
 
     async with httpx.AsyncClient() as http:
         yield make
+
+
+@asynccontextmanager
+async def floor_app(*args: str) -> AsyncIterator[str]:
+    """``loadtest/floor_app.py`` (the bench's floor, or with ``--upstream`` its relay floor) in a
+    child process on the bench profile: yields its URL; on exit SIGINT must stop it cleanly."""
+    repo = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, str(repo / "loadtest" / "floor_app.py"), "--port", "0",
+            "--config", str(repo / "loadtest" / "profiles" / "bench.toml"), *args]
+    async with trio.open_nursery() as nursery:
+        child = await nursery.start(partial(trio.run_process, argv, stderr=subprocess.PIPE, check=False))
+        seen = b""
+        while b"floor listening on " not in seen or not seen.endswith(b"\n"):  # bounded by its start
+            chunk = await child.stderr.receive_some()
+            assert chunk, seen
+            seen += chunk
+        yield seen.split(b"floor listening on ")[1].split()[0].decode()
+        child.send_signal(signal.SIGINT)
+        assert await child.wait() == 0

@@ -44,7 +44,7 @@ from trioproxy.bench.wire import StreamWatcher, build_request, parse_target
 from trioproxy.config import load_profiles
 from trioproxy.errors import ConfigError
 
-from .conftest import StartMock
+from .conftest import StartMock, floor_app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -586,22 +586,11 @@ async def test_the_floor_app_streams_the_mocks_events_on_time_and_stops_cleanly(
     Its streams are paced by one clock task; a client that leaves mid-stream must not
     disturb the others, and SIGINT stops it gracefully (exit status 0).
     """
-    import signal
-
     import httpx
 
-    argv = [sys.executable, str(REPO / "loadtest" / "floor_app.py"), "--port", "0",
-            "--config", str(REPO / "loadtest" / "profiles" / "bench.toml")]
     stream_body = {"model": "m", "stream": True, "messages": []}
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            floor = await nursery.start(partial(trio.run_process, argv, stderr=subprocess.PIPE, check=False))
-            seen = b""
-            while b"floor listening on " not in seen or not seen.endswith(b"\n"):
-                chunk = await floor.stderr.receive_some()
-                assert chunk, seen
-                seen += chunk
-            url = seen.split(b"floor listening on ")[1].split()[0].decode()
+        async with floor_app() as url:
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 whole = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
 
@@ -622,8 +611,6 @@ async def test_the_floor_app_streams_the_mocks_events_on_time_and_stops_cleanly(
                     streams.start_soon(leave_early)
                     for _ in range(3):
                         streams.start_soon(full, results)
-            floor.send_signal(signal.SIGINT)
-            assert await floor.wait() == 0
     assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == 16
     assert len(results) == 3
     for body in results:

@@ -10,11 +10,6 @@ real Hypercorn, the project's mock or a scripted upstream, httpx as the client.
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +23,7 @@ from trioproxy.bench.runner import RELAY_FLOOR, RELAY_FLOOR_SPIN_ENV, BenchOptio
 from trioproxy.bench.scenarios import parse_scenario
 from trioproxy.errors import ConfigError
 
-from .conftest import StartMock
+from .conftest import StartMock, floor_app
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,23 +35,6 @@ def _same(data: bytes) -> bytes:
     return _VARYING.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + b"N", data)
 
 
-@asynccontextmanager
-async def _relay_floor(upstream: str) -> AsyncIterator[str]:
-    """``floor_app.py --upstream`` in a child process: its URL; SIGINT must stop it cleanly."""
-    argv = [sys.executable, str(REPO / "loadtest" / "floor_app.py"), "--port", "0",
-            "--config", str(REPO / "loadtest" / "profiles" / "bench.toml"), "--upstream", upstream]
-    async with trio.open_nursery() as nursery:
-        relay = await nursery.start(partial(trio.run_process, argv, stderr=subprocess.PIPE, check=False))
-        seen = b""
-        while b"floor listening on " not in seen or not seen.endswith(b"\n"):
-            chunk = await relay.stderr.receive_some()
-            assert chunk, seen
-            seen += chunk
-        yield seen.split(b"floor listening on ")[1].split()[0].decode()
-        relay.send_signal(signal.SIGINT)
-        assert await relay.wait() == 0
-
-
 async def test_the_relay_floor_passes_on_whole_and_streamed_answers_exactly_over_one_kept_connection(
     start_mock: StartMock,
 ) -> None:
@@ -65,7 +43,7 @@ async def test_the_relay_floor_passes_on_whole_and_streamed_answers_exactly_over
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     three = {"x-mock-tokens": "3"}  # (the mock's own default is 5: the request's headers must reach it)
     with trio.fail_after(60):
-        async with _relay_floor(upstream) as url:
+        async with floor_app("--upstream", upstream) as url:
             answers: dict[str, list[httpx.Response]] = {}
             for base in (upstream, url):  # the same requests, directly and through the relay
                 async with httpx.AsyncClient(base_url=base, timeout=30) as client:
@@ -152,7 +130,7 @@ async def test_the_relay_floor_relays_odd_framing_and_retries_a_kept_connection_
             listeners = await nursery.start(partial(trio.serve_tcp, partial(_scripted_upstream,
                                                     connections=connections), 0, host="127.0.0.1"))
             port = listeners[0].socket.getsockname()[1]
-            async with _relay_floor(f"http://127.0.0.1:{port}") as url:
+            async with floor_app("--upstream", f"http://127.0.0.1:{port}") as url:
                 async with httpx.AsyncClient(base_url=url, timeout=20) as client:
                     head = await client.head("/head")  # (no body follows, whatever its length says)
                     truncated = await client.get("/truncated")  # read whole before its head goes: a 500
