@@ -48,7 +48,7 @@ from .headers import client_response_headers, header_value
 from .hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY
 from .upstream import Winner
 from .usage import DEFAULT_MAX_LINE_BYTES, NDJSONScanner, SSEScanner
-from .usagefilter import UsageEventFilter
+from .usagefilter import NULL_USAGE_MEMBER, UsageEventFilter
 from .watchdog import Watchdog
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -241,20 +241,29 @@ async def pump(
                 ex.error = f"upstream {winner.target.upstream!r} sent more than max_response_bytes ({max_bytes})"
                 await write(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
                 return
-            if scanner is not None and scanner.feed(data) and ex.first_content_index is None:
-                ex.first_content_index = sent
-            if scanner is not None and scanner.done:
-                # This chunk carries the terminating event ([DONE], done: true): the answer is
-                # complete for the client once it has it, and it may hang up before the last
-                # empty chunk, even during this write (its disconnect notice fires in it, or the
-                # watcher task runs at its schedule point, where the server makes one); that is
-                # not a disconnect. Set first, as ``finish`` does.
-                ex.finished = True
+            steady = False
+            if scanner is not None:
+                if scanner.feed(data) and ex.first_content_index is None:
+                    ex.first_content_index = sent
+                # One whole event of the last one's shape, its text plain (``steady_piece``): nothing
+                # held anywhere (it ends an event, as the piece before it did), no terminator in it.
+                steady = scanner.steady_piece
+                if not steady and scanner.done:
+                    # This chunk carries the terminating event ([DONE], done: true): the answer is
+                    # complete for the client once it has it, and it may hang up before the last
+                    # empty chunk, even during this write (its disconnect notice fires in it, or the
+                    # watcher task runs at its schedule point, where the server makes one); that is
+                    # not a disconnect. Set first, as ``finish`` does.
+                    ex.finished = True
             if usage_filter is not None:
-                data = usage_filter.feed(data)
-                if not data:
-                    continue
-            if held is not None and (held.tail or not data.endswith(held.end)):
+                # A steady piece is one data line with nothing held: the filter's whole work on it is
+                # to take out the compact null members, unless another "usage" is left (then its own).
+                if not steady or b'"usage"' in (out := data.replace(NULL_USAGE_MEMBER, b"")):
+                    out = usage_filter.feed(data)
+                    if not out:
+                        continue
+                data = out
+            if held is not None and not steady and (held.tail or not data.endswith(held.end)):
                 data = held.take(data)  # (the common piece ends where it should: one test)
                 if not data:
                     continue

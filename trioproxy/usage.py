@@ -183,6 +183,12 @@ class _LineScanner:
         self._malformed = 0
         self._oversize = 0
 
+    #: True if the last piece fed was one whole one-line ``data:`` event (ending ``\n\n``) of the
+    #: same shape as the event before it, its text plain (no quote, backslash or newline): no
+    #: line it ends, no ``[DONE]``, no key but the text's changed (SSE only; ``relay.pump``
+    #: relies on it to skip its per-piece steps for such a piece).
+    steady_piece = False
+
     def end_of_body(self) -> None:
         """The body ended (cleanly). A last line without its newline is dropped here: an SSE
         client discards an event the stream did not finish (NDJSON overrides this)."""
@@ -298,6 +304,8 @@ class SSEScanner(_LineScanner):
         #: While the last event had the shape and nothing is pending (see ``feed``): the shape's
         #: suffix with the event's end (``\n\n``), and what the other keys give (has, bytes).
         self._steady: tuple[bytes, bool, int] | None = None
+        #: True while the pieces fed are taken by the steady path (see ``_LineScanner.steady_piece``).
+        self.steady_piece = False
 
     def usage(self) -> Usage | None:
         """Token counts: the last ``usage`` object, else llama.cpp ``timings``, else None."""
@@ -324,6 +332,7 @@ class SSEScanner(_LineScanner):
             end = len(chunk) - len(suffix)
             if (start <= end and chunk.startswith(prefix) and chunk.endswith(suffix)
                     and _PLAIN_TEXT.fullmatch(chunk, start, end) is not None and len(chunk) <= self._max_line_bytes):
+                self.steady_piece = True
                 self._lines += 2
                 if has or end > start:
                     self.content_chars += nbytes + end - start
@@ -333,6 +342,7 @@ class SSEScanner(_LineScanner):
                         return True
                 return False
             self._steady = None
+            self.steady_piece = False
         if b"\n" not in chunk:  # no line ends here: just hold the bytes
             if chunk:
                 self._hold(chunk)
