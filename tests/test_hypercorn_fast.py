@@ -557,3 +557,57 @@ async def test_a_disconnect_notice_fires_at_the_end_of_a_complete_answer_and_onl
                     await stream.send_all(request(b""))
                     assert (await read_answer(stream))[0] == b"ok"
     assert seen == [("lifespan", None), ("http", False), ("after", True), ("http", False), ("after", True)]
+
+
+def _chunks_app(use_sender: bool, seen: list[object]) -> Any:
+    """A streamed answer of six pieces: the first as a message, the rest by ``chunk_sender`` or as messages."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await echo_app(scope, receive, send)  # (the lifespan)
+            return
+        await receive()
+        seen.append(hypercorn_app.chunk_sender(send))  # (before any body: none yet)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: 0\n\n", "more_body": True, hypercorn_app.UNSCHEDULED: True})
+        sender = hypercorn_app.chunk_sender(send)
+        seen.append(sender)
+        for i in range(1, 6):
+            piece = b"data: %d\n\n" % i * i  # (sizes 8 to 45: hex lengths of one and two digits)
+            if use_sender and sender is not None:
+                await sender(piece)
+            else:
+                await send({"type": "http.response.body", "body": piece, "more_body": True, hypercorn_app.UNSCHEDULED: True})
+            await trio.lowlevel.checkpoint()  # (the UNSCHEDULED promise: the next await is one)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        seen.append(hypercorn_app.chunk_sender(send))  # (after the end: none)
+
+    return app
+
+
+async def test_a_chunk_sender_writes_what_the_message_would_and_only_mid_answer() -> None:
+    """``hypercorn_app.chunk_sender``: the relay's pieces without an ASGI message each. The wire bytes
+    are those of the same pieces sent as messages; there is none before the answer's first chunk,
+    after its end, or for HEAD (no chunked body)."""
+    wires = {}
+    with trio.fail_after(30):
+        for use_sender in (True, False):
+            seen: list[object] = []
+            async with serving(app=_chunks_app(use_sender, seen)) as (port, _):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    received = b""
+                    while not received.endswith(b"0\r\n\r\n"):
+                        data = await stream.receive_some()
+                        assert data, received
+                        received += data
+                    await stream.send_all(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        head += await stream.receive_some()
+            assert seen[0] is None and seen[1] is not None and seen[2] is None, seen
+            assert seen[3] is None and seen[4] is None and seen[5] is None, seen  # the HEAD request's: never any
+            wires[use_sender] = b"\r\n".join(line for line in received.split(b"\r\n") if not line.startswith(b"date:"))
+    assert wires[True] == wires[False]
+    assert wires[True].endswith(b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in (b"data: %d\n\n" % i * i for i in range(1, 6))) + b"0\r\n\r\n")

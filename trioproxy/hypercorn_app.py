@@ -46,7 +46,10 @@ from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 
-__all__ = ["ATOMIC_END", "DISCONNECT_NOTICE", "INBOX", "REFUSED", "UNSCHEDULED", "WITH_FIRST_BODY", "AppInbox", "DisconnectNotice", "install"]
+__all__ = [
+    "ATOMIC_END", "DISCONNECT_NOTICE", "INBOX", "REFUSED", "UNSCHEDULED", "WITH_FIRST_BODY",
+    "AppInbox", "DisconnectNotice", "chunk_sender", "install",
+]
 
 #: The ASGI scope extension that holds an HTTP request's :class:`DisconnectNotice`.
 DISCONNECT_NOTICE = "trioproxy.disconnect_notice"
@@ -258,7 +261,7 @@ def _never(send: Any) -> bool:
     return False
 
 
-def _nothing(send: Any) -> Callable[[], Awaitable[None]] | None:
+def _nothing(send: Any) -> None:
     return None
 
 
@@ -266,19 +269,34 @@ def _nothing(send: Any) -> Callable[[], Awaitable[None]] | None:
 _atomic_end: Callable[[Any], bool] = _never
 #: Given an app's ``send``, what to run when the app first waits for its body, if anything.
 _on_first_wait: Callable[[Any], Callable[[], Awaitable[None]] | None] = _nothing
+#: Given an app's ``send``, its chunk sender (:func:`chunk_sender`), if the server has one.
+_chunk_sender: Callable[[Any], Callable[[bytes], Awaitable[None]] | None] = _nothing
+
+
+def chunk_sender(send: Any) -> Callable[[bytes], Awaitable[None]] | None:
+    """Given an app's ``send`` in the middle of a chunked answer (after its first body message),
+    a coroutine function ``sender(body)`` that does what ``send`` does with
+    ``{"type": "http.response.body", "body": body, "more_body": True, UNSCHEDULED: True}``
+    (``body``: non-empty bytes), without the message: for an app that relays many small
+    pieces (``hypercorn_fast``: h11 on plain TCP). None where the server has none (TLS,
+    HTTP/2, Hypercorn's own I/O): send the message.
+    """
+    return _chunk_sender(send)
 
 
 def install(
     atomic_end: Callable[[Any], bool] = _never,
     on_first_wait: Callable[[Any], Callable[[], Awaitable[None]] | None] = _nothing,
+    chunks: Callable[[Any], Callable[[bytes], Awaitable[None]] | None] = _nothing,
 ) -> None:
     """Install both on Hypercorn's Trio ``TaskGroup`` and ``HTTPStream`` (``hypercorn_fast.apply`` calls it).
 
     ``atomic_end``: given an app's ``send``, whether its last message is written whatever the
     cancellation state (``ATOMIC_END``). ``on_first_wait``: given an app's ``send``, a coroutine
-    function for its inbox's ``on_wait`` (the deferred ``100 Continue``), or None.
+    function for its inbox's ``on_wait`` (the deferred ``100 Continue``), or None. ``chunks``:
+    given an app's ``send``, its :func:`chunk_sender`, or None.
     """
-    global _atomic_end, _on_first_wait
-    _atomic_end, _on_first_wait = atomic_end, on_first_wait
+    global _atomic_end, _on_first_wait, _chunk_sender
+    _atomic_end, _on_first_wait, _chunk_sender = atomic_end, on_first_wait, chunks
     TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign,assignment]
     HTTPStream.handle = _http_stream_handle  # type: ignore[method-assign]

@@ -442,6 +442,26 @@ async def _app_send(self: Any, message: Any) -> None:
     await _stock_app_send(self, message)
 
 
+def _chunk_sender(app_send: Any) -> Callable[[bytes], Awaitable[None]] | None:
+    """``hypercorn_app.chunk_sender``: once a chunk of the answer has taken ``_app_send``'s short path."""
+    stream = getattr(app_send, "__self__", None)
+    if type(stream) is not HTTPStream or stream._chunks_to is None:  # type: ignore[attr-defined]
+        return None
+    return partial(_send_chunk, stream)
+
+
+async def _send_chunk(self: Any, body: bytes) -> None:
+    """``_app_send`` of ``{"type": "http.response.body", "body": body, "more_body": True, UNSCHEDULED: True}``
+    (``body`` non-empty bytes), its short path without the message: ~50 opcodes fewer per relayed piece."""
+    route = self._chunks_to
+    if route is not None and self.state is _RESPONSE:
+        h11_protocol, h11_connection, tcp_server = route
+        if h11_connection.our_state is _SEND_BODY and h11_protocol._pending_head is None:
+            await _write(tcp_server, b"%x\r\n%b\r\n" % (len(body), body), False)
+            return
+    await _app_send(self, {"type": "http.response.body", "body": body, "more_body": True, UNSCHEDULED: True})
+
+
 async def _write_after_head(
     protocol: Any, server: Any, data: bytes, schedule: bool, *, split: bool = True, atomic: bool = False
 ) -> None:
@@ -559,7 +579,7 @@ def apply() -> bool:
         H11Protocol._send_h11_event = _h11_send_h11_event  # type: ignore[method-assign]
         HTTPStream.app_send = _app_send  # type: ignore[method-assign]
         HTTPStream._chunks_to = None  # type: ignore[attr-defined]
-        hypercorn_app.install(_atomic_end, _continue_hook)
+        hypercorn_app.install(_atomic_end, _continue_hook, _chunk_sender)
         headers_class = _h11_headers_class()
         if headers_class is not None:
             headers_class.__iter__ = _h11_headers_iter

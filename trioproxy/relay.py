@@ -45,7 +45,7 @@ import trio
 from . import jsonread
 from .errors import UpstreamError
 from .headers import client_response_headers, header_value
-from .hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY
+from .hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY, chunk_sender
 from .upstream import Winner
 from .usage import DEFAULT_MAX_LINE_BYTES, NDJSONScanner, SSEScanner
 from .usagefilter import NULL_USAGE_MEMBER, UsageEventFilter
@@ -128,13 +128,17 @@ class _ClientWriter:
     channel or task switch sits between the two (measured in docs/benchmarks.md).
     """
 
-    __slots__ = ("ex", "send", "winner", "timeout", "index", "since", "now")
+    __slots__ = ("ex", "send", "winner", "timeout", "index", "since", "now", "chunk", "ask")
 
     def __init__(self, ex: Exchange, send: Send, winner: Winner, timeout: float,
                  now: Callable[[], float] = trio.current_time) -> None:
         self.ex, self.send, self.winner, self.timeout, self.index, self.now = ex, send, winner, timeout, 0, now
         #: When the send in progress started (None between sends).
         self.since: float | None = None
+        #: The server's chunk sender (``hypercorn_app.chunk_sender``), asked for once a piece has gone
+        #: unscheduled as a message (``ask``: not yet asked); None: pieces go as messages.
+        self.chunk: Callable[[bytes], Awaitable[None]] | None = None
+        self.ask = True
 
     async def write(self, data: bytes, *, unscheduled: bool = False, count: bool = True) -> None:
         """Send ``data`` on; ``unscheduled``: the server may skip the write's schedule point,
@@ -145,10 +149,15 @@ class _ClientWriter:
             return
         self.since = self.now()
         try:
-            if unscheduled:
-                await self.send({"type": "http.response.body", "body": data, "more_body": True, UNSCHEDULED: True})
-            else:
+            if not unscheduled:
                 await self.send({"type": "http.response.body", "body": data, "more_body": True})
+            elif (chunk := self.chunk) is not None:
+                await chunk(data)  # (what the message below does, without the message)
+            else:
+                await self.send({"type": "http.response.body", "body": data, "more_body": True, UNSCHEDULED: True})
+                if self.ask:
+                    self.ask = False
+                    self.chunk = chunk_sender(self.send)
         except trio.BusyResourceError:  # the client hung up while Hypercorn wrote (see ``finish``)
             ex.client_gone = True
             if ex.outcome == "ok":
