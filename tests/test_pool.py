@@ -7,6 +7,7 @@ clock, and only where the other end is a fake that never sends anything.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import ssl
 import struct
@@ -803,9 +804,11 @@ def count_move_on_at(monkeypatch: pytest.MonkeyPatch, scopes: list[float]) -> No
     monkeypatch.setattr(trio, "move_on_at", counting_move_on_at)
 
 
+@pytest.mark.parametrize("schedule", [False, True], ids=["read", "relay-read"])
 async def test_a_watched_idle_timeout_is_exact_and_keeps_no_scope_per_wait(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, schedule: bool
 ) -> None:
+    """(``schedule=True``, a relay's read: ``receive_some`` waits on the socket itself.)"""
     scopes: list[float] = []
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
@@ -820,13 +823,17 @@ async def test_a_watched_idle_timeout_is_exact_and_keeps_no_scope_per_wait(
                 nursery.start_soon(trickle)
                 response = await pool.open_response(b"GET", b"/", [], b"", first_byte_timeout=3, idle_timeout=7)
                 count_move_on_at(monkeypatch, scopes)
+                if schedule:  # every other wake-up finds nothing to read (spurious): the read waits again
+                    calls = itertools.count()
+                    monkeypatch.setattr(pool_module, "recv_now",
+                                        lambda sock, real=pool_module.recv_now: None if next(calls) % 2 == 0 else real(sock))
                 start = trio.current_time()
                 for _ in range(5):
-                    assert await response.receive_some() == b"ab"
+                    assert await response.receive_some(schedule=schedule) == b"ab"
                 assert scopes == []  # the five waits were timed by the watchdog
                 assert len(watchdog) == 1
                 with pytest.raises(UpstreamTimeout, match="no body data for 7s") as caught:
-                    await response.receive_some()
+                    await response.receive_some(schedule=schedule)
                 assert caught.value.phase == "idle"
                 assert trio.current_time() - start == pytest.approx(30 + 7)
                 response.release()

@@ -33,6 +33,7 @@ __all__ = [
     "connect_socket",
     "literal_addresses",
     "peek_alive",
+    "recv_now",
     "resolve",
     "start_tls",
 ]
@@ -108,7 +109,7 @@ class RawConnection:
             data = None  # (the wait below is the cancellation point)
         else:
             await _checkpoint_if_cancelled()
-            data = _recv_now(sock)
+            data = recv_now(sock)
         while data is None:  # bounded: each pass waits under the deadline, then reads
             if deadline == math.inf:  # timed out by a watchdog instead (pool.py): no scope
                 await _wait_readable(sock)
@@ -117,7 +118,7 @@ class RawConnection:
                     await _wait_readable(sock)
                 if scope.cancelled_caught:
                     return None
-            data = _recv_now(sock)
+            data = recv_now(sock)
         return data
 
     def is_alive(self) -> bool:
@@ -175,10 +176,11 @@ class TLSConnection:
 Connection = RawConnection | TLSConnection
 
 
-def _recv_now(sock: socket.socket) -> bytes | None:
+def recv_now(sock: socket.socket) -> bytes | None:
     """What ``sock`` has now (b"" at EOF), or None if nothing yet.
 
-    A plain function, not inline in ``receive``: "would block" raises, and an exception
+    (Also ``UpstreamResponse.receive_some``'s, for a relay's read.) A plain function, not
+    inline in ``receive``: "would block" raises, and an exception
     gives the frame it passes through a frame object for the traceback. In ``receive``
     that object would live as long as the stream (~220 B each, hundreds of streams);
     here it goes when this returns.

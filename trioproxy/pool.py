@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 import trio
 from attrs import frozen
 
-from .connection import Connection, RawConnection, connect_socket, literal_addresses, resolve, start_tls
+from .connection import Connection, RawConnection, connect_socket, literal_addresses, recv_now, resolve, start_tls
 from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from .http1 import IncompleteMessage, ProtocolError, ResponseHead, ResponseParser, serialize_request
 from .watchdog import Watchdog
@@ -56,6 +56,7 @@ __all__ = ["ConnectionPool", "PoolStatistics", "UpstreamResponse"]
 # Hot-path aliases: one global lookup instead of two attribute lookups per call
 # (and the seams loadtest/bench_pool.py swaps to measure the alternatives).
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_wait_readable = trio.lowlevel.wait_readable
 _yield_after_send = _checkpoint = trio.lowlevel.checkpoint
 
 
@@ -204,11 +205,20 @@ class UpstreamResponse:
                     idle = self._idle = _IdleWait(self, self._idle_timeout, watchdog.now)
                     watchdog.watch(idle)
             deadline = math.inf if idle is not None else trio.current_time() + self._idle_timeout
-            while True:  # bounded: each pass feeds bytes or EOF, or raises on the deadline
+            # A watched plain socket (no deadline: the watchdog's) that nothing is expected from yet (a
+            # relay's read): waited on and read here as ``RawConnection.receive`` would, a coroutine fewer.
+            sock = conn.sock if idle is not None and schedule else None
+            while True:  # bounded: each pass feeds bytes or EOF, or raises on the deadline (or woke for nothing)
                 if idle is not None:
                     idle.since = idle.now()
                 try:
-                    data = await conn.receive(deadline, wait_first=schedule)
+                    if sock is not None:
+                        await _wait_readable(sock)
+                        data = recv_now(sock)
+                        if data is None:  # (woken with nothing to read: wait again)
+                            continue
+                    else:
+                        data = await conn.receive(deadline, wait_first=schedule)
                 except OSError as exc:
                     if idle is not None and idle.expired:  # closed by the watchdog before this read ran
                         data = None
