@@ -60,9 +60,9 @@ import trio
 from hypercorn.trio import serve
 
 from trioproxy.config import load_profiles
-from trioproxy.connection import RawConnection, connect_socket, literal_addresses, resolve
+from trioproxy.connection import RawConnection, connect_socket, literal_addresses, recv_now, resolve
 from trioproxy.http1 import IncompleteMessage, ResponseParser, serialize_request
-from trioproxy.hypercorn_app import DISCONNECT_NOTICE, INBOX, UNSCHEDULED, WITH_FIRST_BODY
+from trioproxy.hypercorn_app import DISCONNECT_NOTICE, INBOX, UNSCHEDULED, WITH_FIRST_BODY, chunk_sender
 from trioproxy.server import hypercorn_config, settle_gc
 
 # The shape and size of the mock's 16-token chat completion (~290 bytes).
@@ -196,6 +196,7 @@ _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te
                          b"transfer-encoding", b"upgrade"))
 #: Seconds a write to the upstream may stall (the mock takes a request at once).
 _SEND_STALL_S = 30.0
+_wait_readable = trio.lowlevel.wait_readable
 
 
 def _end_to_end(headers: list[tuple[bytes, bytes]], *, also: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
@@ -294,25 +295,35 @@ class Relay:
                         WITH_FIRST_BODY: True})
             # Each body message is marked unscheduled: the next await after it is the upstream
             # read, which waits first (a schedule point). The first is the head's promised one.
+            # As the gateway's relay: its read waits on the socket and reads it inline (no coroutine
+            # per piece), a whole chunk is taken as it comes (``feed_body``), and the pieces after
+            # the first go through the server's chunk sender (no message each).
             first = True
+            sender = None
+            sock = conn.sock
             while True:  # bounded by the upstream's body (its end, or EOF)
                 piece = parser.next_body_piece()
-                if piece is None:  # (inline, as the gateway's relay loop: no coroutine per piece)
+                while piece is None:  # bounded: each pass reads bytes or EOF (or woke for nothing)
                     if first:  # nothing came with the head: an empty message sends it
                         await send({"type": "http.response.body", "body": b"", "more_body": True, UNSCHEDULED: True})
                         first = False
-                    data = await conn.receive(math.inf, wait_first=True)
+                    await _wait_readable(sock)
+                    data = recv_now(sock)
                     if data:
-                        parser.feed(data)
-                    else:
+                        piece = parser.feed_body(data)
+                    elif data is not None:
                         parser.feed_eof()  # close-delimited: the end; cut short: IncompleteMessage
-                    continue
+                        piece = parser.next_body_piece()
                 if not piece:  # the body's end
                     break
                 first = False
                 if self.spin:
                     _spin(self.spin)
-                await send({"type": "http.response.body", "body": piece, "more_body": True, UNSCHEDULED: True})
+                if sender is not None:
+                    await sender(piece)
+                else:
+                    await send({"type": "http.response.body", "body": piece, "more_body": True, UNSCHEDULED: True})
+                    sender = chunk_sender(send)
                 if notice is not None and notice.closed:  # the client left: stop reading for it
                     conn.close()
                     return

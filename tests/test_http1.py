@@ -30,7 +30,10 @@ class Parsed:
 
 
 def drive(parts: Iterable[bytes], *, head_request: bool = False, eof: bool = True) -> Parsed:
-    """Feed ``parts`` one by one, polling after each as the pool does; EOF at the end."""
+    """Feed ``parts`` one by one, polling after each as the pool does; EOF at the end.
+
+    Once the head is parsed, a part goes in as the pool's body reads give it, ``feed_body``
+    (its short path for a whole chunk, or ``feed`` and ``next_body_piece``)."""
     parser = ResponseParser(head_request=head_request)
     head: ResponseHead | None = None
     pieces: list[bytes] = []
@@ -52,7 +55,13 @@ def drive(parts: Iterable[bytes], *, head_request: bool = False, eof: bool = Tru
         raise AssertionError("body pieces never ended")
 
     for part in parts:
-        parser.feed(part)
+        if head is not None and part:
+            piece = parser.feed_body(part)
+            if piece:
+                assert type(piece) is bytes
+                pieces.append(piece)
+        else:
+            parser.feed(part)
         poll()
     reusable = parser.reusable
     if eof:

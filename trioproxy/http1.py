@@ -156,6 +156,21 @@ class ResponseParser:
                 self._search_from -= pos
             self._pos = 0
 
+    def feed_body(self, data: bytes) -> bytes | None:
+        """:meth:`feed` ``data`` (non-empty), then :meth:`next_body_piece`: the same, one call.
+
+        The common read of a stream at token pace, one whole chunk with nothing unread
+        before it, is taken from ``data`` as it comes (``_next_chunked``'s first step, without
+        storing the buffer it would empty again).
+        """
+        if self._state == _CHUNK_HEADER and not self._buf and (match := _CHUNK_LINE_CRLF.match(data)) is not None:
+            start = match.end()
+            stop = start + int(match[1], 16)
+            if stop + 2 == len(data) and stop != start and start <= MAX_CHUNK_LINE + 2 and data.startswith(b"\r\n", stop):
+                return data[start:stop]
+        self.feed(data)
+        return self.next_body_piece()
+
     def feed_eof(self) -> None:
         """Record that the upstream closed its side: no more bytes will come."""
         self._eof = True

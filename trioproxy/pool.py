@@ -234,12 +234,12 @@ class UpstreamResponse:
                         idle.since = None
                 if data is None:
                     raise UpstreamTimeout(f"no body data for {self._idle_timeout:g}s", upstream=self._pool.upstream_id, phase="idle")
-                if data:
-                    parser.feed(data)
-                else:
-                    parser.feed_eof()
                 try:
-                    piece = parser.next_body_piece()
+                    if data:
+                        piece = parser.feed_body(data)
+                    else:
+                        parser.feed_eof()
+                        piece = parser.next_body_piece()
                 except IncompleteMessage as exc:
                     raise UpstreamProtocolError("connection closed mid-body", upstream=self._pool.upstream_id) from exc
                 except ProtocolError as exc:
