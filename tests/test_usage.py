@@ -779,12 +779,21 @@ def test_the_steadiest_path_is_taken_by_a_stream_of_one_shape() -> None:
     event = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"%d"},"finish_reason":null}]}\n\n'
     assert scanner.feed(event % 0)  # learns the shape
     scanner.feed(event % 1)  # has it: steady from here
-    assert scanner._steady is not None
+    assert scanner._steady is not None and not scanner.steady_piece  # (that piece took the long path)
     for i in range(2, 10):
         assert not scanner.feed(event % i)
+        assert scanner.steady_piece  # (what the relay reads: it skips its own steps for the piece)
     assert scanner._steady is not None and scanner.content_events == 10 and scanner.content_chars == 10
     scanner.feed(b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
-    assert scanner._steady is None and scanner.finish_reason == "stop"
+    assert scanner._steady is None and scanner.finish_reason == "stop" and not scanner.steady_piece
+    # A piece one byte longer than max_line_bytes is not steady (the limit is precomputed as a text's
+    # end), and the long path takes it: its line is not too long (a line is counted without "\n").
+    scanner = SSEScanner(max_line_bytes=len(event % 10))
+    for i in range(10, 13):
+        scanner.feed(event % i)
+    assert scanner.steady_piece
+    scanner.feed(event % 100)
+    assert not scanner.steady_piece and scanner.content_events == 4 and scanner.statistics().oversize == 0
     # Empty texts first (a server's opening chunks): the first content comes on the steady path,
     # and that feed() says so.
     scanner = SSEScanner()

@@ -302,8 +302,10 @@ class SSEScanner(_LineScanner):
         #: First data lines in a row that did not have the shape (see _SHAPE_MISSES).
         self._shape_misses = 0
         #: While the last event had the shape and nothing is pending (see ``feed``): the shape's
-        #: suffix with the event's end (``\n\n``), and what the other keys give (has, bytes).
-        self._steady: tuple[bytes, bool, int] | None = None
+        #: prefix and its length, its suffix with the event's end (``\n\n``) and that length, the
+        #: longest text's end a piece within ``max_line_bytes`` has, and what the other keys give
+        #: (has, bytes): all that its steadiest path reads, in one tuple.
+        self._steady: tuple[bytes, int, bytes, int, int, bool, int] | None = None
         #: True while the pieces fed are taken by the steady path (see ``_LineScanner.steady_piece``).
         self.steady_piece = False
 
@@ -325,13 +327,10 @@ class SSEScanner(_LineScanner):
             # The steadiest piece: one whole event of the shape the last ones had, its text
             # plain (no quote, backslash or newline). What _scan_line would find in it is
             # known but for the text's length: a fifth of the opcodes of the path below.
-            prefix = self._shape_prefix
-            assert prefix is not None  # (steady only with a shape)
-            suffix, has, nbytes = steady
-            start = len(prefix)
-            end = len(chunk) - len(suffix)
-            if (start <= end and chunk.startswith(prefix) and chunk.endswith(suffix)
-                    and _PLAIN_TEXT.fullmatch(chunk, start, end) is not None and len(chunk) <= self._max_line_bytes):
+            prefix, start, suffix, cut, longest, has, nbytes = steady
+            end = len(chunk) - cut
+            if (start <= end <= longest and chunk.startswith(prefix) and chunk.endswith(suffix)
+                    and _PLAIN_TEXT.fullmatch(chunk, start, end) is not None):
                 self.steady_piece = True
                 self._lines += 2
                 if has or end > start:
@@ -377,7 +376,10 @@ class SSEScanner(_LineScanner):
                     # keys give does not depend on what the stream said so far: steady.
                     tally = self._shape_tally
                     if isinstance(tally, tuple) and not tally[2]:
-                        self._steady = (self._shape_suffix + b"\n\n", tally[0], tally[1])
+                        suffix = self._shape_suffix + b"\n\n"
+                        prefix = self._shape_prefix
+                        self._steady = (prefix, len(prefix), suffix, len(suffix),
+                                        self._max_line_bytes - len(suffix), tally[0], tally[1])
             return self.first_content and not seen
         for line in self._split(chunk):
             if line.endswith(b"\r"):
