@@ -36,6 +36,15 @@ watchdog or usage log: what is left of the gateway's cost above this row is its 
 ``TRIOPROXY_RELAY_FLOOR_SPIN_US=N`` makes the relay burn N µs of CPU per relayed piece:
 with the gateway's CPU per stream, does a bare relay have the gateway's latency?
 
+``TRIOPROXY_RELAY_FLOOR_HUB=1`` makes one task, the hub, relay every stream's reads after its
+first piece: each stream's task parks, its upstream socket is registered once in the hub's
+own epoll (level-triggered; the hub waits for that epoll's descriptor in trio), and when a
+socket has bytes the hub reads them, parses a whole chunk and writes it to the client in the
+same step; anything else (the body's end, a write the socket did not take whole, an error,
+a client gone) goes back to the stream's task, which goes on as without the hub. What a
+relay saves without a task wake-up, an ``epoll_ctl`` and a trip through trio's run queue
+per event (docs/benchmarks.md, stream-512).
+
 It prints ``floor listening on http://127.0.0.1:PORT`` once it listens and stops on
 SIGINT/SIGTERM. ``trioproxy bench`` starts it pinned to the gateway's core.
 """
@@ -47,6 +56,7 @@ import heapq
 import itertools
 import math
 import os
+import select
 import signal
 import socket
 import sys
@@ -56,9 +66,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+import h11
 import trio
 from hypercorn.trio import serve
 
+from trioproxy import hypercorn_fast
 from trioproxy.config import load_profiles
 from trioproxy.connection import RawConnection, connect_socket, literal_addresses, recv_now, resolve
 from trioproxy.http1 import IncompleteMessage, ResponseParser, serialize_request
@@ -191,6 +203,119 @@ def _spin(seconds: float) -> None:
         pass
 
 
+#: The environment variable that makes the relay floor hand a stream's steady reads to one hub
+#: task (``_Hub``): an experiment's knob, what a relay saves without a task wake-up per event.
+HUB_ENV = "TRIOPROXY_RELAY_FLOOR_HUB"
+
+
+class _Hub:
+    """One task that reads every adopted upstream socket when it has bytes (its own epoll, level-
+    triggered, registered once per stream) and relays a whole chunk to the client at once; anything
+    else (the body's end, a partial write, an error, a client gone) goes back to the stream's task."""
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.streams: dict[int, _HubStream] = {}
+
+    async def run(self) -> None:
+        poll, streams = self.epoll.poll, self.streams
+        try:
+            while True:  # until cancelled: each pass relays what every ready socket has
+                await _wait_readable(self.epoll)
+                for fd, _ in poll(0):
+                    stream = streams.get(fd)
+                    if stream is not None:
+                        stream.readable()
+        finally:
+            for stream in list(streams.values()):
+                stream.back(None)
+            self.epoll.close()
+
+    async def relay(self, stream: _HubStream) -> object:
+        """Park the calling stream task until the hub hands its stream back; what it hands back."""
+        stream.task = trio.lowlevel.current_task()
+        self.streams[stream.fd] = stream
+        self.epoll.register(stream.fd, select.EPOLLIN)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.drop(stream)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        return stream.result
+
+    def drop(self, stream: _HubStream) -> None:
+        if self.streams.pop(stream.fd, None) is not None:
+            self.epoll.unregister(stream.fd)
+
+
+class _Rest(bytes):
+    """What a client write did not take (handed back to be written the server's way)."""
+
+
+class _HubStream:
+    """One adopted stream: what the hub needs to relay its next whole chunk, and to hand it back."""
+
+    __slots__ = ("hub", "fd", "sock", "parser", "route", "notice", "spin", "task", "result")
+
+    def __init__(self, hub: _Hub, sock: socket.socket, parser: ResponseParser, route: Any, notice: Any,
+                 spin: float) -> None:
+        self.hub, self.sock, self.fd, self.parser, self.route, self.notice, self.spin = (
+            hub, sock, sock.fileno(), parser, route, notice, spin)
+        self.task: Any = None
+        self.result: object = None
+
+    def back(self, result: object) -> None:
+        self.hub.drop(self)
+        self.result = result
+        trio.lowlevel.reschedule(self.task)
+
+    def readable(self) -> None:
+        try:
+            data = recv_now(self.sock)
+        except OSError as exc:
+            self.back(exc)
+            return
+        if data is None:
+            return
+        if not data:  # EOF: the task reads it again, and ends as it would
+            self.back(None)
+            return
+        try:
+            piece = self.parser.feed_body(data)
+        except Exception as exc:
+            self.back(exc)
+            return
+        if piece is None:
+            return  # (a chunk not yet whole: the parser holds it)
+        if not piece:
+            self.back(piece)
+            return
+        if self.spin:
+            _spin(self.spin)
+        h11_protocol, h11_connection, tcp_server = self.route
+        if not (h11_connection.our_state is h11.SEND_BODY and h11_protocol._pending_head is None
+                and not tcp_server.send_lock.locked()):
+            self.back(piece)
+            return
+        framed = b"%x\r\n%b\r\n" % (len(piece), piece)
+        try:
+            sent = os.write(tcp_server._fast_socket.fileno(), framed)
+        except OSError:  # (nothing written: the task sends it the server's way, which handles this)
+            self.back(piece)
+            return
+        if sent < len(framed):
+            self.back(_Rest(framed[sent:]))
+        elif self.notice is not None and self.notice.closed:
+            self.back(_GONE)
+        elif self.parser.complete or not self.parser.wants_bytes():  # (the body's end came with it, or more is parsed)
+            self.back(None)
+
+
+_GONE = object()
+HUB: _Hub | None = None
+
+
 #: Not passed on either way (RFC 9110 §7.6.1), nor the framing the parser has undone.
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                          b"transfer-encoding", b"upgrade"))
@@ -303,6 +428,19 @@ class Relay:
             sock = conn.sock
             while True:  # bounded by the upstream's body (its end, or EOF)
                 piece = parser.next_body_piece()
+                if piece is None and sender is not None and HUB is not None:
+                    route = send.__self__._chunks_to
+                    if route is not None:
+                        result = await HUB.relay(_HubStream(HUB, sock, parser, route, notice, self.spin))
+                        if result is _GONE:
+                            conn.close()
+                            return
+                        if isinstance(result, BaseException):
+                            raise result
+                        if isinstance(result, _Rest):
+                            await hypercorn_fast._write(route[2], bytes(result), False)
+                            continue
+                        piece = result if isinstance(result, bytes) else parser.next_body_piece()
                 while piece is None:  # bounded: each pass reads bytes or EOF (or woke for nothing)
                     if first:  # nothing came with the head: an empty message sends it
                         await send({"type": "http.response.body", "body": b"", "more_body": True, UNSCHEDULED: True})
@@ -378,6 +516,10 @@ async def main(profiles: list[str], port: int, upstream: str | None = None) -> N
         await relay.resolve()
     async with trio.open_nursery() as clock:
         clock.start_soon(CLOCK.run)
+        global HUB
+        if relay is not None and os.environ.get(HUB_ENV, "") not in ("", "0"):
+            HUB = _Hub()
+            clock.start_soon(HUB.run)
         async with trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:

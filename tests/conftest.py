@@ -8,6 +8,7 @@ bounded with ``trio.fail_after`` so a deadlock fails instead of hanging CI.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -124,14 +125,16 @@ async def proxy_services(nursery: trio.Nursery) -> AsyncIterator[Any]:
 
 
 @asynccontextmanager
-async def floor_app(*args: str) -> AsyncIterator[str]:
+async def floor_app(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[str]:
     """``loadtest/floor_app.py`` (the bench's floor, or with ``--upstream`` its relay floor) in a
-    child process on the bench profile: yields its URL; on exit SIGINT must stop it cleanly."""
+    child process on the bench profile (``env``: more of its environment): yields its URL; on exit
+    SIGINT must stop it cleanly."""
     repo = Path(__file__).resolve().parent.parent
     argv = [sys.executable, str(repo / "loadtest" / "floor_app.py"), "--port", "0",
             "--config", str(repo / "loadtest" / "profiles" / "bench.toml"), *args]
     async with trio.open_nursery() as nursery:
-        child = await nursery.start(partial(trio.run_process, argv, stderr=subprocess.PIPE, check=False))
+        child = await nursery.start(partial(trio.run_process, argv, stderr=subprocess.PIPE, check=False,
+                                            env={**os.environ, **env} if env else None))
         seen = b""
         while b"floor listening on " not in seen or not seen.endswith(b"\n"):  # bounded by its start
             chunk = await child.stderr.receive_some()

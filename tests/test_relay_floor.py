@@ -35,15 +35,21 @@ def _same(data: bytes) -> bytes:
     return _VARYING.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + b"N", data)
 
 
+#: The relay floor as the bench runs it, and with its hub (``TRIOPROXY_RELAY_FLOOR_HUB=1``: one task
+#: relays every stream's steady reads): both must relay exactly.
+HUB = pytest.mark.parametrize("hub", [None, {"TRIOPROXY_RELAY_FLOOR_HUB": "1"}], ids=["tasks", "hub"])
+
+
+@HUB
 async def test_the_relay_floor_passes_on_whole_and_streamed_answers_exactly_over_one_kept_connection(
-    start_mock: StartMock,
+    start_mock: StartMock, hub: dict[str, str] | None,
 ) -> None:
     mock = await start_mock(kind="both", models=("*",), tokens=5, token_delay_ms=1.0, ttft_ms=0.0)
     upstream = f"http://127.0.0.1:{mock.port}"
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     three = {"x-mock-tokens": "3"}  # (the mock's own default is 5: the request's headers must reach it)
     with trio.fail_after(60):
-        async with floor_app("--upstream", upstream) as url:
+        async with floor_app("--upstream", upstream, env=hub) as url:
             answers: dict[str, list[httpx.Response]] = {}
             for base in (upstream, url):  # the same requests, directly and through the relay
                 async with httpx.AsyncClient(base_url=base, timeout=30) as client:
@@ -123,14 +129,17 @@ async def _scripted_upstream(stream: trio.SocketStream, connections: list[int]) 
                 return
 
 
-async def test_the_relay_floor_relays_odd_framing_and_retries_a_kept_connection_closed_meanwhile() -> None:
+@HUB
+async def test_the_relay_floor_relays_odd_framing_and_retries_a_kept_connection_closed_meanwhile(
+    hub: dict[str, str] | None,
+) -> None:
     connections: list[int] = []
     with trio.fail_after(30):  # a relay that hangs on a broken answer fails here
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(partial(trio.serve_tcp, partial(_scripted_upstream,
                                                     connections=connections), 0, host="127.0.0.1"))
             port = listeners[0].socket.getsockname()[1]
-            async with floor_app("--upstream", f"http://127.0.0.1:{port}") as url:
+            async with floor_app("--upstream", f"http://127.0.0.1:{port}", env=hub) as url:
                 async with httpx.AsyncClient(base_url=url, timeout=20) as client:
                     head = await client.head("/head")  # (no body follows, whatever its length says)
                     truncated = await client.get("/truncated")  # read whole before its head goes: a 500

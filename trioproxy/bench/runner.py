@@ -48,6 +48,8 @@ FLOOR_STOCK = "floor-stock"
 RELAY_FLOOR = "relay-floor"
 #: The relay floor's knob: µs of CPU it burns per relayed piece (``loadtest/floor_app.py``).
 RELAY_FLOOR_SPIN_ENV = "TRIOPROXY_RELAY_FLOOR_SPIN_US"
+#: Makes the relay floor relay its streams' steady reads from one hub task (its experiment's knob).
+RELAY_FLOOR_HUB_ENV = "TRIOPROXY_RELAY_FLOOR_HUB"
 #: Targets that are not gateways: the upstream itself, Hypercorn answering by itself, the bare relay.
 NOT_GATEWAYS = ("direct", "floor", FLOOR_STOCK, RELAY_FLOOR)
 #: More than this share of a core busy with other load during a window: the round is run again.
@@ -318,13 +320,18 @@ async def run_scenario(
             if options.relay_floor:
                 relay = await fleet.start(RELAY_FLOOR, [*argv, "--upstream", upstream_url], cpu=options.gateway_cpu)
                 spin = os.environ.get(RELAY_FLOOR_SPIN_ENV)
-                run.commands[RELAY_FLOOR] = [f"{RELAY_FLOOR_SPIN_ENV}={spin}", *relay.argv] if spin else relay.argv
+                hub = os.environ.get(RELAY_FLOOR_HUB_ENV, "") not in ("", "0")
+                run.commands[RELAY_FLOOR] = [*([f"{RELAY_FLOOR_SPIN_ENV}={spin}"] if spin else []),
+                                             *([f"{RELAY_FLOOR_HUB_ENV}=1"] if hub else []), *relay.argv]
                 targets.append(Target(RELAY_FLOOR, parse_target(relay.url), relay, relay.pid, mock_pids))
                 run.notes.append(f"{RELAY_FLOOR}: the floor app relaying to the upstream as direct calls it, on the "
                                  "gateway's I/O parts (raw upstream sockets, its HTTP/1.1 parser, hypercorn_fast), "
                                  "with no routing, health checks, failover, usage scanning or usage log")
                 if spin:
                     run.notes.append(f"{RELAY_FLOOR}: burning {spin} µs of CPU per relayed piece ({RELAY_FLOOR_SPIN_ENV})")
+                if hub:
+                    run.notes.append(f"{RELAY_FLOOR}: a stream's reads after its first piece relayed by one hub task for "
+                                     f"every stream, no task wake-up per event ({RELAY_FLOOR_HUB_ENV}=1)")
         else:
             run.notes.append(f"floor skipped: {FLOOR_APP} not found (run from a source checkout)")
     run.targets = [t.label for t in targets]
