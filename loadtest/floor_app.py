@@ -216,6 +216,7 @@ class _Hub:
     def __init__(self) -> None:
         self.epoll = select.epoll()
         self.streams: dict[int, _HubStream] = {}
+        self.open = True
 
     async def run(self) -> None:
         poll, streams = self.epoll.poll, self.streams
@@ -227,12 +228,17 @@ class _Hub:
                     if stream is not None:
                         stream.readable()
         finally:
+            self.open = False
             for stream in list(streams.values()):
                 stream.back(None)
             self.epoll.close()
 
     async def relay(self, stream: _HubStream) -> object:
-        """Park the calling stream task until the hub hands its stream back; what it hands back."""
+        """Park the calling stream task until the hub hands its stream back; what it hands back
+        (None at once once the hub has ended: the task reads for itself)."""
+        if not self.open:
+            await trio.lowlevel.checkpoint()
+            return None
         stream.task = trio.lowlevel.current_task()
         self.streams[stream.fd] = stream
         self.epoll.register(stream.fd, select.EPOLLIN)
@@ -439,6 +445,9 @@ class Relay:
                             raise result
                         if isinstance(result, _Rest):
                             await hypercorn_fast._write(route[2], bytes(result), False)
+                            if notice is not None and notice.closed:  # the client left meanwhile
+                                conn.close()
+                                return
                             continue
                         piece = result if isinstance(result, bytes) else parser.next_body_piece()
                 while piece is None:  # bounded: each pass reads bytes or EOF (or woke for nothing)

@@ -823,13 +823,14 @@ async def test_a_watched_idle_timeout_is_exact_and_keeps_no_scope_per_wait(
                 nursery.start_soon(trickle)
                 response = await pool.open_response(b"GET", b"/", [], b"", first_byte_timeout=3, idle_timeout=7)
                 count_move_on_at(monkeypatch, scopes)
+                calls = itertools.count()
                 if schedule:  # every other wake-up finds nothing to read (spurious): the read waits again
-                    calls = itertools.count()
                     monkeypatch.setattr(pool_module, "recv_now",
                                         lambda sock, real=pool_module.recv_now: None if next(calls) % 2 == 0 else real(sock))
                 start = trio.current_time()
                 for _ in range(5):
                     assert await response.receive_some(schedule=schedule) == b"ab"
+                assert next(calls) == (10 if schedule else 0)  # (the relay's read is pool.py's own: both wake-ups each)
                 assert scopes == []  # the five waits were timed by the watchdog
                 assert len(watchdog) == 1
                 with pytest.raises(UpstreamTimeout, match="no body data for 7s") as caught:

@@ -45,8 +45,18 @@ class _Response:
         return self.pieces.pop(0) if self.pieces else b""
 
 
-def relay(scanner: SSEScanner, pieces: list[bytes], *, usage_filter: bool = True) -> tuple[list[bytes], dict[str, Any], list[bool]]:
-    """What ``pump`` writes for ``pieces``, the record's facts, and ``steady_piece`` after each feed."""
+def relay(scanner: SSEScanner, pieces: list[bytes], *, usage_filter: bool = True,
+          prefetch: int = 0) -> tuple[list[bytes], dict[str, Any], list[bool]]:
+    """What ``pump`` writes for ``pieces``, the record's facts, and ``steady_piece`` after each feed.
+
+    ``prefetch``: the first pieces were read by the attempt (its scanner fed them), as a race's
+    winner hands them over; the relay sends them first."""
+    pieces = [piece for piece in pieces if piece]
+    prefetched, pieces = pieces[:prefetch], pieces[prefetch:]
+    first_index = None
+    for index, piece in enumerate(prefetched):
+        if scanner.feed(piece) and first_index is None:
+            first_index = index
     steadies: list[bool] = []
     feed = scanner.feed
 
@@ -59,7 +69,7 @@ def relay(scanner: SSEScanner, pieces: list[bytes], *, usage_filter: bool = True
     ex = SimpleNamespace(request_id=b"r", arrival=0.0, status=200, outcome="ok", error=None, response_started=True,
                          atomic_end=False, finished=False, ended=False, client_gone=False, captured=None,
                          ttft_ms=None, bytes_out=0, first_content_index=None)
-    winner = SimpleNamespace(response=_Response(pieces), scanner=scanner, prefetched=[], first_content_index=None,
+    winner = SimpleNamespace(response=_Response(pieces), scanner=scanner, prefetched=prefetched, first_content_index=first_index,
                              target=SimpleNamespace(upstream="u"), runtime=SimpleNamespace(redact=lambda text: text))
     writes: list[bytes] = []
 
@@ -144,3 +154,25 @@ def test_a_stream_cut_after_steady_pieces_ends_with_the_error_after_whole_events
     assert (writes, facts) == relay(NeverSteady(), pieces)[:2]
     assert facts["outcome"] == "upstream_error" and json.loads(writes[-1][6:])["error"]["type"] == "upstream_error"
     assert b"".join(writes[:-1]) == b"".join(events).replace(b',"usage":null', b"")  # whole events, then the error
+
+
+#: Pieces a server or a proxy in front of it may put between events, each read on its own: a comment
+#: or a field line without its blank line holds the relay's hold-back (and opens the scanner's event).
+BETWEEN = st.sampled_from([b": c\n", b": keep-alive\n\n", b"event: message\n", b"id: 7\n", b"retry: 10\n", b"\n"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(injected_streams(), st.data())
+def test_pieces_between_events_and_a_prefetched_start(streams: tuple[bytes, bytes], data: st.DataObject) -> None:
+    """Comment and field lines read as pieces of their own, anywhere between whole events, and the
+    attempt's prefetched pieces: the steady path's claim that nothing is held when it skips the
+    filter and the hold-back is put to the test (a scanner that reported steady too early, on the
+    piece that learns the shape, fails here)."""
+    injected, _ = streams
+    pieces: list[bytes] = []
+    for event in by_event(injected):
+        pieces += data.draw(st.lists(BETWEEN, max_size=2))
+        pieces.append(event)
+    prefetch = data.draw(st.integers(0, len(pieces)))
+    writes, facts, _ = relay(SSEScanner(), pieces, prefetch=prefetch)
+    assert (writes, facts) == relay(NeverSteady(), pieces, prefetch=prefetch)[:2]

@@ -208,15 +208,14 @@ class UpstreamResponse:
             # A watched plain socket (no deadline: the watchdog's) that nothing is expected from yet (a
             # relay's read): waited on and read here as ``RawConnection.receive`` would, a coroutine fewer.
             sock = conn.sock if idle is not None and schedule else None
-            while True:  # bounded: each pass feeds bytes or EOF, or raises on the deadline (or woke for nothing)
+            while True:  # bounded: each pass feeds bytes or EOF, or raises on the deadline
                 if idle is not None:
                     idle.since = idle.now()
                 try:
                     if sock is not None:
                         await _wait_readable(sock)
-                        data = recv_now(sock)
-                        if data is None:  # (woken with nothing to read: wait again)
-                            continue
+                        while (data := recv_now(sock)) is None:  # (woken with nothing to read: the same wait goes on)
+                            await _wait_readable(sock)
                     else:
                         data = await conn.receive(deadline, wait_first=schedule)
                 except OSError as exc:
