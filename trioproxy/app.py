@@ -368,6 +368,7 @@ class ProxyApp:
                     max_bytes=config.server.max_response_bytes,
                     write_timeout=config.server.client_write_timeout_s,
                     watchdog=services.watchdog,
+                    hub=services.hub,
                 )
             if ex.outcome == "upstream_error" and ex.status < 400 and winner.attempt_slot >= 0:
                 # The attempt won, then its answer failed: cut, stalled or an error in it (``ex.error`` says which).

@@ -72,6 +72,9 @@ class ServerConfig:
     #: Keep a well-formed ``X-Request-Id`` the client sends (a proxy in front, e.g. nginx's
     #: ``$request_id``) instead of making one: one id across the proxy's log, ours and the upstream's.
     trust_request_id: bool = False
+    #: Relay a stream's steady pieces from one hub task (``relayhub``) instead of a task wake-up
+    #: per piece: about a quarter less CPU per stream at 512 streams (docs/benchmarks.md).
+    relay_hub: bool = True
 
 
 @frozen

@@ -37,7 +37,7 @@ four messages a request gets (a deque, two ordered dicts, two sets, two channel 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from outcome import Value
@@ -48,7 +48,7 @@ from hypercorn.trio.task_group import TaskGroup, _handle
 
 __all__ = [
     "ATOMIC_END", "DISCONNECT_NOTICE", "INBOX", "REFUSED", "UNSCHEDULED", "WITH_FIRST_BODY",
-    "AppInbox", "DisconnectNotice", "chunk_sender", "install",
+    "AppInbox", "DisconnectNotice", "NowaitChunks", "chunk_nowait", "chunk_sender", "install",
 ]
 
 #: The ASGI scope extension that holds an HTTP request's :class:`DisconnectNotice`.
@@ -271,6 +271,28 @@ _atomic_end: Callable[[Any], bool] = _never
 _on_first_wait: Callable[[Any], Callable[[], Awaitable[None]] | None] = _nothing
 #: Given an app's ``send``, its chunk sender (:func:`chunk_sender`), if the server has one.
 _chunk_sender: Callable[[Any], Callable[[bytes], Awaitable[None]] | None] = _nothing
+#: Given an app's ``send``, its :class:`NowaitChunks`, if the server has them.
+_chunk_nowait: Callable[[Any], NowaitChunks | None] = _nothing
+
+
+class NowaitChunks(Protocol):
+    """What :func:`chunk_nowait` gives: a chunk written in the caller's step, or not at all."""
+
+    def try_send(self, body: bytes) -> bytes | None:
+        """Write one more chunk of ``body`` (non-empty) now, without waiting: None if the
+        socket took it whole; else the framed bytes it did not take, which :meth:`finish` must
+        write before anything else is sent; b"" if nothing was written (another write is under
+        way, the answer's state changed, the connection broke): send it the usual way."""
+
+    async def finish(self, rest: bytes) -> None:
+        """Write what :meth:`try_send` left, as the server writes a chunk the socket did not take."""
+
+
+def chunk_nowait(send: Any) -> NowaitChunks | None:
+    """Given an app's ``send`` in the middle of a chunked answer (after its first body message),
+    its :class:`NowaitChunks`: for a relay hub, which writes from a task that is not the app's
+    and must not wait. None where the server has none."""
+    return _chunk_nowait(send)
 
 
 def chunk_sender(send: Any) -> Callable[[bytes], Awaitable[None]] | None:
@@ -288,15 +310,17 @@ def install(
     atomic_end: Callable[[Any], bool] = _never,
     on_first_wait: Callable[[Any], Callable[[], Awaitable[None]] | None] = _nothing,
     chunks: Callable[[Any], Callable[[bytes], Awaitable[None]] | None] = _nothing,
+    nowait_chunks: Callable[[Any], NowaitChunks | None] = _nothing,
 ) -> None:
     """Install both on Hypercorn's Trio ``TaskGroup`` and ``HTTPStream`` (``hypercorn_fast.apply`` calls it).
 
     ``atomic_end``: given an app's ``send``, whether its last message is written whatever the
     cancellation state (``ATOMIC_END``). ``on_first_wait``: given an app's ``send``, a coroutine
     function for its inbox's ``on_wait`` (the deferred ``100 Continue``), or None. ``chunks``:
-    given an app's ``send``, its :func:`chunk_sender`, or None.
+    given an app's ``send``, its :func:`chunk_sender`, or None; ``nowait_chunks``: its
+    :func:`chunk_nowait`, or None.
     """
-    global _atomic_end, _on_first_wait, _chunk_sender
-    _atomic_end, _on_first_wait, _chunk_sender = atomic_end, on_first_wait, chunks
+    global _atomic_end, _on_first_wait, _chunk_sender, _chunk_nowait
+    _atomic_end, _on_first_wait, _chunk_sender, _chunk_nowait = atomic_end, on_first_wait, chunks, nowait_chunks
     TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign,assignment]
     HTTPStream.handle = _http_stream_handle  # type: ignore[method-assign]

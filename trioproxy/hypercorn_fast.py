@@ -462,6 +462,45 @@ async def _send_chunk(self: Any, body: bytes) -> None:
     await _app_send(self, {"type": "http.response.body", "body": body, "more_body": True, UNSCHEDULED: True})
 
 
+class _NowaitChunks:
+    """``hypercorn_app.chunk_nowait``: ``_send_chunk``'s short path, written in the caller's step."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def try_send(self, body: bytes) -> bytes | None:
+        stream = self.stream
+        route = stream._chunks_to
+        if route is None or stream.state is not _RESPONSE:
+            return b""
+        h11_protocol, h11_connection, tcp_server = route
+        if h11_connection.our_state is not _SEND_BODY or h11_protocol._pending_head is not None or tcp_server.send_lock.locked():
+            return b""
+        data = b"%x\r\n%b\r\n" % (len(body), body)
+        try:
+            sent = os.write(tcp_server._fast_socket.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # (nothing written: the usual way tells Hypercorn the connection broke)
+            return b""
+        return None if sent == len(data) else data[sent:]
+
+    async def finish(self, rest: bytes) -> None:
+        route = self.stream._chunks_to
+        assert route is not None  # (nothing was sent since try_send found it)
+        await _write(route[2], rest, False)
+
+
+def _chunk_nowait(app_send: Any) -> _NowaitChunks | None:
+    """``hypercorn_app.chunk_nowait``: as ``_chunk_sender``, once the answer's chunks have their route."""
+    stream = getattr(app_send, "__self__", None)
+    if type(stream) is not HTTPStream or stream._chunks_to is None:  # type: ignore[attr-defined]
+        return None
+    return _NowaitChunks(stream)
+
+
 async def _write_after_head(
     protocol: Any, server: Any, data: bytes, schedule: bool, *, split: bool = True, atomic: bool = False
 ) -> None:
@@ -579,7 +618,7 @@ def apply() -> bool:
         H11Protocol._send_h11_event = _h11_send_h11_event  # type: ignore[method-assign]
         HTTPStream.app_send = _app_send  # type: ignore[method-assign]
         HTTPStream._chunks_to = None  # type: ignore[attr-defined]
-        hypercorn_app.install(_atomic_end, _continue_hook, _chunk_sender)
+        hypercorn_app.install(_atomic_end, _continue_hook, _chunk_sender, _chunk_nowait)
         headers_class = _h11_headers_class()
         if headers_class is not None:
             headers_class.__iter__ = _h11_headers_iter

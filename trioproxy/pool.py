@@ -89,9 +89,13 @@ class _IdleWait:
         self.now = now
 
     def expire(self) -> None:
-        """No body bytes for ``timeout``: close the connection, which wakes the parked read."""
+        """No body bytes for ``timeout``: close the connection, which wakes the parked read
+        (or the relay hub's hands the stream back first: its socket leaves the hub's epoll)."""
         self.expired = True
-        conn = self.response._conn
+        response = self.response
+        if response.on_expire is not None:
+            response.on_expire()
+        conn = response._conn
         if conn is not None:
             conn.close()
 
@@ -140,7 +144,7 @@ class UpstreamResponse:
     """
 
     __slots__ = (
-        *("status", "reason", "headers", "content_length", "chunked"),
+        *("status", "reason", "headers", "content_length", "chunked", "on_expire"),
         *("_pool", "_conn", "_parser", "_idle_timeout", "_idle"),
     )
 
@@ -158,6 +162,9 @@ class UpstreamResponse:
         self._idle_timeout = idle_timeout
         #: Set on the first watched wait (a pool with a watchdog, plain HTTP).
         self._idle: _IdleWait | None = None
+        #: While the relay hub reads for the stream (``hub_socket``): what hands it back, called
+        #: when the watchdog expires the wait, before the connection is closed.
+        self.on_expire: Callable[[], None] | None = None
 
     @property
     def complete(self) -> bool:
@@ -232,7 +239,7 @@ class UpstreamResponse:
                     if idle is not None:
                         idle.since = None
                 if data is None:
-                    raise UpstreamTimeout(f"no body data for {self._idle_timeout:g}s", upstream=self._pool.upstream_id, phase="idle")
+                    raise self.idle_timeout_error()
                 try:
                     if data:
                         piece = parser.feed_body(data)
@@ -249,6 +256,59 @@ class UpstreamResponse:
             await _checkpoint()  # (cancelled here, the piece is parsed but not returned: its reader is ending)
         if self._conn is not None and parser.complete:
             self.release()  # clean end: hand the socket back before the caller even asks
+        return piece
+
+    def hub_socket(self) -> socket.socket | None:
+        """The socket a relay hub may wait on and read for this stream (``read_ready``), if it may:
+        a watched plain connection with nothing parsed and unread. Starts the watched wait (its
+        idle timeout runs from now; ``read_ready`` restarts it at each read, ``end_hub_wait``
+        ends it)."""
+        conn, idle = self._conn, self._idle
+        if idle is None or type(conn) is not RawConnection or not self._parser.wants_bytes():
+            return None
+        idle.since = idle.now()
+        return conn.sock
+
+    def idle_timeout_error(self) -> UpstreamTimeout:
+        """What a body wait that lasted the idle timeout raises (a relay hub's too)."""
+        return UpstreamTimeout(f"no body data for {self._idle_timeout:g}s", upstream=self._pool.upstream_id, phase="idle")
+
+    def end_hub_wait(self) -> None:
+        """The hub has handed the stream back: no wait in progress (``hub_socket``)."""
+        self.on_expire = None
+        if self._idle is not None:
+            self._idle.since = None
+
+    def read_ready(self) -> bytes | None:
+        """``receive_some``'s read without its wait, for a relay hub whose socket is readable
+        (sync): the next body bytes (b"" at the body's end), or None if no whole piece has come.
+        Raises as ``receive_some`` does; releases the connection at the body's end."""
+        conn = self._conn
+        if conn is None:
+            raise trio.ClosedResourceError("the response was released before its end")
+        try:
+            data = recv_now(conn.sock)
+        except OSError as exc:
+            raise UpstreamProtocolError(f"connection closed mid-body ({_reason(exc)})",
+                                        upstream=self._pool.upstream_id) from exc
+        if data is None:
+            return None
+        idle = self._idle
+        if idle is not None:
+            idle.since = idle.now()  # (bytes came: the next wait starts now)
+        parser = self._parser
+        try:
+            if data:
+                piece = parser.feed_body(data)
+            else:
+                parser.feed_eof()
+                piece = parser.next_body_piece()
+        except IncompleteMessage as exc:
+            raise UpstreamProtocolError("connection closed mid-body", upstream=self._pool.upstream_id) from exc
+        except ProtocolError as exc:
+            raise UpstreamProtocolError(str(exc), upstream=self._pool.upstream_id) from exc
+        if piece is not None and parser.complete:
+            self.release()
         return piece
 
     async def read_all(self, *, max_bytes: int) -> bytes:

@@ -12,7 +12,11 @@ A zero-buffer channel between a reader task and a writer task did the same with
 one more task switch per chunk; relaying in the reader task measured cheaper
 (docs/benchmarks.md). No other task per stream: the gateway's one ``Watchdog``
 watches every stream's client writes (a client that takes no data for
-``server.client_write_timeout_s`` is given up on, its upstream released).
+``server.client_write_timeout_s`` is given up on, its upstream released), and once a
+stream's pieces are steady and its first token is out, the gateway's one ``RelayHub``
+(``relayhub``, ``server.relay_hub``) reads and relays them in its own task and hands the
+stream back to its task with anything else (``_HubRelay``): a wake-up of the hub per batch
+of events instead of one of every stream's task per event.
 
 (the attempt that won already read up to the first content: that is how a hedge
 race is decided, see ``upstream.py``; those chunks go first). Bodies read whole by
@@ -45,7 +49,9 @@ import trio
 from . import jsonread
 from .errors import UpstreamError
 from .headers import client_response_headers, header_value
-from .hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY, chunk_sender
+from .hypercorn_app import UNSCHEDULED, WITH_FIRST_BODY, NowaitChunks, chunk_nowait, chunk_sender
+from .pool import UpstreamResponse
+from .relayhub import RelayHub
 from .upstream import Winner
 from .usage import DEFAULT_MAX_LINE_BYTES, NDJSONScanner, SSEScanner
 from .usagefilter import NULL_USAGE_MEMBER, UsageEventFilter
@@ -95,8 +101,11 @@ async def relay_stream(
     max_bytes: int,
     write_timeout: float,
     watchdog: Watchdog | None,
+    hub: RelayHub | None = None,
 ) -> None:
-    """Send the head, then relay the body as it comes; end the body in every case but a lost client."""
+    """Send the head, then relay the body as it comes; end the body in every case but a lost client.
+
+    ``hub``: relays the stream's steady pieces once its first token is out (``_HubRelay``)."""
     response = winner.response
     headers = client_response_headers(
         response.headers, request_id=ex.request_id, upstream_id=winner.target.upstream.encode(), streamed=True
@@ -112,7 +121,7 @@ async def relay_stream(
     if watchdog is not None:
         watchdog.watch(writer)
     try:
-        await pump(ex, winner, writer, usage_filter, error_line, max_bytes, framed=framed)
+        await pump(ex, winner, writer, usage_filter, error_line, max_bytes, framed=framed, hub=hub)
     finally:
         if watchdog is not None:
             watchdog.forget(writer)
@@ -174,6 +183,21 @@ class _ClientWriter:
         if ex.captured is not None and len(ex.captured) < CAPTURE_LIMIT:
             ex.captured += data
 
+    async def finish_rest(self, chunks: NowaitChunks, rest: bytes) -> None:
+        """Write what the hub's write of a piece (already counted) left: a send the watchdog watches."""
+        ex = self.ex
+        if ex.client_gone:
+            return
+        self.since = self.now()
+        try:
+            await chunks.finish(rest)
+        except trio.BusyResourceError:  # (as in ``write``)
+            ex.client_gone = True
+            if ex.outcome == "ok":
+                ex.outcome = "client_disconnect"
+        finally:
+            self.since = None
+
     def expire(self) -> None:
         """(``Watchdog``) The client took no data for ``timeout`` seconds: give up on it, release the upstream."""
         ex = self.ex
@@ -191,10 +215,14 @@ async def pump(
     max_bytes: int,
     *,
     framed: bool = True,
+    hub: RelayHub | None = None,
 ) -> None:
     """Relay what the attempt already read, then the rest of the upstream body, to the client.
 
-    ``framed``: the body is the route's events (SSE) or lines (NDJSON), not JSON.
+    ``framed``: the body is the route's events (SSE) or lines (NDJSON), not JSON. ``hub``: once
+    a piece is steady and the first token is out, the stream's reads go to the hub, which
+    relays steady pieces in its own task and hands the stream back with anything else
+    (``_HubRelay``); the steps below then go on from where it stopped.
     """
     response, scanner = winner.response, winner.scanner
     write = writer.write
@@ -234,37 +262,73 @@ async def pump(
     received = sum(len(d) for d in winner.prefetched)
     winner.prefetched.clear()
     data = b""
+    steady = False
+    #: The stream's side of the hub, made at its first steady piece once the first token is out.
+    hubbed: _HubRelay | None = None
+    may_hub = hub is not None and isinstance(scanner, SSEScanner) and framed and ex.captured is None
     try:
         while True:
-            # Every pass makes one schedule point, here (a wait for the upstream, most often),
-            # and none in the write below: one trip through the scheduler per relayed piece.
-            # (A read that raises, say on bad framing already buffered, does so before its
-            # schedule point: the error event then follows the last piece at once, and its
-            # own write makes one. At most those two writes, and the stream ends.)
-            data = await response.receive_some(schedule=True)
-            if not data:
-                break
-            received += len(data)
-            if received > max_bytes:  # an endless stream: cut it, say so
-                ex.outcome = "upstream_error"
-                ex.error = f"upstream {winner.target.upstream!r} sent more than max_response_bytes ({max_bytes})"
-                await write(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
-                return
-            steady = False
-            if scanner is not None:
-                if scanner.feed(data) and ex.first_content_index is None:
-                    ex.first_content_index = sent
-                # One whole event of the last one's shape, its text plain (``steady_piece``): nothing
-                # held anywhere (it ends an event, as the piece before it did), no terminator in it.
-                steady = scanner.steady_piece
-                if not steady and scanner.done:
-                    # This chunk carries the terminating event ([DONE], done: true): the answer is
-                    # complete for the client once it has it, and it may hang up before the last
-                    # empty chunk, even during this write (its disconnect notice fires in it, or the
-                    # watcher task runs at its schedule point, where the server makes one); that is
-                    # not a disconnect. Set first, as ``finish`` does.
-                    ex.finished = True
-            if usage_filter is not None:
+            kind = _READ
+            if steady and may_hub and ex.ttft_ms is not None:
+                if hubbed is None:
+                    chunks = chunk_nowait(writer.send) if writer.chunk is not None else None
+                    if chunks is None:  # (no short path for chunks on this server: every piece here)
+                        may_hub = False
+                    else:
+                        assert hub is not None and isinstance(scanner, SSEScanner)  # (may_hub)
+                        hubbed = _HubRelay(hub, ex, response, scanner, usage_filter, writer, chunks, max_bytes)
+                if hubbed is not None and hubbed.hub.open and (sock := response.hub_socket()) is not None:
+                    hubbed.received = received
+                    result = await hubbed.park(sock)
+                    received = hubbed.received
+                    if hubbed.relayed:
+                        sent += hubbed.relayed
+                        last = b"\n\n"  # (a steady piece is a whole event)
+                    if ex.client_gone:
+                        return
+                    if isinstance(result, BaseException):
+                        raise result  # (what the read raised: as from ``receive_some`` below)
+                    if result is not None:
+                        kind, data = result  # type: ignore[misc]
+                        if kind == _REST:  # the hub's write of a piece left bytes: they go first
+                            await writer.finish_rest(hubbed.chunks, data)
+                            if ex.client_gone:
+                                return
+                            continue
+            if kind == _READ:
+                # Every pass makes one schedule point, here (a wait for the upstream, most often),
+                # and none in the write below: one trip through the scheduler per relayed piece.
+                # (A read that raises, say on bad framing already buffered, does so before its
+                # schedule point: the error event then follows the last piece at once, and its
+                # own write makes one. At most those two writes, and the stream ends.)
+                data = await response.receive_some(schedule=True)
+                if not data:
+                    break
+                kind = _COUNT
+            if kind == _COUNT:
+                received += len(data)
+                if received > max_bytes:  # an endless stream: cut it, say so
+                    ex.outcome = "upstream_error"
+                    ex.error = f"upstream {winner.target.upstream!r} sent more than max_response_bytes ({max_bytes})"
+                    await write(_closing(last, error_line(f"{ex.error}; the answer is incomplete")))
+                    return
+                steady = False
+                if scanner is not None:
+                    if scanner.feed(data) and ex.first_content_index is None:
+                        ex.first_content_index = sent
+                    # One whole event of the last one's shape, its text plain (``steady_piece``): nothing
+                    # held anywhere (it ends an event, as the piece before it did), no terminator in it.
+                    steady = scanner.steady_piece
+            else:  # (from the hub: _SCANNED, counted and scanned, not steady; _FILTERED, steady and filtered)
+                steady = kind == _FILTERED
+            if scanner is not None and not steady and scanner.done:
+                # This chunk carries the terminating event ([DONE], done: true): the answer is
+                # complete for the client once it has it, and it may hang up before the last
+                # empty chunk, even during this write (its disconnect notice fires in it, or the
+                # watcher task runs at its schedule point, where the server makes one); that is
+                # not a disconnect. Set first, as ``finish`` does.
+                ex.finished = True
+            if usage_filter is not None and kind != _FILTERED:
                 # A steady piece is one data line with nothing held: the filter's whole work on it is
                 # to take out the compact null members, unless another "usage" is left (then its own).
                 if not steady or b'"usage"' in (out := data.replace(NULL_USAGE_MEMBER, b"")):
@@ -317,6 +381,93 @@ async def pump(
         say_how_it_ended(ex, winner, scanner)
     if tail:  # a finished body's last line without its newline: relayed as it came
         await write(tail)
+
+
+#: What ``pump`` does with a piece: read one (``receive_some``); count and scan what the hub
+#: handed back unread by it (a piece past ``max_bytes``); go on from after the scan (_SCANNED: a
+#: piece that is not steady) or from the write (_FILTERED: a steady piece the hub could not
+#: write now); write the rest of a piece the hub wrote in part (_REST).
+_READ, _COUNT, _SCANNED, _FILTERED, _REST = range(5)
+
+
+class _HubRelay:
+    """A stream's steady pieces relayed by the hub (``relayhub.RelayHub``), in the hub's task.
+
+    For each read that gives a whole piece, what ``pump`` does with a steady one, in one step:
+    count it (``max_bytes``), scan it, take out the injected null member, write it
+    (``hypercorn_app.chunk_nowait``: the server's short path for a chunk, without waiting) and
+    count it as relayed. Anything else goes back to the stream's task with how far it got: a
+    piece that is not steady or keeps another ``"usage"`` (_SCANNED), one past ``max_bytes``
+    (_COUNT), one the server could not take now (_FILTERED), what the socket did not take of
+    a written one (_REST), an error the read raised (the exception), the body's end or a
+    client gone (None: the task reads, and ends, as it would). The watchdog's expiry of the
+    wait hands it back too (``UpstreamResponse.on_expire``), before it closes the socket.
+    """
+
+    __slots__ = ("hub", "ex", "response", "scanner", "usage_filter", "writer", "chunks", "max_bytes", "fd",
+                 "received", "relayed")
+
+    def __init__(self, hub: RelayHub, ex: Exchange, response: UpstreamResponse, scanner: SSEScanner,
+                 usage_filter: UsageEventFilter | None, writer: _ClientWriter, chunks: NowaitChunks,
+                 max_bytes: int) -> None:
+        self.hub, self.ex, self.response, self.scanner = hub, ex, response, scanner
+        self.usage_filter, self.writer, self.chunks, self.max_bytes = usage_filter, writer, chunks, max_bytes
+        self.fd = -1
+        #: Body bytes received (``pump``'s count, handed over and back).
+        self.received = 0
+        #: Pieces the hub wrote while it had the stream.
+        self.relayed = 0
+
+    async def park(self, sock: Any) -> object:
+        """Hand the stream's reads to the hub until it hands them back; what it handed back with."""
+        self.fd, self.relayed = sock.fileno(), 0
+        self.response.on_expire = self._expired
+        try:
+            return await self.hub.park(self)
+        finally:
+            self.response.end_hub_wait()
+
+    def _expired(self) -> None:
+        self.hub.hand_back(self, self.response.idle_timeout_error())  # (the watchdog closes the socket next)
+
+    def readable(self) -> None:
+        hub = self.hub
+        try:
+            piece = self.response.read_ready()
+        except (UpstreamError, trio.ClosedResourceError) as exc:
+            hub.hand_back(self, exc)
+            return
+        if piece is None:
+            return
+        if not piece:
+            hub.hand_back(self, None)
+            return
+        if self.received + len(piece) > self.max_bytes:
+            hub.hand_back(self, (_COUNT, piece))
+            return
+        self.received += len(piece)
+        scanner = self.scanner
+        scanner.feed(piece)  # (the first token is out: this says False)
+        if not scanner.steady_piece:
+            hub.hand_back(self, (_SCANNED, piece))
+            return
+        out = piece
+        if self.usage_filter is not None:
+            out = piece.replace(NULL_USAGE_MEMBER, b"")
+            if b'"usage"' in out:
+                hub.hand_back(self, (_SCANNED, piece))
+                return
+        rest = self.chunks.try_send(out)
+        if rest == b"":
+            hub.hand_back(self, (_FILTERED, out))
+            return
+        self.ex.bytes_out += len(out)
+        self.writer.index += 1
+        self.relayed += 1
+        if rest is not None:
+            hub.hand_back(self, (_REST, rest))
+        elif self.ex.client_gone or self.response.complete:
+            hub.hand_back(self, None)
 
 
 def say_how_it_ended(ex: Exchange, winner: Winner, scanner: SSEScanner | NDJSONScanner) -> None:

@@ -70,6 +70,7 @@ from .services import Services
 from .telemetry import Record, TelemetrySink
 from .usagelog import run_discarder, run_writer
 from .upstream import UpstreamRuntime
+from .relayhub import RelayHub
 from .watchdog import Watchdog
 from .workers import WorkerLink
 
@@ -277,6 +278,9 @@ async def main(
                             # Started first: the pools' body reads and the relay's client writes rely on it.
                             watchdog = Watchdog()
                             service.start_soon(watchdog.run)
+                            hub = RelayHub() if config.server.relay_hub else None
+                            if hub is not None:
+                                service.start_soon(hub.run)
                             runtimes = build_runtimes(config, watchdog=watchdog)
                             board = HealthBoard(
                                 rise={u.id: u.health.rise for u in config.upstreams},
@@ -299,6 +303,7 @@ async def main(
                                 worker_link=link,
                                 shutdown=shutdown,
                                 watchdog=watchdog,
+                                hub=hub,
                             )
                             live.append(services)
                             reloader = Reloader(

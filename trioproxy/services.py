@@ -20,6 +20,7 @@ from .config import Config
 from .feed import Broadcaster
 from .health import HealthBoard
 from .metrics import Metrics
+from .relayhub import RelayHub
 from .watchdog import Watchdog
 from .telemetry import TelemetrySink
 from .upstream import UpstreamRuntime
@@ -66,3 +67,6 @@ class Services:
     #: The one watchdog of every relayed stream's client writes and upstream reads, run by
     #: ``server.main`` (None only in tests that build Services by hand: no write timeout then).
     watchdog: Watchdog | None = None
+    #: The relay hub of steady stream pieces, run by ``server.main`` (None: off, or in tests that
+    #: build Services by hand: each stream's task relays every piece itself).
+    hub: RelayHub | None = None
