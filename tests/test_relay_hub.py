@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from trioproxy import relay
 
@@ -142,3 +143,127 @@ async def test_a_client_that_leaves_while_the_hub_has_its_stream(start_mock: Sta
     assert hub.parks >= 1 and len(hub) == 0
     (record,) = read_records(gw)
     assert record["outcome"] == "client_disconnect"
+
+
+async def test_a_stream_past_max_response_bytes_is_cut_as_without_the_hub(
+    start_mock: StartMock, start_gateway: StartGateway,
+) -> None:
+    """A piece that would pass ``max_response_bytes`` goes back to the task uncounted (_COUNT), which
+    cuts the stream with its error event, as without the hub."""
+    with trio.fail_after(60):
+        mock = await start_mock(models=("*",), tokens=200, ttft_ms=0, token_delay_ms=1)
+        gw = await start_gateway(upstream_toml("m", f"http://127.0.0.1:{mock.port}", extra=NO_PROBES)
+                                 + "[server]\nmax_response_bytes = 6000\n")
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+            response = await client.post("/v1/chat/completions", json=CHAT)
+        await stop(gw)
+    assert gw.services.hub.parks >= 1
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert "more than max_response_bytes (6000)" in json.loads(events[-1])["error"]["message"]
+    (record,) = read_records(gw)
+    assert record["outcome"] == "upstream_error" and "max_response_bytes" in record["error"]
+
+
+# -- the hub alone, over socket pairs --------------------------------------------------------
+
+class _Stream:
+    """A parked stream for the hub alone: ``readable`` reads what came and hands it back, or raises."""
+
+    def __init__(self, hub: Any, sock: socket.socket, *, fail: bool = False) -> None:
+        self.hub, self.sock, self.fd, self.fail, self.calls = hub, sock, sock.fileno(), fail, 0
+
+    def readable(self) -> None:
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("a bug in one stream")
+        self.hub.hand_back(self, self.sock.recv(100))
+
+
+async def test_the_hub_wakes_a_stream_with_what_it_handed_back_and_survives_a_failing_one() -> None:
+    from trioproxy.relayhub import RelayHub
+
+    hub = RelayHub()
+    pairs = [socket.socketpair() for _ in range(3)]
+    for a, b in pairs:
+        a.setblocking(False)
+    results: dict[int, object] = {}
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            await trio.testing.wait_all_tasks_blocked()
+            streams = [_Stream(hub, a, fail=i == 1) for i, (a, _) in enumerate(pairs)]
+
+            async def park(i: int) -> None:
+                try:
+                    results[i] = await hub.park(streams[i])
+                except RuntimeError as exc:
+                    results[i] = exc
+
+            for i in range(3):
+                nursery.start_soon(park, i)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(hub) == 3 and hub.parks == 3
+            for i, (_, b) in enumerate(pairs):
+                b.send(b"piece %d" % i)
+            while len(results) < 3:  # bounded: each parked task is woken once
+                await trio.testing.wait_all_tasks_blocked()
+                await trio.lowlevel.checkpoint()
+            assert results[0] == b"piece 0" and results[2] == b"piece 2"
+            assert isinstance(results[1], RuntimeError)  # (raised in its own task; the hub runs on)
+            assert len(hub) == 0 and hub.open
+            nursery.cancel_scope.cancel()
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+async def test_a_cancelled_park_leaves_nothing_and_the_hubs_end_hands_every_stream_back() -> None:
+    from trioproxy.relayhub import RelayHub
+
+    hub = RelayHub()
+    (a1, b1), (a2, b2) = socket.socketpair(), socket.socketpair()
+    handed: list[object] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as hub_nursery:
+                hub_nursery.start_soon(hub.run)
+                await trio.testing.wait_all_tasks_blocked()
+                first = _Stream(hub, a1)
+                with trio.move_on_after(0) as scope:  # a deadline or a client gone: the wait is cancelled
+                    await hub.park(first)
+                assert scope.cancelled_caught and len(hub) == 0
+                b1.send(b"late")  # (no longer registered: nobody reads it)
+                await trio.testing.wait_all_tasks_blocked()
+                assert first.calls == 0
+
+                async def park() -> None:
+                    handed.append(await hub.park(_Stream(hub, a2)))
+
+                outer.start_soon(park)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(hub) == 1
+                hub_nursery.cancel_scope.cancel()  # the gateway's shutdown ends the hub
+            await trio.testing.wait_all_tasks_blocked()
+            assert handed == [None] and not hub.open  # handed back: its task reads for itself
+    for s in (a1, b1, a2, b2):
+        s.close()
+
+
+async def test_a_park_the_kernel_refuses_leaves_nothing_behind() -> None:
+    """``epoll_ctl`` can fail (ENOSPC past ``max_user_watches``): the task gets the error, and the
+    hub keeps no entry whose task it would later wake."""
+    from trioproxy.relayhub import RelayHub
+
+    class Refusing:
+        def register(self, fd: int, events: int) -> None:
+            raise OSError(28, "No space left on device")
+
+    hub = RelayHub()
+    hub._epoll.close()
+    hub._epoll = Refusing()  # type: ignore[assignment]
+    a, b = socket.socketpair()
+    with pytest.raises(OSError, match="No space"):
+        await hub.park(_Stream(hub, a))
+    assert len(hub) == 0 and hub.parks == 0
+    a.close()
+    b.close()

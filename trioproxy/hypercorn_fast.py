@@ -471,6 +471,9 @@ class _NowaitChunks:
         self.stream = stream
 
     def try_send(self, body: bytes) -> bytes | None:
+        # (A rest it leaves is not under the send lock until ``finish``: safe because nothing
+        # else writes to an HTTP/1.1 answer in the middle of its body, and the app's task
+        # finishes it before anything else of the answer.)
         stream = self.stream
         route = stream._chunks_to
         if route is None or stream.state is not _RESPONSE:

@@ -397,10 +397,11 @@ class _HubRelay:
     count it (``max_bytes``), scan it, take out the injected null member, write it
     (``hypercorn_app.chunk_nowait``: the server's short path for a chunk, without waiting) and
     count it as relayed. Anything else goes back to the stream's task with how far it got: a
-    piece that is not steady or keeps another ``"usage"`` (_SCANNED), one past ``max_bytes``
-    (_COUNT), one the server could not take now (_FILTERED), what the socket did not take of
-    a written one (_REST), an error the read raised (the exception), the body's end or a
-    client gone (None: the task reads, and ends, as it would). The watchdog's expiry of the
+    piece that is not steady (_SCANNED), one past ``max_bytes`` (_COUNT), one the server could
+    not take now, or one that kept another ``"usage"`` after the filter's own work (_FILTERED;
+    None if the filter kept nothing of it), what the socket did not take of a written one
+    (_REST), an error the read raised (the exception), the body's end or a client gone (None:
+    the task reads, and ends, as it would). The watchdog's expiry of the
     wait hands it back too (``UpstreamResponse.on_expire``), before it closes the socket.
     """
 
@@ -454,8 +455,9 @@ class _HubRelay:
         out = piece
         if self.usage_filter is not None:
             out = piece.replace(NULL_USAGE_MEMBER, b"")
-            if b'"usage"' in out:
-                hub.hand_back(self, (_SCANNED, piece))
+            if b'"usage"' in out:  # (as ``pump``: the filter's own work, and a steady piece goes on)
+                out = self.usage_filter.feed(piece)
+                hub.hand_back(self, (_FILTERED, out) if out else None)
                 return
         rest = self.chunks.try_send(out)
         if rest == b"":

@@ -25,6 +25,10 @@ Interface::
         .parks: int                             # streams handed to it so far
         await .park(stream: HubStream) -> object  # what hand_back gave
         .hand_back(stream, result: object)      # (sync, from readable() or anyone in trio)
+
+A ``readable()`` that raises hands its stream back with the exception (logged), which its task
+then raises: one stream's bug does not end the hub. ``RelayHub.available()``: False where
+``select.epoll`` is missing (not Linux): the gateway then relays every piece in its tasks.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import select
 from typing import Protocol
 
 import trio
+from loguru import logger
 from outcome import Value
 
 __all__ = ["HubStream", "RelayHub"]
@@ -47,6 +52,11 @@ class HubStream(Protocol):
 
 
 class RelayHub:
+    @staticmethod
+    def available() -> bool:
+        """Whether this platform has what the hub needs (``epoll``: Linux); else streams relay themselves."""
+        return hasattr(select, "epoll")
+
     def __init__(self) -> None:
         self._epoll = select.epoll()
         #: Parked streams by descriptor, with their tasks.
@@ -68,7 +78,11 @@ class RelayHub:
                 for fd, _ in epoll.poll(0):
                     entry = parked.get(fd)
                     if entry is not None:
-                        entry[0].readable()
+                        try:
+                            entry[0].readable()
+                        except Exception as exc:  # one stream's bug must not end every stream's relay
+                            logger.exception("relay hub: a stream's read failed")
+                            self.hand_back(entry[0], exc)
         finally:
             self.open = False
             for stream, _ in list(parked.values()):
@@ -78,9 +92,9 @@ class RelayHub:
     async def park(self, stream: HubStream) -> object:
         """Relay ``stream`` from the hub until it is handed back; return what it was handed back with."""
         fd = stream.fd
-        self.parks += 1
+        self._epoll.register(fd, select.EPOLLIN)  # (first: if it fails, nothing of it is left here)
         self._parked[fd] = (stream, trio.lowlevel.current_task())
-        self._epoll.register(fd, select.EPOLLIN)
+        self.parks += 1
 
         def abort(_: object) -> trio.lowlevel.Abort:
             self._drop(stream)

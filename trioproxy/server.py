@@ -278,7 +278,7 @@ async def main(
                             # Started first: the pools' body reads and the relay's client writes rely on it.
                             watchdog = Watchdog()
                             service.start_soon(watchdog.run)
-                            hub = RelayHub() if config.server.relay_hub else None
+                            hub = RelayHub() if config.server.relay_hub and RelayHub.available() else None
                             if hub is not None:
                                 service.start_soon(hub.run)
                             runtimes = build_runtimes(config, watchdog=watchdog)
