@@ -240,16 +240,7 @@ class UpstreamResponse:
                         idle.since = None
                 if data is None:
                     raise self.idle_timeout_error()
-                try:
-                    if data:
-                        piece = parser.feed_body(data)
-                    else:
-                        parser.feed_eof()
-                        piece = parser.next_body_piece()
-                except IncompleteMessage as exc:
-                    raise UpstreamProtocolError("connection closed mid-body", upstream=self._pool.upstream_id) from exc
-                except ProtocolError as exc:
-                    raise UpstreamProtocolError(str(exc), upstream=self._pool.upstream_id) from exc
+                piece = self._parse(data)
                 if piece is not None:
                     break
         elif schedule:
@@ -296,20 +287,23 @@ class UpstreamResponse:
         idle = self._idle
         if idle is not None:
             idle.since = idle.now()  # (bytes came: the next wait starts now)
+        piece = self._parse(data)
+        if piece is not None and self._parser.complete:
+            self.release()
+        return piece
+
+    def _parse(self, data: bytes) -> bytes | None:
+        """Feed what a read gave (b"": EOF) and take the next body piece, as an upstream error."""
         parser = self._parser
         try:
             if data:
-                piece = parser.feed_body(data)
-            else:
-                parser.feed_eof()
-                piece = parser.next_body_piece()
+                return parser.feed_body(data)
+            parser.feed_eof()
+            return parser.next_body_piece()
         except IncompleteMessage as exc:
             raise UpstreamProtocolError("connection closed mid-body", upstream=self._pool.upstream_id) from exc
         except ProtocolError as exc:
             raise UpstreamProtocolError(str(exc), upstream=self._pool.upstream_id) from exc
-        if piece is not None and parser.complete:
-            self.release()
-        return piece
 
     async def read_all(self, *, max_bytes: int) -> bytes:
         """Read and return the whole body.
