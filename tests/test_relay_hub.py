@@ -12,6 +12,7 @@ import json
 import re
 import socket
 import struct
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -267,3 +268,128 @@ async def test_a_park_the_kernel_refuses_leaves_nothing_behind() -> None:
     assert len(hub) == 0 and hub.parks == 0
     a.close()
     b.close()
+
+
+# -- pump and _HubRelay with a hub that drives readable() itself: every hand-back, no sockets ----
+
+_PENDING = object()
+
+
+class _DrivingHub:
+    """A hub that, when a stream parks, calls its ``readable()`` until it is handed back."""
+
+    open = True
+
+    def __init__(self) -> None:
+        self.parks = 0
+        self.result: object = _PENDING
+
+    async def park(self, stream: Any) -> object:
+        self.parks += 1
+        self.result = _PENDING
+        while self.result is _PENDING:  # bounded: each call reads one piece, and the pieces end
+            await trio.lowlevel.checkpoint()
+            stream.readable()
+        return self.result
+
+    def hand_back(self, stream: Any, result: object) -> None:
+        self.result = result
+
+
+class _Pieces:
+    """The upstream response: its pieces for the task's reads and for the hub's."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces, self.on_expire = list(pieces), None
+
+    async def receive_some(self, *, schedule: bool = False) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.pieces.pop(0) if self.pieces else b""
+
+    def hub_socket(self) -> Any:
+        return SimpleNamespace(fileno=lambda: 7)
+
+    def read_ready(self) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+    @property
+    def complete(self) -> bool:
+        return not self.pieces
+
+    def end_hub_wait(self) -> None:
+        self.on_expire = None
+
+
+class _Chunks:
+    """The server's chunks written at once: whole, not now (b""), or in part (the rest is ``finish``'s)."""
+
+    def __init__(self, wire: list[bytes], plan: list[str]) -> None:
+        self.wire, self.plan = wire, plan
+
+    def try_send(self, body: bytes) -> bytes | None:
+        how = self.plan.pop(0) if self.plan else "whole"
+        if how == "not now":
+            return b""
+        if how == "part":
+            self.wire.append(body[:10])
+            return body[10:]
+        self.wire.append(body)
+        return None
+
+    async def finish(self, rest: bytes) -> None:
+        self.wire.append(rest)
+
+
+def _pump(pieces: list[bytes], *, hub: Any, plan: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, Any]:
+    from trioproxy.relay import _ClientWriter, pump, sse_error_event
+    from trioproxy.usage import SSEScanner
+    from trioproxy.usagefilter import UsageEventFilter
+
+    wire: list[bytes] = []
+
+    async def sender(body: bytes) -> None:
+        wire.append(body)
+
+    monkeypatch.setattr(relay, "chunk_sender", lambda send: sender)
+    monkeypatch.setattr(relay, "chunk_nowait", lambda send: _Chunks(wire, plan))
+    ex = SimpleNamespace(request_id=b"r", arrival=0.0, status=200, outcome="ok", error=None, response_started=True, atomic_end=False,
+            finished=False, ended=False, client_gone=False, captured=None, ttft_ms=None, bytes_out=0, first_content_index=None)
+    winner = SimpleNamespace(response=_Pieces(pieces), scanner=SSEScanner(), prefetched=[], first_content_index=None,
+                             target=SimpleNamespace(upstream="u"), runtime=SimpleNamespace(redact=lambda text: text))
+
+    async def send(message: dict[str, Any]) -> None:
+        wire.append(message["body"])
+
+    async def main() -> None:
+        writer = _ClientWriter(ex, send, winner, 10.0)  # type: ignore[arg-type]
+        await pump(ex, winner, writer, UsageEventFilter(), lambda m: sse_error_event(m), 1 << 30, hub=hub)  # type: ignore[arg-type]
+
+    trio.run(main)
+    return b"".join(wire), ex
+
+
+def _stream(n: int) -> list[bytes]:
+    event = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+             b'"delta":{"content":"t%d"},"logprobs":null,"finish_reason":null}],"usage":null}\n\n')
+    finish = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+              b'"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null}\n\n')
+    tail = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":%d}}\n\n' % n
+    return [event % i for i in range(n)] + [finish, tail, b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("plan", [[], ["not now"], ["part"], ["whole", "part", "not now", "part", "whole"]],
+                         ids=["whole", "not-now", "part", "mixed"])
+def test_every_hand_back_gives_the_bytes_and_counts_of_a_relay_without_the_hub(
+    plan: list[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hub writes whole pieces, or hands one back it could not write now (_FILTERED), or one it
+    wrote in part (_REST: the task writes the rest first); the finish event goes back scanned
+    (_SCANNED), the usage tail is dropped by the filter, [DONE] and the end come through the task:
+    the client's bytes and the record's byte count are those of the relay without the hub."""
+    pieces = _stream(12)
+    hub = _DrivingHub()
+    with_hub, ex = _pump(pieces, hub=hub, plan=list(plan), monkeypatch=monkeypatch)
+    without, plain = _pump(pieces, hub=None, plan=[], monkeypatch=monkeypatch)
+    assert hub.parks >= (2 if plan else 1)  # (a piece not written now, or in part: parked again after it)
+    assert with_hub == without and b'"usage"' not in with_hub and with_hub.endswith(b"data: [DONE]\n\n")
+    assert ex.bytes_out == plain.bytes_out and ex.finished and ex.outcome == "ok"
