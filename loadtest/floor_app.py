@@ -36,8 +36,8 @@ watchdog or usage log: what is left of the gateway's cost above this row is its 
 ``TRIOPROXY_RELAY_FLOOR_SPIN_US=N`` makes the relay burn N µs of CPU per relayed piece:
 with the gateway's CPU per stream, does a bare relay have the gateway's latency?
 
-``TRIOPROXY_RELAY_FLOOR_HUB=1`` makes one task, the hub, relay every stream's reads after its
-first piece: each stream's task parks, its upstream socket is registered once in the hub's
+``TRIOPROXY_RELAY_FLOOR_HUB=1`` makes one task, the gateway's hub (``trioproxy.relayhub.RelayHub``),
+relay every stream's reads after its first piece: each stream's task parks, its upstream socket is registered once in the hub's
 own epoll (level-triggered; the hub waits for that epoll's descriptor in trio), and when a
 socket has bytes the hub reads them, parses a whole chunk and writes it to the client in the
 same step; anything else (the body's end, a write the socket did not take whole, an error,
@@ -56,7 +56,6 @@ import heapq
 import itertools
 import math
 import os
-import select
 import signal
 import socket
 import sys
@@ -75,6 +74,7 @@ from trioproxy.config import load_profiles
 from trioproxy.connection import RawConnection, connect_socket, literal_addresses, recv_now, resolve
 from trioproxy.http1 import IncompleteMessage, ResponseParser, serialize_request
 from trioproxy.hypercorn_app import DISCONNECT_NOTICE, INBOX, UNSCHEDULED, WITH_FIRST_BODY, chunk_sender
+from trioproxy.relayhub import RelayHub
 from trioproxy.server import hypercorn_config, settle_gc
 
 # The shape and size of the mock's 16-token chat completion (~290 bytes).
@@ -203,56 +203,9 @@ def _spin(seconds: float) -> None:
         pass
 
 
-#: The environment variable that makes the relay floor hand a stream's steady reads to one hub
-#: task (``_Hub``): an experiment's knob, what a relay saves without a task wake-up per event.
+#: The environment variable that makes the relay floor hand a stream's steady reads to the
+#: gateway's hub (``trioproxy.relayhub.RelayHub``): what a relay saves without a task wake-up per event.
 HUB_ENV = "TRIOPROXY_RELAY_FLOOR_HUB"
-
-
-class _Hub:
-    """One task that reads every adopted upstream socket when it has bytes (its own epoll, level-
-    triggered, registered once per stream) and relays a whole chunk to the client at once; anything
-    else (the body's end, a partial write, an error, a client gone) goes back to the stream's task."""
-
-    def __init__(self) -> None:
-        self.epoll = select.epoll()
-        self.streams: dict[int, _HubStream] = {}
-        self.open = True
-
-    async def run(self) -> None:
-        poll, streams = self.epoll.poll, self.streams
-        try:
-            while True:  # until cancelled: each pass relays what every ready socket has
-                await _wait_readable(self.epoll)
-                for fd, _ in poll(0):
-                    stream = streams.get(fd)
-                    if stream is not None:
-                        stream.readable()
-        finally:
-            self.open = False
-            for stream in list(streams.values()):
-                stream.back(None)
-            self.epoll.close()
-
-    async def relay(self, stream: _HubStream) -> object:
-        """Park the calling stream task until the hub hands its stream back; what it hands back
-        (None at once once the hub has ended: the task reads for itself)."""
-        if not self.open:
-            await trio.lowlevel.checkpoint()
-            return None
-        stream.task = trio.lowlevel.current_task()
-        self.streams[stream.fd] = stream
-        self.epoll.register(stream.fd, select.EPOLLIN)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self.drop(stream)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-        return stream.result
-
-    def drop(self, stream: _HubStream) -> None:
-        if self.streams.pop(stream.fd, None) is not None:
-            self.epoll.unregister(stream.fd)
 
 
 class _Rest(bytes):
@@ -262,19 +215,15 @@ class _Rest(bytes):
 class _HubStream:
     """One adopted stream: what the hub needs to relay its next whole chunk, and to hand it back."""
 
-    __slots__ = ("hub", "fd", "sock", "parser", "route", "notice", "spin", "task", "result")
+    __slots__ = ("hub", "fd", "sock", "parser", "route", "notice", "spin")
 
-    def __init__(self, hub: _Hub, sock: socket.socket, parser: ResponseParser, route: Any, notice: Any,
+    def __init__(self, hub: RelayHub, sock: socket.socket, parser: ResponseParser, route: Any, notice: Any,
                  spin: float) -> None:
         self.hub, self.sock, self.fd, self.parser, self.route, self.notice, self.spin = (
             hub, sock, sock.fileno(), parser, route, notice, spin)
-        self.task: Any = None
-        self.result: object = None
 
     def back(self, result: object) -> None:
-        self.hub.drop(self)
-        self.result = result
-        trio.lowlevel.reschedule(self.task)
+        self.hub.hand_back(self, result)
 
     def readable(self) -> None:
         try:
@@ -319,7 +268,7 @@ class _HubStream:
 
 
 _GONE = object()
-HUB: _Hub | None = None
+HUB: RelayHub | None = None
 
 
 #: Not passed on either way (RFC 9110 §7.6.1), nor the framing the parser has undone.
@@ -434,10 +383,10 @@ class Relay:
             sock = conn.sock
             while True:  # bounded by the upstream's body (its end, or EOF)
                 piece = parser.next_body_piece()
-                if piece is None and sender is not None and HUB is not None:
+                if piece is None and sender is not None and HUB is not None and HUB.open:
                     route = send.__self__._chunks_to
                     if route is not None:
-                        result = await HUB.relay(_HubStream(HUB, sock, parser, route, notice, self.spin))
+                        result = await HUB.park(_HubStream(HUB, sock, parser, route, notice, self.spin))
                         if result is _GONE:
                             conn.close()
                             return
@@ -527,7 +476,7 @@ async def main(profiles: list[str], port: int, upstream: str | None = None) -> N
         clock.start_soon(CLOCK.run)
         global HUB
         if relay is not None and os.environ.get(HUB_ENV, "") not in ("", "0"):
-            HUB = _Hub()
+            HUB = RelayHub()
             clock.start_soon(HUB.run)
         async with trio.open_nursery() as nursery:
 
